@@ -1,0 +1,46 @@
+# effllm: `make study` runs the main job (tiny preset of every axis + report), `make test` the tests.
+# Both create .venv and install the package on first use. Offline apart from the package registry.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.effllm-installed
+PRESET  ?= tiny
+OUT     ?= outputs
+PYTEST_ARGS ?=
+
+# the studies `make study` sweeps, in order
+STUDIES ?= params/smoke/smoke.yaml
+
+.PHONY: setup study test lint clean-runs help
+
+help:
+	@echo "make study   set up .venv, run every study at PRESET=$(PRESET), collect, report"
+	@echo "make test    set up .venv and run the test suite"
+	@echo "make lint    ruff"
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(STAMP)
+
+study: $(STAMP)
+	@status=0; for s in $(STUDIES); do \
+	  echo "== $$s ($(PRESET))"; \
+	  $(BIN)/effllm sweep $$s --preset $(PRESET) --output-dir $(OUT) || status=1; \
+	done; \
+	$(BIN)/effllm collect --output-dir $(OUT) || status=1; \
+	if [ -f notebooks/00_summary.ipynb ]; then $(BIN)/effllm report --output-dir $(OUT) || status=1; fi; \
+	exit $$status
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-runs:
+	rm -rf $(OUT)/runs $(OUT)/results $(OUT)/figures

@@ -1,0 +1,148 @@
+"""The ``effllm`` command: validate params, run sweeps, collect results, build the report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import config, results
+from .paths import outputs_dir
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="effllm: measure what LLM efficiency techniques cost and buy, on your own hardware "
+         "(EfficientLLM, arXiv 2505.13840).",
+)
+
+StudyArg = Annotated[Path, typer.Argument(help="Study params file, e.g. params/smoke/smoke.yaml.")]
+PresetOpt = Annotated[str | None, typer.Option(
+    "--preset", "-p",
+    help="Size/budget preset overlaid on the study: ci, tiny, gpu or paper "
+         "(params/presets/<name>.yaml). Omit for the schema defaults.")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--output-dir", "-o", help="Root for runs/, results/ and figures/ (default: ./outputs).")]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(study: StudyArg, preset: PresetOpt = None) -> None:
+    """Validate a study file under a preset and print how many runs it expands to (no compute)."""
+    try:
+        runs = config.expand(study, preset)
+    except config.ParamsError as exc:
+        _fail(str(exc))
+    typer.echo(f"{study}: ok, {len(runs)} runs")
+
+
+@app.command()
+def sweep(
+    study: StudyArg,
+    preset: PresetOpt = None,
+    output_dir: OutOpt = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", "-w", min=1,
+        help="Runs executed at once, as separate processes; each is pinned to one GPU "
+             "(CUDA_VISIBLE_DEVICES) when the machine has GPUs.")] = 1,
+    dask: Annotated[str | None, typer.Option(
+        help="Submit runs to a dask.distributed cluster: a scheduler address "
+             "(tcp://host:8786, e.g. from dask-jobqueue on SLURM) or 'local' for a LocalCluster "
+             "with --workers processes. The output dir must be on a shared filesystem.")] = None,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed", help="Also re-run runs whose record says failed or skipped "
+                               "(by default only missing runs are executed).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List the runs with their ids and state, then exit.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", min=1, help="Per-run wall-clock limit in seconds (overrides the study's "
+                                 "timeout_s); a run past it is killed and recorded as failed.")
+    ] = None,
+    no_progress: Annotated[bool, typer.Option(
+        "--no-progress", help="Hide the progress bar (e.g. in logs).")] = False,
+) -> None:
+    """Run every grid point of a study through its notebook (papermill), resuming where it left.
+
+    Runs that already have an ok record are skipped; failures are recorded with their reason and
+    the sweep goes on. Exits 1 if any run failed, 2 on invalid params.
+    """
+    from . import sweep as sw
+
+    out = output_dir or outputs_dir()
+    try:
+        runs = config.expand(study, preset)
+    except config.ParamsError as exc:
+        _fail(str(exc))
+    if dry_run:
+        typer.echo(sw.dry_run_table(runs, out))
+        typer.echo(f"{len(runs)} runs")
+        return
+    try:
+        res = sw.sweep(study, preset, out, workers=workers, dask=dask,
+                       retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress)
+    except KeyboardInterrupt:
+        typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    typer.echo(sw.summary_table(res))
+    typer.echo(f"records under {out / 'runs' / res.study}")
+    raise typer.Exit(res.exit_code)
+
+
+@app.command()
+def collect(
+    results_dir: Annotated[Path | None, typer.Option(
+        "--results", "-r", help="Folder searched (recursively) for record.json files "
+                                "(default: <output-dir>/runs).")] = None,
+    output_dir: OutOpt = None,
+) -> None:
+    """Gather every record into one tidy long table: results/results.{parquet,csv}."""
+    out = output_dir or outputs_dir()
+    src = results_dir or out / "runs"
+    df = results.collect(src)
+    pq, csv = results.write_tidy(df, out / "results")
+    n_runs = df["run_id"].nunique() if len(df) else 0
+    typer.echo(f"{n_runs} runs, {len(df)} rows -> {pq} and {csv}")
+
+
+@app.command()
+def report(
+    results_dir: Annotated[Path | None, typer.Option(
+        "--results", "-r", help="Folder with records (searched recursively), e.g. "
+                                "outputs/reference/<device>; default <output-dir>/runs.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", help="Where figures/, results/ and leaderboard.html go "
+                         "(default: the output dir).")] = None,
+    output_dir: OutOpt = None,
+) -> None:
+    """Execute notebooks/00_summary.ipynb: figures (PNG+PDF), rankings and the HTML leaderboard.
+
+    Nothing is re-run: it reads the records that exist.
+    """
+    import papermill as pm
+
+    out = output_dir or outputs_dir()
+    dest = output or out
+    src = results_dir or out / "runs"
+    nb = config.REPO_ROOT / "notebooks" / "00_summary.ipynb"
+    if not nb.is_file():
+        _fail(f"summary notebook missing: {nb}")
+    dest.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(nb), str(dest / "summary.ipynb"), cwd=str(nb.parent),
+                        parameters={"results_dir": str(Path(src).resolve()),
+                                    "output_dir": str(Path(dest).resolve())},
+                        progress_bar=False, kernel_name="python3")
+    typer.echo(f"report written under {dest}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

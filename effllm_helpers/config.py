@@ -1,0 +1,527 @@
+"""Params files: the pydantic schema, presets, grid expansion and run ids.
+
+A *study file* (``params/<axis>/<study>.yaml``) names its notebook, a ``base`` config, a ``grid``
+(cartesian product over dotted keys), seeds and metric weights. A *preset*
+(``params/presets/<name>.yaml``) overlays sizes and budgets per axis. Resolution order, last wins::
+
+    schema defaults < study.base < preset[axis] < grid point (+ seed)
+
+Every resolved run is validated by its axis schema before anything runs, so a misspelt technique
+or a negative step count fails in milliseconds with the file, the key path, the bad value and what
+is allowed. YAML is read with a safe loader that also rejects duplicate keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_DIR = REPO_ROOT / "params"
+PRESETS_DIR = PARAMS_DIR / "presets"
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ParamsError(ValueError):
+    """A params file is invalid: the message names file, key path, bad value and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------- shared blocks
+class SizeSpec(Strict):
+    """Decoder dimensions; presets name them (``small``/``medium``/``large``)."""
+
+    d_model: PosInt
+    n_layers: PosInt
+    n_heads: PosInt
+    n_kv_heads: PosInt = 2  # GQA group count (Qwen2.5 uses 2); MQA=1, MHA=n_heads
+    d_ff: PosInt
+    max_seq_len: PosInt = 2048
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> SizeSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads "
+                             f"{self.n_kv_heads}")
+        return self
+
+
+class DataSpec(Strict):
+    """A corpus: ``stdlib`` (built in), ``hf:<dataset>[:<config>]``, ``text:<path>``, ``jsonl:``."""
+
+    corpus: str = "stdlib"
+    text_field: str = "text"
+    seq_len: PosInt = 128
+    vocab_size: PosInt = 4096
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    max_train_bytes: PosInt | None = None
+
+    @field_validator("corpus")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        if v == "stdlib" or v.split(":", 1)[0] in ("hf", "text", "jsonl") and ":" in v:
+            return v
+        raise ValueError("must be 'stdlib', 'hf:<dataset>', 'text:<path>' or 'jsonl:<path>'")
+
+
+class TrainSpec(Strict):
+    steps: PosInt = 50
+    batch_size: PosInt = 8
+    grad_accum: PosInt = 1
+    lr: PosFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    warmup_steps: NonNegInt = 5
+    max_grad_norm: PosFloat | None = 1.0
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    eval_every: PosInt = 25
+    eval_batches: PosInt = 4
+
+
+class MeasureSpec(Strict):
+    warmup_steps: NonNegInt = 2
+    sample_interval_s: PosFloat = 0.1
+    repeats: PosInt = 1
+
+
+# ---------------------------------------------------------------- axis schemas
+Attention = Literal["mha", "mqa", "gqa", "mla", "nsa"]
+Positional = Literal["rope", "sinusoidal", "learned", "relative", "none"]
+Family = Literal["transformer", "mamba", "rwkv", "pythia"]
+
+
+class ModelSpec(Strict):
+    family: Family = "transformer"
+    attention: Attention = "gqa"
+    positional: Positional = "rope"
+    ffn: Literal["dense", "moe"] = "dense"
+    size: str = "small"
+    n_experts: PosInt = 8
+    top_k: PosInt = 2
+    mla_latent_ratio: PosInt = 8  # latent dim = d_model / ratio (paper: hidden/8)
+    nsa_window: PosInt = 128
+    nsa_block: PosInt = 64
+    nsa_stride: PosInt = 32
+    nsa_selected: PosInt = 4
+
+    @model_validator(mode="after")
+    def _moe(self) -> ModelSpec:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
+        return self
+
+
+class ArchitectureParams(Strict):
+    """Axis 1: pretraining a decoder with one attention / positional / FFN / family choice."""
+
+    model: ModelSpec = ModelSpec()
+    sizes: dict[str, SizeSpec] = {
+        "small": SizeSpec(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    }
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    measure: MeasureSpec = MeasureSpec()
+    probe_pairs: PosInt = 8
+    save_model: bool = True
+
+    @model_validator(mode="after")
+    def _size_known(self) -> ArchitectureParams:
+        if self.model.size not in self.sizes:
+            raise ValueError(f"model.size {self.model.size!r} is not one of the sizes "
+                             f"{sorted(self.sizes)}")
+        return self
+
+
+FT_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full")
+# other peft methods accepted by name (peft's own registry decides at run time)
+PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierft", "ln_tuning",
+              "hra", "bone", "vblora", "randlora", "c3a", "shira", "road", "miss")
+
+
+class FinetuneParams(Strict):
+    """Axis 2: adapting a base model with one fine-tuning method on one task suite."""
+
+    base_model: str = "embedded"  # 'embedded' = tiny model pretrained by axis 1, or an HF id/path
+    method: str = "lora"
+    rank: PosInt = 8
+    alpha: PosFloat = 16
+    dropout: Fraction = 0.1
+    target_modules: str | list[str] = "all-linear"
+    lora_plus_ratio: PosFloat = 16.0
+    freeze_last_k: PosInt = 1
+    quant: Literal["none", "nf4", "fp4"] = "none"  # 4-bit base (QLoRA) under any adapter method
+    task: str = "arithmetic"  # 'arithmetic', 'docname', 'hf:<dataset>', 'jsonl:<path>'
+    max_len: PosInt = 128
+    n_train: PosInt = 512
+    n_eval: PosInt = 64
+    train: TrainSpec = TrainSpec(steps=40, batch_size=8, lr=1e-3, warmup_steps=4)
+    measure: MeasureSpec = MeasureSpec()
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v in FT_METHODS or v in PEFT_EXTRA:
+            return v
+        raise ValueError(f"unknown fine-tuning method; allowed: {', '.join(FT_METHODS)} "
+                         f"or a peft method ({', '.join(PEFT_EXTRA)})")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v in ("arithmetic", "docname") or v.split(":", 1)[0] in ("hf", "jsonl") and ":" in v:
+            return v
+        raise ValueError("must be 'arithmetic', 'docname', 'hf:<dataset>' or 'jsonl:<path>'")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4")
+
+
+class InferenceParams(Strict):
+    """Axis 3: serving a model at one precision; decode timing, memory, energy, quality."""
+
+    model: str = "embedded"
+    precision: Literal["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"] = "bf16"
+    double_quant: bool = False
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    baseline_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    prompt_len: PosInt = 32
+    gen_tokens: PosInt = 32
+    batch_sizes: list[PosInt] = [1, 4]
+    static_cache: bool = False
+    compile: bool = False
+    ppl_batches: PosInt = 4
+    task_items: PosInt = 32
+    lm_eval_tasks: list[str] = []
+    measure: MeasureSpec = MeasureSpec(warmup_steps=1, repeats=3)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _non_empty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one batch size")
+        return v
+
+
+class CrossModalParams(Strict):
+    """Axis 4: the same techniques on a small vision transformer (DiT-style)."""
+
+    attention: Attention = "gqa"
+    ffn: Literal["dense", "moe"] = "dense"
+    image_size: PosInt = 16
+    patch: PosInt = 4
+    d_model: PosInt = 64
+    n_layers: PosInt = 2
+    n_heads: PosInt = 4
+    train: TrainSpec = TrainSpec(steps=20)
+    measure: MeasureSpec = MeasureSpec()
+
+
+class SmokeParams(Strict):
+    """The pipe's smoke test: a tiny timed matmul loop and a record, nothing else."""
+
+    n: PosInt = 64
+    steps: PosInt = 5
+    sleep_s: Annotated[float, Field(ge=0)] = 0.0
+    fail: Literal["none", "exception", "nan", "oom"] = "none"
+    measure: MeasureSpec = MeasureSpec(warmup_steps=1)
+
+
+AXES: dict[str, type[Strict]] = {
+    "architecture": ArchitectureParams,
+    "finetuning": FinetuneParams,
+    "inference": InferenceParams,
+    "cross_modal": CrossModalParams,
+    "smoke": SmokeParams,
+}
+
+# metric names the efficiency score may weight (see measure.efficiency)
+WEIGHTABLE = ("quality", "amu_gb", "pcu", "mfu", "al_s", "tt", "st", "it", "aec_w", "mcr",
+              "energy_j", "j_per_token", "peak_gb", "tokens_per_s")
+
+
+# ---------------------------------------------------------------- study file
+class StudyFile(Strict):
+    study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$")]
+    axis: Literal["architecture", "finetuning", "inference", "cross_modal", "smoke"]
+    notebook: str
+    description: str = ""
+    base: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
+    seeds: list[NonNegInt] = [0]
+    weights: dict[str, Annotated[float, Field(ge=0)]] = {}
+    timeout_s: PosFloat | None = 1800
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_lists(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not v:
+            raise ValueError("grid is empty: give at least one key with a list of choices")
+        for key, choices in v.items():
+            if not choices:
+                raise ValueError(f"grid key {key!r} has no choices")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one seed")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for k in v:
+            if k not in WEIGHTABLE:
+                raise ValueError(f"unknown metric {k!r} in weights; "
+                                 f"allowed: {', '.join(WEIGHTABLE)}")
+        return v
+
+
+class Run(BaseModel):
+    """One resolved run of a sweep."""
+
+    model_config = ConfigDict(frozen=True)
+    run_id: str
+    study: str
+    axis: str
+    notebook: str
+    seed: int
+    point: dict[str, Any]  # the grid choices of this run (for labels)
+    params: dict[str, Any]  # fully resolved and validated axis params
+    weights: dict[str, float]
+    timeout_s: float | None
+
+
+# ---------------------------------------------------------------- YAML
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects duplicate mapping keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely (no tags execute, duplicate keys are an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: malformed YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------- errors
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<top>"
+
+
+def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``file: key.path: bad value X: what is allowed``."""
+    lines = []
+    for err in exc.errors():
+        loc = _fmt_loc(tuple(err["loc"]))
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc != "<top>" else prefix
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        bad = err.get("input")
+        bad_s = "" if err["type"] in ("missing",) else f" (got {json.dumps(bad, default=str)[:80]})"
+        lines.append(f"{source}: {loc}: {msg}{bad_s}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+# ---------------------------------------------------------------- merging
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ParamsError(f"grid key {key!r}: {p!r} is not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
+    """A grid key must name a field of the axis schema (nested through sub-models)."""
+    cur: Any = model
+    for i, part in enumerate(key.split(".")):
+        fields = getattr(cur, "model_fields", None)
+        if fields is None:
+            if i > 0 and isinstance(cur, type) is False:
+                return  # a dict-valued field (e.g. sizes.<name>): keys are free-form
+            return
+        if part not in fields:
+            where = ".".join(key.split(".")[:i]) or "<top>"
+            raise ParamsError(f"{source}: grid.{key}: unknown key {part!r} under {where}; "
+                              f"allowed: {', '.join(sorted(fields))}")
+        ann = fields[part].annotation
+        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cur is None:
+            return
+
+
+# ---------------------------------------------------------------- presets
+def preset_path(name: str) -> Path:
+    return PRESETS_DIR / f"{name}.yaml"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str | None, axis: str) -> dict[str, Any]:
+    """The overlay a preset gives one axis (``{}`` for no preset)."""
+    if not name:
+        return {}
+    path = preset_path(name)
+    if not path.is_file():
+        raise ParamsError(f"unknown preset {name!r}; allowed: {', '.join(available_presets())}")
+    data = load_yaml(path)
+    unknown = set(data) - set(AXES) - {"description"}
+    if unknown:
+        raise ParamsError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: "
+                          f"description, {', '.join(AXES)}")
+    section = data.get(axis) or {}
+    if not isinstance(section, dict):
+        raise ParamsError(f"{path}: {axis}: must be a mapping")
+    return section
+
+
+def resolve_params(axis: str, *layers: dict[str, Any], source: str = "<params>") -> dict[str, Any]:
+    """Merge layers over the axis defaults and validate; returns plain JSON-able params."""
+    if axis not in AXES:
+        raise ParamsError(f"{source}: axis {axis!r} unknown; allowed: {', '.join(AXES)}")
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer or {})
+    try:
+        obj = AXES[axis].model_validate(merged)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(source, exc)) from None
+    return obj.model_dump(mode="json")
+
+
+def notebook_params(axis: str, preset: str | None, params: dict[str, Any] | None) -> Any:
+    """What a notebook's first cell calls: validated params object for ``axis``.
+
+    With ``params`` given (a sweep injected the resolved params) they are used as they are;
+    otherwise the axis defaults under ``preset`` (interactive use).
+    """
+    layers = [load_preset(preset, axis)] if not params else [params]
+    resolved = resolve_params(axis, *layers, source=f"notebook {axis} params")
+    return AXES[axis].model_validate(resolved)
+
+
+# ---------------------------------------------------------------- study loading and expansion
+def run_id_for(study: str, axis: str, notebook: str, params: dict[str, Any], seed: int) -> str:
+    """Stable hash of what defines a run; same inputs, same id, on any machine."""
+    blob = json.dumps({"study": study, "axis": axis, "notebook": notebook, "params": params,
+                       "seed": seed}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_study(path: str | Path) -> StudyFile:
+    path = Path(path)
+    data = load_yaml(path)
+    try:
+        study = StudyFile.model_validate(data)
+    except ValidationError as exc:
+        msg = format_validation_error(str(path), exc)
+        if any(e["type"] == "extra_forbidden" for e in exc.errors()):
+            msg += f"\n  (allowed top-level keys: {', '.join(_allowed_keys(StudyFile))})"
+        raise ParamsError(msg) from None
+    nb = notebook_path(study.notebook)
+    if not nb.is_file():
+        raise ParamsError(f"{path}: notebook: no such notebook {study.notebook!r} "
+                          f"(looked at {nb})")
+    return study
+
+
+def notebook_path(nb: str) -> Path:
+    p = Path(nb)
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
+def expand(path: str | Path, preset: str | None = None) -> list[Run]:
+    """Validate a study file under a preset and expand its grid into runs (no compute)."""
+    path = Path(path)
+    study = load_study(path)
+    schema = AXES[study.axis]
+    for key in study.grid:
+        _check_dotted_key(schema, key, str(path))
+    overlay = load_preset(preset, study.axis)
+    # each layer must be valid on its own, so a bad base value is reported even when a preset
+    # happens to override it
+    resolve_params(study.axis, study.base, source=f"{path} [base]")
+    if overlay:
+        resolve_params(study.axis, overlay, source=f"{preset_path(preset)} [{study.axis}]")
+    keys = list(study.grid)
+    runs: list[Run] = []
+    seen: set[str] = set()
+    for combo in itertools.product(*(study.grid[k] for k in keys)):
+        point = dict(zip(keys, combo, strict=True))
+        grid_layer: dict[str, Any] = {}
+        for k, v in point.items():
+            set_dotted(grid_layer, k, v)
+        label = ", ".join(f"{k}={v}" for k, v in point.items())
+        params = resolve_params(study.axis, study.base, overlay, grid_layer,
+                                source=f"{path} [grid point {label}]")
+        for seed in study.seeds:
+            rid = run_id_for(study.study, study.axis, study.notebook, params, seed)
+            if rid in seen:
+                continue
+            seen.add(rid)
+            runs.append(Run(run_id=rid, study=study.study, axis=study.axis,
+                            notebook=study.notebook, seed=seed, point=point, params=params,
+                            weights=study.weights, timeout_s=study.timeout_s))
+    return runs

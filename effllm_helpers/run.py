@@ -1,0 +1,145 @@
+"""The notebook side of a run: resolve params, then write the record atomically at the end.
+
+Every axis notebook starts with ``ctx = start_run(...)`` on its parameters cell's values and ends
+with ``ctx.finish(...)``; the sweep runner only looks at the ``record.json`` this writes. A run that
+raises inside the notebook is recorded as failed by the runner (see ``sweep.py``), with the reason
+classified here so both sides agree on the words.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config, results
+from .paths import outputs_dir
+from .provenance import provenance
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss; the run is recorded as failed ('diverged')."""
+
+
+class SkipRun(RuntimeError):
+    """This technique cannot run here (e.g. int4 kernels on a CPU): recorded as skipped."""
+
+
+def check_finite(loss: float, step: int) -> None:
+    """Raise DivergedError on a NaN or infinite loss, so a sweep records it and moves on."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"loss is {loss} at step {step}")
+
+
+FAILURE_KINDS = {
+    "DivergedError": "diverged",
+    "OutOfMemoryError": "oom",
+    "MemoryError": "oom",
+    "SkipRun": "skipped",
+    "TimeoutError": "timeout",
+}
+
+
+def classify_failure(ename: str, evalue: str = "") -> str:
+    """Name the kind of failure: oom, diverged, timeout, skipped or exception."""
+    if ename in FAILURE_KINDS:
+        return FAILURE_KINDS[ename]
+    text = f"{ename} {evalue}".lower()
+    if "out of memory" in text:
+        return "oom"
+    return "exception"
+
+
+def failure_record(run: dict[str, Any], kind: str, message: str, tb: str = "",
+                   started_at: str | None = None) -> dict[str, Any]:
+    """A failed (or skipped) record, with the reason and the tail of the traceback."""
+    status = "skipped" if kind == "skipped" else "failed"
+    tail = "\n".join(tb.strip().splitlines()[-25:]) if tb else ""
+    return results.new_record(
+        run_id=run["run_id"], study=run["study"], axis=run["axis"], params=run["params"],
+        status=status, error={"reason": f"{kind}: {message}"[:2000], "kind": kind,
+                              "traceback_tail": tail},
+        provenance=provenance(), started_at=started_at,
+        extra={"seed": run.get("seed"), "point": run.get("point", {})},
+    )
+
+
+@dataclass
+class RunContext:
+    """What a notebook knows about the run it is: ids, validated params, where to write."""
+
+    axis: str
+    study: str
+    run_id: str
+    seed: int
+    params: Any  # the axis' pydantic params object
+    output_dir: Path
+    point: dict[str, Any] = field(default_factory=dict)
+    started_at: str = field(default_factory=results.now_iso)
+
+    @property
+    def params_dict(self) -> dict[str, Any]:
+        return self.params.model_dump(mode="json")
+
+    def finish(self, *, metrics: dict[str, Any], quality: dict[str, Any] | None = None,
+               curves: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> Path:
+        """Write the ok record (validated, atomically). Call it as the notebook's last step."""
+        rec = results.new_record(
+            run_id=self.run_id, study=self.study, axis=self.axis, params=self.params_dict,
+            metrics=metrics, quality=quality, curves=curves, model=model,
+            provenance=provenance(), started_at=self.started_at,
+            extra={"seed": self.seed, "point": self.point, **(extra or {})},
+        )
+        return results.write_record(self.output_dir, rec)
+
+    def skip(self, reason: str) -> Path:
+        """Record that this technique cannot run here (a clear skip, not a crash)."""
+        rec = failure_record({"run_id": self.run_id, "study": self.study, "axis": self.axis,
+                              "params": self.params_dict, "seed": self.seed, "point": self.point},
+                             "skipped", reason, started_at=self.started_at)
+        return results.write_record(self.output_dir, rec)
+
+
+def start_run(axis: str, *, params: dict[str, Any] | None = None, preset: str | None = "tiny",
+              study: str | None = None, run_id: str | None = None, seed: int = 0,
+              output_dir: str | Path | None = None,
+              point: dict[str, Any] | None = None) -> RunContext:
+    """Resolve a notebook's parameters cell into a RunContext.
+
+    In a sweep, papermill injects the resolved ``params``, ``run_id`` and ``output_dir``. Run by
+    hand, the notebook gets its axis defaults under ``preset`` and an id hashed from them, and
+    writes under ``outputs/runs/interactive/``.
+    """
+    p = config.notebook_params(axis, preset, params)
+    study = study or f"{axis}_interactive"
+    rid = run_id or config.run_id_for(study, axis, "interactive", p.model_dump(mode="json"), seed)
+    out = Path(output_dir) if output_dir else outputs_dir("runs", "interactive", axis, rid)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed_everything(seed)
+    return RunContext(axis=axis, study=study, run_id=rid, seed=seed, params=p, output_dir=out,
+                      point=point or {})
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+
+
+def format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -1,0 +1,390 @@
+"""Batch execution of a study: validate, expand, run each point through papermill, resume.
+
+Layout of one run: ``<output_dir>/runs/<study>/<run_id>/{run.json, run.ipynb, record.json}``.
+
+How a run is executed, and why:
+
+* the sweep (parent) starts one *runner* process per run (``python -m effllm_helpers.sweep exec``)
+  in its own session, so a per-run timeout can kill the runner, papermill and the kernel together;
+* the runner asks the kernel's death if the sweep dies (``PR_SET_PDEATHSIG``); ipykernel exits when
+  its parent goes, so a killed sweep leaves no orphan computing in the background;
+* the notebook writes an ``ok`` record as its very last step, atomically; the runner writes a
+  ``failed`` record (reason + traceback tail) if the notebook raised or wrote nothing; the parent
+  writes one on timeout. A record that says ``ok`` therefore always belongs to a finished run, and
+  a killed sweep loses only the runs in flight, which the next invocation redoes.
+
+Workers: ``--workers N`` runs N runners at once, each pinned to one GPU (``CUDA_VISIBLE_DEVICES``)
+when there are GPUs; ``--dask ADDRESS|local`` submits the same runner calls to a dask.distributed
+cluster (several machines, e.g. dask-jobqueue on SLURM; output_dir must be on a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config, results
+from .paths import outputs_dir
+from .run import classify_failure, failure_record
+
+RUN_SPEC = "run.json"
+RUN_NOTEBOOK = "run.ipynb"
+
+
+@dataclass
+class Outcome:
+    run: config.Run
+    status: str  # ok | failed | skipped | cached | cached-failed
+    seconds: float = 0.0
+    reason: str | None = None
+
+
+@dataclass
+class SweepResult:
+    study: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status in ("failed", "cached-failed")]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def run_dir_for(output_dir: Path, run: config.Run) -> Path:
+    return output_dir / "runs" / run.study / run.run_id
+
+
+# ---------------------------------------------------------------- planning
+def plan(runs: list[config.Run], output_dir: Path,
+         retry_failed: bool = False) -> tuple[list[config.Run], list[Outcome]]:
+    """Split runs into those to execute and those whose record already settles them."""
+    todo: list[config.Run] = []
+    settled: list[Outcome] = []
+    for run in runs:
+        rec = results.read_record(run_dir_for(output_dir, run))
+        if rec and rec.get("run_id") == run.run_id and rec.get("status") == "ok":
+            settled.append(Outcome(run, "cached"))
+        elif rec and rec.get("status") == "skipped" and not retry_failed:
+            settled.append(Outcome(run, "skipped", reason=(rec.get("error") or {}).get("reason")))
+        elif rec and rec.get("status") == "failed" and not retry_failed:
+            settled.append(Outcome(run, "cached-failed",
+                                   reason=(rec.get("error") or {}).get("reason")))
+        else:
+            todo.append(run)
+    return todo, settled
+
+
+# ---------------------------------------------------------------- one run (parent side)
+try:  # loaded once here: dlopen between fork and exec could deadlock
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux/glibc: no parent-death signal, the kernel's own poller remains
+    _LIBC = None
+
+
+def _set_pdeathsig() -> None:
+    """In the runner, between fork and exec: die with the thread that started us."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
+                log_output: bool = False) -> dict[str, Any]:
+    """Execute one run in a runner process; return ``{status, seconds, reason}``.
+
+    Plain-data in and out, so the same function runs in a local thread or on a Dask worker.
+    """
+    run = config.Run.model_validate(run_dict)
+    rdir = Path(run_dir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    t0 = time.monotonic()
+    log = open(rdir / "runner.log", "w")  # noqa: SIM115 - closed below
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "effllm_helpers.sweep", "exec", str(rdir)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_set_pdeathsig,
+        )
+        try:
+            proc.wait(timeout=run.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rec = failure_record(run.model_dump(), "timeout",
+                                 f"run exceeded its {run.timeout_s:g} s limit")
+            results.write_record(rdir, rec)
+        except BaseException:  # interrupted sweep: take the run down with us, record nothing ok
+            _kill_group(proc)
+            raise
+    finally:
+        log.close()
+    seconds = time.monotonic() - t0
+    rec = results.read_record(rdir)
+    if rec is None or rec.get("run_id") != run.run_id:
+        tail = _tail(rdir / "runner.log")
+        rec = failure_record(run.model_dump(), "exception",
+                             f"runner exited with code {proc.returncode} and wrote no record",
+                             tail)
+        results.write_record(rdir, rec)
+    return {"status": rec["status"], "seconds": seconds,
+            "reason": (rec.get("error") or {}).get("reason")}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------- one run (runner side)
+def runner_main(run_dir: str) -> int:
+    """Inside the runner process: papermill the notebook, record a failure if it raised."""
+    import papermill as pm
+
+    rdir = Path(run_dir)
+    spec = json.loads((rdir / RUN_SPEC).read_text())
+    run = config.Run.model_validate(spec)
+    (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
+    started = results.now_iso()
+    nb = config.notebook_path(run.notebook)
+    parameters = {"params": run.params, "preset": None, "study": run.study,
+                  "run_id": run.run_id, "seed": run.seed, "output_dir": str(rdir),
+                  "point": run.point}
+    try:
+        pm.execute_notebook(str(nb), str(rdir / RUN_NOTEBOOK), parameters=parameters,
+                            cwd=str(nb.parent), progress_bar=False, kernel_name="python3",
+                            log_output=False)
+    except pm.PapermillExecutionError as exc:
+        kind = classify_failure(exc.ename, exc.evalue)
+        tb = "\n".join(exc.traceback) if exc.traceback else ""
+        tb = _strip_ansi(tb)
+        rec = results.read_record(rdir)
+        if kind == "skipped" or (rec and rec.get("status") == "skipped"):
+            if not rec:
+                results.write_record(rdir, failure_record(spec, "skipped", exc.evalue, tb,
+                                                          started))
+            return 0
+        results.write_record(rdir, failure_record(spec, kind, f"{exc.ename}: {exc.evalue}", tb,
+                                                  started))
+        return 1
+    except Exception as exc:  # kernel died, notebook unreadable, ...
+        import traceback
+
+        kind = classify_failure(type(exc).__name__, str(exc))
+        results.write_record(rdir, failure_record(spec, kind, f"{type(exc).__name__}: {exc}",
+                                                  traceback.format_exc(), started))
+        return 1
+    rec = results.read_record(rdir)
+    if rec is None:
+        results.write_record(rdir, failure_record(spec, "exception",
+                                                  "the notebook finished without writing its "
+                                                  "record (does it call ctx.finish?)", "",
+                                                  started))
+        return 1
+    return 0
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# ---------------------------------------------------------------- the sweep
+def gpu_slots(workers: int) -> list[str | None]:
+    """One slot per worker: a GPU index to pin to, or None on a machine without GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        gpus = [str(i) for i in range(_cuda_count())]
+    if not gpus:
+        return [None] * workers
+    return [gpus[i % len(gpus)] for i in range(workers)]
+
+
+def _cuda_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return 0
+
+
+def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | Path | None = None,
+          workers: int = 1, dask: str | None = None, retry_failed: bool = False,
+          timeout_s: float | None = None, progress: bool = True,
+          on_outcome: Callable[[Outcome], None] | None = None) -> SweepResult:
+    """Run every point of a study that has no ok record yet; never stop at a failed run."""
+    runs = config.expand(study_path, preset)  # validation happens here, before any compute
+    if timeout_s is not None:
+        runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
+    out = Path(output_dir) if output_dir else outputs_dir()
+    todo, settled = plan(runs, out, retry_failed)
+    result = SweepResult(study=runs[0].study if runs else "?", outcomes=list(settled))
+    if not todo:
+        return result
+    bar = _progress(len(todo), result.study, progress)
+    try:
+        if dask:
+            _run_dask(todo, out, dask, workers, result, bar, on_outcome)
+        else:
+            _run_local(todo, out, workers, result, bar, on_outcome)
+    finally:
+        bar.close()
+    order = {r.run_id: i for i, r in enumerate(runs)}
+    result.outcomes.sort(key=lambda o: order[o.run.run_id])
+    return result
+
+
+def _progress(total: int, study: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"sweep {study}", unit="run", disable=not enabled,
+                dynamic_ncols=True)
+
+
+def _record(result: SweepResult, outcome: Outcome, bar, on_outcome) -> None:
+    result.outcomes.append(outcome)
+    bar.update(1)
+    bar.set_postfix_str(f"last={outcome.run.run_id}:{outcome.status} "
+                        f"failed={len(result.failed)}")
+    if on_outcome:
+        on_outcome(outcome)
+
+
+def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepResult, bar,
+               on_outcome) -> None:
+    slots = gpu_slots(max(1, workers))
+    free = list(range(len(slots)))
+    pending: dict[Future, tuple[config.Run, int]] = {}
+    queue = list(todo)
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        try:
+            while queue or pending:
+                while queue and free:
+                    run, slot = queue.pop(0), free.pop(0)
+                    fut = pool.submit(execute_run, run.model_dump(mode="json"),
+                                      str(run_dir_for(out, run)), slots[slot])
+                    pending[fut] = (run, slot)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    run, slot = pending.pop(fut)
+                    free.append(slot)
+                    res = fut.result()
+                    _record(result, Outcome(run, res["status"], res["seconds"], res["reason"]),
+                            bar, on_outcome)
+        except KeyboardInterrupt:
+            queue.clear()
+            raise
+
+
+def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
+              result: SweepResult, bar, on_outcome) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if address == "local":
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        client = Client(address)
+    try:
+        slots = gpu_slots(max(1, workers)) if address == "local" else [None]
+        futures = {}
+        for i, run in enumerate(todo):
+            fut = client.submit(execute_run, run.model_dump(mode="json"),
+                                str(run_dir_for(out, run)), slots[i % len(slots)], pure=False,
+                                key=f"effllm-{run.run_id}")
+            futures[fut] = run
+        for fut in as_completed(futures):
+            run = futures[fut]
+            try:
+                res = fut.result()
+                outcome = Outcome(run, res["status"], res["seconds"], res["reason"])
+            except Exception as exc:  # the worker itself died: record it, carry on
+                rec = failure_record(run.model_dump(), "exception",
+                                     f"dask worker failed: {type(exc).__name__}: {exc}")
+                results.write_record(run_dir_for(out, run), rec)
+                outcome = Outcome(run, "failed", 0.0, rec["error"]["reason"])
+            _record(result, outcome, bar, on_outcome)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---------------------------------------------------------------- reporting
+def summary_table(result: SweepResult) -> str:
+    """A plain-text table: one line per run, then the counts."""
+    rows = [("run_id", "point", "status", "secs", "reason")]
+    for o in result.outcomes:
+        point = ", ".join(f"{k}={v}" for k, v in o.run.point.items())
+        if o.run.seed:
+            point += f" seed={o.run.seed}"
+        rows.append((o.run.run_id, point, o.status, f"{o.seconds:.1f}" if o.seconds else "-",
+                     (o.reason or "")[:70]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    counts: dict[str, int] = {}
+    for o in result.outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    lines.append(f"{result.study}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def dry_run_table(runs: Iterable[config.Run], output_dir: Path) -> str:
+    lines = []
+    for run in runs:
+        rec = results.read_record(run_dir_for(output_dir, run))
+        state = rec.get("status") if rec else "todo"
+        point = ", ".join(f"{k}={v}" for k, v in run.point.items())
+        lines.append(f"{run.run_id}  {state:8s}  seed={run.seed}  {point}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- runner entry point
+def _main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m effllm_helpers.sweep",
+                                 description="internal: execute one run folder (used by sweep)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("exec", help="execute the run described by <run_dir>/run.json")
+    ex.add_argument("run_dir")
+    args = ap.parse_args(argv)
+    return runner_main(args.run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,162 @@
+"""Params files: valid ones expand into runs; bad ones fail before compute, naming key and value."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from effllm_helpers import config
+
+GOOD = """
+study: t
+axis: finetuning
+notebook: notebooks/smoke.ipynb
+base: {rank: 8}
+grid:
+  method: [lora, dora]
+  task: [arithmetic, docname]
+seeds: [0, 1]
+weights: {quality: 2, al_s: 1}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_grid_expands_to_cartesian_product_times_seeds(tmp_path):
+    runs = config.expand(write(tmp_path, GOOD), preset="ci")
+    assert len(runs) == 2 * 2 * 2
+    assert {(r.params["method"], r.params["task"], r.seed) for r in runs} == {
+        (m, t, s) for m in ("lora", "dora") for t in ("arithmetic", "docname") for s in (0, 1)}
+
+
+def test_run_id_is_stable_and_distinct(tmp_path):
+    a = config.expand(write(tmp_path, GOOD), preset="ci")
+    b = config.expand(write(tmp_path, GOOD), preset="ci")
+    assert [r.run_id for r in a] == [r.run_id for r in b]
+    assert len({r.run_id for r in a}) == len(a)
+
+
+def test_preset_overlays_base_and_grid_overlays_preset(tmp_path):
+    text = GOOD.replace("base: {rank: 8}", "base: {rank: 8, n_train: 999}")
+    runs = config.expand(write(tmp_path, text), preset="ci")
+    assert runs[0].params["rank"] == 4  # ci preset sets rank 4 over the base's 8
+    assert runs[0].params["n_train"] == 64
+    assert {r.params["method"] for r in runs} == {"lora", "dora"}
+
+
+def test_run_id_changes_with_preset(tmp_path):
+    path = write(tmp_path, GOOD)
+    ci = {r.run_id for r in config.expand(path, preset="ci")}
+    tiny = {r.run_id for r in config.expand(path, preset="tiny")}
+    assert not ci & tiny
+
+
+def test_every_committed_study_file_validates_under_every_preset():
+    files = sorted(config.PARAMS_DIR.glob("*/*.yaml"))
+    files = [f for f in files if f.parent.name != "presets"]
+    assert files, "no study files found"
+    for f in files:
+        for preset in config.available_presets():
+            assert config.expand(f, preset), f
+
+
+def test_paper_preset_has_qwen25_dimensions():
+    sizes = config.resolve_params("architecture", config.load_preset("paper", "architecture"))
+    assert sizes["sizes"]["small"]["d_model"] == 896
+    assert sizes["sizes"]["medium"] == {"d_model": 1536, "n_layers": 28, "n_heads": 12,
+                                        "n_kv_heads": 2, "d_ff": 8960, "max_seq_len": 8192}
+
+
+# ---------------------------------------------------------------- bad inputs
+BAD = {
+    "unknown top-level key": (GOOD + "colour: blue\n", "colour: unknown key"),
+    "misspelt technique": (GOOD.replace("[lora, dora]", "[lora, dorra]"),
+                           "method: Value error, unknown fine-tuning method"),
+    "wrong type": (GOOD.replace("rank: 8", "rank: eight"), "rank: Input should be a valid "
+                                                             "integer"),
+    "rank zero": (GOOD.replace("rank: 8", "rank: 0"), "rank: Input should be greater than 0"),
+    "negative steps": (GOOD.replace("base: {rank: 8}", "base: {train: {steps: -5}}"),
+                       "train.steps: Input should be greater than 0"),
+    "empty grid": (GOOD.replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n", "")
+                   .replace("grid:\n", "grid: {}\n"), "grid: Value error, grid is empty"),
+    "grid key with no choices": (GOOD.replace("[lora, dora]", "[]"), "has no choices"),
+    "missing notebook": (GOOD.replace("notebooks/smoke.ipynb", "notebooks/nope.ipynb"),
+                         "no such notebook"),
+    "malformed YAML": (GOOD.replace("grid:", "grid: [unclosed"), "malformed YAML"),
+    "duplicate keys": (GOOD + "seeds: [3]\n", "duplicate key 'seeds'"),
+    "unknown axis": (GOOD.replace("axis: finetuning", "axis: chemistry"), "axis: Input should be"),
+    "missing required key": (GOOD.replace("notebook: notebooks/smoke.ipynb\n", ""),
+                             "notebook: Field required"),
+    "unknown grid key": (GOOD.replace("task: [arithmetic, docname]",
+                                      "tsak: [arithmetic, docname]"),
+                         "grid.tsak: unknown key 'tsak'"),
+    "unknown nested key": (GOOD.replace("base: {rank: 8}", "base: {train: {stpes: 3}}"),
+                           "train.stpes: unknown key"),
+    "negative weight": (GOOD.replace("quality: 2", "quality: -2"),
+                        "weights.quality: Input should be greater than or equal to 0"),
+    "unknown weight metric": (GOOD.replace("quality: 2", "qualty: 2"),
+                              "unknown metric 'qualty' in weights"),
+    "dropout above one": (GOOD.replace("rank: 8", "dropout: 1.5"),
+                          "dropout: Input should be less than or equal to 1"),
+    "empty seeds": (GOOD.replace("seeds: [0, 1]", "seeds: []"), "needs at least one seed"),
+    "top level not a mapping": ("- just\n- a list\n", "top level must be a mapping"),
+    "python tag is not executed": (GOOD + "evil: !!python/object/apply:os.system ['echo hi']\n",
+                                   "malformed YAML"),
+    "bad study name": (GOOD.replace("study: t", "study: 'a b/c'"), "study: String should match"),
+    "bad corpus scheme": (GOOD.replace("axis: finetuning", "axis: architecture")
+                          .replace("base: {rank: 8}", "base: {data: {corpus: 'ftp:x'}}")
+                          .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
+                                   "  model.attention: [mha]\n"),
+                          "data.corpus: Value error, must be 'stdlib'"),
+    "size not in sizes": (GOOD.replace("axis: finetuning", "axis: architecture")
+                          .replace("base: {rank: 8}", "base: {}")
+                          .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
+                                   "  model.size: [huge]\n"),
+                          "model.size 'huge' is not one of the sizes"),
+    "precision misspelt": (GOOD.replace("axis: finetuning", "axis: inference")
+                           .replace("base: {rank: 8}", "base: {}")
+                           .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
+                                    "  precision: [bf16, int3]\n"),
+                           "precision: Input should be 'fp32', 'bf16'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_params_file_fails_before_compute_with_clear_message(tmp_path, case):
+    text, expected = BAD[case]
+    path = write(tmp_path, text)
+    with pytest.raises(config.ParamsError) as err:
+        config.expand(path, preset="ci")
+    msg = str(err.value)
+    assert expected in msg, msg
+    assert str(path) in msg or "preset" in msg, msg
+
+
+def test_unknown_preset_lists_the_allowed_ones(tmp_path):
+    with pytest.raises(config.ParamsError, match=r"unknown preset 'huge'; allowed: ci, gpu, "
+                                                  r"paper, tiny"):
+        config.expand(write(tmp_path, GOOD), preset="huge")
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(config.ParamsError, match="no such params file"):
+        config.expand(tmp_path / "absent.yaml")
+
+
+def test_bad_value_is_quoted_in_the_message(tmp_path):
+    with pytest.raises(config.ParamsError, match=r'\(got "dorra"\)'):
+        config.expand(write(tmp_path, GOOD.replace("[lora, dora]", "[lora, dorra]")))
+
+
+def test_python_tag_in_yaml_does_not_execute(tmp_path):
+    marker = tmp_path / "pwned"
+    text = GOOD + f"evil: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(config.ParamsError):
+        config.expand(write(tmp_path, text))
+    assert not marker.exists()

@@ -1,0 +1,80 @@
+"""Project hygiene the README promises: env files agree, notebooks are clean, every CLI helps."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from effllm_helpers import config
+from effllm_helpers.cli import app
+
+ROOT = config.REPO_ROOT
+
+
+def _norm(req: str) -> str:
+    return re.sub(r"\s+", "", req).lower()
+
+
+def test_environment_yml_names_the_same_dependencies_as_pyproject():
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_norm(r) for r in py["dependencies"] + py["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    have = {_norm(r) for r in pip if r != "-e ."}
+    assert have == wanted
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_torch_is_pinned():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.13.0" in deps
+
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[n.name for n in NOTEBOOKS])
+def test_notebook_is_stored_clean_with_a_parameters_cell(nb):
+    data = json.loads(nb.read_text())
+    code = [c for c in data["cells"] if c["cell_type"] == "code"]
+    assert "parameters" in code[0].get("metadata", {}).get("tags", [])
+    for cell in code:
+        assert not cell.get("outputs") and cell.get("execution_count") is None
+
+
+def test_every_study_notebook_exists():
+    for f in ROOT.glob("params/*/*.yaml"):
+        if f.parent.name != "presets":
+            assert config.notebook_path(config.load_yaml(f)["notebook"]).is_file(), f
+
+
+@pytest.mark.parametrize("cmd", [[], ["sweep"], ["validate"], ["collect"], ["report"]])
+def test_every_subcommand_has_help_describing_its_options(cmd):
+    out = CliRunner().invoke(app, [*cmd, "--help"])
+    assert out.exit_code == 0, out.output
+    text = out.output
+    if cmd == ["sweep"]:
+        for opt in ("--preset", "--output-dir", "--workers", "--dask", "--retry-failed",
+                    "--dry-run", "--timeout"):
+            assert opt in text
+
+
+def test_cli_validate_reports_bad_params_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: x\naxis: smoke\nnotebook: notebooks/smoke.ipynb\ngrid: {n: [0]}\n")
+    out = CliRunner().invoke(app, ["validate", str(bad)])
+    assert out.exit_code == 2
+    assert "n: Input should be greater than 0" in out.output
+    assert "Traceback" not in out.output
+
+
+def test_cli_dry_run_lists_runs(tmp_path):
+    out = CliRunner().invoke(app, ["sweep", "params/smoke/smoke.yaml", "-p", "ci", "--dry-run",
+                                   "-o", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    assert "2 runs" in out.output and "todo" in out.output
