@@ -119,6 +119,8 @@ class ModelSpec(Strict):
     nsa_block: PosInt = 64
     nsa_stride: PosInt = 32
     nsa_selected: PosInt = 4
+    # scales the size's d_ff, e.g. a dense model whose total params match an MoE's
+    d_ff_mult: PosFloat = 1.0
 
     @model_validator(mode="after")
     def _moe(self) -> ModelSpec:
@@ -131,13 +133,16 @@ class ArchitectureParams(Strict):
     """Axis 1: pretraining a decoder with one attention / positional / FFN / family choice."""
 
     model: ModelSpec = ModelSpec()
-    sizes: dict[str, SizeSpec] = {
+    sizes: dict[str, SizeSpec] = {  # the tiny preset's; presets replace them
         "small": SizeSpec(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+        "medium": SizeSpec(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=576),
+        "large": SizeSpec(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=768),
     }
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     measure: MeasureSpec = MeasureSpec()
     probe_pairs: PosInt = 8
+    probe_train_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # MQAR mixed into training
     save_model: bool = True
 
     @model_validator(mode="after")
@@ -148,6 +153,7 @@ class ArchitectureParams(Strict):
         return self
 
 
+EmbeddedProfile = Literal["ci", "tiny", "gpu"]
 FT_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full")
 # other peft methods accepted by name (peft's own registry decides at run time)
 PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierft", "ln_tuning",
@@ -157,7 +163,8 @@ PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierf
 class FinetuneParams(Strict):
     """Axis 2: adapting a base model with one fine-tuning method on one task suite."""
 
-    base_model: str = "embedded"  # 'embedded' = tiny model pretrained by axis 1, or an HF id/path
+    base_model: str = "embedded"  # 'embedded' = model pretrained by axis 1's code, or HF id/path
+    embedded_profile: EmbeddedProfile = "tiny"  # which embedded model 'embedded' means
     method: str = "lora"
     rank: PosInt = 8
     alpha: PosFloat = 16
@@ -195,7 +202,8 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4")
 class InferenceParams(Strict):
     """Axis 3: serving a model at one precision; decode timing, memory, energy, quality."""
 
-    model: str = "embedded"
+    model: str = "embedded@sft"  # the embedded model after axis-2 fine-tuning, or HF id/path
+    embedded_profile: EmbeddedProfile = "tiny"
     precision: Literal["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"] = "bf16"
     double_quant: bool = False
     compute_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
@@ -257,6 +265,13 @@ WEIGHTABLE = ("quality", "amu_gb", "pcu", "mfu", "al_s", "tt", "st", "it", "aec_
 
 # ---------------------------------------------------------------- study file
 class StudyFile(Strict):
+    """A study: one notebook, a base config and a grid.
+
+    A grid key is a dotted params key with a list of values, or a free label whose values are
+    *variants*: mappings of dotted keys set together (with an optional ``name``), for comparisons
+    that are not a cartesian product (e.g. dense vs MoE at matched active or total params).
+    """
+
     study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$")]
     axis: Literal["architecture", "finetuning", "inference", "cross_modal", "smoke"]
     notebook: str
@@ -497,8 +512,16 @@ def expand(path: str | Path, preset: str | None = None) -> list[Run]:
     path = Path(path)
     study = load_study(path)
     schema = AXES[study.axis]
-    for key in study.grid:
-        _check_dotted_key(schema, key, str(path))
+    for key, choices in study.grid.items():
+        if all(isinstance(c, dict) for c in choices):
+            for c in choices:
+                for dk in c:
+                    if dk != "name":
+                        _check_dotted_key(schema, dk, str(path))
+        elif any(isinstance(c, dict) for c in choices):
+            raise ParamsError(f"{path}: grid.{key}: mixes variants (mappings) and plain values")
+        else:
+            _check_dotted_key(schema, key, str(path))
     overlay = load_preset(preset, study.axis)
     # each layer must be valid on its own, so a bad base value is reported even when a preset
     # happens to override it
@@ -509,10 +532,17 @@ def expand(path: str | Path, preset: str | None = None) -> list[Run]:
     runs: list[Run] = []
     seen: set[str] = set()
     for combo in itertools.product(*(study.grid[k] for k in keys)):
-        point = dict(zip(keys, combo, strict=True))
+        point: dict[str, Any] = {}
         grid_layer: dict[str, Any] = {}
-        for k, v in point.items():
-            set_dotted(grid_layer, k, v)
+        for k, v in zip(keys, combo, strict=True):
+            if isinstance(v, dict):  # a named variant: several dotted keys set together
+                point[k] = v.get("name", json.dumps(v, sort_keys=True))
+                for dk, dv in v.items():
+                    if dk != "name":
+                        set_dotted(grid_layer, dk, dv)
+            else:
+                point[k] = v
+                set_dotted(grid_layer, k, v)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         params = resolve_params(study.axis, study.base, overlay, grid_layer,
                                 source=f"{path} [grid point {label}]")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as md
-import os
 import platform
 import socket
 import subprocess
@@ -49,48 +48,6 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-@functools.cache
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_facts() -> dict[str, Any]:
-    """Accelerator facts: name, driver, power limit, memory (CPU when there is no GPU)."""
-    facts: dict[str, Any] = {"cuda": None, "device_name": f"cpu: {cpu_model()}",
-                             "gpu_count": 0, "driver": None, "power_limit_w": None}
-    try:
-        import torch
-    except ImportError:
-        return facts
-    facts["cuda"] = torch.version.cuda
-    if not torch.cuda.is_available():
-        return facts
-    facts["gpu_count"] = torch.cuda.device_count()
-    facts["device_name"] = torch.cuda.get_device_name(0)
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            facts["driver"] = pynvml.nvmlSystemGetDriverVersion()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            index = int(visible.split(",")[0]) if visible and visible.split(",")[0].isdigit() else 0
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            facts["power_limit_w"] = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as exc:  # NVML missing or refused: the facts say so
-        facts["nvml_error"] = f"{type(exc).__name__}: {exc}"
-    return facts
-
-
 def provenance() -> dict[str, Any]:
     """Everything a reviewer needs to know where a record came from."""
     return {
@@ -98,8 +55,15 @@ def provenance() -> dict[str, Any]:
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
         "host": socket.gethostname(),
-        **device_facts(),
+        **_device_facts(),
     }
+
+
+def _device_facts() -> dict[str, Any]:
+    """The measure package's device facts for the device a run uses (GPU 0 of those visible)."""
+    import torch
+
+    from .measure.device import device_facts
+
+    return device_facts("cuda" if torch.cuda.is_available() else "cpu")

@@ -58,7 +58,7 @@ def test_run_id_changes_with_preset(tmp_path):
 
 
 def test_every_committed_study_file_validates_under_every_preset():
-    files = sorted(config.PARAMS_DIR.glob("*/*.yaml"))
+    files = sorted(config.PARAMS_DIR.glob("**/*.yaml"))
     files = [f for f in files if f.parent.name != "presets"]
     assert files, "no study files found"
     for f in files:

@@ -47,8 +47,20 @@ def test_notebook_is_stored_clean_with_a_parameters_cell(nb):
         assert not cell.get("outputs") and cell.get("execution_count") is None
 
 
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[n.name for n in NOTEBOOKS])
+def test_notebook_is_in_sync_with_its_percent_script(nb):
+    """The .py twin (jupytext percent format) is what diffs show; it must say the same thing."""
+    import jupytext
+
+    script = jupytext.read(nb.with_suffix(".py"))
+    stored = json.loads(nb.read_text())
+    assert [c.source for c in script.cells] == ["".join(c["source"]) if isinstance(
+        c["source"], list) else c["source"] for c in stored["cells"]]
+    assert stored["metadata"]["kernelspec"]["name"] == "python3"
+
+
 def test_every_study_notebook_exists():
-    for f in ROOT.glob("params/*/*.yaml"):
+    for f in ROOT.glob("params/**/*.yaml"):
         if f.parent.name != "presets":
             assert config.notebook_path(config.load_yaml(f)["notebook"]).is_file(), f
 

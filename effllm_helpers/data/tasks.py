@@ -1,0 +1,397 @@
+"""Fine-tuning task suites with exact-match scoring, and their SFT tensors (loss on responses only).
+
+The paper fine-tunes on a general-reasoning set (OpenO1-SFT) and a medical one
+(medical-o1-reasoning-SFT). Offline we need two built-in domains of the same shape that a tiny
+model can partly learn in a few dozen steps, so that PEFT methods differ in something measurable:
+
+* ``arithmetic``: short word problems (2-3 operands of 1-2 digits, + - x) whose response shows
+  each step and ends ``Answer: <n>``; generated from a seed, so every run sees the same items.
+* ``docname``: mined from the standard library: the first line of a public function's docstring
+  (plus its parameter names) -> the function's name. Real text, a different domain from sums.
+
+Real sets load through the same call: ``hf:<dataset or local save_to_disk folder>[@split]`` and
+``jsonl:<path>``. Their format is detected from the columns: OpenO1-SFT (``instruction``,
+``output``), medical-o1-reasoning-SFT (``Question``, ``Complex_CoT``, ``Response``) or plain
+``prompt``/``response`` (optional ``answer``). Every item is ``{"prompt", "response", "answer"}``.
+
+Prompt template (training and generation must use the same one, see :func:`format_prompt`)::
+
+    ### Question:
+    {prompt}
+    ### Answer:
+    {response}<|endoftext|>
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import random
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from effllm_helpers.data.corpus import load_hf, stdlib_files, stdlib_root
+from effllm_helpers.paths import cache_dir
+
+PROMPT_TEMPLATE = "### Question:\n{prompt}\n### Answer:\n"
+STOP_STRINGS = ("\n### ", "<|endoftext|>")  # where a generated response ends
+BUILTIN_TASKS = ("arithmetic", "docname")
+
+Item = dict[str, str]
+Scorer = Callable[[str, Item], bool]
+
+
+def format_prompt(prompt: str) -> str:
+    """The exact text a model sees before its response, in training and in generation."""
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+# ---------------------------------------------------------------- scoring
+def _norm(text: str) -> str:
+    text = " ".join(text.strip().split())
+    text = text.strip("`'\"").strip()
+    text = text.rstrip(".").strip()
+    num = text.replace(",", "")
+    if re.fullmatch(r"[-+]?\d+(\.\d+)?", num):
+        value = float(num)
+        return str(int(value)) if value.is_integer() else str(value)
+    return text
+
+
+def extract_answer(text: str, multiline: bool = False) -> str:
+    """The final answer in a generated (or reference) response.
+
+    The text is cut where a new template block or eos begins; then, in order of preference,
+    the content of the last ``<Output>...</Output>`` (OpenO1), what follows the last ``Answer:``,
+    or the first non-empty line. Unless ``multiline``, only the first line of that is kept.
+    """
+    for stop in STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    if "<Output>" in text:
+        ans = text.rsplit("<Output>", 1)[1].split("</Output>", 1)[0]
+    elif "Answer:" in text:
+        ans = text.rsplit("Answer:", 1)[1]
+    else:
+        ans = text
+    ans = ans.strip()
+    if not multiline:
+        ans = next((ln for ln in ans.splitlines() if ln.strip()), "")
+    return ans.strip()
+
+
+def score(prediction_text: str, item: Item) -> bool:
+    """Exact match of the extracted final answer against ``item["answer"]`` (light normalising:
+    whitespace, surrounding quotes/backticks, a trailing period, thousands separators)."""
+    gold = item["answer"]
+    pred = extract_answer(prediction_text, multiline="\n" in gold.strip())
+    return bool(gold.strip()) and _norm(pred) == _norm(gold)
+
+
+@dataclass
+class TaskData:
+    """Train and eval items of one task and the function that scores a generation."""
+
+    train: list[Item]
+    eval: list[Item]
+    name: str
+    scorer: Scorer = score
+
+    def accuracy(self, predictions: Sequence[str], items: Sequence[Item] | None = None) -> float:
+        """Fraction of ``predictions`` that the scorer accepts (against ``eval`` by default)."""
+        items = self.eval if items is None else items
+        if len(predictions) != len(items):
+            raise ValueError(f"{len(predictions)} predictions for {len(items)} items")
+        if not items:
+            return float("nan")
+        hits = sum(self.scorer(p, it) for p, it in zip(predictions, items, strict=True))
+        return hits / len(items)
+
+
+# ---------------------------------------------------------------- arithmetic
+_NAMES = ("Ana", "Ben", "Carla", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena")
+_ITEMS = ("apples", "marbles", "stamps", "coins", "books", "shells", "cards", "pens")
+_ADD = ("buys {x} more", "finds {x} more", "gets {x} more")
+_SUB = ("gives away {x}", "loses {x}", "sells {x}")
+_MUL = ("ends up with {x} times as many",)
+MAX_OPERAND = 30  # 1-2 digit operands
+MAX_FACTOR = 5  # multiplications stay small, so a tiny model can learn them
+
+
+def _arith_item(rng: random.Random) -> Item:
+    name, thing = rng.choice(_NAMES), rng.choice(_ITEMS)
+    value = rng.randint(2, MAX_OPERAND)
+    sentences = [f"{name} has {value} {thing}."]
+    steps: list[str] = []
+    for i in range(rng.choice((1, 2))):
+        op = rng.choice(("+", "-", "*") if i == 0 else ("+", "-"))
+        if op == "-" and value < 2:
+            op = "+"
+        if op == "+":
+            x = rng.randint(1, MAX_OPERAND)
+            phrase, new = rng.choice(_ADD), value + x
+        elif op == "-":
+            x = rng.randint(1, min(value, MAX_OPERAND))
+            phrase, new = rng.choice(_SUB), value - x
+        else:
+            x = rng.randint(2, MAX_FACTOR)
+            phrase, new = rng.choice(_MUL), value * x
+        lead = f"Then {name}" if i else name
+        sentences.append(f"{lead} {phrase.format(x=x)}.")
+        steps.append(f"{value} {'x' if op == '*' else op} {x} = {new}")
+        value = new
+    sentences.append(f"How many {thing} does {name} have now?")
+    response = "\n".join(steps + [f"Answer: {value}"])
+    return {"prompt": " ".join(sentences), "response": response, "answer": str(value)}
+
+
+def arithmetic_items(n: int, seed: int = 0) -> list[Item]:
+    """``n`` distinct arithmetic word problems, the same for the same seed."""
+    rng = random.Random(f"arithmetic-{seed}")
+    out: list[Item] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise ValueError(f"could only make {len(out)} distinct arithmetic items, asked {n}")
+        item = _arith_item(rng)
+        if item["prompt"] not in seen:
+            seen.add(item["prompt"])
+            out.append(item)
+    return out
+
+
+# ---------------------------------------------------------------- docname
+def _doc_first_line(node: ast.AST) -> str | None:
+    doc = ast.get_docstring(node, clean=True)
+    if not doc:
+        return None
+    # the first paragraph, not the first line: summaries often wrap mid-sentence
+    para = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    if len(para) > 160 and ". " in para:
+        para = para.split(". ", 1)[0] + "."
+    return para if 10 <= len(para) <= 160 else None
+
+
+def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+    if a.vararg:
+        names.append("*" + a.vararg.arg)
+    if a.kwarg:
+        names.append("**" + a.kwarg.arg)
+    return [n for n in names if n not in ("self", "cls")]
+
+
+def _mine_docnames() -> list[dict[str, Any]]:
+    """(docstring line, params, name, file, line) of public stdlib functions, in file order."""
+    root = stdlib_root()
+    rows: list[dict[str, Any]] = []
+    for rel in stdlib_files(root):
+        try:
+            tree = ast.parse((root / rel).read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if node.name.startswith("_"):
+                continue
+            line = _doc_first_line(node)
+            if line is None:
+                continue
+            rows.append({"doc": line, "params": _params(node), "name": node.name,
+                         "file": rel, "lineno": node.lineno})
+    rows.sort(key=lambda r: (r["file"], r["lineno"]))
+    return rows
+
+
+def docname_pool() -> list[Item]:
+    """All unambiguous docname items of this interpreter's stdlib (mined once, cached as JSON)."""
+    root = stdlib_root()
+    files = stdlib_files(root)
+    sig = hashlib.sha256(json.dumps([[f, (root / f).stat().st_size] for f in files]).encode())
+    ver = ".".join(map(str, sys.version_info[:2]))
+    path = cache_dir("tasks") / f"docname-py{ver}-{sig.hexdigest()[:12]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    by_prompt: dict[str, set[str]] = {}
+    order: list[str] = []
+    for r in _mine_docnames():
+        params = ", ".join(r["params"]) if r["params"] else "(none)"
+        prompt = f"Which function is this? {r['doc']}\nParameters: {params}"
+        if prompt not in by_prompt:
+            by_prompt[prompt] = set()
+            order.append(prompt)
+        by_prompt[prompt].add(r["name"])
+    # a description shared by functions of different names has no single right answer: dropped
+    items = [{"prompt": p, "response": next(iter(by_prompt[p])), "answer": next(iter(by_prompt[p]))}
+             for p in order if len(by_prompt[p]) == 1]
+    tmp = path.with_suffix(f".tmp{id(items)}")
+    tmp.write_text(json.dumps(items))
+    tmp.replace(path)
+    return items
+
+
+# ---------------------------------------------------------------- real sets
+def detect_format(columns: Sequence[str]) -> str:
+    """``openo1``, ``medical`` or ``prompt_response`` from a data set's column names."""
+    cols = set(columns)
+    if {"instruction", "output"} <= cols:
+        return "openo1"
+    if {"Question", "Response"} <= cols:
+        return "medical"
+    if {"prompt", "response"} <= cols:
+        return "prompt_response"
+    raise ValueError(f"unknown fine-tuning format with columns {sorted(cols)}: expected "
+                     "OpenO1-SFT (instruction, output), medical-o1-reasoning-SFT (Question, "
+                     "Complex_CoT, Response) or prompt/response")
+
+
+def to_item(row: dict[str, Any], fmt: str) -> Item:
+    """One row of a real set as ``{"prompt", "response", "answer"}``."""
+    if fmt == "openo1":
+        prompt = str(row["instruction"]).strip()
+        extra = str(row.get("input") or "").strip()
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        response = str(row["output"]).strip()
+        return {"prompt": prompt, "response": response,
+                "answer": extract_answer(response, multiline=True)}
+    if fmt == "medical":
+        answer = str(row["Response"]).strip()
+        cot = str(row.get("Complex_CoT") or "").strip()
+        response = f"{cot}\nAnswer: {answer}" if cot else f"Answer: {answer}"
+        return {"prompt": str(row["Question"]).strip(), "response": response, "answer": answer}
+    if fmt == "prompt_response":
+        response = str(row["response"]).strip()
+        answer = row.get("answer")
+        answer = str(answer).strip() if answer not in (None, "") else extract_answer(
+            response, multiline=True)
+        return {"prompt": str(row["prompt"]).strip(), "response": response, "answer": answer}
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _split_rows(rows: list[dict[str, Any]], n_train: int, n_eval: int,
+                seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Eval first (so it is the same whatever n_train), then train from the rest, shuffled."""
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 rows for a train and an eval split, got {len(rows)}")
+    n_ev = min(n_eval, max(1, len(rows) // 2)) if len(rows) < n_train + n_eval else n_eval
+    perm = np.random.default_rng(seed).permutation(len(rows))
+    ev = [rows[int(i)] for i in perm[:n_ev]]
+    tr = [rows[int(i)] for i in perm[n_ev:n_ev + n_train]]
+    return tr, ev
+
+
+def _hf_task(arg: str, n_train: int, n_eval: int, seed: int) -> tuple[list[Item], list[Item]]:
+    ds = load_hf(arg)
+    if isinstance(ds.column_names, dict):  # a DatasetDict
+        names = list(ds.keys())
+        tr_name = "train" if "train" in names else names[0]
+        ev_name = next((n for n in ("test", "validation", "valid", "val") if n in names), None)
+        if ev_name is not None:
+            fmt = detect_format(ds[tr_name].column_names)
+            tr_ds, ev_ds = ds[tr_name], ds[ev_name]
+            tr_idx = np.random.default_rng(seed).permutation(len(tr_ds))[:n_train]
+            ev_idx = np.random.default_rng(seed + 1).permutation(len(ev_ds))[:n_eval]
+            return ([to_item(tr_ds[int(i)], fmt) for i in tr_idx],
+                    [to_item(ev_ds[int(i)], fmt) for i in ev_idx])
+        ds = ds[tr_name]
+    fmt = detect_format(ds.column_names)
+    if len(ds) < 2:
+        raise ValueError(f"hf:{arg}: need at least 2 rows, got {len(ds)}")
+    n_ev = min(n_eval, max(1, len(ds) // 2)) if len(ds) < n_train + n_eval else n_eval
+    perm = np.random.default_rng(seed).permutation(len(ds))
+    ev = [to_item(ds[int(i)], fmt) for i in perm[:n_ev]]
+    tr = [to_item(ds[int(i)], fmt) for i in perm[n_ev:n_ev + n_train]]
+    return tr, ev
+
+
+def _jsonl_task(path: Path, n_train: int, n_eval: int, seed: int) -> tuple[list[Item], list[Item]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"jsonl:{path}: no such file")
+    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not rows:
+        raise ValueError(f"jsonl:{path}: empty")
+    fmt = detect_format(list(rows[0]))
+    tr, ev = _split_rows(rows, n_train, n_eval, seed)
+    return [to_item(r, fmt) for r in tr], [to_item(r, fmt) for r in ev]
+
+
+def load_task(name: str, n_train: int, n_eval: int, seed: int = 0) -> TaskData:
+    """Train/eval items of a built-in task (``arithmetic``, ``docname``) or a real set.
+
+    Train and eval never share a prompt; the same (name, sizes, seed) gives the same items.
+    """
+    if n_train < 0 or n_eval < 1:
+        raise ValueError("n_train must be >= 0 and n_eval >= 1")
+    if name == "arithmetic":
+        items = arithmetic_items(n_train + n_eval, seed)
+        # eval first so eval items stay the same when n_train changes
+        return TaskData(train=items[n_eval:], eval=items[:n_eval], name=name)
+    if name == "docname":
+        pool = docname_pool()
+        if n_train + n_eval > len(pool):
+            raise ValueError(f"docname has {len(pool)} items on this Python; asked "
+                             f"{n_train} + {n_eval}")
+        tr, ev = _split_rows(pool, n_train, n_eval, seed)
+        return TaskData(train=tr, eval=ev, name=name)
+    kind, _, arg = name.partition(":")
+    if kind == "hf" and arg:
+        tr, ev = _hf_task(arg, n_train, n_eval, seed)
+    elif kind == "jsonl" and arg:
+        tr, ev = _jsonl_task(Path(arg).expanduser(), n_train, n_eval, seed)
+    else:
+        raise ValueError(f"unknown task {name!r}: use {', '.join(BUILTIN_TASKS)}, "
+                         "hf:<dataset or folder>, jsonl:<path>")
+    return TaskData(train=tr, eval=ev, name=name)
+
+
+# ---------------------------------------------------------------- SFT tensors
+def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
+                pad_to_max: bool = False) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``labels`` for supervised fine-tuning.
+
+    Each row is ``format_prompt(prompt) + response + eos``, right-padded with the pad token.
+    Labels are -100 on the prompt and on padding, so the loss is on the response (and its eos)
+    only. Too-long rows keep the *end* of the prompt (the template tail) and at least half of
+    ``max_len`` for the response, which is cut at the end if it still does not fit.
+    """
+    if not items:
+        raise ValueError("no items")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if eos is None:
+        raise ValueError("tokenizer has no eos token")
+    enc = tokenizer([format_prompt(it["prompt"]) for it in items], add_special_tokens=False)
+    enc_r = tokenizer([it["response"] for it in items], add_special_tokens=False)
+    rows: list[tuple[list[int], list[int]]] = []
+    for p, r in zip(enc["input_ids"], enc_r["input_ids"], strict=True):
+        r = list(r) + [eos]
+        if len(p) + len(r) > max_len:
+            keep_p = min(len(p), max(max_len - len(r), max_len // 2))
+            p = p[len(p) - keep_p:]
+            r = r[: max_len - len(p)]
+        rows.append((list(p), r))
+    width = max_len if pad_to_max else max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

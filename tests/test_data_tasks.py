@@ -1,0 +1,193 @@
+"""Fine-tuning task suites: built-in generators, real-set format detection, scoring, SFT masking."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from effllm_helpers.data import tasks
+from effllm_helpers.data.tasks import (
+    detect_format,
+    extract_answer,
+    format_prompt,
+    load_task,
+    score,
+    sft_tensors,
+)
+from effllm_helpers.data.tokenizer import _train_tokenizer, _wrap
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    items = load_task("arithmetic", 200, 10).train
+    texts = [format_prompt(it["prompt"]) + it["response"] for it in items] * 3
+    return _wrap(_train_tokenizer(texts, 300))
+
+
+def _row(prompt: str, answer: str) -> dict[str, str]:
+    return {"prompt": prompt, "response": f"Answer: {answer}", "answer": answer}
+
+
+# ---------------------------------------------------------------- arithmetic
+def test_arithmetic_is_deterministic_and_seeded() -> None:
+    a, b = load_task("arithmetic", 50, 10, seed=3), load_task("arithmetic", 50, 10, seed=3)
+    assert a.train == b.train and a.eval == b.eval
+    assert load_task("arithmetic", 50, 10, seed=4).train != a.train
+
+
+def test_arithmetic_train_eval_disjoint_and_eval_stable() -> None:
+    t = load_task("arithmetic", 300, 40)
+    assert len(t.train) == 300 and len(t.eval) == 40
+    assert {i["prompt"] for i in t.train}.isdisjoint(i["prompt"] for i in t.eval)
+    assert load_task("arithmetic", 10, 40).eval == t.eval
+
+
+def test_arithmetic_worked_steps_are_correct() -> None:
+    for it in load_task("arithmetic", 200, 1).train:
+        *steps, last = it["response"].splitlines()
+        assert 1 <= len(steps) <= 2 and last == f"Answer: {it['answer']}"
+        prev = None
+        for step in steps:
+            a, op, b, c = re.fullmatch(r"(\d+) ([-+x]) (\d+) = (\d+)", step).groups()
+            a, b, c = int(a), int(b), int(c)
+            assert c == {"+": a + b, "-": a - b, "x": a * b}[op] and c >= 0
+            assert prev is None or prev == a
+            assert b < 100
+            prev = c
+        assert prev == int(it["answer"]) and score(it["response"], it)
+
+
+# ---------------------------------------------------------------- scoring
+def test_score_exact_match_and_negatives() -> None:
+    item = _row("q", "14")
+    assert score("3 + 11 = 14\nAnswer: 14", item)
+    assert score("Answer: 14.\n### Question:\nnext\n### Answer:\nAnswer: 99", item)
+    assert not score("3 + 11 = 15\nAnswer: 15", item)
+    assert not score("Answer: 141", item)
+    assert not score("", item)
+    assert not score("Answer: 14", _row("q", ""))
+    assert score("Answer: 1,234", _row("q", "1234"))
+
+
+def test_score_name_answer_without_answer_line() -> None:
+    item = {"prompt": "p", "response": "dumps", "answer": "dumps"}
+    assert score("dumps\nmore text", item)
+    assert score("`dumps`", item)
+    assert not score("dump", item)
+    assert not score("Dumps", item)
+
+
+def test_extract_answer_prefers_openo1_output_block() -> None:
+    text = "<Thought>\nAnswer: no\n</Thought>\n<Output>\n42\n</Output>"
+    assert extract_answer(text) == "42"
+
+
+# ---------------------------------------------------------------- docname
+def test_docname_mined_from_stdlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    subset = ["textwrap.py", "shlex.py", "json/__init__.py", "json/decoder.py", "fnmatch.py",
+              "base64.py", "heapq.py", "bisect.py", "string.py", "glob.py"]
+    monkeypatch.setattr(tasks, "stdlib_files", lambda root=None: subset)
+    pool = tasks.docname_pool()
+    assert len(pool) >= 20
+    names = {it["answer"] for it in pool}
+    assert {"dedent", "b64encode", "fnmatch"} <= names
+    assert all(it["response"] == it["answer"] and "Parameters:" in it["prompt"] for it in pool)
+    assert len({it["prompt"] for it in pool}) == len(pool)
+    t = load_task("docname", 10, 5, seed=1)
+    assert load_task("docname", 10, 5, seed=1).eval == t.eval
+    assert {i["prompt"] for i in t.train}.isdisjoint(i["prompt"] for i in t.eval)
+    with pytest.raises(ValueError, match="docname has"):
+        load_task("docname", 10_000, 5)
+
+
+# ---------------------------------------------------------------- real sets
+OPENO1 = {"instruction": [f"What is {i} + 1?" for i in range(12)],
+          "output": [f"<Thought>\n{i} plus one\n</Thought>\n<Output>\n{i + 1}\n</Output>"
+                     for i in range(12)]}
+MEDICAL = {"Question": [f"Patient {i} has a fever. Drug?" for i in range(12)],
+           "Complex_CoT": [f"Reasoning about patient {i}." for i in range(12)],
+           "Response": [f"Paracetamol {i}" for i in range(12)]}
+
+
+def test_openo1_format_from_local_save_to_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(OPENO1).save_to_disk(str(tmp_path / "o1"))
+    t = load_task(f"hf:{tmp_path / 'o1'}", 8, 4)
+    assert len(t.train) == 8 and len(t.eval) == 4
+    assert {i["prompt"] for i in t.train}.isdisjoint(i["prompt"] for i in t.eval)
+    for it in t.train + t.eval:
+        n = int(it["prompt"].split()[2])
+        assert it["answer"] == str(n + 1) and it["response"].startswith("<Thought>")
+        assert t.scorer(it["response"], it)
+
+
+def test_medical_format_from_local_save_to_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(MEDICAL)}).save_to_disk(
+        str(tmp_path / "med"))
+    t = load_task(f"hf:{tmp_path / 'med'}", 6, 3)
+    assert len(t.train) == 6 and len(t.eval) == 3
+    it = t.eval[0]
+    i = it["prompt"].split()[1]
+    assert it["answer"] == f"Paracetamol {i}"
+    assert it["response"] == f"Reasoning about patient {i}.\nAnswer: Paracetamol {i}"
+    assert t.scorer(f"thinking...\nAnswer: Paracetamol {i}", it)
+    assert not t.scorer("Answer: Ibuprofen", it)
+
+
+def test_detect_format() -> None:
+    assert detect_format(["instruction", "output"]) == "openo1"
+    assert detect_format(["Question", "Complex_CoT", "Response"]) == "medical"
+    assert detect_format(["prompt", "response", "answer"]) == "prompt_response"
+    with pytest.raises(ValueError, match="unknown fine-tuning format"):
+        detect_format(["text"])
+
+
+def test_jsonl_task(tmp_path: Path) -> None:
+    f = tmp_path / "t.jsonl"
+    rows = [{"prompt": f"p{i}", "response": f"work\nAnswer: {i}"} for i in range(20)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    t = load_task(f"jsonl:{f}", 15, 5, seed=2)
+    assert len(t.train) == 15 and len(t.eval) == 5
+    assert {i["prompt"] for i in t.train + t.eval} == {r["prompt"] for r in rows}
+    assert all(it["answer"] == it["prompt"][1:] for it in t.eval)
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("nope", 1, 1)
+
+
+# ---------------------------------------------------------------- SFT tensors
+def test_sft_labels_mask_exactly_prompt_and_padding(tok: PreTrainedTokenizerFast) -> None:
+    items = load_task("arithmetic", 6, 1).train
+    out = sft_tensors(items, tok, max_len=128)
+    ids, mask, labels = out["input_ids"], out["attention_mask"], out["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.dtype == torch.long
+    for row, it in enumerate(items):
+        p = tok.encode(format_prompt(it["prompt"]), add_special_tokens=False)
+        r = tok.encode(it["response"], add_special_tokens=False) + [tok.eos_token_id]
+        n = len(p) + len(r)
+        assert ids[row, :n].tolist() == p + r
+        assert mask[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)  # right-padded
+        assert (labels[row, : len(p)] == -100).all() and (labels[row, n:] == -100).all()
+        assert labels[row, len(p):n].tolist() == r  # loss on response and its eos only
+        assert (ids[row, n:] == tok.pad_token_id).all()
+    assert ids.shape[1] == max(int(m.sum()) for m in mask)
+
+
+def test_sft_truncation_keeps_template_tail_and_response(tok: PreTrainedTokenizerFast) -> None:
+    item = {"prompt": "word " * 200, "response": "12 + 3 = 15\nAnswer: 15", "answer": "15"}
+    out = sft_tensors([item], tok, max_len=32, pad_to_max=True)
+    assert out["input_ids"].shape == (1, 32)
+    text = tok.decode(out["input_ids"][0][out["labels"][0] == -100])
+    assert text.endswith("### Answer:\n")
+    assert (out["labels"][0] != -100).sum() == len(
+        tok.encode(item["response"], add_special_tokens=False)) + 1

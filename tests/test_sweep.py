@@ -1,0 +1,128 @@
+"""The sweep runner end to end on the smoke notebook: records, resume, failure isolation, kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from effllm_helpers import config, results, sweep
+
+pytestmark = pytest.mark.slow
+
+
+def study(tmp_path: Path, grid: str, extra: str = "", name: str = "sm") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"study: {name}\naxis: smoke\nnotebook: notebooks/smoke.ipynb\n"
+                    f"grid:\n{textwrap.indent(grid, '  ')}\ntimeout_s: 120\n{extra}\n")
+    return path
+
+
+def records(out: Path, name: str = "sm") -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text())
+            for p in sorted((out / "runs" / name).glob("*/record.json"))}
+
+
+def test_sweep_writes_ok_records_then_skips_them(tmp_path):
+    path = study(tmp_path, "n: [16, 24]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    assert [o.status for o in res.outcomes] == ["ok", "ok"] and res.exit_code == 0
+    recs = records(tmp_path / "out")
+    assert len(recs) == 2
+    for rid, rec in recs.items():
+        assert rec["run_id"] == rid and rec["status"] == "ok"
+        assert rec["metrics"]["al_s"]["unit"] == "s"
+        assert (tmp_path / "out" / "runs" / "sm" / rid / "run.ipynb").is_file()
+        assert rec["provenance"]["git_sha"] is not None
+    again = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    assert [o.status for o in again.outcomes] == ["cached", "cached"]
+
+
+def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
+    path = study(tmp_path, "n: [16]\nfail: [none, exception, nan, oom]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    by_fail = {o.run.params["fail"]: o for o in res.outcomes}
+    assert by_fail["none"].status == "ok"
+    assert by_fail["exception"].status == "failed"
+    assert by_fail["exception"].reason.startswith("exception: RuntimeError: smoke: failing")
+    assert by_fail["nan"].reason.startswith("diverged: DivergedError: loss is nan")
+    assert by_fail["oom"].reason.startswith("oom: OutOfMemoryError")
+    assert res.exit_code == 1
+    failed = records(tmp_path / "out")[by_fail["exception"].run.run_id]
+    assert "failing on purpose" in failed["error"]["traceback_tail"]
+    # failed runs stay failed unless asked to retry
+    assert {o.status for o in sweep.sweep(path, "ci", tmp_path / "out",
+                                          progress=False).outcomes} == {"cached", "cached-failed"}
+    retried = sweep.sweep(path, "ci", tmp_path / "out", retry_failed=True, progress=False)
+    assert sorted(o.status for o in retried.outcomes) == ["cached", "failed", "failed", "failed"]
+
+
+def test_timeout_kills_the_run_and_records_it(tmp_path):
+    path = study(tmp_path, "n: [16]\nsleep_s: [2.0]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", timeout_s=4, progress=False)
+    (o,) = res.outcomes
+    assert o.status == "failed" and o.reason.startswith("timeout:")
+    assert o.seconds < 15
+
+
+def test_dask_local_cluster_runs_the_sweep(tmp_path):
+    path = study(tmp_path, "n: [16, 24]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", dask="local", workers=2, progress=False)
+    assert sorted(o.status for o in res.outcomes) == ["ok", "ok"]
+    assert len(records(tmp_path / "out")) == 2
+
+
+def test_gpu_slots_pin_one_gpu_per_worker(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert sweep.gpu_slots(3) == ["2", "5", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep, "_cuda_count", lambda: 0)
+    assert sweep.gpu_slots(2) == [None, None]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig):
+    path = study(tmp_path, "n: [16, 20, 24, 28, 32]\nsleep_s: [0.3]")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "effllm_helpers.cli", "sweep", str(path), "-p", "ci", "-o",
+           str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not records(out):
+        time.sleep(0.1)
+    first = records(out)
+    assert first, "no run finished before the deadline"
+    time.sleep(0.5)  # land somewhere inside the next run
+    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    proc.wait(timeout=60)
+    time.sleep(1.5)  # any orphan would have written by now
+    mid = records(out)
+    for rid, rec in mid.items():  # an ok record always belongs to a finished run
+        assert rec["status"] == "ok" and rec["metrics"]["al_s"]["value"] > 0, rid
+    assert len(mid) < 5, "the kill came too late to test anything"
+    mtimes = {rid: (out / "runs" / "sm" / rid / "record.json").stat().st_mtime for rid in mid}
+    res = sweep.sweep(path, "ci", out, progress=False)
+    final = records(out)
+    expected = {r.run_id for r in config.expand(path, "ci")}
+    assert set(final) == expected
+    assert all(r["status"] == "ok" for r in final.values())
+    for rid, mtime in mtimes.items():  # finished runs were not redone
+        assert (out / "runs" / "sm" / rid / "record.json").stat().st_mtime == mtime
+    assert sum(o.status == "cached" for o in res.outcomes) == len(mid)
+    leftovers = [p for p in out.rglob("*.tmp")]
+    assert not leftovers
+
+
+def test_results_record_is_valid_for_collect(tmp_path):
+    path = study(tmp_path, "n: [16]")
+    sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    df = results.collect(tmp_path / "out" / "runs")
+    assert {"al_s", "tokens_per_s", "aec_w"} <= set(df.metric)
