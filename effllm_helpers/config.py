@@ -157,7 +157,7 @@ EmbeddedProfile = Literal["ci", "tiny", "gpu"]
 FT_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full")
 # other peft methods accepted by name (peft's own registry decides at run time)
 PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierft", "ln_tuning",
-              "hra", "bone", "vblora", "randlora", "c3a", "shira", "road", "miss")
+              "hra", "vblora", "randlora", "c3a", "shira", "road", "miss")
 
 
 class FinetuneParams(Strict):

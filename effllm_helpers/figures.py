@@ -1,0 +1,883 @@
+"""The paper's figures (EfficientLLM Figs. 2-5) and ours, drawn from the tidy results table.
+
+Why one module: the summary notebook and ``effllm report`` must produce the same figures from the
+same table. Every figure function has the same shape, ``fig_x(tidy_df, out_dir, records_root=None)
+-> Drawn``, saves ``<name>.png`` (150 dpi) and ``<name>.pdf`` into ``out_dir`` and returns the
+matplotlib Figure with the paths. A figure whose data is missing still gets drawn and saved, with a
+centred "no data: <why>" text on it, so a report never silently lacks a panel and never crashes.
+
+Normalised axes point "higher is better" (scaled to [0.1, 1] within the plotted comparison set by
+:func:`effllm_helpers.measure.efficiency.normalise`); raw ranges with units are printed beside them.
+Repeats (runs whose params differ only in the seed) are averaged and drawn with 95 % confidence
+intervals. Figures use matplotlib's object API (no pyplot state), so they are safe in loops.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from effllm_helpers import results as R  # noqa: E402
+from effllm_helpers.measure import efficiency as E  # noqa: E402
+
+DPI = 150
+NO_DATA = "no data"
+
+LABEL = {
+    "val_ppl": "PPL", "ppl": "PPL", "eval_loss": "Loss", "accuracy": "Acc", "task_acc": "Task acc",
+    "probe_acc": "Probe acc", "amu_gb": "AMU", "pcu": "PCU", "mfu": "MFU", "al_s": "AL",
+    "tt": "TT", "st": "ST", "it": "IT", "aec_w": "AEC", "mcr": "MCR", "energy_j": "Energy",
+    "j_per_token": "Energy/token", "tokens_per_s": "Throughput", "ttft_s": "TTFT",
+    "tpot_s": "TPOT", "peak_gb": "Peak mem",
+}
+DEFAULT_UNIT = {
+    "val_ppl": "ppl", "ppl": "ppl", "eval_loss": "nats", "accuracy": "fraction",
+    "task_acc": "fraction", "probe_acc": "fraction", "amu_gb": "GB", "pcu": "fraction",
+    "mfu": "fraction", "al_s": "s", "tt": "tokens/s/param", "st": "samples/s/param",
+    "it": "tokens/s", "aec_w": "W", "mcr": "ratio", "energy_j": "J", "j_per_token": "J/token",
+    "tokens_per_s": "tokens/s", "ttft_s": "s", "tpot_s": "s", "peak_gb": "GB",
+}
+ATTENTION_ORDER = ["mha", "mqa", "gqa", "mla", "nsa"]
+POSITIONAL_ORDER = ["rope", "sinusoidal", "learned", "relative", "none"]
+METHOD_ORDER = ["lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full"]
+PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"]
+NORM_LABEL = "normalised (0.1-1, higher = better)"
+HOLD = {"p.model.attention": "gqa", "p.model.positional": "rope", "p.model.ffn": "dense",
+        "p.model.family": "transformer"}
+TIER_COLOURS = {"best": "#1a9850", "top": "#a6d96a", "middle": "#fee08b", "bottom": "#f46d43",
+                "n/a": "#eeeeee"}
+
+
+@dataclass
+class Drawn:
+    """One drawn figure: its name, the matplotlib Figure and the files written."""
+
+    name: str
+    figure: Figure
+    paths: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- small helpers
+def figure_texts(fig: Figure) -> list[str]:
+    """Every text on a figure (figure-level, titles, axes texts): what a reader sees written."""
+    out = [t.get_text() for t in fig.texts]
+    if getattr(fig, "_suptitle", None) is not None:
+        out.append(fig._suptitle.get_text())
+    for ax in fig.axes:
+        out += [t.get_text() for t in ax.texts] + [ax.get_title()]
+    return out
+
+
+def _new(w: float, h: float, nrows: int = 1, ncols: int = 1, polar: bool = False,
+         **kw: Any) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(w, h), layout="constrained")
+    sub = {"projection": "polar"} if polar else None
+    axs = fig.subplots(nrows, ncols, squeeze=False, subplot_kw=sub, **kw)
+    return fig, axs
+
+
+def _no_data_figure(title: str, why: str, size: tuple[float, float] = (7, 4)) -> Figure:
+    fig = Figure(figsize=size, layout="constrained")
+    fig.suptitle(title, fontsize=12)
+    fig.text(0.5, 0.5, f"{NO_DATA}: {why}", ha="center", va="center", fontsize=13,
+             color="0.35", wrap=True)
+    return fig
+
+
+def _ax_no_data(ax: Axes, why: str) -> None:
+    ax.text(0.5, 0.5, f"{NO_DATA}: {why}", transform=ax.transAxes, ha="center", va="center",
+            fontsize=10, color="0.35", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
+    """Write ``name``.png (150 dpi) and ``name``.pdf into ``out_dir``; return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out / f"{name}.{ext}"
+        fig.savefig(p, dpi=DPI, facecolor="white")  # constrained layout keeps all inside
+        paths.append(p)
+    return paths
+
+
+def _done(name: str, fig: Figure, out_dir: str | Path) -> Drawn:
+    return Drawn(name, fig, save(fig, out_dir, name))
+
+
+def unit(tidy: pd.DataFrame | None, metric: str) -> str:
+    """The recorded unit of ``metric`` (else our default)."""
+    units = E.units_of(tidy) if tidy is not None else {}
+    return str(units.get(metric) or DEFAULT_UNIT.get(metric, ""))
+
+
+def axis_label(tidy: pd.DataFrame | None, metric: str, arrow: bool = True) -> str:
+    """"AMU (GB, lower is better)": a readable axis label with unit and direction."""
+    u = unit(tidy, metric)
+    d = ""
+    if arrow and metric in E.HIGHER_IS_BETTER:
+        d = ", higher is better" if E.HIGHER_IS_BETTER[metric] else ", lower is better"
+    return f"{LABEL.get(metric, metric)} ({u}{d})" if u or d else LABEL.get(metric, metric)
+
+
+def _fmt(v: float) -> str:
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    a = abs(v)
+    if a != 0 and (a < 1e-2 or a >= 1e4):
+        return f"{v:.2e}"
+    return f"{v:.3g}"
+
+
+def _order(values: Sequence[Any], pref: Sequence[str]) -> list[Any]:
+    vals = list(dict.fromkeys(v for v in values if v is not None and v == v))
+    return sorted(vals, key=lambda v: (pref.index(v) if v in pref else len(pref), str(v)))
+
+
+def _short(name: Any, n: int = 18) -> str:
+    s = str(name).rsplit("/", 1)[-1]
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _ci95(values: np.ndarray) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    try:
+        from effllm_helpers.measure.stats import summarize  # owned elsewhere; use if present
+
+        s = summarize(list(values))
+        c = s.get("ci95") if isinstance(s, dict) else getattr(s, "ci95", None)
+        if c is not None:
+            return float(c)
+    except Exception:  # noqa: BLE001 - fall back to our own t interval
+        pass
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+
+
+def repeat_summary(wide: pd.DataFrame, metrics: Sequence[str],
+                   by: Sequence[str]) -> pd.DataFrame:
+    """Mean, 95 % CI and n of each metric over repeats (rows sharing ``by``; seeds differ).
+
+    A single run keeps its own recorded ``<metric>.ci95`` (repeated measurement inside the run)
+    when ``wide`` has it. Columns: ``by``, ``<m>``, ``<m>_ci95``, ``<m>_n``.
+    """
+    ok = E.ok_rows(wide)
+    by = [b for b in by if b in ok]
+    rows = []
+    if ok.empty:
+        return pd.DataFrame(columns=[*by, *metrics])
+    for key, sub in ok.groupby(by, dropna=False, sort=False) if by else [((), ok)]:
+        row: dict[str, Any] = dict(zip(by, key if isinstance(key, tuple) else (key,),
+                                       strict=True))
+        for m in metrics:
+            v = pd.to_numeric(sub[m], errors="coerce").dropna().to_numpy(float) if m in sub \
+                else np.array([])
+            row[m] = float(v.mean()) if len(v) else np.nan
+            row[f"{m}_n"] = len(v)
+            ci = _ci95(v)
+            if len(v) == 1 and f"{m}.ci95" in sub:
+                ci = float(pd.to_numeric(sub[f"{m}.ci95"], errors="coerce").dropna().iloc[0]) \
+                    if sub[f"{m}.ci95"].notna().any() else np.nan
+            row[f"{m}_ci95"] = ci
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _scaled(agg: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Normalised means and their CIs scaled by the same factor (so error bars stay honest)."""
+    norm = E.normalise(agg, metrics)
+    ci = pd.DataFrame(index=agg.index)
+    for m in metrics:
+        x = pd.to_numeric(agg[m], errors="coerce")
+        span = x.max() - x.min()
+        c = pd.to_numeric(agg.get(f"{m}_ci95", pd.Series(np.nan, index=agg.index)),
+                          errors="coerce")
+        ci[m] = c * (1 - E.FLOOR) / span if span and np.isfinite(span) else c * 0
+    return norm, ci
+
+
+def _hold_fixed(wide: pd.DataFrame, vary: Sequence[str]) -> pd.DataFrame:
+    """Architecture rows where every technique param except ``vary`` sits at its reference.
+
+    Why: a radar of attention variants must not mix positional encodings or MoE runs; the
+    reference is the paper's baseline (GQA, RoPE, dense, transformer) if present, else the mode.
+    """
+    out = E.ok_rows(wide)
+    for col, ref in HOLD.items():
+        if col in vary or col not in out or out.empty:
+            continue
+        vals = out[col].dropna()
+        if vals.empty:
+            continue
+        keep = ref if (vals == ref).any() else vals.mode().iloc[0]
+        out = out[out[col] == keep]
+    return out
+
+
+def _palette(keys: Sequence[Any], name: str = "colorblind") -> dict[Any, Any]:
+    cols = sns.color_palette(name, max(len(keys), 1))
+    if len(keys) > len(set(cols)):
+        cols = sns.color_palette("husl", len(keys))
+    return dict(zip(keys, cols, strict=False))
+
+
+def _wide(tidy: pd.DataFrame | None, axis: str) -> pd.DataFrame:
+    if tidy is None or tidy.empty:
+        return pd.DataFrame()
+    return E.wide_table(tidy, axis, with_ci=True)
+
+
+def _why_empty(tidy: pd.DataFrame | None, axis: str, what: str) -> str:
+    if tidy is None or tidy.empty:
+        return "the results table is empty (no runs collected)"
+    w = E.wide_table(tidy, axis)
+    if w.empty:
+        return f"no {axis} runs in the results"
+    if E.ok_rows(w).empty:
+        return f"all {len(w)} {axis} runs failed"
+    return f"no {axis} runs with {what}"
+
+
+def _config_cols(wide: pd.DataFrame) -> list[str]:
+    """The params that define a configuration: every p.* except seeds, plus study and device."""
+    cols = [c for c in wide.columns if c.startswith("p.") and c not in E.SEED_PARAMS
+            and not c.endswith(".seed")]
+    return cols + (["device"] if "device" in wide and wide["device"].nunique() > 1 else [])
+
+
+# ---------------------------------------------------------------- Fig. 2
+def _tier(rank: Any, n: int) -> str:
+    if rank is None or pd.isna(rank):
+        return "n/a"
+    if rank == 1:
+        return "best"
+    pos = (rank - 1) / max(n - 1, 1)
+    return "top" if pos <= 1 / 3 else ("middle" if pos <= 2 / 3 else "bottom")
+
+
+def fig2_rank_table(tidy_df: pd.DataFrame, out_dir: str | Path,
+                    records_root: str | Path | None = None) -> Drawn:
+    """Fig. 2: techniques x metrics rank table per axis and study; 1 = best; tier colours."""
+    name, title = "fig2_rank_table", "Fig. 2 - rank of each technique per metric (1 = best)"
+    rt = E.rank_table(tidy_df) if tidy_df is not None and not tidy_df.empty else pd.DataFrame()
+    if rt.empty:
+        why = ("the results table is empty (no runs collected)" if tidy_df is None
+               or tidy_df.empty else "no successful runs with metrics to rank")
+        return _done(name, _no_data_figure(title, why), out_dir)
+    axis_order = {"architecture": 0, "finetuning": 1, "inference": 2}
+    rt = (rt.assign(_a=rt["axis"].map(axis_order).fillna(9), _s=-rt["score"].fillna(-1))
+          .sort_values(["_a", "study", "_s", "technique"]).drop(columns=["_a", "_s"])
+          .reset_index(drop=True))
+    cols = list(E.RANK_COLUMNS)
+    n = len(rt)
+    fig, axs = _new(9.5, 1.6 + 0.32 * n)
+    ax = axs[0, 0]
+    colour = np.ones((n, len(cols) + 1, 3))
+    for i, row in rt.reset_index(drop=True).iterrows():
+        for j, c in enumerate(cols):
+            t = _tier(row[c], int(row["n_techniques"]))
+            colour[i, j] = matplotlib.colors.to_rgb(TIER_COLOURS[t])
+            ax.text(j, i, "–" if pd.isna(row[c]) else str(int(row[c])), ha="center",
+                    va="center", fontsize=9)
+        sc = row["score"]
+        colour[i, -1] = matplotlib.colors.to_rgb("#d9e6f2" if pd.notna(sc) else "#eeeeee")
+        ax.text(len(cols), i, "–" if pd.isna(sc) else f"{sc:.2f}", ha="center", va="center",
+                fontsize=9)
+    ax.imshow(colour, aspect="auto", interpolation="nearest")
+    perf = {a: ", ".join(sorted(set(rt.loc[rt["axis"] == a, "perf_metric"]) - {""}))
+            for a in rt["axis"].unique()}
+    ax.set_xticks(range(len(cols) + 1), [*cols, "Eff.\nscore"], fontsize=9)
+    ax.xaxis.tick_top()
+    ax.set_yticks(range(n), [f"{r.axis} · {r.study}:  {r.technique}"
+                             for r in rt.itertuples()], fontsize=8.5)
+    ax.set_xticks(np.arange(-0.5, len(cols) + 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, n), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    keys = list(zip(rt["axis"], rt["study"], strict=True))
+    for i in range(1, n):
+        if keys[i] != keys[i - 1]:
+            ax.axhline(i - 0.5, color="black", linewidth=1.5)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    handles = [Patch(color=c, label=t) for t, c in TIER_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8,
+               title="tier (rank relative to the techniques compared)", title_fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    note = "; ".join(f"{a}: Perf = {p}" for a, p in perf.items() if p)
+    ax.set_xlabel(f"{note}.  Ranks from metrics scaled within each comparison set, averaged "
+                  "over sets;\n'–' = not measured for that axis.  Eff. score = mean "
+                  "efficiency score (0.1-1).", fontsize=8)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- Fig. 3a
+RADAR_METRICS = ["val_ppl", "amu_gb", "al_s", "tt", "aec_w"]
+
+
+def fig3a_attention_radar(tidy_df: pd.DataFrame, out_dir: str | Path,
+                          records_root: str | Path | None = None) -> Drawn:
+    """Fig. 3a: a radar per model size; axes PPL, AMU, AL, TT, AEC; one series per attention."""
+    name, title = "fig3a_attention_radar", "Fig. 3a - attention variants per model size"
+    wide = _wide(tidy_df, "architecture")
+    sub = _hold_fixed(wide, ["p.model.attention"]) if not wide.empty else wide
+    if sub.empty or "p.model.attention" not in sub or sub["p.model.attention"].nunique() < 1:
+        why = _why_empty(tidy_df, "architecture", "an attention variant")
+        return _done(name, _no_data_figure(title, why), out_dir)
+    sizes = _order(sub["p.model.size"], ["small", "medium", "large"])
+    attns = _order(sub["p.model.attention"], ATTENTION_ORDER)
+    pal = _palette(attns)
+    fig, axs = _new(4.6 * len(sizes), 5.2, 1, len(sizes), polar=True)
+    angles = np.linspace(0, 2 * np.pi, len(RADAR_METRICS), endpoint=False)
+    for ax, size in zip(axs[0], sizes, strict=True):
+        agg = repeat_summary(sub[sub["p.model.size"] == size], RADAR_METRICS,
+                             ["p.model.attention"])
+        present = [m for m in RADAR_METRICS if agg[m].notna().any()]
+        if agg.empty or not present:
+            _ax_no_data(ax, f"no metrics for size {size}")
+            continue
+        norm = E.normalise(agg, RADAR_METRICS)
+        for i, a in enumerate(agg["p.model.attention"]):
+            vals = norm.iloc[i].to_numpy(float)  # NaN (not measured) leaves a gap
+            ang = np.r_[angles, angles[0]]
+            ax.plot(ang, np.r_[vals, vals[0]], color=pal[a], linewidth=1.8, marker="o",
+                    markersize=3, label=str(a).upper())
+            if np.isfinite(vals).all():
+                ax.fill(ang, np.r_[vals, vals[0]], color=pal[a], alpha=0.08)
+        labels = []
+        for m in RADAR_METRICS:
+            x = agg[m].dropna()
+            rng = f"{_fmt(x.min())}-{_fmt(x.max())} {unit(tidy_df, m)}" if len(x) \
+                else "not measured"
+            labels.append(f"{LABEL[m]}\n{rng}")
+        ax.set_xticks(angles, labels, fontsize=8)
+        ax.tick_params(axis="x", pad=14)
+        ax.set_ylim(0, 1.05)
+        ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["0.25", "0.5", "0.75", "1"], fontsize=7,
+                      color="0.4")
+        ax.set_rlabel_position(90 / len(RADAR_METRICS))
+        n_runs = int(agg[[f"{m}_n" for m in RADAR_METRICS]].max(axis=1).sum())
+        ax.set_title(f"size: {size}  ({n_runs} runs)", fontsize=10, pad=22)
+    handles = [Line2D([], [], color=pal[a], linewidth=2, label=str(a).upper()) for a in attns]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(attns), fontsize=9,
+               title=f"attention; radius = {NORM_LABEL}; raw range under each axis",
+               title_fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- Fig. 3b
+BAR_METRICS = ["amu_gb", "al_s", "tt", "aec_w"]
+
+
+def fig3b_positional_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
+                          records_root: str | Path | None = None) -> Drawn:
+    """Fig. 3b: grouped bars per positional encoding (AMU, AL, TT, AEC) with a PPL line."""
+    name, title = "fig3b_positional_bars", "Fig. 3b - positional encodings"
+    wide = _wide(tidy_df, "architecture")
+    sub = _hold_fixed(wide, ["p.model.positional"]) if not wide.empty else wide
+    if sub.empty or "p.model.positional" not in sub:
+        why = _why_empty(tidy_df, "architecture", "a positional encoding")
+        return _done(name, _no_data_figure(title, why), out_dir)
+    counts = sub.groupby("p.model.size")["p.model.positional"].nunique()
+    sizes = [s for s in _order(counts.index, ["small", "medium", "large"]) if counts[s] > 1] \
+        or _order(counts.index, ["small", "medium", "large"])
+    fig, axs = _new(max(6.5, 1.6 * sub["p.model.positional"].nunique() + 2) * len(sizes) ** .5,
+                    4.3 * len(sizes), len(sizes), 1)
+    pal = _palette(BAR_METRICS)
+    for ax, size in zip(axs[:, 0], sizes, strict=True):
+        s = sub[sub["p.model.size"] == size]
+        agg = repeat_summary(s, [*BAR_METRICS, "val_ppl"], ["p.model.positional"])
+        order = _order(agg["p.model.positional"], POSITIONAL_ORDER)
+        agg = agg.set_index("p.model.positional").loc[order].reset_index()
+        norm, ci = _scaled(agg, [*BAR_METRICS, "val_ppl"])
+        x = np.arange(len(agg))
+        w = 0.8 / len(BAR_METRICS)
+        for k, m in enumerate(BAR_METRICS):
+            err = ci[m].fillna(0).to_numpy()
+            ax.bar(x + (k - (len(BAR_METRICS) - 1) / 2) * w, norm[m].fillna(0), w,
+                   yerr=err if err.any() else None, capsize=2, color=pal[m],
+                   label=f"{LABEL[m]} ({_fmt(agg[m].min())}-{_fmt(agg[m].max())} "
+                         f"{unit(tidy_df, m)})" if agg[m].notna().any()
+                   else f"{LABEL[m]} (not measured)")
+        ax.plot(x, norm["val_ppl"], color="black", marker="o", linewidth=2,
+                label=f"PPL ({_fmt(agg['val_ppl'].min())}-{_fmt(agg['val_ppl'].max())})")
+        for xi, v in zip(x, agg["val_ppl"], strict=True):
+            ax.annotate(f"ppl {_fmt(v)}", (xi, 1.07), ha="center", fontsize=7.5, color="0.2")
+        ax.set_xticks(x, [str(p) for p in agg["p.model.positional"]], fontsize=9)
+        ax.set_ylim(0, 1.15)
+        ax.set_ylabel(NORM_LABEL, fontsize=9)
+        ax.set_title(f"size: {size}", fontsize=10)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
+                  title="metric (raw range)", title_fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=12)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- Fig. 3c
+def fig3c_moe_bubbles(tidy_df: pd.DataFrame, out_dir: str | Path,
+                      records_root: str | Path | None = None) -> Drawn:
+    """Fig. 3c: dense vs MoE; x = normalised value, y = metric rows, bubble area ∝ params."""
+    name, title = "fig3c_moe_bubbles", "Fig. 3c - dense vs mixture-of-experts"
+    wide = _wide(tidy_df, "architecture")
+    sub = _hold_fixed(wide, ["p.model.ffn"]) if not wide.empty else wide
+    if sub.empty or "p.model.ffn" not in sub or sub["p.model.ffn"].nunique() < 2:
+        why = _why_empty(tidy_df, "architecture", "both dense and MoE FFNs")
+        return _done(name, _no_data_figure(title, why), out_dir)
+    agg = repeat_summary(sub, [*RADAR_METRICS, "params_total"],
+                         ["p.model.ffn", "p.model.size"])
+    agg = agg.sort_values(["p.model.ffn", "p.model.size"]).reset_index(drop=True)
+    norm = E.normalise(agg, RADAR_METRICS)
+    labels = [f"{f} {s}" for f, s in zip(agg["p.model.ffn"], agg["p.model.size"], strict=True)]
+    pal = _palette(labels)
+    params = agg["params_total"].fillna(agg["params_total"].median()).fillna(1.0)
+    area = 80 + 900 * params / params.max()
+    fig, axs = _new(8.5, 4.8)
+    ax = axs[0, 0]
+    nm = len(agg)
+    for i, lab in enumerate(labels):
+        off = (i - (nm - 1) / 2) * 0.6 / max(nm, 1)
+        ys = np.arange(len(RADAR_METRICS)) + off
+        ax.scatter(norm.iloc[i], ys, s=area.iloc[i], color=pal[lab], alpha=0.65,
+                   edgecolor="black", linewidth=0.6,
+                   label=f"{lab} ({_fmt(params.iloc[i] / 1e6)} M params)")
+    ylab = []
+    for m in RADAR_METRICS:
+        x = agg[m].dropna()
+        ylab.append(f"{LABEL[m]}\n{_fmt(x.min())}-{_fmt(x.max())} {unit(tidy_df, m)}"
+                    if len(x) else f"{LABEL[m]}\nnot measured")
+    ax.set_yticks(range(len(RADAR_METRICS)), ylab, fontsize=8.5)
+    ax.set_ylim(-0.7, len(RADAR_METRICS) - 0.3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel(NORM_LABEL + " - raw range under each metric", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False,
+              title="model (bubble area ∝ total params)", title_fontsize=8, labelspacing=1.6,
+              markerscale=0.5)
+    fig.suptitle(title, fontsize=12)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- Fig. 4
+def _peft_scores(wide: pd.DataFrame) -> pd.DataFrame:
+    """Per (base model, method): efficiency score over AMU, PCU, AL, ST, AEC and eval loss."""
+    ok = E.ok_rows(wide).copy()
+    ms = [m for m in E.EFFICIENCY_METRICS["finetuning"] if m in ok]
+    ok["score"] = E.scores_by_set(ok, "finetuning", metrics=ms)["score"]
+    loss = "eval_loss" if "eval_loss" in ok and ok["eval_loss"].notna().any() else None
+    agg = repeat_summary(ok, ["score"] + ([loss] if loss else []), ["p.base_model", "p.method"])
+    agg["loss_metric"] = loss or ""
+    return agg
+
+
+def fig4a_peft_score_loss(tidy_df: pd.DataFrame, out_dir: str | Path,
+                          records_root: str | Path | None = None) -> Drawn:
+    """Fig. 4a: per base model, efficiency-score bars up and mirrored eval-loss bars down."""
+    name, title = "fig4a_peft_score_loss", "Fig. 4a - PEFT methods: efficiency score and loss"
+    wide = _wide(tidy_df, "finetuning")
+    if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
+        return _done(name, _no_data_figure(title, _why_empty(tidy_df, "finetuning", "a method")),
+                     out_dir)
+    agg = _peft_scores(wide)
+    bases = _order(agg["p.base_model"], [])
+    methods = _order(agg["p.method"], METHOD_ORDER)
+    pal = _palette(methods, "tab10")
+    fig = Figure(figsize=(max(7, 1.2 * len(bases) * len(methods) / 3 + 3), 6.2),
+                 layout="constrained")
+    up, down = fig.subplots(2, 1, sharex=True, gridspec_kw={"hspace": 0})
+    w = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        a = agg[agg["p.method"] == m].set_index("p.base_model").reindex(bases)
+        x = np.arange(len(bases)) + (k - (len(methods) - 1) / 2) * w
+        e = a["score_ci95"].fillna(0).to_numpy()
+        up.bar(x, a["score"].fillna(0), w, color=pal[m], label=m,
+               yerr=e if e.any() else None, capsize=2)
+        if agg["loss_metric"].iloc[0]:
+            lm = agg["loss_metric"].iloc[0]
+            e = a[f"{lm}_ci95"].fillna(0).to_numpy()
+            down.bar(x, a[lm].fillna(0), w, color=pal[m], alpha=0.55, hatch="//",
+                     edgecolor=pal[m], yerr=e if e.any() else None, capsize=2)
+    up.set_ylim(0, 1.05)
+    up.set_ylabel("efficiency score\n(0.1-1, higher = better)", fontsize=9)
+    up.grid(axis="y", alpha=0.3)
+    lm = agg["loss_metric"].iloc[0]
+    if lm:
+        down.invert_yaxis()
+        down.set_ylabel(f"{axis_label(tidy_df, lm)}", fontsize=9)
+    else:
+        _ax_no_data(down, "no eval loss recorded")
+    down.grid(axis="y", alpha=0.3)
+    down.set_xticks(range(len(bases)), [_short(b, 26) for b in bases], fontsize=9)
+    down.set_xlabel("base model", fontsize=9)
+    up.legend(loc="upper left", bbox_to_anchor=(1.01, 1),
+              fontsize=8, frameon=False, title="method", title_fontsize=8)
+    fig.suptitle(title + "\n(score over AMU, PCU, AL, ST, AEC within each base model)",
+                 fontsize=11)
+    return _done(name, fig, out_dir)
+
+
+def fig4b_peft_area_loss(tidy_df: pd.DataFrame, out_dir: str | Path,
+                         records_root: str | Path | None = None) -> Drawn:
+    """Fig. 4b: per base model, efficiency score as a filled area and loss as a line."""
+    name, title = "fig4b_peft_area_loss", "Fig. 4b - efficiency score (area) and loss (line)"
+    wide = _wide(tidy_df, "finetuning")
+    if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
+        return _done(name, _no_data_figure(title, _why_empty(tidy_df, "finetuning", "a method")),
+                     out_dir)
+    agg = _peft_scores(wide)
+    bases = _order(agg["p.base_model"], [])
+    methods = _order(agg["p.method"], METHOD_ORDER)
+    fig, axs = _new(max(6.5, 0.9 * len(methods) + 2), 3.3 * len(bases), len(bases), 1)
+    lm = agg["loss_metric"].iloc[0]
+    for ax, b in zip(axs[:, 0], bases, strict=True):
+        a = agg[agg["p.base_model"] == b].set_index("p.method").reindex(methods)
+        x = np.arange(len(methods))
+        ax.fill_between(x, a["score"].to_numpy(float), color="#4c72b0", alpha=0.35,
+                        step=None, label="efficiency score")
+        ax.plot(x, a["score"], color="#4c72b0", marker="o")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("efficiency score\n(0.1-1, higher = better)", fontsize=8.5,
+                      color="#4c72b0")
+        ax.set_xticks(x, methods, fontsize=9)
+        ax.set_title(f"base model: {b}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if lm:
+            tw = ax.twinx()
+            e = a[f"{lm}_ci95"].fillna(0).to_numpy()
+            tw.errorbar(x, a[lm], yerr=e if e.any() else None, color="#c44e52", marker="s",
+                        linewidth=2, capsize=3, label=LABEL[lm])
+            tw.set_ylabel(axis_label(tidy_df, lm), fontsize=8.5, color="#c44e52")
+        else:
+            ax.text(0.99, 0.95, "no eval loss recorded", transform=ax.transAxes, ha="right",
+                    va="top", fontsize=8)
+    handles = [Patch(color="#4c72b0", alpha=0.35, label="efficiency score (AMU, PCU, AL, ST, "
+                     "AEC)"), Line2D([], [], color="#c44e52", marker="s", label="eval loss")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- Fig. 5
+POLAR_RINGS = ["perf", "it", "amu_gb", "al_s", "aec_w", "mcr"]
+RING_LABEL = {"perf": "Performance", "it": "IT", "amu_gb": "AMU", "al_s": "AL", "aec_w": "AEC",
+              "mcr": "MCR"}
+
+
+def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,
+                         records_root: str | Path | None = None) -> Drawn:
+    """Fig. 5: polar stacked bars per precision; one sector per model; rings = metrics.
+
+    Each ring is a metric normalised within one model across precisions (1 = best precision
+    for that model), so the total radius reads as "how good is this precision for this model".
+    """
+    name, title = "fig5_precision_polar", "Fig. 5 - precision per model (stacked normalised)"
+    wide = _wide(tidy_df, "inference")
+    ok = E.ok_rows(wide) if not wide.empty else wide
+    if ok.empty or "p.precision" not in ok:
+        return _done(name, _no_data_figure(title, _why_empty(tidy_df, "inference",
+                                                             "a precision")), out_dir)
+    parts = []
+    for _, s in ok.groupby("p.model", dropna=False):
+        q = E.quality_metric(s, "inference")
+        s = s.assign(perf=s[q] if q else np.nan)
+        agg = repeat_summary(s, ["perf", *POLAR_RINGS[1:]], ["p.model", "p.precision"])
+        hib = {"perf": bool(E.HIGHER_IS_BETTER.get(q, True)) if q else True}
+        n = E.normalise(agg, POLAR_RINGS, hib)
+        n[["p.model", "p.precision"]] = agg[["p.model", "p.precision"]]
+        n["perf_metric"] = q or ""
+        parts.append(n)
+    norm = pd.concat(parts, ignore_index=True)
+    precs = _order(norm["p.precision"], PRECISION_ORDER)
+    models = _order(norm["p.model"], [])
+    ncols = min(3, len(precs))
+    nrows = math.ceil(len(precs) / ncols)
+    fig, axs = _new(4.3 * ncols, 4.4 * nrows + 0.8, nrows, ncols, polar=True)
+    pal = _palette(POLAR_RINGS, "Set2")
+    width = 2 * np.pi / max(len(models), 1)
+    theta = np.arange(len(models)) * width
+    for k, ax in enumerate(axs.flat):
+        if k >= len(precs):
+            ax.set_visible(False)
+            continue
+        p = precs[k]
+        d = norm[norm["p.precision"] == p].set_index("p.model").reindex(models)
+        bottom = np.zeros(len(models))
+        for r in POLAR_RINGS:
+            h = d[r].fillna(0).to_numpy(float)
+            ax.bar(theta, h, width=width * 0.85, bottom=bottom, color=pal[r], edgecolor="white",
+                   linewidth=0.6, align="center")
+            bottom += h
+        has = d[POLAR_RINGS].notna().any(axis=1).to_numpy()
+        ticks = [f"{_short(m, 16)}\n" + (f"total {tot:.1f}" if h else "(failed / no run)")
+                 for m, tot, h in zip(models, bottom, has, strict=True)]
+        ax.set_xticks(theta, ticks, fontsize=8.5)
+        ax.tick_params(axis="x", pad=-4)
+        circle = np.linspace(0, 2 * np.pi, 200)
+        ax.plot(circle, np.full_like(circle, len(POLAR_RINGS)), ls=":", lw=0.8, color="0.6")
+        ax.set_ylim(0, len(POLAR_RINGS) + 0.8)
+        ax.set_yticks([])
+        ax.spines["polar"].set_visible(False)
+        ax.grid(False)
+        ax.set_title(p, fontsize=11, pad=14, fontweight="bold")
+    qs = sorted(set(norm["perf_metric"]) - {""})
+    handles = [Patch(color=pal[r], label=RING_LABEL[r] + (f" ({'/'.join(qs)})" if r == "perf"
+                                                            and qs else "")) for r in POLAR_RINGS]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(POLAR_RINGS), fontsize=8.5,
+               title="rings, inside out: each normalised within its model across precisions "
+                     "(0.1-1, higher = better; stacked total 0.6-6; gap = not measured)",
+               title_fontsize=8)
+    fig.suptitle(title, fontsize=12)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- Pareto fronts
+def pareto_mask(x: Sequence[float], y: Sequence[float], y_higher_better: bool) -> np.ndarray:
+    """True for points no other point beats on both x (lower better) and y."""
+    x = np.asarray(x, float)
+    y = np.asarray(y, float) * (1 if y_higher_better else -1)
+    keep = np.ones(len(x), bool)
+    for i in range(len(x)):
+        dom = (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
+        keep[i] = not dom.any()
+    return keep
+
+
+def _pareto_panel(ax: Axes, tidy: pd.DataFrame, wide: pd.DataFrame, axis: str,
+                  xm: str | None, what: str) -> None:
+    ok = E.ok_rows(wide)
+    q = E.quality_metric(ok, axis)
+    if ok.empty or q is None or xm is None:
+        _ax_no_data(ax, f"no {axis} runs with quality and {what}")
+        ax.set_title(f"{axis}: quality vs {what}", fontsize=10)
+        return
+    cfg = _config_cols(ok)
+    varying = [c for c in cfg if ok[c].astype(str).nunique() > 1]
+    agg = repeat_summary(ok, [q, xm], varying)
+    agg = agg.dropna(subset=[q, xm]).reset_index(drop=True)
+    colour_by = next((c for c in E.COMPARISON_KEYS.get(axis, ()) if c.startswith("p.")
+                      and c in varying), None)
+    if agg.empty:
+        _ax_no_data(ax, f"{LABEL.get(q, q)} or {LABEL.get(xm, xm)} null in every run")
+        ax.set_title(f"{axis}: quality vs {what}", fontsize=10)
+        return
+    lab = (agg[varying].astype(str).map(_short).agg(" ".join, axis=1) if varying
+           else pd.Series(["run"] * len(agg)))
+    front = pareto_mask(agg[xm], agg[q], E.HIGHER_IS_BETTER.get(q, True))
+    groups = _order(agg[colour_by], ["small", "medium", "large"]) if colour_by else ["all"]
+    pal = _palette(groups)
+    for g in groups:
+        m = (agg[colour_by] == g).to_numpy() if colour_by else np.ones(len(agg), bool)
+        ax.errorbar(agg.loc[m, xm], agg.loc[m, q], xerr=agg.loc[m, f"{xm}_ci95"].fillna(0),
+                    yerr=agg.loc[m, f"{q}_ci95"].fillna(0), fmt="o", color=pal[g], alpha=0.6,
+                    markersize=5, capsize=2, label=_short(g, 22) if colour_by else "runs")
+    f = agg[front].sort_values(xm)
+    ax.step(f[xm], f[q], where="post", color="black", linewidth=1.2, alpha=0.8)
+    ax.scatter(f[xm], f[q], s=80, facecolor="none", edgecolor="black", linewidth=1.5,
+               zorder=3, label="Pareto front")
+    extra = []  # front points get a number on the plot and their name in the legend
+    for k, i in enumerate(f.index, start=1):
+        ax.annotate(str(k), (agg.loc[i, xm], agg.loc[i, q]), fontsize=7.5, fontweight="bold",
+                    xytext=(5, 4), textcoords="offset points")
+        extra.append(Line2D([], [], linestyle="none", label=f"{k}: {_short(lab[i], 30)}"))
+    xs = agg[xm]
+    if xs.min() > 0 and xs.max() / xs.min() > 30:
+        ax.set_xscale("log")
+    ax.set_xlabel(axis_label(tidy, xm), fontsize=9)
+    ax.set_ylabel(axis_label(tidy, q), fontsize=9)
+    ax.set_title(f"{axis}: quality vs {what}", fontsize=10)
+    ax.grid(alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + extra, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1),
+              frameon=False, title=LABEL_KEY.get(colour_by or "", None), title_fontsize=7,
+              handlelength=1.2)
+
+
+LABEL_KEY = {"p.model.size": "model size", "p.base_model": "base model", "p.model": "model"}
+
+
+def fig_pareto_fronts(tidy_df: pd.DataFrame, out_dir: str | Path,
+                      records_root: str | Path | None = None) -> Drawn:
+    """Ours: Pareto fronts per axis of quality vs energy and quality vs memory (front circled)."""
+    name, title = "pareto_fronts", "Pareto fronts - quality vs energy and memory"
+    if tidy_df is None or tidy_df.empty:
+        return _done(name, _no_data_figure(title, "the results table is empty (no runs "
+                                           "collected)"), out_dir)
+    axes = [a for a in ("architecture", "finetuning", "inference")
+            if a in set(tidy_df["axis"].dropna())]
+    if not axes:
+        return _done(name, _no_data_figure(title, "no runs of the three study axes"), out_dir)
+    fig, axs = _new(14, 3.9 * len(axes), len(axes), 2)
+    for row, axis in zip(axs, axes, strict=True):
+        wide = _wide(tidy_df, axis)
+        energy = next((m for m in ("energy_j", "j_per_token", "aec_w")
+                       if m in wide and wide[m].notna().any()), None)
+        mem = "amu_gb" if "amu_gb" in wide and wide["amu_gb"].notna().any() else None
+        _pareto_panel(row[0], tidy_df, wide, axis, energy, "energy")
+        _pareto_panel(row[1], tidy_df, wide, axis, mem, "memory")
+    fig.suptitle(title + " (black circles/step line = non-dominated runs; ±95 % CI over seeds)",
+                 fontsize=11)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- curves
+def fig_loss_curves(tidy_df: pd.DataFrame, out_dir: str | Path,
+                    records_root: str | Path | None = None) -> Drawn:
+    """Ours: training loss vs tokens and vs joules, one line per run, a row per study."""
+    name, title = "loss_curves", "Training loss vs tokens and vs energy"
+    if records_root is None or not Path(records_root).exists():
+        return _done(name, _no_data_figure(title, "no records folder given (curves live in "
+                                           "record.json)"), out_dir)
+    wide = _wide(tidy_df, "architecture")
+    tech = dict(zip(wide.get("run_id", []), wide.get("technique", []), strict=True))
+    size = dict(zip(wide.get("run_id", []), wide.get("p.model.size", [""] * len(wide)),
+                    strict=True)) if "p.model.size" in wide else {}
+    curves: list[tuple[str, str, dict]] = []
+    for _, rec in R.iter_records(records_root):
+        c = rec.get("curves") or {}
+        if rec.get("status") == "ok" and any(k in c for k in ("loss_vs_tokens",
+                                                               "loss_vs_joules")):
+            curves.append((str(rec.get("study")), str(rec.get("run_id")), c))
+    if not curves:
+        return _done(name, _no_data_figure(title, "no run record has loss curves"), out_dir)
+    studies = _order([s for s, _, _ in curves], [])
+    fig, axs = _new(11, 3.4 * len(studies), len(studies), 2)
+    for row, study in zip(axs, studies, strict=True):
+        runs = [(r, c) for s, r, c in curves if s == study]
+        labels = [f"{tech.get(r, r)} {size.get(r, '')}".strip() for r, _ in runs]
+        pal = _palette(_order(labels, []), "tab10")
+        for j, key in enumerate(("loss_vs_tokens", "loss_vs_joules")):
+            ax = row[j]
+            seen: set[str] = set()
+            drawn = False
+            for (_rid, c), lab in zip(runs, labels, strict=True):
+                cur = c.get(key)
+                if not cur or not cur.get("x"):
+                    continue
+                ax.plot(cur["x"], cur["y"], color=pal[lab], linewidth=1.3, alpha=0.85,
+                        label=None if lab in seen else lab)
+                seen.add(lab)
+                drawn = True
+                xu, yu = cur.get("x_unit", ""), cur.get("y_unit", "")
+                ax.set_xlabel(("tokens seen" if key.endswith("tokens") else "energy")
+                              + (f" ({xu})" if xu else ""), fontsize=9)
+                ax.set_ylabel("training loss" + (f" ({yu})" if yu else ""), fontsize=9)
+            if not drawn:
+                _ax_no_data(ax, f"no {key.replace('_', ' ')} curve in study {study}")
+            else:
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7, frameon=False, ncol=2 if len(seen) > 6 else 1)
+            ax.set_title(f"{study}: {key.replace('_', ' ')}", fontsize=10)
+    fig.suptitle(title, fontsize=12)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- repeats
+REPEAT_METRICS = {
+    "architecture": ["val_ppl", "al_s", "amu_gb", "energy_j"],
+    "finetuning": ["eval_loss", "al_s", "amu_gb", "aec_w"],
+    "inference": ["task_acc", "it", "amu_gb", "j_per_token"],
+}
+
+
+def fig_repeat_error_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
+                          records_root: str | Path | None = None) -> Drawn:
+    """Ours: key metrics per configuration, mean ± 95 % CI over seeds (n beside each bar)."""
+    name, title = "repeat_error_bars", "Key metrics per configuration, mean ± 95 % CI"
+    if tidy_df is None or tidy_df.empty:
+        return _done(name, _no_data_figure(title, "the results table is empty (no runs "
+                                           "collected)"), out_dir)
+    axes = [a for a in REPEAT_METRICS if a in set(tidy_df["axis"].dropna())]
+    wides = {a: E.ok_rows(_wide(tidy_df, a)) for a in axes}
+    axes = [a for a in axes if not wides[a].empty]
+    if not axes:
+        return _done(name, _no_data_figure(title, "no successful runs"), out_dir)
+    aggs, labels = {}, {}
+    for a in axes:
+        w = wides[a]
+        cfg = [c for c in _config_cols(w) if w[c].astype(str).nunique() > 1]
+        agg = repeat_summary(w, REPEAT_METRICS[a], cfg)
+        aggs[a] = agg
+        labels[a] = (agg[cfg].astype(str).map(_short).agg(" · ".join, axis=1) if cfg
+                     else pd.Series(["all"] * len(agg)))
+    heights = [max(2.2, 0.24 * len(aggs[a]) + 1.0) for a in axes]
+    fig = Figure(figsize=(13, sum(heights) + 0.8), layout="constrained")
+    axs = fig.subplots(len(axes), 4, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for row, a in zip(axs, axes, strict=True):
+        agg, lab = aggs[a], labels[a]
+        y = np.arange(len(agg))
+        for j, m in enumerate(REPEAT_METRICS[a]):
+            ax = row[j]
+            if m not in agg or agg[m].isna().all():
+                _ax_no_data(ax, f"{LABEL.get(m, m)} not measured in any run")
+                ax.set_title(f"{a}: {LABEL.get(m, m)}", fontsize=9)
+                continue
+            e = agg[f"{m}_ci95"].fillna(0).to_numpy()
+            ax.barh(y, agg[m].fillna(0), xerr=e if e.any() else None, capsize=2,
+                    color=sns.color_palette("colorblind")[j], alpha=0.8)
+            for yi, (v, n, c) in enumerate(zip(agg[m], agg[f"{m}_n"], e, strict=True)):
+                if pd.notna(v):
+                    ax.text(v + c, yi, f"  n={n}", va="center", fontsize=6.5, color="0.3")
+            ax.set_yticks(y, lab if j == 0 else [""] * len(y), fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(axis_label(tidy_df, m), fontsize=8)
+            ax.set_title(f"{a}: {LABEL.get(m, m)}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+            ax.margins(x=0.15)
+    fig.suptitle(title + " over seeds (runs with the same params except the seed); "
+                 "n = number of runs", fontsize=11)
+    return _done(name, fig, out_dir)
+
+
+# ---------------------------------------------------------------- all
+FIGURES: dict[str, Callable[..., Drawn]] = {
+    "fig2_rank_table": fig2_rank_table,
+    "fig3a_attention_radar": fig3a_attention_radar,
+    "fig3b_positional_bars": fig3b_positional_bars,
+    "fig3c_moe_bubbles": fig3c_moe_bubbles,
+    "fig4a_peft_score_loss": fig4a_peft_score_loss,
+    "fig4b_peft_area_loss": fig4b_peft_area_loss,
+    "fig5_precision_polar": fig5_precision_polar,
+    "pareto_fronts": fig_pareto_fronts,
+    "loss_curves": fig_loss_curves,
+    "repeat_error_bars": fig_repeat_error_bars,
+}
+
+
+def draw_all(tidy_df: pd.DataFrame, records_root: str | Path | None,
+             out_dir: str | Path) -> list[Path]:
+    """Draw every figure into ``out_dir``; return the PNG and PDF paths written.
+
+    A figure that raises is replaced by a "no data: could not draw (...)" figure and a warning,
+    so one bad panel does not cost the whole report.
+    """
+    paths: list[Path] = []
+    for name, fn in FIGURES.items():
+        try:
+            paths += fn(tidy_df, out_dir, records_root).paths
+        except Exception as exc:  # noqa: BLE001 - report, draw a placeholder, go on
+            warnings.warn(f"figure {name} failed: {exc!r}", stacklevel=2)
+            fig = _no_data_figure(name, f"could not draw ({type(exc).__name__}: {exc})")
+            paths += save(fig, out_dir, name)
+    return paths

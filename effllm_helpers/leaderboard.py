@@ -1,0 +1,252 @@
+"""Rankings per axis with the efficiency score: CSV files and one self-contained HTML leaderboard.
+
+Why: the summary must be browsable without a notebook server or network, so the HTML page
+carries its own CSS and JS (no external assets): click a header to sort, pick an axis, size
+or device to filter. Scores are computed within comparison sets
+(:data:`effllm_helpers.measure.efficiency.COMPARISON_KEYS`): a rank is "among runs of the same
+study, device and model size / base model / model", never across unlike runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from effllm_helpers.measure import efficiency as E
+from effllm_helpers.paths import outputs_dir
+
+AXES = ("architecture", "finetuning", "inference")
+# key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
+KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl", "amu_gb",
+               "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
+               "aec_w", "energy_j", "j_per_token", "mcr")
+SIZE_COLUMN = {"architecture": "p.model.size", "finetuning": "p.base_model",
+               "inference": "p.model"}
+DEFAULT_UNITS = {"val_ppl": "ppl", "ppl": "ppl", "eval_loss": "nats", "amu_gb": "GB",
+                 "al_s": "s", "ttft_s": "s", "tpot_s": "s", "tt": "tokens/s/param",
+                 "st": "samples/s/param", "it": "tokens/s", "tokens_per_s": "tokens/s",
+                 "aec_w": "W", "energy_j": "J", "j_per_token": "J/token", "mcr": "ratio",
+                 "pcu": "fraction", "mfu": "fraction", "accuracy": "fraction",
+                 "task_acc": "fraction", "probe_acc": "fraction"}
+ID_COLUMNS = ["axis", "study", "rank", "technique", "size", "device", "status", "score",
+              "n_metrics", "score_metrics", "excluded", "comparison_set", "run_id"]
+
+
+def _unit(units: Mapping[str, str], m: str) -> str:
+    return str(units.get(m) or DEFAULT_UNITS.get(m, ""))
+
+
+def _col(units: Mapping[str, str], m: str) -> str:
+    u = _unit(units, m)
+    return f"{m} [{u}]" if u else m
+
+
+def leaderboard_frame(tidy_df: pd.DataFrame,
+                      weights: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """One row per run of every axis, ranked by efficiency score within its comparison set.
+
+    Columns :data:`ID_COLUMNS` then one per key metric named ``<metric> [<unit>]``. Failed runs
+    stay in with no score (``excluded = "run failed"``) so the board shows what is missing.
+    """
+    units = E.units_of(tidy_df)
+    frames = []
+    for axis in AXES:
+        wide = E.wide_table(tidy_df, axis) if tidy_df is not None and not tidy_df.empty \
+            else pd.DataFrame()
+        if wide.empty:
+            continue
+        sc = E.scores_by_set(wide, axis, weights=weights)
+        rank = sc.groupby("set")["score"].rank(ascending=False, method="min")
+        f = pd.DataFrame({
+            "axis": axis, "study": wide["study"], "rank": rank.astype("Int64"),
+            "technique": wide["technique"],
+            "size": wide.get(SIZE_COLUMN[axis], pd.Series(pd.NA, index=wide.index)),
+            "device": wide.get("device", pd.Series(pd.NA, index=wide.index)),
+            "status": wide["status"], "score": sc["score"], "n_metrics": sc["n_metrics"],
+            "score_metrics": sc["metrics"], "excluded": sc["excluded"],
+            "comparison_set": sc["set"], "run_id": wide["run_id"],
+        })
+        for m in KEY_METRICS:
+            f[_col(units, m)] = pd.to_numeric(wide[m], errors="coerce") if m in wide \
+                else float("nan")
+        frames.append(f)
+    if not frames:
+        return pd.DataFrame(columns=ID_COLUMNS + [_col(units, m) for m in KEY_METRICS])
+    out = pd.concat(frames, ignore_index=True)
+    out["_failed"] = out["status"] != "ok"  # failed runs after the ranked ones of their axis
+    return (out.sort_values(["axis", "_failed", "comparison_set", "rank", "run_id"],
+                            na_position="last").drop(columns="_failed").reset_index(drop=True))
+
+
+def write_csvs(board: pd.DataFrame, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """``leaderboard_<axis>.csv`` per axis present; metric columns the axis never fills dropped."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for axis, sub in board.groupby("axis", sort=True):
+        keep = [c for c in sub.columns if c in ID_COLUMNS or sub[c].notna().any()]
+        p = out_dir / f"leaderboard_{axis}.csv"
+        tmp = out_dir / f".{p.name}.tmp"
+        sub[keep].to_csv(tmp, index=False)
+        os.replace(tmp, p)
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------- HTML
+def _fmt(v: Any) -> tuple[str, str]:
+    """(shown text, sort key) of one cell; nulls show as an en dash and sort last."""
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return "–", ""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        x = float(v)
+        a = abs(x)
+        txt = f"{x:.3e}" if a != 0 and (a < 1e-3 or a >= 1e5) else f"{x:.4g}"
+        return txt, repr(x)
+    return str(v), str(v)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.2rem;color:#222}
+h1{font-size:1.3rem;margin:0 0 .3rem} p.note{font-size:.82rem;color:#555;max-width:70rem}
+.filters{margin:.6rem 0;display:flex;gap:1rem;flex-wrap:wrap;align-items:center;font-size:.9rem}
+.wrap{overflow-x:auto} table{border-collapse:collapse;font-size:.8rem}
+th,td{border-bottom:1px solid #ddd;padding:.25rem .5rem;white-space:nowrap;text-align:right}
+td.s,th.s{text-align:left} th{background:#f3f5f8;cursor:pointer;position:sticky;top:0;
+user-select:none} th:hover{background:#e2e8f0} th[aria-sort=ascending]::after{content:' \\25B2'}
+th[aria-sort=descending]::after{content:' \\25BC'} tr.failed td{color:#999;font-style:italic}
+td.score{font-weight:600} tr:hover td{background:#fafbe6} span.u{color:#777;font-weight:400}
+#count{color:#555}
+"""
+
+_JS = """
+(function(){
+  const table=document.getElementById('board');
+  const body=table.tBodies[0];
+  const heads=Array.from(table.tHead.rows[0].cells);
+  function key(td,num){const k=td.dataset.sort;if(k===''||k===undefined)return null;
+    return num?parseFloat(k):k.toLowerCase();}
+  function sortBy(i){
+    const th=heads[i];const num=th.dataset.type==='num';
+    const dir=th.getAttribute('aria-sort')==='ascending'?'descending':'ascending';
+    heads.forEach(h=>h.removeAttribute('aria-sort'));th.setAttribute('aria-sort',dir);
+    const rows=Array.from(body.rows);const sgn=dir==='ascending'?1:-1;
+    rows.sort((a,b)=>{const x=key(a.cells[i],num),y=key(b.cells[i],num);
+      if(x===null&&y===null)return 0;if(x===null)return 1;if(y===null)return -1;
+      return x<y?-sgn:(x>y?sgn:0);});
+    rows.forEach(r=>body.appendChild(r));
+  }
+  heads.forEach((th,i)=>th.addEventListener('click',()=>sortBy(i)));
+  const filters=Array.from(document.querySelectorAll('select[data-filter]'));
+  function apply(){
+    let shown=0;
+    Array.from(body.rows).forEach(r=>{
+      const ok=filters.every(f=>f.value===''||r.dataset[f.dataset.filter]===f.value);
+      r.hidden=!ok;if(ok)shown++;});
+    document.getElementById('count').textContent=shown+' of '+body.rows.length+' runs shown';
+    heads.forEach((th,i)=>{if(th.dataset.metric!=='1')return;
+      const any=Array.from(body.rows).some(r=>!r.hidden&&r.cells[i].dataset.sort!=='');
+      th.hidden=!any;Array.from(body.rows).forEach(r=>{r.cells[i].hidden=!any;});});
+  }
+  filters.forEach(f=>f.addEventListener('change',apply));
+  window.effllmBoard={sortBy:sortBy,apply:apply};
+  apply();
+})();
+"""
+
+
+def _options(values: Sequence[Any]) -> str:
+    vals = sorted({str(v) for v in values if v is not None and v == v and str(v) != "<NA>"})
+    return "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in vals)
+
+
+def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
+                title: str = "effllm leaderboard") -> str:
+    """The leaderboard as one HTML string with inline CSS and JS."""
+    units = dict(units or {})
+    shown_id = [("axis", "axis", "str"), ("study", "study", "str"),
+                ("technique", "technique", "str"), ("size", "size / model", "str"),
+                ("device", "device", "str"), ("rank", "rank in set", "num"),
+                ("score", "efficiency score", "num"), ("status", "status", "str")]
+    metric_cols = [c for c in board.columns if c not in ID_COLUMNS]
+    head = []
+    for _, label, typ in shown_id:
+        cls = ' class="s"' if typ == "str" else ""
+        head.append(f'<th data-type="{typ}"{cls}>{html.escape(label)}</th>')
+    for c in metric_cols:
+        name, _, u = c.partition(" [")
+        u = u.rstrip("]")
+        lab = html.escape(name) + (f' <span class="u">({html.escape(u)})</span>' if u else "")
+        head.append(f'<th data-type="num" data-metric="1">{lab}</th>')
+    head += ['<th data-type="str" class="s">score note</th>',
+             '<th data-type="str" class="s">run</th>']
+    rows = []
+    for d in board.to_dict("records"):
+        cells = []
+        for col, _, typ in shown_id:
+            txt, key = _fmt(d[col])
+            cls = "s" if typ == "str" else ("score" if col == "score" else "")
+            cells.append(f'<td class="{cls}" data-sort="{html.escape(key)}">'
+                         f"{html.escape(txt)}</td>")
+        for c in metric_cols:
+            txt, key = _fmt(d[c])
+            cells.append(f'<td data-sort="{html.escape(key)}">{html.escape(txt)}</td>')
+        note = str(d["excluded"] or "")
+        if d["score_metrics"]:
+            note = f"over {d['score_metrics']}" + (f"; left out {note}" if note else "")
+        cells.append(f'<td class="s" data-sort="{html.escape(note)}">{html.escape(note)}</td>')
+        rid = str(d["run_id"])
+        cells.append(f'<td class="s" data-sort="{html.escape(rid)}"><code>{html.escape(rid)}'
+                     "</code></td>")
+        attrs = " ".join(f'data-{k}="{html.escape(_fmt(d[k])[0])}"'
+                         for k in ("axis", "size", "device"))
+        cls = ' class="failed"' if d["status"] != "ok" else ""
+        rows.append(f"<tr{cls} {attrs}>{''.join(cells)}</tr>")
+    filters = "".join(
+        f'<label>{lab} <select id="f-{k}" data-filter="{k}"><option value="">all</option>'
+        f"{_options(board[k]) if k in board else ''}</select></label>"
+        for k, lab in (("axis", "axis"), ("size", "size / model"), ("device", "device")))
+    when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    note = ("Efficiency score: each metric min-max scaled to [0.1, 1] (higher = better) within a "
+            "comparison set (same study, device and model size / base model / model), then a "
+            "weighted harmonic mean (weights from the study's params, default equal). Rank 1 = "
+            "best in its set. Null metrics are left out of that run's score and named in the "
+            "score note. Failed runs are listed without a score.")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class=\"note\">{html.escape(note)} "
+        f"Generated {when}; {len(board)} runs.</p>"
+        f'<div class="filters">{filters}<span id="count"></span></div>'
+        f'<div class="wrap"><table id="board"><thead><tr>{"".join(head)}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+        f"<script>{_JS}</script>"
+        f"<script type=\"application/json\" id=\"meta\">"
+        f"{html.escape(json.dumps({'runs': len(board)}))}</script>"
+        "</body></html>\n"
+    )
+
+
+def write_leaderboard(tidy_df: pd.DataFrame,
+                      out_html: str | os.PathLike[str] | None = None,
+                      out_csv_dir: str | os.PathLike[str] | None = None,
+                      weights: Mapping[str, float] | None = None) -> tuple[Path, list[Path]]:
+    """Write the HTML leaderboard (default ``outputs/leaderboard.html``) and per-axis CSVs
+    (default ``outputs/results/``); return (html path, csv paths)."""
+    out_html = Path(out_html) if out_html is not None else outputs_dir("leaderboard.html")
+    out_csv_dir = Path(out_csv_dir) if out_csv_dir is not None else outputs_dir("results")
+    board = leaderboard_frame(tidy_df, weights)
+    csvs = write_csvs(board, out_csv_dir)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_html.with_name(f".{out_html.name}.tmp")
+    tmp.write_text(render_html(board, E.units_of(tidy_df)), encoding="utf-8")
+    os.replace(tmp, out_html)
+    return out_html, csvs

@@ -1,0 +1,387 @@
+"""Efficiency score: min-max scaling to [0.1, 1] and a weighted harmonic mean, plus rank tables.
+
+Why this form (DESIGN.md, "Efficiency score"; PAPER.md): the EfficientLLM paper (arXiv 2505.13840,
+Appendix Eqs. 10-12) says metrics are min-max normalised within each comparison so that higher is
+better, and its figures bottom out at 0.1, which fits scaling to [0.1, 1] before a weighted harmonic
+mean. The exact formula and weights are not public, so we define our own and say where it may
+differ from the paper:
+
+* **Orientation** comes from :data:`HIGHER_IS_BETTER` (a table per metric name), not from the
+  paper, which never lists it. Lower-is-better metrics are flipped before scaling.
+* **Scaling** is ``0.1 + 0.9 * (x - min) / (max - min)`` inside one *comparison set* (the rows
+  handed in, or the groups of :func:`scores_by_set`). The floor of 0.1 keeps the harmonic mean
+  finite and stops one worst metric from zeroing a row. A constant column (max == min, including a
+  set of one run) scales to 1.0: nothing in the set is worse on it. The paper does not say what it
+  does with ties or singletons.
+* **Weights** default to equal. A weights mapping (from the study's params file) need not name
+  every metric: metrics it omits keep weight 1.0; weight 0 drops a metric. The key ``"quality"``
+  stands for whichever quality metric the axis uses (val_ppl, eval_loss, task_acc, ...).
+* **Nulls**: a metric that is null for one run is left out of *that run's* mean (the other weights
+  renormalise), and the exclusion is recorded (``Series.attrs["excluded"]`` and the ``excluded``
+  column of :func:`score_frame`). The paper had no missing values; we prefer a score over fewer
+  metrics, noted, to an invented number. A run with no usable metric gets NaN.
+* Min and max are taken over the comparison set's non-null values only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FLOOR = 0.1  # the bottom of the scaled range, as in the paper's figures
+
+# direction per metric name: True = higher is better
+HIGHER_IS_BETTER: dict[str, bool] = {
+    # lower is better
+    "amu_gb": False, "amu_frac": False, "peak_gb": False, "al_s": False, "aec_w": False,
+    "energy_j": False, "j_per_token": False, "ppl": False, "val_ppl": False, "eval_loss": False,
+    "ttft_s": False, "tpot_s": False, "size_bytes": False, "duration_s": False,
+    # higher is better
+    "tt": True, "st": True, "it": True, "tokens_per_s": True, "samples_per_s": True, "mfu": True,
+    "pcu": True, "mcr": True, "accuracy": True, "probe_acc": True, "task_acc": True,
+}
+
+# quality metric candidates per axis, preferred first (see :func:`quality_metric`)
+QUALITY_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "architecture": ("val_ppl", "probe_acc"),
+    "finetuning": ("eval_loss", "accuracy"),
+    "inference": ("task_acc", "ppl"),
+    "cross_modal": ("fid", "val_loss"),
+}
+
+# efficiency metrics of the default score per axis (the paper's figure axes for that axis)
+EFFICIENCY_METRICS: dict[str, tuple[str, ...]] = {
+    "architecture": ("amu_gb", "al_s", "tt", "aec_w"),
+    "finetuning": ("amu_gb", "pcu", "al_s", "st", "aec_w"),
+    "inference": ("amu_gb", "al_s", "it", "aec_w", "mcr"),
+}
+
+# what a run is compared against: runs that share these columns form one comparison set
+COMPARISON_KEYS: dict[str, tuple[str, ...]] = {
+    "architecture": ("study", "device", "p.model.size"),
+    "finetuning": ("study", "device", "p.base_model", "p.task"),
+    "inference": ("study", "device", "p.model"),
+}
+
+# technique params per axis: the label of a run is made of those that vary within its study
+TECHNIQUE_PARAMS: dict[str, tuple[str, ...]] = {
+    "architecture": ("p.model.attention", "p.model.positional", "p.model.ffn", "p.model.family"),
+    "finetuning": ("p.method",),
+    "inference": ("p.precision",),
+}
+
+# Fig. 2 columns -> metric name (None for Perf: the axis's quality metric)
+RANK_COLUMNS: dict[str, str | None] = {
+    "Perf": None, "AMU": "amu_gb", "PCU": "pcu", "AL": "al_s", "TT": "tt", "ST": "st",
+    "IT": "it", "AEC": "aec_w", "MCR": "mcr",
+}
+
+SEED_PARAMS = ("p.seed", "p.train.seed")
+
+
+# ---------------------------------------------------------------- wide table
+def wide_table(tidy_df: pd.DataFrame, axis: str | None = None, *,
+               with_ci: bool = False) -> pd.DataFrame:
+    """One row per run: identity + ``p.*`` technique columns + one column per metric.
+
+    Why: the tidy table is long (run x metric) for storage; scoring and plotting need a metric
+    per column. Failed runs stay in (status says so) with NaN metrics, so a leaderboard can show
+    them. ``technique`` is a readable label of the params that vary within the run's study.
+    With ``with_ci`` also ``<metric>.ci95`` / ``<metric>.n`` columns from repeated measurement.
+    """
+    if tidy_df is None or tidy_df.empty or "run_id" not in tidy_df:
+        return pd.DataFrame(columns=["run_id", "study", "axis", "status", "device", "technique"])
+    df = tidy_df if axis is None else tidy_df[tidy_df["axis"] == axis]
+    if df.empty:
+        return pd.DataFrame(columns=["run_id", "study", "axis", "status", "device", "technique"])
+    id_cols = [c for c in ("run_id", "study", "axis", "status", "device", "finished_at")
+               if c in df]
+    p_cols = [c for c in df.columns if c.startswith("p.")]
+    ident = df.drop_duplicates("run_id")[id_cols + p_cols].set_index("run_id")
+    p_cols = [c for c in p_cols if ident[c].notna().any()]  # params of other axes
+    ident = ident[[c for c in ident.columns if not c.startswith("p.") or c in p_cols]]
+    m = df[df["section"].isin(["metrics", "quality", "model"]) & df["metric"].notna()]
+    parts = [ident]
+    if not m.empty:
+        vals = pd.to_numeric(m["value"], errors="coerce")
+        piv = (m.assign(value=vals)
+               .pivot_table(index="run_id", columns="metric", values="value", aggfunc="first",
+                            dropna=False))
+        piv.columns.name = None
+        parts.append(piv)
+        if with_ci:
+            for stat in ("ci95", "n"):
+                if stat in m:
+                    s = m.assign(**{stat: pd.to_numeric(m[stat], errors="coerce")})
+                    sp = s.pivot_table(index="run_id", columns="metric", values=stat,
+                                       aggfunc="first")
+                    sp.columns = [f"{c}.{stat}" for c in sp.columns]
+                    parts.append(sp)
+    out = pd.concat(parts, axis=1).reset_index().rename(columns={"index": "run_id"})
+    out["technique"] = technique_labels(out)
+    return out
+
+
+def technique_labels(wide: pd.DataFrame) -> pd.Series:
+    """A short label per run from the technique params that vary within its study (and axis).
+
+    Why: an architecture study may vary attention, another positional encoding; the label should
+    name what was compared, not every param. Falls back to the first technique param present.
+    """
+    labels = pd.Series("run", index=wide.index, dtype=object)
+    if wide.empty:
+        return labels
+    keys = [c for c in ("axis", "study") if c in wide]
+    groups = wide.groupby(keys, dropna=False).groups if keys else {None: wide.index}
+    for gkey, idx in groups.items():
+        axis = gkey[0] if isinstance(gkey, tuple) else (gkey if keys == ["axis"] else None)
+        cands = [c for c in TECHNIQUE_PARAMS.get(str(axis), ()) if c in wide]
+        if not cands:
+            cands = [c for cs in TECHNIQUE_PARAMS.values() for c in cs if c in wide]
+        sub = wide.loc[idx]
+        varying = [c for c in cands if sub[c].nunique(dropna=True) > 1]
+        use = varying or [c for c in cands if sub[c].notna().any()][:1]
+        if not use:
+            continue
+        labels.loc[idx] = sub[use].astype(str).agg("+".join, axis=1)
+    return labels
+
+
+def quality_metric(wide: pd.DataFrame, axis: str) -> str | None:
+    """The axis's quality metric for this set: the first candidate that separates runs.
+
+    Why: on tiny runs a task accuracy may be null or all zero; then perplexity/loss is the only
+    quality signal that tells runs apart. Prefer a non-constant column, else any non-null one.
+    """
+    cands = [c for c in QUALITY_CANDIDATES.get(axis, ()) if c in wide and wide[c].notna().any()]
+    for c in cands:
+        if pd.to_numeric(wide[c], errors="coerce").nunique(dropna=True) > 1:
+            return c
+    return cands[0] if cands else None
+
+
+def default_metrics(wide: pd.DataFrame, axis: str, include_quality: bool = True) -> list[str]:
+    """Metrics of the default score for ``axis``: its efficiency metrics (+ quality) present."""
+    ms = [m for m in EFFICIENCY_METRICS.get(axis, ()) if m in wide and wide[m].notna().any()]
+    q = quality_metric(wide, axis) if include_quality else None
+    return ([q] if q else []) + ms
+
+
+# ---------------------------------------------------------------- scaling and score
+def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool:
+    table = {**HIGHER_IS_BETTER, **(higher_is_better or {})}
+    if metric not in table:
+        raise KeyError(f"no direction known for metric {metric!r}; pass higher_is_better="
+                       f"{{{metric!r}: True|False}}")
+    return table[metric]
+
+
+def normalise(df: pd.DataFrame, metrics: Sequence[str],
+              higher_is_better: Mapping[str, bool] | None = None) -> pd.DataFrame:
+    """Scale each metric column to [0.1, 1], oriented so that 1 is the best run of the set.
+
+    NaN stays NaN; a constant column (or a single non-null value) becomes 1.0.
+    """
+    out = pd.DataFrame(index=df.index)
+    for m in metrics:
+        x = pd.to_numeric(df[m], errors="coerce").astype(float) if m in df else \
+            pd.Series(np.nan, index=df.index)
+        if not _direction(m, higher_is_better):
+            x = -x
+        lo, hi = x.min(skipna=True), x.max(skipna=True)
+        if pd.isna(lo) or hi == lo:
+            out[m] = x.where(x.isna(), 1.0)
+        else:
+            out[m] = FLOOR + (1.0 - FLOOR) * (x - lo) / (hi - lo)
+    return out
+
+
+def resolve_weights(metrics: Sequence[str], weights: Mapping[str, float] | None,
+                    quality: str | None = None) -> dict[str, float]:
+    """Weight per metric: given ones, ``"quality"`` mapped onto the quality metric, others 1."""
+    weights = dict(weights or {})
+    out: dict[str, float] = {}
+    for m in metrics:
+        if m in weights:
+            out[m] = float(weights[m])
+        elif m == quality and "quality" in weights:
+            out[m] = float(weights["quality"])
+        else:
+            out[m] = 1.0
+        if out[m] < 0:
+            raise ValueError(f"weight of {m!r} is negative ({out[m]})")
+    return out
+
+
+def score_frame(wide_df: pd.DataFrame, metrics: Sequence[str],
+                weights: Mapping[str, float] | None = None, *,
+                higher_is_better: Mapping[str, bool] | None = None,
+                quality: str | None = None) -> pd.DataFrame:
+    """Score of every row as one comparison set, with how many metrics it used and which not.
+
+    Columns: ``score`` (weighted harmonic mean of the scaled metrics), ``n_metrics`` and
+    ``excluded`` ("" or "aec_w: null; ..." listing metrics left out of that row).
+    """
+    metrics = list(metrics)
+    w = resolve_weights(metrics, weights, quality)
+    used = [m for m in metrics if w[m] > 0]
+    scaled = normalise(wide_df, used, higher_is_better)
+    wv = pd.Series({m: w[m] for m in used}, dtype=float)
+    if used:
+        mask = scaled.notna()
+        num = mask.mul(wv, axis=1).sum(axis=1)
+        den = (mask.mul(wv, axis=1) / scaled.where(mask, 1.0)).sum(axis=1)
+        score = (num / den.where(den > 0)).where(mask.any(axis=1))
+        n_used = mask.sum(axis=1)
+        excluded = mask.apply(lambda r: "; ".join(f"{m}: null" for m in used if not r[m]),
+                              axis=1) if len(mask) else pd.Series(dtype=object)
+    else:
+        score = pd.Series(np.nan, index=wide_df.index)
+        n_used = pd.Series(0, index=wide_df.index)
+        excluded = pd.Series("no metric with weight > 0", index=wide_df.index)
+    return pd.DataFrame({"score": score.astype(float), "n_metrics": n_used.astype(int),
+                         "excluded": excluded.astype(object)}, index=wide_df.index)
+
+
+def efficiency_scores(wide_df: pd.DataFrame | Iterable[Mapping[str, Any]],
+                      metrics: Sequence[str] | None = None,
+                      weights: Mapping[str, float] | None = None, *,
+                      higher_is_better: Mapping[str, bool] | None = None,
+                      axis: str | None = None) -> pd.Series:
+    """Efficiency score per row (one comparison set): higher is better, in [0.1, 1].
+
+    ``metrics`` default to :func:`default_metrics` of ``axis`` (or of the rows' ``axis`` column).
+    Rows whose metrics were partly null carry a note in ``result.attrs["excluded"]``
+    ({index: "metric: null; ..."}). ``wide_df`` may also be a list of row dicts.
+    """
+    if not isinstance(wide_df, pd.DataFrame):
+        wide_df = pd.DataFrame(list(wide_df))
+    if metrics is None:
+        axis = axis or (str(wide_df["axis"].dropna().iloc[0]) if "axis" in wide_df
+                        and wide_df["axis"].notna().any() else "")
+        metrics = default_metrics(wide_df, axis)
+    quality = quality_metric(wide_df, axis) if axis else None
+    sf = score_frame(wide_df, metrics, weights, higher_is_better=higher_is_better,
+                     quality=quality)
+    s = sf["score"].rename("score")
+    s.attrs["excluded"] = {k: v for k, v in sf["excluded"].items() if v}
+    s.attrs["metrics"] = list(metrics)
+    return s
+
+
+def ok_rows(wide: pd.DataFrame) -> pd.DataFrame:
+    """Only runs whose status is ok (failed runs carry no comparable numbers)."""
+    return wide[wide["status"] == "ok"] if "status" in wide else wide
+
+
+def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | None = None,
+                  metrics: Sequence[str] | None = None,
+                  by: Iterable[str] | None = None) -> pd.DataFrame:
+    """Score every ok run within its comparison set (:data:`COMPARISON_KEYS`) of ``axis``.
+
+    Returns a frame indexed like ``wide`` with ``score``, ``n_metrics``, ``excluded``,
+    ``metrics`` (those scored, comma-separated) and ``set`` (a label of the comparison set).
+    Failed runs get NaN and ``excluded = "run failed"``.
+    """
+    out = pd.DataFrame({"score": np.nan, "n_metrics": 0, "excluded": "run failed",
+                        "metrics": "", "set": ""}, index=wide.index)
+    out = out.astype({"score": float, "n_metrics": int, "excluded": object, "metrics": object,
+                      "set": object})
+    ok = ok_rows(wide)
+    if ok.empty:
+        return out
+    keys = [k for k in (by if by is not None else COMPARISON_KEYS.get(axis, ("study",)))
+            if k in ok]
+    groups = ok.groupby(keys, dropna=False).groups if keys else {"all": ok.index}
+    for gkey, idx in groups.items():
+        sub = ok.loc[idx]
+        ms = list(metrics) if metrics is not None else default_metrics(sub, axis)
+        ms = [m for m in ms if m in sub]
+        sf = score_frame(sub, ms, weights, quality=quality_metric(sub, axis))
+        label = " / ".join(str(g) for g in (gkey if isinstance(gkey, tuple) else (gkey,)))
+        out.loc[idx, "score"] = sf["score"]
+        out.loc[idx, "n_metrics"] = sf["n_metrics"]
+        out.loc[idx, "excluded"] = sf["excluded"]
+        out.loc[idx, "metrics"] = ",".join(ms)
+        out.loc[idx, "set"] = label
+    return out
+
+
+# ---------------------------------------------------------------- Fig. 2 rank table
+def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
+    """Ranks of the techniques of one study: normalise per comparison set, average, rank."""
+    ok = ok_rows(wide)
+    q = quality_metric(ok, axis)
+    cols = {k: (q if v is None else v) for k, v in RANK_COLUMNS.items()}
+    metrics = [m for m in dict.fromkeys(v for v in cols.values() if v)
+               if m in ok and ok[m].notna().any()]
+    if ok.empty or not metrics:
+        return pd.DataFrame()
+    keys = [k for k in COMPARISON_KEYS.get(axis, ()) if k in ok]
+    scaled_parts = []
+    for _, sub in (ok.groupby(keys, dropna=False) if keys else [(None, ok)]):
+        scaled_parts.append(normalise(sub, metrics))
+    scaled = pd.concat(scaled_parts).loc[ok.index]
+    scaled["technique"] = ok["technique"]
+    mean = scaled.groupby("technique").mean(numeric_only=True)
+    score = scores_by_set(ok, axis)["score"].groupby(ok["technique"]).mean()
+    block = pd.DataFrame(index=mean.index)
+    for col, m in cols.items():
+        if m and m in mean and mean[m].notna().any():
+            block[col] = mean[m].rank(ascending=False, method="min").astype("Int64")
+        else:
+            block[col] = pd.array([pd.NA] * len(mean), dtype="Int64")
+    block["score"] = score.reindex(mean.index)
+    block["n_techniques"] = len(mean)
+    block["perf_metric"] = q or ""
+    return block.reset_index()
+
+
+def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.DataFrame:
+    """Fig. 2's rank table: one row per (axis, study, technique); rank 1 = best per column.
+
+    Why these steps: techniques are compared within comparison sets (same size / base model /
+    model and device), so each metric is first scaled per set (units and scales differ between
+    sets), averaged over sets per technique, then ranked within the study. Columns Perf, AMU,
+    PCU, AL, TT, ST, IT, AEC, MCR hold ``<NA>`` where the axis does not measure the metric. Also
+    ``score`` (mean efficiency score), ``n_techniques`` and ``perf_metric``.
+    """
+    cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "n_techniques", "perf_metric"]
+    if tidy_df is None or tidy_df.empty:
+        return pd.DataFrame(columns=cols)
+    axes = list(axes) if axes is not None else [a for a in ("architecture", "finetuning",
+                                                            "inference")
+                                                if a in set(tidy_df["axis"].dropna())]
+    blocks = []
+    for axis in axes:
+        wide = wide_table(tidy_df, axis)
+        if wide.empty:
+            continue
+        for study, sub in wide.groupby("study", dropna=False):
+            b = _rank_block(sub, axis)
+            if b.empty:
+                continue
+            b.insert(0, "study", study)
+            b.insert(0, "axis", axis)
+            blocks.append(b)
+    if not blocks:
+        return pd.DataFrame(columns=cols)
+    return pd.concat(blocks, ignore_index=True)[cols]
+
+
+def units_of(tidy_df: pd.DataFrame) -> dict[str, str]:
+    """Metric name -> unit, as recorded (first non-null unit seen)."""
+    if tidy_df is None or tidy_df.empty or "unit" not in tidy_df:
+        return {}
+    u = tidy_df.dropna(subset=["unit"]).drop_duplicates("metric")
+    return dict(zip(u["metric"], u["unit"], strict=True))
+
+
+__all__: list[Any] = [
+    "FLOOR", "HIGHER_IS_BETTER", "RANK_COLUMNS", "COMPARISON_KEYS", "wide_table", "normalise",
+    "efficiency_scores", "score_frame", "scores_by_set", "rank_table", "quality_metric",
+    "default_metrics", "technique_labels", "resolve_weights", "units_of",
+]

@@ -1,0 +1,481 @@
+"""Fine-tuning method registry: one name (``FinetuneParams.method``) -> a model ready to train.
+
+The fine-tuning axis compares methods on the same base, so every method goes through one door
+(``prepare``) and hands back the same things: the model with exactly the method's parameters
+trainable, honest parameter counts, and the optimizer the method calls for (LoRA+ needs its own
+learning-rate groups). The paper's seven methods are fixed entries; any other peft method is
+accepted by name and built from peft's own config-class mapping, so new peft tuners work without
+code here.
+
+QLoRA is orthogonal to the method: ``quant`` in {nf4, fp4} reloads the base in bitsandbytes 4-bit
+before the adapter is attached (peft's ``prepare_model_for_kbit_training`` then freezes the base).
+Methods that train base weights (freeze, full) cannot sit on a 4-bit base and are rejected.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from effllm_helpers.config import FT_METHODS, PEFT_EXTRA, FinetuneParams
+from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers.techniques.precision import as_device, probe_bnb, quantize_in_memory
+
+# largest weight dimension up to which PiSSA uses an exact SVD; above it peft's fast randomized
+# SVD ("pissa_niter_<n>"), which peft's docs call about as good as SVD at niter=16
+PISSA_EXACT_MAX_DIM = 1024
+PISSA_NITER = 16
+TASK_TYPE = "CAUSAL_LM"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registry entry: what a method name means."""
+
+    name: str
+    kind: Literal["peft", "freeze", "full"]
+    description: str
+    config: Callable[[FinetuneParams, nn.Module], Any] | None = None  # -> peft config
+    optimizer: Literal["adamw", "loraplus"] = "adamw"
+
+
+@dataclass
+class Prepared:
+    """A model ready to train with one method, its parameter counts and its optimizer factory."""
+
+    model: nn.Module
+    method: str
+    trainable_params: int
+    total_params: int
+    make_optimizer: Callable[[float, float], torch.optim.Optimizer]
+    quant: str = "none"
+    notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # resolved settings, for the record
+
+
+class MergeCheck(NamedTuple):
+    """Result of ``merge_check``: the max abs logit difference, or None and why."""
+
+    max_abs_diff: float | None
+    reason: str | None = None
+
+
+# ---------------------------------------------------------------- peft configs
+def _targets(params: FinetuneParams) -> str | list[str]:
+    tm = params.target_modules
+    return list(tm) if isinstance(tm, list) else tm
+
+
+def _lora(params: FinetuneParams, **extra: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+                      target_modules=_targets(params), bias="none", task_type=TASK_TYPE, **extra)
+
+
+def _max_linear_dim(model: nn.Module) -> int:
+    """Largest in/out dimension of the linear layers an adapter may target (LM head excluded)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    dims = [max(m.in_features, m.out_features) for m in model.modules()
+            if isinstance(m, nn.Linear) and m is not head]
+    return max(dims, default=0)
+
+
+def pissa_init_name(model: nn.Module) -> str:
+    """Exact SVD for small weights, peft's fast SVD (``pissa_niter_16``) for large ones."""
+    if _max_linear_dim(model) <= PISSA_EXACT_MAX_DIM:
+        return "pissa"
+    return f"pissa_niter_{PISSA_NITER}"
+
+
+REGISTRY: dict[str, MethodSpec] = {
+    "lora": MethodSpec("lora", "peft", "LoRA: low-rank A,B on frozen weights, scale alpha/r",
+                       lambda p, m: _lora(p)),
+    "lora_plus": MethodSpec("lora_plus", "peft",
+                            "LoRA+: LoRA with B learning rate = ratio x A learning rate",
+                            lambda p, m: _lora(p), optimizer="loraplus"),
+    "rslora": MethodSpec("rslora", "peft", "rank-stabilised LoRA: scale alpha/sqrt(r)",
+                         lambda p, m: _lora(p, use_rslora=True)),
+    "dora": MethodSpec("dora", "peft", "DoRA: LoRA direction + trained magnitude vector",
+                       lambda p, m: _lora(p, use_dora=True)),
+    "pissa": MethodSpec("pissa", "peft",
+                        "PiSSA: A,B from the top-r singular vectors, base keeps the residual",
+                        lambda p, m: _lora(p, init_lora_weights=pissa_init_name(m))),
+    "freeze": MethodSpec("freeze", "freeze", "train only the last k blocks and the LM head"),
+    "full": MethodSpec("full", "full", "train every parameter"),
+}
+assert tuple(REGISTRY) == FT_METHODS, "fine-tuning registry out of sync with config.FT_METHODS"
+
+
+def _peft_config_classes() -> dict[str, type]:
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return {str(getattr(k, "value", k)).lower(): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
+def known_methods() -> list[str]:
+    """The paper's methods plus every peft method name this peft installation knows."""
+    return list(FT_METHODS) + sorted(set(_peft_config_classes()) - {"lora"})
+
+
+def _unknown(method: str) -> ValueError:
+    extra = ""
+    if method in PEFT_EXTRA:
+        extra = f" (config.PEFT_EXTRA lists it, but peft {_peft_version()} does not provide it)"
+    return ValueError(f"unknown fine-tuning method {method!r}{extra}; known: "
+                      f"{', '.join(known_methods())}")
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+# peft methods whose ``r`` field is not an adapter rank (OFT: number of orthogonal blocks, and
+# setting it clashes with the default oft_block_size); rank is left to peft's defaults for them
+_R_IS_NOT_A_RANK = frozenset({"oft"})
+
+
+def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> Any:
+    """Build any other peft method's config from our shared knobs, by its own field names.
+
+    rank -> ``r``; alpha -> ``lora_alpha``/``alpha``/``<method>_alpha``; dropout ->
+    ``lora_dropout``/``<method>_dropout``/``dropout`` (LyCORIS' rank/module dropout mean something
+    else and are left at peft's defaults). What could not be mapped is written to ``notes``.
+    """
+    cls = _peft_config_classes().get(method)
+    if cls is None:
+        raise _unknown(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw: dict[str, Any] = {"task_type": TASK_TYPE}
+    if "target_modules" in fields and method != "ln_tuning":  # ln_tuning targets norm layers
+        kw["target_modules"] = _targets(params)
+    if "r" in fields and method not in _R_IS_NOT_A_RANK:
+        kw["r"] = params.rank
+    else:
+        notes.append(f"{method}: has no rank field; rank={params.rank} ignored")
+    alpha = next((f for f in ("lora_alpha", "alpha", f"{method}_alpha") if f in fields), None)
+    if alpha:
+        kw[alpha] = params.alpha
+    else:
+        notes.append(f"{method}: has no alpha field; alpha={params.alpha} ignored")
+    drop = next((f for f in ("lora_dropout", f"{method}_dropout", "dropout") if f in fields), None)
+    if drop:
+        kw[drop] = params.dropout
+    elif params.dropout:
+        notes.append(f"{method}: has no input-dropout field; dropout={params.dropout} ignored")
+    if "total_step" in fields:  # AdaLoRA's rank schedule needs the run length
+        kw["total_step"] = params.train.steps
+        notes.append(f"{method}: total_step={params.train.steps}; the training loop must call "
+                     "model.update_and_allocate(step) for the rank budget to move")
+    return cls(**kw)
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The registry entry for ``method``; other peft methods get a generic one; unknown -> error."""
+    if method in REGISTRY:
+        return REGISTRY[method]
+    if method not in _peft_config_classes():
+        raise _unknown(method)
+    return MethodSpec(method, "peft", f"peft {method} with peft's defaults for other knobs")
+
+
+# ---------------------------------------------------------------- helpers
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, shared tensors once, 4-bit packed weights unpacked.
+
+    Mirrors ``PeftModel.get_nb_trainable_parameters`` so peft and non-peft methods are counted
+    alike (a bnb ``Params4bit`` stores two weights per byte, so its numel is doubled).
+    """
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * p.element_size()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer/SSM block list: the ``nn.ModuleList`` holding the most parameters.
+
+    Works for Llama (``model.layers``), GPT-NeoX (``gpt_neox.layers``), DeepseekV3, Mamba
+    (``backbone.layers``) and our decoders without per-family names; expert lists inside MoE
+    blocks are smaller than the block list that contains them.
+    """
+    best: tuple[tuple[int, int], str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            key = (sum(p.numel() for p in mod.parameters()), len(mod))
+            if best is None or key > best[0]:
+                best = (key, name, mod)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks to freeze around")
+    return best[1], best[2]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _adamw(params_groups: list[dict[str, Any]], lr: float, device: torch.device,
+           **kw: Any) -> torch.optim.Optimizer:
+    if device.type == "cuda":
+        kw["fused"] = True
+    return torch.optim.AdamW(params_groups, lr=lr, **kw)
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases, norms and vectors (DoRA magnitudes, IA3) undecayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _optimizer_factory(model: nn.Module, spec: MethodSpec,
+                       params: FinetuneParams) -> Callable[[float, float], torch.optim.Optimizer]:
+    device = _device_of(model)
+
+    def make_optimizer(lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (fused on CUDA); LoRA+ groups for lora_plus."""
+        if spec.optimizer == "loraplus":
+            from peft.optimizers import create_loraplus_optimizer
+
+            kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+            # peft sets every group's weight_decay from loraplus_weight_decay (default 0.0), so a
+            # plain weight_decay kwarg would be silently overridden
+            return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr,
+                                             loraplus_lr_ratio=params.lora_plus_ratio,
+                                             loraplus_weight_decay=weight_decay, **kw)
+        return _adamw(_decay_groups(model, weight_decay), lr, device)
+
+    return make_optimizer
+
+
+def _bnb4_config(quant: str, compute: torch.dtype, double_quant: bool) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _attach_quantized(model: nn.Module, peft_config: Any, spec: MethodSpec, params: FinetuneParams,
+                      double_quant: bool, notes: list[str]) -> nn.Module:
+    """QLoRA: 4-bit bnb base + adapter; PiSSA is factored in float, its residual then quantised."""
+    from peft import (
+        get_peft_model,
+        get_peft_model_state_dict,
+        prepare_model_for_kbit_training,
+        set_peft_model_state_dict,
+    )
+
+    device = as_device(_device_of(model))
+    reason = probe_bnb("bnb4", str(device), backward=True)
+    if reason:
+        raise UnsupportedTechnique(f"QLoRA ({params.quant}) on {device}: {reason}")
+    compute = _float_dtype(model)
+    qc = _bnb4_config(params.quant, compute, double_quant)
+    adapter_state = None
+    if spec.name == "pissa":
+        # peft refuses PiSSA on a quantised weight; the PiSSA recipe (QPiSSA) is to factor the
+        # float weight, then quantise the residual that stays in the base
+        fp = get_peft_model(model, peft_config)
+        adapter_state = get_peft_model_state_dict(fp)
+        model = fp.unload()
+        peft_config = dataclasses.replace(peft_config, init_lora_weights=True)
+        notes.append("QPiSSA: PiSSA factors computed in float, the residual base quantised after")
+    base = quantize_in_memory(model, qc, device, dtype=compute)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    notes.append(f"QLoRA base: bitsandbytes 4-bit {params.quant}, double_quant={double_quant}, "
+                 f"compute {str(compute).removeprefix('torch.')}; prepare_model_for_kbit_training "
+                 "upcast the non-4-bit half-precision params to fp32; no gradient checkpointing")
+    if device.type == "cpu":
+        _keep_bnb_cpu_layout(base, notes)
+    # some peft tuners (LoHa, LoKr, FourierFT, ...) have no bnb layer and read the packed uint8
+    # weight's shape, failing while the adapter is built or at the first forward; a tiny forward
+    # finds that here instead of in the middle of a run
+    try:
+        pm = get_peft_model(base, peft_config)
+        if adapter_state is not None:
+            set_peft_model_state_dict(pm, adapter_state)
+        with torch.no_grad():
+            pm(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+    except (RuntimeError, TypeError) as exc:  # peft's own config ValueErrors pass through
+        raise UnsupportedTechnique(f"peft {spec.name} cannot run on a bitsandbytes 4-bit base: "
+                                   f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    return pm
+
+
+def _keep_bnb_cpu_layout(model: nn.Module, notes: list[str]) -> None:
+    """Stop bnb's CPU eval-time repacking of 4-bit weights under a trainable adapter.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 ``Linear4bit.forward`` permanently rewrites its
+    weight into a CPU-only layout the first time it runs in eval mode without grad (as an
+    evaluation pass does). peft's merge then dequantises that layout as if it were the standard
+    one (garbage weights), and later training forwards take the inference-only kernel. Turning the
+    module's ``support_avx512bf16_for_cpu`` flag off keeps the standard layout.
+    """
+    n = 0
+    for mod in model.modules():
+        if getattr(mod, "support_avx512bf16_for_cpu", False):
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    if n:
+        notes.append(f"bitsandbytes CPU 4-bit repacking disabled on {n} layers (keeps the standard "
+                     "layout so evaluation, merging and training stay correct)")
+
+
+# ---------------------------------------------------------------- the door
+def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = True) -> Prepared:
+    """Set ``model`` up for ``params.method`` (and ``params.quant``); return a ``Prepared``.
+
+    peft methods wrap the model (the base is modified in place: adapter layers injected, and PiSSA
+    rewrites base weights to their residual); freeze/full only flip ``requires_grad``. With
+    ``quant`` != none the base is reloaded in 4-bit (a new object) before the adapter is attached.
+    Raises ``ValueError`` for unknown methods or quant with freeze/full, ``UnsupportedTechnique``
+    when this machine cannot run 4-bit bitsandbytes or the peft method cannot sit on it.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("model already carries a peft adapter; pass the base model")
+    spec = method_spec(params.method)
+    notes: list[str] = [spec.description]
+    resolved: dict[str, Any] = {"method": spec.name, "kind": spec.kind, "quant": params.quant}
+
+    if spec.kind in ("freeze", "full"):
+        if params.quant != "none":
+            raise ValueError(f"quant={params.quant!r} (QLoRA) needs an adapter method; "
+                             f"{spec.name!r} trains base weights, which cannot be 4-bit")
+        if spec.kind == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            _freeze_all_but_last(model, params.freeze_last_k, notes, resolved)
+    else:
+        if spec.name in REGISTRY:
+            peft_config = spec.config(params, model)  # type: ignore[misc]
+        else:
+            peft_config = _generic_config(spec.name, params, notes)
+        if params.quant != "none":
+            model = _attach_quantized(model, peft_config, spec, params, double_quant, notes)
+        else:
+            model = get_peft_model(model, peft_config)
+        resolved["peft_config"] = {k: (sorted(v) if isinstance(v, set) else v)
+                                   for k, v in peft_config.to_dict().items()
+                                   if isinstance(v, (str, int, float, bool, list, set, type(None)))}
+        if spec.name == "pissa":
+            notes.append(f"PiSSA init {peft_config.init_lora_weights!r}: the base weights now hold "
+                         "the residual, so the saved adapter only works on this residual base")
+        if spec.optimizer == "loraplus":
+            resolved["lora_plus_ratio"] = params.lora_plus_ratio
+
+    trainable, total = count_params(model)
+    if trainable == 0:
+        raise ValueError(f"method {spec.name!r} left no trainable parameters "
+                         f"(target_modules={params.target_modules!r})")
+    return Prepared(model=model, method=spec.name, trainable_params=trainable, total_params=total,
+                    make_optimizer=_optimizer_factory(model, spec, params), quant=params.quant,
+                    notes=notes, config=resolved)
+
+
+def _freeze_all_but_last(model: nn.Module, k: int, notes: list[str],
+                         resolved: dict[str, Any]) -> None:
+    """Freeze everything, then unfreeze the last ``k`` blocks and the LM head."""
+    name, blocks = find_blocks(model)
+    if k > len(blocks):
+        raise ValueError(f"freeze_last_k={k} exceeds the {len(blocks)} blocks in {name!r}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} exposes no output embeddings (LM head)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in list(blocks)[-k:]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if inp is not None and getattr(inp, "weight", None) is getattr(head, "weight", object()):
+        notes.append("LM head is tied to the input embeddings: training it trains them too")
+    resolved.update(blocks=name, n_blocks=len(blocks), trained_blocks=k)
+
+
+# ---------------------------------------------------------------- after training
+def _weight_files(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*")
+               if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt"))
+
+
+def adapter_size_bytes(prepared: Prepared, tmp_dir: str | Path) -> int:
+    """On-disk bytes of what the method must ship: the peft adapter, or the trained weights.
+
+    Real file sizes of ``save_pretrained`` (peft) or a safetensors file of the trainable tensors
+    (freeze/full); the small JSON config is not counted.
+    """
+    from peft import PeftModel
+
+    out = Path(tmp_dir) / f"adapter_{prepared.method}"
+    out.mkdir(parents=True, exist_ok=True)
+    model = prepared.model
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(out))
+    else:
+        from safetensors.torch import save_file
+
+        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
+                   if p.requires_grad}
+        save_file(tensors, str(out / "trainable.safetensors"))
+    return _weight_files(out)
+
+
+def merge_check(prepared: Prepared, input_ids: torch.Tensor) -> MergeCheck:
+    """Max abs logit difference between the adapter model and a ``merge_and_unload()`` copy.
+
+    Runs in eval mode (dropout off) on a deep copy, so ``prepared.model`` is untouched. Methods
+    without an adapter or whose peft tuner cannot merge give ``MergeCheck(None, reason)``.
+    """
+    from peft import PeftModel
+
+    model = prepared.model
+    if not isinstance(model, PeftModel):
+        return MergeCheck(None, f"{prepared.method} trains base weights: nothing to merge")
+    was_training = model.training
+    model.eval()
+    try:
+        ids = input_ids.to(_device_of(model))
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits.float()
+            try:
+                merged = copy.deepcopy(model).merge_and_unload()
+            except (AttributeError, NotImplementedError, ValueError, TypeError,
+                    RuntimeError) as exc:  # RuntimeError: e.g. FourierFT adding into 4-bit data
+                return MergeCheck(None, f"peft {prepared.method} cannot merge: "
+                                        f"{type(exc).__name__}: {str(exc)[:200]}")
+            merged.eval()
+            out = merged(input_ids=ids).logits.float()
+        return MergeCheck(float((out - ref).abs().max().item()))
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["REGISTRY", "MergeCheck", "MethodSpec", "Prepared", "UnsupportedTechnique",
+           "adapter_size_bytes", "count_params", "find_blocks", "known_methods", "merge_check",
+           "method_spec", "pissa_init_name", "prepare"]

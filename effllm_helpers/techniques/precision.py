@@ -1,0 +1,331 @@
+"""Inference precision registry: fp32 / bf16 / fp16 casts and bitsandbytes int8 / int4 quantisation.
+
+The inference axis compares one model at several precisions, so every precision goes through the
+same door (``load_for_inference``) and reports the same facts: the model, the *real* bytes its
+weights occupy (packed 4-bit storage and quantisation constants included, not a nominal bit ratio,
+see PAPER.md on MCR), and notes on anything that makes timings unrepresentative. A precision this
+machine cannot run raises ``UnsupportedTechnique`` with the reason ``check_supported`` found, which
+the notebook records as a skip rather than a failure.
+
+bitsandbytes quantises at load time (``from_pretrained(..., quantization_config=...)``); an
+in-memory model is quantised by saving it to a temporary directory and loading it back, which works
+for any ``PreTrainedModel`` subclass, our registered custom decoders included.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from effllm_helpers.config import PRECISIONS, InferenceParams
+from effllm_helpers.techniques import UnsupportedTechnique
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                  "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    """One registry entry: how a precision name is realised."""
+
+    name: str
+    kind: Literal["float", "bnb8", "bnb4"]
+    dtype: torch.dtype | None = None  # float kinds: the cast dtype
+    quant_type: str | None = None  # bnb4: 'nf4' | 'fp4'
+    bits: int = 16
+    description: str = ""
+
+
+REGISTRY: dict[str, PrecisionSpec] = {
+    "fp32": PrecisionSpec("fp32", "float", torch.float32, bits=32, description="model.to(float32)"),
+    "bf16": PrecisionSpec("bf16", "float", torch.bfloat16, bits=16,
+                          description="model.to(bfloat16)"),
+    "fp16": PrecisionSpec("fp16", "float", torch.float16, bits=16, description="model.to(float16)"),
+    "int8": PrecisionSpec("int8", "bnb8", bits=8,
+                          description="bitsandbytes LLM.int8 (load_in_8bit), outliers in fp16"),
+    "int4-nf4": PrecisionSpec("int4-nf4", "bnb4", quant_type="nf4", bits=4,
+                              description="bitsandbytes 4-bit NormalFloat (load_in_4bit)"),
+    "int4-fp4": PrecisionSpec("int4-fp4", "bnb4", quant_type="fp4", bits=4,
+                              description="bitsandbytes 4-bit float (load_in_4bit)"),
+}
+assert set(REGISTRY) == set(PRECISIONS), "precision registry out of sync with config.PRECISIONS"
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference at one precision, with its real weight bytes."""
+
+    model: nn.Module
+    precision: str
+    weight_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- devices and support
+def as_device(device: str | torch.device) -> torch.device:
+    """Normalise a device; a bare ``cuda`` becomes the current CUDA index (bnb needs an index)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_half_note(dtype: torch.dtype) -> str | None:
+    """Why CPU timings at half precision may mislead (no native instructions), or None."""
+    flags = _cpu_flags()
+    if dtype == torch.float16 and not flags & {"avx512_fp16", "amx_fp16"}:
+        return ("fp16 on this CPU has no native fp16 matmul (no avx512_fp16/amx_fp16): torch "
+                "converts, so fp16 timings here are slow and not representative")
+    if dtype == torch.bfloat16 and not flags & {"avx512_bf16", "amx_bf16"}:
+        return ("bf16 on this CPU has no native bf16 matmul (no avx512_bf16/amx_bf16): timings "
+                "here are not representative")
+    return None
+
+
+def _bf16_on_cuda(dev: torch.device) -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch without the keyword
+        return bool(torch.cuda.is_bf16_supported())
+
+
+@functools.lru_cache(maxsize=32)
+def _probe_float(dtype_name: str, device: str) -> str | None:
+    dtype = DTYPES[dtype_name]
+    try:
+        a = torch.ones(8, 8, dtype=dtype, device=device)
+        out = a @ a
+        if not bool(torch.isfinite(out.float()).all()):
+            return f"{dtype_name} matmul on {device} produced non-finite values"
+    except Exception as exc:  # the probe's whole point is to turn any failure into a reason
+        return f"{dtype_name} matmul is not supported on {device}: {type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def probe_bnb(kind: Literal["bnb8", "bnb4"], device: str, backward: bool = False) -> str | None:
+    """Run a tiny bitsandbytes layer on ``device``; return why it cannot run, or None.
+
+    Probing beats version tables: bnb's multi-backend builds (CPU, CUDA, XPU...) differ in which
+    kernels exist, and only running one tells. ``backward`` also checks QLoRA's gradient path.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError or a broken native library
+        return f"bitsandbytes cannot be imported: {type(exc).__name__}: {exc}"
+    try:
+        # layers are built on CPU inside fork_rng: a probe must not shift the caller's random
+        # stream (it runs once per process, so it would make seeded runs order-dependent)
+        with torch.random.fork_rng(devices=[]):
+            ref = nn.Linear(64, 64, bias=False)
+            with torch.no_grad():
+                ref.weight.copy_(torch.linspace(-3, 3, 64 * 64).sin().reshape(64, 64) * 0.1)
+            if kind == "bnb8":
+                layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32,
+                                          quant_type="nf4")
+        layer.load_state_dict(ref.state_dict())
+        layer = layer.to(device)
+        x = torch.linspace(-1, 1, 128, device=device).reshape(2, 64).requires_grad_(backward)
+        y = layer(x)
+        if not bool(torch.isfinite(y.float()).all()):
+            return f"bitsandbytes {kind} layer on {device} produced non-finite output"
+        err = (y.float() - ref.to(device)(x).float()).abs().max().item()
+        if err > 1.0:
+            return f"bitsandbytes {kind} layer on {device} is wrong (max error {err:.3g})"
+        if backward:
+            y.float().sum().backward()
+            if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+                return f"bitsandbytes {kind} backward on {device} gave no finite input gradient"
+    except Exception as exc:
+        ver = getattr(bnb, "__version__", "?")
+        return (f"bitsandbytes {ver} cannot run {kind} on {device}: "
+                f"{type(exc).__name__}: {str(exc)[:300]}")
+    return None
+
+
+def check_supported(precision: str, device: str | torch.device) -> str | None:
+    """None if ``precision`` can run on ``device`` here, else a one-line reason (a skip)."""
+    if precision not in REGISTRY:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(REGISTRY)}")
+    spec = REGISTRY[precision]
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA requested but torch.cuda.is_available() is False"
+    dev = as_device(dev)
+    if spec.kind == "float":
+        if dev.type == "cuda" and spec.dtype == torch.bfloat16 and not _bf16_on_cuda(dev):
+            name = torch.cuda.get_device_name(dev)
+            return f"bf16 is not natively supported on {name} (torch.cuda.is_bf16_supported)"
+        return _probe_float(precision, str(dev))
+    return probe_bnb(spec.kind, str(dev))
+
+
+# ---------------------------------------------------------------- sizes
+def _tensor_bytes(t: Any, seen: set[tuple[int, int, str]]) -> int:
+    if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
+        return 0
+    key = (t.data_ptr(), t.numel(), str(t.dtype))
+    if key in seen:
+        return 0
+    seen.add(key)
+    return t.numel() * t.element_size()
+
+
+def _quant_state_bytes(qs: Any, seen: set[tuple[int, int, str]]) -> int:
+    """Bytes of a bnb QuantState: absmax, code, offset and the nested (double-quant) state."""
+    if qs is None:
+        return 0
+    n = 0
+    for attr in ("absmax", "code", "offset"):
+        n += _tensor_bytes(getattr(qs, attr, None), seen)
+    return n + _quant_state_bytes(getattr(qs, "state2", None), seen)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Real storage bytes of parameters and buffers, each shared tensor counted once.
+
+    bitsandbytes parameters count their packed storage (Params4bit: two 4-bit values per uint8 byte;
+    Int8Params: int8) plus their quantisation constants (4-bit ``quant_state.absmax``/``code``/
+    nested state; 8-bit per-row ``SCB``, on the weight or, after a forward, on the module's
+    ``state``), so the number is what the weights really occupy. On AVX512-BF16 CPUs bnb 0.50
+    repacks 4-bit weights at the first eval forward (absmax to bf16, double quantisation undone),
+    so the count taken right after loading differs from one taken after inference there.
+    """
+    seen: set[tuple[int, int, str]] = set()
+    total = 0
+    for p in model.parameters():
+        total += _tensor_bytes(p, seen)
+        total += _quant_state_bytes(getattr(p, "quant_state", None), seen)
+        total += _tensor_bytes(getattr(p, "SCB", None), seen)
+    for b in model.buffers():
+        total += _tensor_bytes(b, seen)
+    for mod in model.modules():  # Linear8bitLt moves SCB/CB from the weight to .state on use
+        state = getattr(mod, "state", None)
+        for attr in ("SCB", "CB"):
+            total += _tensor_bytes(getattr(state, attr, None), seen)
+    return total
+
+
+# ---------------------------------------------------------------- quantisation
+def bnb_config(precision: str, double_quant: bool = False, compute_dtype: str = "bf16") -> Any:
+    """The ``BitsAndBytesConfig`` for an int8/int4 precision (None for float precisions)."""
+    from transformers import BitsAndBytesConfig
+
+    spec = REGISTRY[precision]
+    if spec.kind == "bnb8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if spec.kind == "bnb4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
+                                  bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=DTYPES[compute_dtype])
+    return None
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether a model was loaded with bitsandbytes (so it must not be cast or re-quantised)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit",
+                                                                       False))
+
+
+def quantize_in_memory(model: nn.Module, quantization_config: Any, device: str | torch.device,
+                       dtype: torch.dtype | None = None) -> nn.Module:
+    """Quantise an in-memory ``PreTrainedModel`` by a save / reload round trip; returns a new model.
+
+    bnb quantises while loading, so the round trip is the supported path; ``type(model)`` keeps
+    custom registered model classes working. ``dtype`` is the dtype of the modules bnb leaves alone
+    (embeddings, norms, LM head); default: the model's current floating dtype.
+    """
+    if is_quantized(model):
+        raise ValueError("model is already bitsandbytes-quantised; load the float weights instead")
+    if not hasattr(model, "save_pretrained") or not hasattr(type(model), "from_pretrained"):
+        raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+    if type(model).__module__.startswith("peft"):
+        raise TypeError("got a peft model: merge_and_unload() it before quantising")
+    dev = as_device(device)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                     torch.float32)
+    with tempfile.TemporaryDirectory(prefix="effllm_quant_") as tmp:
+        model.save_pretrained(tmp)
+        return type(model).from_pretrained(tmp, quantization_config=quantization_config,
+                                           device_map={"": str(dev)}, dtype=dtype)
+
+
+def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceParams,
+                       device: str | torch.device) -> Loaded:
+    """Load or convert a model at ``params.precision`` on ``device``.
+
+    A path/id is loaded with ``AutoModelForCausalLM``. An in-memory model is cast *in place* for the
+    float precisions (``nn.Module.to`` mutates; pass a fresh model) and copied through a temporary
+    save for int8/int4. Raises ``UnsupportedTechnique`` when this machine cannot run the precision.
+    """
+    precision = params.precision
+    spec = REGISTRY[precision]
+    reason = check_supported(precision, device)
+    if reason:
+        raise UnsupportedTechnique(f"precision {precision} on {device}: {reason}")
+    dev = as_device(device)
+    notes: list[str] = [spec.description]
+    if spec.kind == "float":
+        if isinstance(model_or_path, nn.Module):
+            if is_quantized(model_or_path):
+                raise ValueError("cannot cast a bitsandbytes-quantised model to a float precision")
+            model = model_or_path.to(device=dev, dtype=spec.dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=spec.dtype)
+            model = model.to(dev)
+        if dev.type == "cpu" and spec.dtype != torch.float32:
+            note = cpu_half_note(spec.dtype)
+            if note:
+                notes.append(note)
+    else:
+        qc = bnb_config(precision, params.double_quant, params.compute_dtype)
+        compute = DTYPES[params.compute_dtype]
+        if isinstance(model_or_path, nn.Module):
+            model = quantize_in_memory(model_or_path, qc, dev, dtype=compute)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_or_path),
+                                                         quantization_config=qc,
+                                                         device_map={"": str(dev)}, dtype=compute)
+        notes.append("non-quantised modules (embeddings, norms, LM head) in "
+                     f"{params.compute_dtype}")
+        if spec.kind == "bnb8":
+            notes.append("LLM.int8 matmuls run in fp16 internally whatever compute_dtype says")
+        else:
+            notes.append(f"4-bit compute dtype {params.compute_dtype}, double_quant="
+                         f"{params.double_quant}")
+        if dev.type == "cpu":
+            notes.append("bitsandbytes CPU backend: timings are not representative of CUDA kernels")
+            if spec.kind == "bnb4" and "avx512_bf16" in _cpu_flags():
+                notes.append("weight_bytes taken at load; bnb repacks 4-bit weights for this CPU "
+                             "at the first eval forward (bf16 absmax, double quant undone)")
+    model.eval()
+    return Loaded(model=model, precision=precision, weight_bytes=weight_bytes(model), notes=notes)
+
+
+__all__ = ["DTYPES", "REGISTRY", "Loaded", "PrecisionSpec", "UnsupportedTechnique", "as_device",
+           "bnb_config", "check_supported", "cpu_half_note", "is_quantized", "load_for_inference",
+           "probe_bnb", "quantize_in_memory", "weight_bytes"]
