@@ -1,0 +1,465 @@
+"""The one measuring API every axis uses: ``with Meter(...) as m: ... m.step(tokens=...)``.
+
+Why this shape: the six metrics must be measured the same way in pretraining, fine-tuning and
+inference, after warm-up, between synchronised start/stop marks, at a cost the workload does not
+notice. Per step the Meter only appends a float (CPU) or records a CUDA event (GPU, resolved at
+the end, no sync); memory, utilisation and power are read by a background sampler thread; energy
+comes from counters read only at the marks.
+
+Usage::
+
+    with Meter("cuda", n_params=N, flops_per_token=F, dtype="bf16", warmup_steps=2) as m:
+        for batch in loader:
+            loss = train_step(batch)
+            m.step(tokens=batch.numel(), samples=len(batch))
+            log(loss, joules=m.energy_j_so_far())
+    record["metrics"].update(m.metrics())
+
+Semantics: the first ``warmup_steps`` calls to ``step()`` end the warm-up; the measured phase
+starts right after the ``warmup_steps``-th call (or at ``__enter__`` when it is 0) and ends at
+``__exit__``. Iteration i's latency is the time between consecutive step marks (on GPU, CUDA
+events on the current stream of the current device, resolved after the stop mark's sync). Tokens and
+samples are those of the measured steps, summed over all devices the run uses.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from effllm_helpers.measure import compute as comp
+from effllm_helpers.measure import device as dev
+from effllm_helpers.measure import energy as en
+from effllm_helpers.measure import memory as mem
+from effllm_helpers.measure.latency import latency_metric
+from effllm_helpers.measure.sampler import Sampler, time_average
+from effllm_helpers.results import metric, missing
+
+GB = 1e9  # decimal GB, as the paper's tables
+
+METRIC_KEYS = ("amu_gb", "amu_frac", "peak_gb", "pcu", "mfu", "al_s", "tt", "st", "it",
+               "tokens_per_s", "samples_per_s", "aec_w", "energy_j", "j_per_token", "duration_s")
+GPU_KEYS = ("torch_max_allocated_gb", "torch_max_reserved_gb")
+UNITS = {"amu_gb": "GB", "amu_frac": "fraction", "peak_gb": "GB", "pcu": "fraction",
+         "mfu": "fraction", "al_s": "s", "tt": "tokens/s/param", "st": "samples/s/param",
+         "it": "tokens/s", "tokens_per_s": "tokens/s", "samples_per_s": "samples/s",
+         "aec_w": "W", "energy_j": "J", "j_per_token": "J/token", "duration_s": "s",
+         "torch_max_allocated_gb": "GB", "torch_max_reserved_gb": "GB"}
+
+
+class Meter:
+    """Measures the six metrics over the body of a ``with`` block (see the module docstring).
+
+    ``n_params`` (alias ``params``): parameter count for TT/ST (per the paper: total params).
+    ``flops_per_token``: analytic model FLOPs per counted token (training: ~6N + attention).
+    ``dtype``: compute dtype for the peak (fp32, tf32, bf16, fp16, fp8, int8).
+    ``gpu_indices``: CUDA (torch) indices the run uses; default the device's own index.
+    ``peak_flops``: override the peak FLOP/s (method ``user_peak``), e.g. a measured one.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", n_params: int | None = None,
+                 flops_per_token: float | None = None, dtype: str = "fp32",
+                 warmup_steps: int = 0, sample_interval_s: float = 0.1,
+                 gpu_indices: list[int] | None = None, *, params: int | None = None,
+                 peak_flops: float | None = None) -> None:
+        if params is not None and n_params is not None and params != n_params:
+            raise ValueError("give n_params or params, not both")
+        self.device = dev.resolve(device)
+        self.is_gpu = self.device.type == "cuda"
+        if self.is_gpu and not dev.cuda_available():
+            raise RuntimeError(f"Meter({device!r}): CUDA is not available on this machine")
+        self.n_params = n_params if n_params is not None else params
+        self.flops_per_token = flops_per_token
+        self.dtype = comp.canonical_dtype(dtype)
+        self.warmup_steps = int(warmup_steps)
+        self.sample_interval_s = float(sample_interval_s)
+        self.cuda_indices = list(gpu_indices) if gpu_indices else (
+            [self.device.index or 0] if self.is_gpu else [])
+        self.peak_override = peak_flops
+        self.notes: dict[str, str] = {}
+        self.sampler: Sampler | None = None
+        self.error: str | None = None
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._active = False
+        self._measuring = False
+        self._done = False
+        self._n_calls = 0
+        self._tokens = 0
+        self._samples = 0
+        self._generated: int | None = None
+        self._marks: list[Any] = []  # perf_counter floats (CPU) or CUDA events (GPU)
+        self._t_enter = self._t0 = self._t1 = self._ts0 = self._ts1 = 0.0
+        self._nvml: Any = None
+        self._counter: en.NvmlEnergyCounter | None = None
+        self._rapl: en.RaplCounter | None = None
+        self._mem_probe: mem.GpuMemoryProbe | None = None
+        self._total_mem: int | None = None
+        self._e_enter: Any = None
+        self._e0: Any = None
+        self._e1: Any = None
+        self._cpu0 = self._cpu1 = 0.0
+        self._torch_peaks: tuple[int, int] | None = None
+        self._tree = mem.ProcessTree()
+
+    # ------------------------------------------------------------------ setup
+    def _setup_gpu(self) -> dict[str, Any]:
+        probes: dict[str, Any] = {}
+        try:
+            self._total_mem = sum(dev.cuda_total_memory(i) for i in self.cuda_indices)
+        except Exception as exc:
+            self.notes["total_memory"] = f"torch.cuda total memory: {exc}"
+        nv, reason = dev.get_nvml()
+        if nv is None:
+            self.notes["nvml"] = str(reason)
+            return probes
+        try:
+            nidx = dev.nvml_indices(self.cuda_indices)
+            handles = dev.nvml_handles(nidx)
+        except Exception as exc:
+            self.notes["nvml"] = f"cannot map CUDA devices to NVML: {exc}"
+            return probes
+        self._nvml = nv
+        self.nvml_indices = nidx
+        self._mem_probe = mem.GpuMemoryProbe(nv, handles, self._tree)
+        try:
+            self._total_mem = self._mem_probe.total_bytes()
+        except Exception as exc:
+            self.notes.setdefault("total_memory", f"NVML memory info: {exc}")
+        probes["mem"] = self._mem_probe
+        probes["util"] = comp.GpuUtilProbe(nv, handles)
+        for i, h in enumerate(handles):
+            probes[f"power/{i}"] = en.PowerProbe(nv, h)
+        self._counter = en.NvmlEnergyCounter(nv, handles)
+        return probes
+
+    def _setup_cpu(self) -> dict[str, Any]:
+        self._total_mem = mem.ram_total_bytes()
+        probes: dict[str, Any] = {"rss": self._tree.rss_bytes}
+        self._rapl = en.RaplCounter()
+        if self._rapl.available:
+            probes["rapl_j"] = self._rapl.poll
+        else:
+            self.notes["rapl"] = str(self._rapl.reason)
+        return probes
+
+    def _read_energy(self) -> Any:
+        if self._counter is not None:
+            return self._counter.read_mj()
+        if self._rapl is not None and self._rapl.available:
+            return self._rapl.poll()
+        return None
+
+    def __enter__(self) -> Meter:
+        if self._active:
+            raise RuntimeError("Meter is not re-entrant")
+        self._reset_counters()
+        self.notes = {}
+        self.error = None
+        probes = self._setup_gpu() if self.is_gpu else self._setup_cpu()
+        self.sampler = Sampler(probes, self.sample_interval_s)
+        self._t_enter = time.perf_counter()
+        self._e_enter = self._read_energy()
+        self.sampler.sample_now()
+        self.sampler.start()
+        self._active = True
+        if self.warmup_steps <= 0:
+            self._start_mark()
+        return self
+
+    # ------------------------------------------------------------------ marks
+    def _sync(self) -> None:
+        if self.is_gpu:
+            dev.cuda_sync(self.cuda_indices)
+
+    def _start_mark(self) -> None:
+        self._sync()
+        if self.is_gpu:
+            dev.cuda_reset_peaks(self.cuda_indices)
+        assert self.sampler is not None
+        self._ts0 = self.sampler.sample_now()
+        self._cpu0 = comp.process_cpu_seconds(self._tree, refresh=False)
+        self._e0 = self._read_energy()
+        self._t0 = time.perf_counter()
+        self._marks = [dev.cuda_event() if self.is_gpu else self._t0]
+        self._measuring = True
+
+    def _stop_mark(self) -> None:
+        self._sync()
+        self._t1 = time.perf_counter()
+        self._e1 = self._read_energy()
+        self._cpu1 = comp.process_cpu_seconds(self._tree, refresh=False)
+        assert self.sampler is not None
+        self._ts1 = self.sampler.sample_now()
+        if self.is_gpu:
+            self._torch_peaks = dev.cuda_peaks(self.cuda_indices)
+        self._measuring = False
+
+    def step(self, tokens: int = 0, samples: int = 0, generated_tokens: int | None = None) -> None:
+        """Mark the end of one iteration (O(1): one timestamp or one CUDA event).
+
+        ``tokens``: tokens processed (TT, MFU, J/token); ``samples``: sequences (ST);
+        ``generated_tokens``: new tokens of a generation step or request (IT).
+        """
+        if self._measuring:
+            self._marks.append(dev.cuda_event() if self.is_gpu else time.perf_counter())
+            self._tokens += tokens
+            self._samples += samples
+            if generated_tokens is not None:
+                self._generated = (self._generated or 0) + generated_tokens
+            return
+        if not self._active:
+            raise RuntimeError("Meter.step() outside the with block")
+        self._n_calls += 1
+        if self._n_calls >= self.warmup_steps:
+            self._start_mark()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            if exc is not None:
+                self.error = f"{exc_type.__name__}: {exc}"
+            if self._measuring:
+                try:
+                    self._stop_mark()
+                except Exception as stop_exc:  # e.g. a CUDA error surfacing at the sync
+                    self._measuring = False
+                    self.error = self.error or f"stop mark failed: {stop_exc}"
+                    if exc is None:
+                        raise
+        finally:
+            self._active = False
+            self._done = True
+            if self.sampler is not None:
+                self.sampler.stop()
+        return False
+
+    # ------------------------------------------------------------------ mid-run
+    def elapsed_s(self) -> float:
+        """Seconds since ``__enter__`` (warm-up included), for curves."""
+        return time.perf_counter() - self._t_enter
+
+    def energy_j_so_far(self) -> float | None:
+        """Joules since ``__enter__`` (warm-up included), or None when energy is unmeasurable.
+
+        No device sync: queued kernels are not yet counted (the lag is one step at most).
+        """
+        if not (self._active or self._done):
+            return None
+        now = self._read_energy()
+        if self._counter is not None:
+            assert self.sampler is not None
+            t = time.perf_counter()
+            power = [self.sampler.window(f"power/{i}", self._t_enter, t)
+                     for i in range(len(self._counter.handles))]
+            j, _, _ = en.gpu_window_energy(self._e_enter, now, power)
+            return j
+        if now is None or self._e_enter is None:
+            return None
+        return float(now - self._e_enter)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def measured_steps(self) -> int:
+        return max(0, len(self._marks) - 1)
+
+    def latencies_s(self) -> list[float]:
+        """Per-iteration seconds of the measured steps (CUDA events resolved here)."""
+        if len(self._marks) < 2:
+            return []
+        if self.is_gpu:
+            return [a.elapsed_time(b) / 1000.0 for a, b in zip(self._marks, self._marks[1:],
+                                                                 strict=False)]
+        return [b - a for a, b in zip(self._marks, self._marks[1:], strict=False)]
+
+    def info(self) -> dict[str, Any]:
+        """Non-metric facts for the record (steps, sampler errors, notes)."""
+        s = self.sampler
+        return {"warmup_steps": self.warmup_steps, "measured_steps": self.measured_steps,
+                "tokens": self._tokens, "samples": self._samples,
+                "generated_tokens": self._generated, "sample_interval_s": self.sample_interval_s,
+                "n_samples": len(s.times) if s else 0,
+                "sampler_errors": dict(s.errors) if s else {},
+                "notes": dict(self.notes), "error": self.error, "device": str(self.device),
+                "cuda_indices": self.cuda_indices}
+
+    def metrics(self) -> dict[str, dict[str, Any]]:
+        """Every metric key, each a value with unit and method or null with a reason."""
+        if self._active:
+            raise RuntimeError("metrics() is available after the with block ends")
+        keys = METRIC_KEYS + (GPU_KEYS if self.is_gpu else ())
+        if not self._done:
+            return {k: missing(UNITS[k], "the Meter was never run") for k in keys}
+        if self._t1 <= self._t0:
+            reason = (f"the measured phase never started: {self._n_calls} step() calls <= "
+                      f"warmup_steps={self.warmup_steps}")
+            return {k: missing(UNITS[k], reason) for k in keys}
+        out: dict[str, dict[str, Any]] = {}
+        dur = self._t1 - self._t0
+        out["duration_s"] = metric(dur, "s", "perf_counter_synchronised" if self.is_gpu
+                                   else "perf_counter")
+        out.update(self._memory_metrics())
+        out.update(self._compute_metrics(dur))
+        out.update(self._throughput_metrics(dur))
+        out.update(self._energy_metrics(dur))
+        return {k: out[k] for k in keys}
+
+    def _series(self, name: str) -> tuple[list[float], list[float]]:
+        assert self.sampler is not None
+        if name not in self.sampler.series:
+            return [], []
+        return self.sampler.window(name, self._ts0, self._ts1)
+
+    def _memory_metrics(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        name, method = ("mem", "nvml_memory_sampled") if self.is_gpu else (
+            "rss", "psutil_rss_sampled")
+        ts, vs = self._series(name)
+        extra: dict[str, Any] = {"n_samples": len(vs), "interval_s": self.sample_interval_s}
+        if self.is_gpu and self._mem_probe is not None:
+            scopes = sorted(self._mem_probe.scopes)
+            extra["scope"] = scopes[0] if len(scopes) == 1 else "mixed" if scopes else None
+        avg = time_average(ts, vs)
+        if avg is None:
+            reason = self.notes.get("nvml") or (self.sampler.errors.get(name) if self.sampler
+                                                else None) or "no memory samples"
+            out["amu_gb"] = missing("GB", reason, method)
+            out["peak_gb"] = missing("GB", reason, method)
+            out["amu_frac"] = missing("fraction", reason, method)
+        else:
+            out["amu_gb"] = metric(avg / GB, "GB", method, **extra)
+            out["peak_gb"] = metric(max(vs) / GB, "GB", method, **extra)
+            if self._total_mem:
+                out["amu_frac"] = metric(avg / self._total_mem, "fraction", method,
+                                         total_gb=self._total_mem / GB, **extra)
+            else:
+                out["amu_frac"] = missing("fraction", self.notes.get(
+                    "total_memory", "device total memory unknown"), method)
+        if self.is_gpu:
+            if self._torch_peaks is None:
+                for k in GPU_KEYS:
+                    out[k] = missing("GB", "torch allocator peaks not read",
+                                     "torch_cuda_max_memory")
+            else:
+                out["torch_max_allocated_gb"] = metric(self._torch_peaks[0] / GB, "GB",
+                                                       "torch_cuda_max_memory")
+                out["torch_max_reserved_gb"] = metric(self._torch_peaks[1] / GB, "GB",
+                                                      "torch_cuda_max_memory")
+        return out
+
+    def _compute_metrics(self, dur: float) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        if self.is_gpu:
+            ts, vs = self._series("util")
+            avg = time_average(ts, vs)
+            if avg is None:
+                out["pcu"] = missing("fraction", self.notes.get("nvml") or "no utilisation samples",
+                                     "nvml_utilization_sampled")
+            else:
+                out["pcu"] = metric(avg / 100.0, "fraction", "nvml_utilization_sampled",
+                                    n_samples=len(vs), what="NVML utilization.gpu (time busy)")
+        else:
+            ncpu = dev.usable_cpus()
+            out["pcu"] = metric((self._cpu1 - self._cpu0) / (dur * ncpu), "fraction",
+                                "process_cpu_time", n_cpus=ncpu)
+        steps_reason = self._no_steps_reason()
+        if self.flops_per_token is None:
+            out["mfu"] = missing("fraction", "no flops_per_token given (analytic FLOPs unknown)",
+                                 "analytic_flops")
+        elif steps_reason:
+            out["mfu"] = missing("fraction", steps_reason, "analytic_flops")
+        else:
+            try:
+                if self.peak_override is not None:
+                    peak, pm, notes = float(self.peak_override), "user_peak", {}
+                else:
+                    peak, pm, notes = comp.peak_flops(self.device, self.dtype,
+                                                      n_devices=max(1, len(self.cuda_indices)))
+                out["mfu"] = comp.mfu_metric(self.flops_per_token, self._tokens, dur, peak, pm,
+                                             dtype=self.dtype, **notes)
+            except Exception as exc:
+                out["mfu"] = missing("fraction", f"no peak FLOP/s: {exc}", "analytic_flops")
+        return out
+
+    def _no_steps_reason(self) -> str | None:
+        if self.measured_steps == 0:
+            return "no step() calls in the measured phase (after warm-up)"
+        return None
+
+    def _throughput_metrics(self, dur: float) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        steps_reason = self._no_steps_reason()
+        lat_method = "cuda_events" if self.is_gpu else "perf_counter"
+        out["al_s"] = (missing("s", steps_reason, lat_method) if steps_reason
+                       else latency_metric(self.latencies_s(), lat_method))
+        m = "count/duration"
+
+        def rate(count: int | None, unit: str, what: str) -> dict[str, Any]:
+            if steps_reason:
+                return missing(unit, steps_reason, m)
+            if not count:
+                return missing(unit, f"no {what} counted (pass step({what}=...))", m)
+            return metric(count / dur, unit, m, count=count)
+
+        out["tokens_per_s"] = rate(self._tokens, "tokens/s", "tokens")
+        out["samples_per_s"] = rate(self._samples, "samples/s", "samples")
+        for key, base, unit in (("tt", "tokens_per_s", "tokens/s/param"),
+                                ("st", "samples_per_s", "samples/s/param")):
+            v = out[base]["value"]
+            if v is None:
+                out[key] = missing(unit, out[base]["reason"], m + "/params")
+            elif not self.n_params:
+                out[key] = missing(unit, "n_params not given", m + "/params")
+            else:
+                out[key] = metric(v / self.n_params, unit, m + "/params", n_params=self.n_params)
+        out["it"] = rate(self._generated, "tokens/s", "generated_tokens")
+        return out
+
+    def _energy_metrics(self, dur: float) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        joules: float | None = None
+        extra: dict[str, Any] = {}
+        method = "nvml_energy_counter" if self.is_gpu else "rapl_energy_counter"
+        reason = None
+        if self.is_gpu:
+            if self._counter is None:
+                reason = self.notes.get("nvml", "NVML unavailable")
+            else:
+                n = len(self._counter.handles)
+                power = [self._series(f"power/{i}") for i in range(n)]
+                joules, methods, notes = en.gpu_window_energy(self._e0, self._e1, power)
+                method = "+".join(methods) if methods else "nvml_power_integrated"
+                if notes:
+                    extra["notes"] = "; ".join(notes)
+                if joules is None:
+                    reason = "; ".join(notes) or "no energy source"
+                integ = [en.integrate(*p) for p in power]
+                if all(j is not None for j in integ):
+                    pj = float(sum(j for j in integ if j is not None))
+                    extra["power_integrated_j"] = pj
+                    if joules and methods == ["nvml_energy_counter"] and pj > 0:
+                        extra["counter_over_power"] = joules / pj
+                extra["n_devices"] = n
+        else:
+            if self._rapl is None or not self._rapl.available:
+                reason = self.notes.get("rapl", "RAPL unavailable")
+            elif self._e0 is None or self._e1 is None:
+                reason = "RAPL read failed"
+            else:
+                joules = float(self._e1 - self._e0)
+        if joules is None:
+            out["energy_j"] = missing("J", str(reason), method)
+            out["aec_w"] = missing("W", str(reason), method)
+            out["j_per_token"] = missing("J/token", str(reason), method)
+            return out
+        out["energy_j"] = metric(joules, "J", method, **extra)
+        out["aec_w"] = metric(joules / dur, "W", method)
+        count = self._tokens or self._generated
+        if count:
+            out["j_per_token"] = metric(joules / count, "J/token", method,
+                                        tokens="tokens" if self._tokens else "generated_tokens")
+        else:
+            out["j_per_token"] = missing("J/token", "no tokens counted", method)
+        return out

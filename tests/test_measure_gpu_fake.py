@@ -1,0 +1,270 @@
+"""GPU paths of the Meter against a fake NVML and fake torch.cuda adapters (no GPU needed)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pynvml
+import pytest
+
+from effllm_helpers.measure import compute as comp
+from effllm_helpers.measure import device as dev
+from effllm_helpers.measure import energy as en
+from effllm_helpers.measure.meter import GPU_KEYS, METRIC_KEYS, Meter
+from effllm_helpers.results import validate_metric
+
+
+class FakeGpu:
+    def __init__(self, i: int) -> None:
+        self.uuid = f"GPU-{i:08d}-0000-0000-0000-000000000000"
+        self.energy_mj = 1_000_000
+        self.energy_supported = True
+        self.power_mw = 300_000
+        self.util = 80
+        self.used = 10 * 10**9
+        self.total = 80 * 10**9
+        self.procs: list = []
+
+
+class FakeNvml:
+    def __init__(self, n: int) -> None:
+        self.gpus = [FakeGpu(i) for i in range(n)]
+        self.energy_reads = 0
+
+    def install(self, mp: pytest.MonkeyPatch) -> None:
+        def energy(h: FakeGpu) -> int:
+            if not h.energy_supported:
+                raise pynvml.NVMLError_NotSupported()
+            self.energy_reads += 1
+            return h.energy_mj
+
+        fns = {
+            "nvmlInit": lambda: None,
+            "nvmlDeviceGetCount": lambda: len(self.gpus),
+            "nvmlDeviceGetHandleByIndex": lambda i: self.gpus[i],
+            "nvmlDeviceGetUUID": lambda h: h.uuid,
+            "nvmlDeviceGetName": lambda h: "NVIDIA H100 80GB HBM3",
+            "nvmlSystemGetDriverVersion": lambda: "570.00",
+            "nvmlDeviceGetEnforcedPowerLimit": lambda h: 700_000,
+            "nvmlDeviceGetTotalEnergyConsumption": energy,
+            "nvmlDeviceGetPowerUsage": lambda h: h.power_mw,
+            "nvmlDeviceGetUtilizationRates": lambda h: SimpleNamespace(gpu=h.util, memory=0),
+            "nvmlDeviceGetMemoryInfo": lambda h: SimpleNamespace(used=h.used, total=h.total,
+                                                                 free=h.total - h.used),
+            "nvmlDeviceGetComputeRunningProcesses": lambda h: h.procs,
+        }
+        for name, fn in fns.items():
+            mp.setattr(pynvml, name, fn)
+        dev.reset_nvml_cache()
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other: FakeEvent) -> float:
+        return (other.t - self.t) * 1000.0
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """Install a fake 4-GPU NVML and fake CUDA adapters; yields the fake NVML."""
+    nv = FakeNvml(4)
+    nv.install(monkeypatch)
+    calls = SimpleNamespace(sync=0, reset=0)
+
+    def sync(idx: list[int]) -> None:
+        calls.sync += 1
+
+    def reset(idx: list[int]) -> None:
+        calls.reset += 1
+
+    monkeypatch.setattr(dev, "cuda_available", lambda: True)
+    monkeypatch.setattr(dev, "cuda_sync", sync)
+    monkeypatch.setattr(dev, "cuda_event", FakeEvent)
+    monkeypatch.setattr(dev, "cuda_reset_peaks", reset)
+    monkeypatch.setattr(dev, "cuda_peaks", lambda idx: (2 * 10**9 * len(idx), 3 * 10**9 * len(idx)))
+    monkeypatch.setattr(dev, "cuda_device_name", lambda i: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(dev, "cuda_total_memory", lambda i: 80 * 10**9)
+    monkeypatch.setattr(dev, "cuda_uuid", lambda i: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nv.calls = calls
+    yield nv
+    dev.reset_nvml_cache()
+
+
+def test_counter_delta_gives_exact_joules_and_watts(fake_gpu: FakeNvml) -> None:
+    g = fake_gpu.gpus[0]
+    with Meter("cuda:0", sample_interval_s=0.01) as m:
+        time.sleep(0.05)
+        m.step(tokens=1000)
+        g.energy_mj += 12_345
+    out = m.metrics()
+    assert out["energy_j"]["value"] == pytest.approx(12.345, abs=1e-12)
+    assert out["energy_j"]["method"] == "nvml_energy_counter"
+    assert out["aec_w"]["value"] == pytest.approx(12.345 / out["duration_s"]["value"], rel=1e-12)
+    assert out["j_per_token"]["value"] == pytest.approx(12.345 / 1000, rel=1e-12)
+
+
+def test_counter_wrap_is_handled(fake_gpu: FakeNvml) -> None:
+    g = fake_gpu.gpus[0]
+    g.energy_mj = 2**64 - 500
+    with Meter("cuda:0", sample_interval_s=0.01) as m:
+        m.step(tokens=1)
+        g.energy_mj = 1500
+    assert m.metrics()["energy_j"]["value"] == pytest.approx(2.0, abs=1e-12)
+
+
+def test_counter_decrease_falls_back_to_integrated_power(fake_gpu: FakeNvml) -> None:
+    g = fake_gpu.gpus[0]
+    g.energy_mj = 10_000_000
+    g.power_mw = 200_000
+    with Meter("cuda:0", sample_interval_s=0.01) as m:
+        time.sleep(0.1)
+        m.step(tokens=1)
+        g.energy_mj = 5_000  # driver reload: counter restarted
+    out = m.metrics()
+    assert out["energy_j"]["method"] == "nvml_power_integrated"
+    assert "backwards" in out["energy_j"]["notes"]
+    assert out["aec_w"]["value"] == pytest.approx(200.0, rel=0.1)
+
+
+def test_missing_counter_uses_integrated_power(fake_gpu: FakeNvml) -> None:
+    g = fake_gpu.gpus[0]
+    g.energy_supported = False
+    g.power_mw = 250_000
+    with Meter("cuda:0", sample_interval_s=0.01) as m:
+        time.sleep(0.1)
+        m.step(tokens=10)
+    out = m.metrics()
+    assert out["energy_j"]["method"] == "nvml_power_integrated"
+    assert out["energy_j"]["value"] == pytest.approx(250.0 * out["duration_s"]["value"], rel=0.1)
+
+
+def test_several_gpus_sum_over_visible_devices_only(fake_gpu: FakeNvml,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with Meter("cuda:0", gpu_indices=[0, 1], sample_interval_s=0.01) as m:
+        m.step(tokens=10)
+        fake_gpu.gpus[0].energy_mj += 99_000  # not ours: must not be counted
+        fake_gpu.gpus[2].energy_mj += 1_000
+        fake_gpu.gpus[3].energy_mj += 2_000
+    out = m.metrics()
+    assert m.nvml_indices == [2, 3]
+    assert out["energy_j"]["value"] == pytest.approx(3.0, abs=1e-12)
+    assert out["energy_j"]["n_devices"] == 2
+
+
+def test_visible_devices_by_uuid_prefix(fake_gpu: FakeNvml, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000003,GPU-00000001")
+    assert dev.nvml_indices([0, 1]) == [3, 1]
+
+
+def test_sampler_thread_dies_after_exit_even_when_body_raises(fake_gpu: FakeNvml) -> None:
+    m = Meter("cuda:0", sample_interval_s=0.01)
+    with pytest.raises(ValueError, match="boom"):
+        with m:
+            m.step(tokens=1)
+            time.sleep(0.03)
+            raise ValueError("boom")
+    assert m.sampler is not None and m.sampler.thread is not None
+    assert not m.sampler.thread.is_alive()
+    assert m.error == "ValueError: boom"
+    assert fake_gpu.calls.sync == 2  # start and stop marks only, never per step
+
+
+def test_gpu_metrics_all_keys_with_memory_util_and_torch_peaks(fake_gpu: FakeNvml) -> None:
+    g = fake_gpu.gpus[0]
+    with Meter("cuda:0", n_params=100, sample_interval_s=0.01) as m:
+        for _ in range(3):
+            time.sleep(0.01)
+            m.step(tokens=50, samples=2)
+    out = m.metrics()
+    assert set(out) == set(METRIC_KEYS) | set(GPU_KEYS)
+    for k, v in out.items():
+        validate_metric(k, v)
+    assert out["amu_gb"]["value"] == pytest.approx(g.used / 1e9)
+    assert out["amu_gb"]["scope"] == "device"  # no per-process entry for our pid
+    assert out["amu_frac"]["value"] == pytest.approx(g.used / g.total)
+    assert out["pcu"]["value"] == pytest.approx(0.80)
+    assert out["pcu"]["method"] == "nvml_utilization_sampled"
+    assert out["torch_max_allocated_gb"]["value"] == pytest.approx(2.0)
+    assert out["torch_max_reserved_gb"]["value"] == pytest.approx(3.0)
+    assert out["al_s"]["method"] == "cuda_events" and out["al_s"]["n"] == 3
+    assert fake_gpu.calls.reset == 1
+
+
+def test_gpu_memory_per_process_when_nvml_lists_our_pid(fake_gpu: FakeNvml) -> None:
+    import os
+
+    g = fake_gpu.gpus[0]
+    g.procs = [SimpleNamespace(pid=os.getpid(), usedGpuMemory=4 * 10**9),
+               SimpleNamespace(pid=999_999_999, usedGpuMemory=50 * 10**9)]
+    with Meter("cuda:0", sample_interval_s=0.01) as m:
+        m.step(tokens=1)
+    out = m.metrics()
+    assert out["amu_gb"]["scope"] == "process"
+    assert out["amu_gb"]["value"] == pytest.approx(4.0)
+
+
+def test_mfu_uses_h100_table_peak(fake_gpu: FakeNvml) -> None:
+    with Meter("cuda:0", flops_per_token=1e9, dtype="bf16", sample_interval_s=0.05) as m:
+        time.sleep(0.02)
+        m.step(tokens=1000)
+    out = m.metrics()
+    dur = out["duration_s"]["value"]
+    assert out["mfu"]["method"] == "analytic_flops/peak_table"
+    assert out["mfu"]["peak_flops"] == pytest.approx(989.4e12)
+    assert out["mfu"]["value"] == pytest.approx(1e12 / dur / 989.4e12, rel=1e-9)
+
+
+def test_energy_so_far_mid_run(fake_gpu: FakeNvml) -> None:
+    g = fake_gpu.gpus[0]
+    with Meter("cuda:0", warmup_steps=1, sample_interval_s=0.05) as m:
+        g.energy_mj += 500
+        m.step(tokens=1)  # warm-up: counted in energy so far (curves), not in the metrics
+        g.energy_mj += 1500
+        assert m.energy_j_so_far() == pytest.approx(2.0)
+        m.step(tokens=1)
+    assert m.metrics()["energy_j"]["value"] == pytest.approx(1.5)
+
+
+def test_no_nvml_gives_null_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise pynvml.NVMLError_LibraryNotFound()
+
+    monkeypatch.setattr(pynvml, "nvmlInit", fail)
+    dev.reset_nvml_cache()
+    monkeypatch.setattr(dev, "cuda_available", lambda: True)
+    monkeypatch.setattr(dev, "cuda_sync", lambda idx: None)
+    monkeypatch.setattr(dev, "cuda_event", FakeEvent)
+    monkeypatch.setattr(dev, "cuda_reset_peaks", lambda idx: None)
+    monkeypatch.setattr(dev, "cuda_peaks", lambda idx: (1, 1))
+    monkeypatch.setattr(dev, "cuda_total_memory", lambda i: 80 * 10**9)
+    try:
+        with Meter("cuda:0", sample_interval_s=0.01) as m:
+            m.step(tokens=1)
+        out = m.metrics()
+    finally:
+        dev.reset_nvml_cache()
+    for k in ("energy_j", "aec_w", "amu_gb", "pcu"):
+        assert out[k]["value"] is None and "NVML init failed" in out[k]["reason"]
+    assert out["tokens_per_s"]["value"] is not None
+
+
+def test_gpu_window_energy_mixes_counter_and_power() -> None:
+    j, methods, notes = en.gpu_window_energy(
+        [1000, None], [3000, None], [([0.0, 1.0], [100.0, 100.0]), ([0.0, 2.0], [50.0, 150.0])])
+    assert j == pytest.approx(2.0 + 200.0)
+    assert methods == ["nvml_energy_counter", "nvml_power_integrated"]
+    assert notes and "no energy counter" in notes[0]
+
+
+def test_device_facts_from_fake_nvml(fake_gpu: FakeNvml) -> None:
+    facts = dev.device_facts("cuda:0")
+    assert facts["driver_version"] == "570.00"
+    assert facts["power_limit_w"] == [700.0]
+    assert facts["device_name"] == "NVIDIA H100 80GB HBM3"
+    assert comp.table_key(facts["device_name"]) == "H100 SXM"

@@ -1,0 +1,228 @@
+"""The Meter's CPU paths: latency, warm-up, throughput, MFU, PCU, AMU, RAPL energy."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from effllm_helpers.measure import compute as comp
+from effllm_helpers.measure import energy as en
+from effllm_helpers.measure import memory as mem
+from effllm_helpers.measure.meter import GPU_KEYS, METRIC_KEYS, Meter
+from effllm_helpers.results import validate_metric
+
+
+def test_known_sleep_comes_back_as_latency() -> None:
+    with Meter("cpu", sample_interval_s=0.05) as m:
+        for _ in range(5):
+            time.sleep(0.03)
+            m.step(tokens=1)
+    al = m.metrics()["al_s"]
+    assert al["method"] == "perf_counter" and al["n"] == 5
+    # sleep never returns early; 20 ms of slack covers scheduler noise on a busy machine
+    assert 0.03 <= al["value"] < 0.05
+    assert 0.03 <= al["p50"] <= al["p90"] <= al["p99"] < 0.07
+
+
+def test_warmup_steps_are_excluded_from_every_metric() -> None:
+    with Meter("cpu", warmup_steps=2, sample_interval_s=0.05) as m:
+        time.sleep(0.15)
+        m.step(tokens=1000, samples=10)
+        time.sleep(0.15)
+        m.step(tokens=1000, samples=10)
+        for _ in range(3):
+            time.sleep(0.01)
+            m.step(tokens=7, samples=1)
+    out = m.metrics()
+    assert out["al_s"]["n"] == 3 and out["al_s"]["value"] < 0.05
+    assert out["tokens_per_s"]["count"] == 21
+    assert out["samples_per_s"]["count"] == 3
+    assert 0.03 <= out["duration_s"]["value"] < 0.12
+
+
+def test_all_keys_present_and_well_formed_on_cpu() -> None:
+    with Meter("cpu", n_params=10, flops_per_token=2.0, sample_interval_s=0.05) as m:
+        m.step(tokens=5, samples=1)
+    out = m.metrics()
+    assert tuple(out) == METRIC_KEYS
+    assert not set(GPU_KEYS) & set(out)
+    for k, v in out.items():
+        validate_metric(k, v)
+
+
+def test_no_measured_phase_gives_null_with_reason() -> None:
+    with Meter("cpu", warmup_steps=5, sample_interval_s=0.05) as m:
+        m.step(tokens=5)
+    out = m.metrics()
+    assert all(v["value"] is None and "warmup_steps=5" in v["reason"] for v in out.values())
+
+
+def test_throughputs_follow_the_paper_definitions() -> None:
+    with Meter("cpu", n_params=1000, sample_interval_s=0.05) as m:
+        for _ in range(4):
+            time.sleep(0.02)
+            m.step(tokens=500, samples=4, generated_tokens=100)
+    out = m.metrics()
+    dur = out["duration_s"]["value"]
+    assert out["tokens_per_s"]["value"] == pytest.approx(2000 / dur)
+    assert out["tt"]["value"] == pytest.approx(2000 / dur / 1000)  # tokens/s/param
+    assert out["st"]["value"] == pytest.approx(16 / dur / 1000)  # samples/s/param
+    assert out["it"]["value"] == pytest.approx(400 / dur)  # generated tokens/s, not per param
+
+
+def test_it_is_null_without_generated_tokens_and_tt_without_params() -> None:
+    with Meter("cpu", sample_interval_s=0.05) as m:
+        m.step(tokens=5)
+    out = m.metrics()
+    assert out["it"]["value"] is None and "generated_tokens" in out["it"]["reason"]
+    assert out["tt"]["value"] is None and "n_params" in out["tt"]["reason"]
+
+
+def test_mfu_of_a_known_matmul_count_with_a_patched_peak(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    n, k = 128, 20
+    monkeypatch.setattr(comp, "calibrate_matmul", lambda *a, **kw: 5e9)
+    a = torch.randn(n, n)
+    t_out = time.perf_counter()
+    with Meter("cpu", flops_per_token=2.0 * n * n, sample_interval_s=0.05) as m:
+        for _ in range(k):
+            a @ a
+            m.step(tokens=n)  # one "token" = one output row: 2n² FLOPs
+    t_out = time.perf_counter() - t_out
+    out = m.metrics()
+    dur = out["duration_s"]["value"]
+    assert 0 < dur <= t_out
+    assert out["mfu"]["method"] == "analytic_flops/calibrated_matmul"
+    assert out["mfu"]["achieved_flops"] == pytest.approx(2.0 * n**3 * k / dur)
+    assert out["mfu"]["value"] == pytest.approx(2.0 * n**3 * k / dur / 5e9)
+
+
+def test_mfu_with_sleep_workload_and_user_peak() -> None:
+    with Meter("cpu", flops_per_token=1e6, peak_flops=1e10, sample_interval_s=0.05) as m:
+        for _ in range(4):
+            time.sleep(0.05)
+            m.step(tokens=100)
+    mfu = m.metrics()["mfu"]
+    assert mfu["method"] == "analytic_flops/user_peak"
+    assert mfu["value"] == pytest.approx(4e8 / 0.2 / 1e10, rel=0.25)  # 0.2 s of work
+    assert mfu["value"] <= 0.2
+
+
+def test_mfu_null_without_flops_per_token() -> None:
+    with Meter("cpu", sample_interval_s=0.05) as m:
+        m.step(tokens=5)
+    assert "flops_per_token" in m.metrics()["mfu"]["reason"]
+
+
+def test_pcu_integrates_known_cpu_seconds() -> None:
+    # burn a known amount of CPU *time* (robust to a loaded machine, unlike wall time)
+    with Meter("cpu", sample_interval_s=0.05) as busy:
+        c_end = time.process_time() + 0.2
+        x = 0
+        while time.process_time() < c_end:
+            x += 1
+        busy.step()
+    with Meter("cpu", sample_interval_s=0.05) as idle:
+        time.sleep(0.3)
+        idle.step()
+    b, i = busy.metrics(), idle.metrics()
+    ncpu = b["pcu"]["n_cpus"]
+    assert b["pcu"]["method"] == "process_cpu_time"
+    cpu_s = b["pcu"]["value"] * b["duration_s"]["value"] * ncpu
+    assert 0.2 <= cpu_s < 0.26  # the burnt 0.2 s plus the Meter's marks and sampler
+    assert i["pcu"]["value"] * i["duration_s"]["value"] * ncpu < 0.05
+
+
+def test_amu_sees_a_held_allocation() -> None:
+    base = mem.rss_tree_bytes()
+    with Meter("cpu", sample_interval_s=0.01) as m:
+        block = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, touched
+        time.sleep(0.15)
+        m.step()
+        del block
+    out = m.metrics()
+    assert out["peak_gb"]["value"] * 1e9 - base > 150e6
+    assert out["amu_gb"]["method"] == "psutil_rss_sampled"
+    assert out["amu_frac"]["value"] == pytest.approx(out["amu_gb"]["value"] * 1e9 /
+                                                     mem.ram_total_bytes())
+    assert out["amu_gb"]["value"] <= out["peak_gb"]["value"]
+
+
+def test_this_machine_without_rapl_gives_null_energy(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    monkeypatch.setattr(en, "RAPL_ROOT", str(tmp_path / "absent"))
+    with Meter("cpu", sample_interval_s=0.05) as m:
+        m.step(tokens=1)
+        assert m.energy_j_so_far() is None
+    out = m.metrics()
+    for k in ("energy_j", "aec_w", "j_per_token"):
+        assert out[k]["value"] is None and "RAPL" in out[k]["reason"]
+
+
+def _fake_rapl(root: Path, energy_uj: int, max_uj: int = 10**9) -> Path:
+    z = root / "intel-rapl:0"
+    (z / "intel-rapl:0:0").mkdir(parents=True)
+    (z / "energy_uj").write_text(str(energy_uj))
+    (z / "max_energy_range_uj").write_text(str(max_uj))
+    (z / "intel-rapl:0:0" / "energy_uj").write_text("123")  # sub-zone: must not be added
+    return z / "energy_uj"
+
+
+def test_rapl_energy_exact_joules_and_watts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+                                            ) -> None:
+    f = _fake_rapl(tmp_path, 1_000_000)
+    monkeypatch.setattr(en, "RAPL_ROOT", str(tmp_path))
+    with Meter("cpu", sample_interval_s=0.01) as m:
+        time.sleep(0.03)
+        f.write_text(str(1_000_000 + 5_000_000))
+        m.step(tokens=100)
+        assert m.energy_j_so_far() == pytest.approx(5.0)
+    out = m.metrics()
+    assert out["energy_j"]["value"] == pytest.approx(5.0, abs=1e-9)
+    assert out["energy_j"]["method"] == "rapl_energy_counter"
+    assert out["aec_w"]["value"] == pytest.approx(5.0 / out["duration_s"]["value"])
+    assert out["j_per_token"]["value"] == pytest.approx(0.05)
+
+
+def test_rapl_wrap_uses_max_energy_range(tmp_path: Path) -> None:
+    f = _fake_rapl(tmp_path, 999_000_000, max_uj=10**9)
+    r = en.RaplCounter(tmp_path)
+    assert r.available and len(r.zones) == 1
+    f.write_text("2_000_000".replace("_", ""))
+    assert r.poll() == pytest.approx(3.0)  # 1 J to the top, 2 J after the wrap
+
+
+def test_step_outside_the_block_raises() -> None:
+    m = Meter("cpu", sample_interval_s=0.05)
+    with pytest.raises(RuntimeError):
+        m.step()
+    with m:
+        m.step()
+    with pytest.raises(RuntimeError):
+        m.step()
+
+
+def test_cpu_sampler_thread_dies_when_body_raises() -> None:
+    m = Meter("cpu", sample_interval_s=0.01)
+    with pytest.raises(KeyError):
+        with m:
+            m.step()
+            raise KeyError("x")
+    assert m.sampler is not None and not m.sampler.alive
+    assert m.metrics()["duration_s"]["value"] is not None
+
+
+def test_elapsed_s_counts_from_enter() -> None:
+    with Meter("cpu", warmup_steps=1, sample_interval_s=0.05) as m:
+        time.sleep(0.05)
+        assert 0.05 <= m.elapsed_s() < 0.5
+
+
+def test_cuda_meter_without_cuda_raises_clearly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        Meter("cuda")
