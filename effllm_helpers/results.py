@@ -239,6 +239,14 @@ def collect(root: str | os.PathLike[str]):  # -> pandas.DataFrame
     return df
 
 
+def run_counts(df):  # -> pandas.DataFrame
+    """Runs per (axis, study, status): what a summary shows first."""
+    if df.empty:
+        return df.head(0)
+    return (df.groupby(["axis", "study", "status"])["run_id"].nunique().rename("runs")
+            .reset_index())
+
+
 def write_tidy(df, out_dir: str | os.PathLike[str], name: str = "results") -> tuple[Path, Path]:
     """Write the tidy table as parquet and CSV (both atomically)."""
     out_dir = Path(out_dir)

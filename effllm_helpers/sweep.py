@@ -4,10 +4,12 @@ Layout of one run: ``<output_dir>/runs/<study>/<run_id>/{run.json, run.ipynb, re
 
 How a run is executed, and why:
 
-* the sweep (parent) starts one *runner* process per run (``python -m effllm_helpers.sweep exec``)
-  in its own session, so a per-run timeout can kill the runner, papermill and the kernel together;
-* the runner asks the kernel's death if the sweep dies (``PR_SET_PDEATHSIG``); ipykernel exits when
-  its parent goes, so a killed sweep leaves no orphan computing in the background;
+* the sweep (parent) starts one *runner* process per run, forked from a forkserver that has
+  papermill imported, in its own session, so a per-run timeout can kill the runner, papermill and
+  the kernel together;
+* the runner asks for its own death when its parent goes (``PR_SET_PDEATHSIG``; the forkserver
+  exits with the sweep), and ipykernel exits when its parent goes, so a killed sweep leaves no
+  orphan computing in the background;
 * the notebook writes an ``ok`` record as its very last step, atomically; the runner writes a
   ``failed`` record (reason + traceback tail) if the notebook raised or wrote nothing; the parent
   writes one on timeout. A record that says ``ok`` therefore always belongs to a finished run, and
@@ -23,10 +25,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -89,20 +92,95 @@ def plan(runs: list[config.Run], output_dir: Path,
 
 
 # ---------------------------------------------------------------- one run (parent side)
-try:  # loaded once here: dlopen between fork and exec could deadlock
+try:  # loaded once here, not between fork and exec
     _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
 except OSError:  # not Linux/glibc: no parent-death signal, the kernel's own poller remains
     _LIBC = None
 
+_FORKSERVER = None
+_LIVE: set[Any] = set()  # runner processes in flight, killed together on an interrupt
+_LIVE_LOCK = threading.Lock()
+_INTERRUPTED = threading.Event()
 
-def _set_pdeathsig() -> None:
-    """In the runner, between fork and exec: die with the thread that started us."""
+
+def _runner_context():
+    """A forkserver that has papermill imported already: a run then starts in milliseconds
+    instead of paying papermill's ~1.5 s import in a fresh interpreter (benchmarks/
+    runner_overhead.py). The server is single-threaded, so forking from it is safe."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["papermill", "effllm_helpers.sweep"])
+        _FORKSERVER = ctx
+    return _FORKSERVER
+
+
+def _runner_entry(run_dir: str, gpu: str | None) -> None:
+    """First thing in a runner process: own session (so a timeout kills runner + kernel as one
+    group), die with our parent, CUDA pinning, output to runner.log; then papermill."""
+    os.setsid()
+    _pdeathsig()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.exit(runner_main(run_dir))
+
+
+class _PopenRunner:
+    """The runner as a fresh interpreter, where a forkserver is not allowed (inside a daemonic
+    process such as a Dask worker); same interface as multiprocessing.Process."""
+
+    def __init__(self, rdir: Path, gpu: str | None) -> None:
+        import subprocess
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        with open(rdir / "runner.log", "w") as log:
+            self._p = subprocess.Popen(
+                [sys.executable, "-m", "effllm_helpers.sweep", "exec", str(rdir)], env=env,
+                stdout=log, stderr=log, start_new_session=True, preexec_fn=_pdeathsig)
+        self.pid = self._p.pid
+
+    def join(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            self._p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def is_alive(self) -> bool:
+        return self._p.poll() is None
+
+    def kill(self) -> None:
+        self._p.kill()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._p.returncode
+
+
+def _pdeathsig() -> None:
     if _LIBC is not None:
         _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
-                log_output: bool = False) -> dict[str, Any]:
+def _start_runner(rdir: Path, gpu: str | None):
+    if multiprocessing.current_process().daemon:
+        return _PopenRunner(rdir, gpu)
+    proc = _runner_context().Process(target=_runner_entry, args=(str(rdir), gpu), daemon=False)
+    proc.start()
+    return proc
+
+
+def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None
+                ) -> dict[str, Any]:
     """Execute one run in a runner process; return ``{status, seconds, reason}``.
 
     Plain-data in and out, so the same function runs in a local thread or on a Dask worker.
@@ -111,48 +189,54 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
     rdir = Path(run_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    env.setdefault("PYTHONUNBUFFERED", "1")
     t0 = time.monotonic()
-    log = open(rdir / "runner.log", "w")  # noqa: SIM115 - closed below
+    proc = _start_runner(rdir, gpu)
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "effllm_helpers.sweep", "exec", str(rdir)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_set_pdeathsig,
-        )
-        try:
-            proc.wait(timeout=run.timeout_s)
-        except subprocess.TimeoutExpired:
+        proc.join(timeout=run.timeout_s)
+        if proc.is_alive():
             _kill_group(proc)
-            rec = failure_record(run.model_dump(), "timeout",
-                                 f"run exceeded its {run.timeout_s:g} s limit")
-            results.write_record(rdir, rec)
-        except BaseException:  # interrupted sweep: take the run down with us, record nothing ok
-            _kill_group(proc)
-            raise
+            if not _INTERRUPTED.is_set():
+                rec = failure_record(run.model_dump(), "timeout",
+                                     f"run exceeded its {run.timeout_s:g} s limit")
+                results.write_record(rdir, rec)
+    except BaseException:  # interrupted sweep: take the run down with us, record nothing
+        _kill_group(proc)
+        raise
     finally:
-        log.close()
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
     seconds = time.monotonic() - t0
+    if _INTERRUPTED.is_set():  # killed by the interrupt: no record, the rerun redoes it
+        return {"status": "interrupted", "seconds": seconds, "reason": "sweep interrupted"}
     rec = results.read_record(rdir)
     if rec is None or rec.get("run_id") != run.run_id:
         tail = _tail(rdir / "runner.log")
         rec = failure_record(run.model_dump(), "exception",
-                             f"runner exited with code {proc.returncode} and wrote no record",
+                             f"runner exited with code {proc.exitcode} and wrote no record",
                              tail)
         results.write_record(rdir, rec)
     return {"status": rec["status"], "seconds": seconds,
             "reason": (rec.get("error") or {}).get("reason")}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def interrupt_all() -> None:
+    """Stop every run in flight without recording them (they are redone on the next sweep)."""
+    _INTERRUPTED.set()
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for proc in procs:
+        _kill_group(proc)
+
+
+def _kill_group(proc) -> None:
+    """Kill the runner's whole session (runner, papermill, kernel)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+        proc.kill()
+    proc.join()
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -251,6 +335,7 @@ def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | P
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
     out = Path(output_dir) if output_dir else outputs_dir()
+    _INTERRUPTED.clear()
     todo, settled = plan(runs, out, retry_failed)
     result = SweepResult(study=runs[0].study if runs else "?", outcomes=list(settled))
     if not todo:
@@ -307,6 +392,7 @@ def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepRes
                             bar, on_outcome)
         except KeyboardInterrupt:
             queue.clear()
+            interrupt_all()
             raise
 
 

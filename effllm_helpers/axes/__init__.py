@@ -1,0 +1,1 @@
+"""One module per study axis: what its notebook runs, from params to record sections."""

@@ -1,0 +1,141 @@
+"""Axis 1 — pretraining one architecture choice and scoring it (paper Tables 3–6, Fig. 3).
+
+``run(params)`` is what ``notebooks/01_architecture.ipynb`` calls: corpus and tokenizer, model
+from the zoo, the training loop under the Meter, then held-out perplexity, the associative-recall
+probe, and KV-cache bytes per token (analytic and measured). The notebook only shows and records.
+
+The probe: a fraction ``probe_train_fraction`` of training sequences are multi-query associative
+recall (MQAR) sequences, so that after training the held-out probe measures how much each variant
+can recall in context — the capability in which MQA/GQA/MLA/NSA and attention-free models differ
+(Zoology, Arora et al. 2023). Set it to 0 for a pure-corpus run (the probe is then zero-shot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import data, evaluate, models, train
+from ..config import ArchitectureParams, SizeSpec
+from ..models import flops
+from ..results import metric, missing
+
+
+@dataclass
+class ArchitectureResult:
+    metrics: dict[str, Any]
+    quality: dict[str, Any]
+    curves: dict[str, Any]
+    model: dict[str, Any]
+    model_dir: str | None = None
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def effective_size(p: ArchitectureParams) -> SizeSpec:
+    """The preset's size for ``model.size``, with ``d_ff`` scaled by ``model.d_ff_mult``."""
+    size = p.sizes[p.model.size]
+    if p.model.d_ff_mult != 1.0:
+        size = size.model_copy(update={"d_ff": max(1, round(size.d_ff * p.model.d_ff_mult))})
+    return size
+
+
+def probe_blocks(tokenizer: Any, seq_len: int, n_blocks: int, n_pairs: int,
+                 seed: int) -> torch.Tensor:
+    """``n_blocks`` training blocks made of back-to-back MQAR samples (eos between them)."""
+    n_queries = max(1, n_pairs // 2)
+    sample_len = 2 * (n_pairs + n_queries) + 1
+    per_block = max(1, seq_len // sample_len)
+    probe = data.make_probe(tokenizer, n_pairs=n_pairs, n_queries=n_queries,
+                            n_samples=n_blocks * per_block, seed=seed)
+    eos = torch.full((probe.input_ids.shape[0], 1), tokenizer.eos_token_id)
+    seqs = torch.cat([probe.input_ids, eos], dim=1).reshape(n_blocks, -1)
+    pad = seq_len - seqs.shape[1]
+    if pad > 0:
+        seqs = torch.cat([seqs, torch.full((n_blocks, pad), tokenizer.eos_token_id)], dim=1)
+    return seqs[:, :seq_len]
+
+
+def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None,
+        progress: bool = True) -> ArchitectureResult:
+    """Pretrain the model ``p`` describes for its token budget and measure everything."""
+    torch.manual_seed(seed)
+    seq_len = p.data.seq_len
+    tokenizer, train_blocks = data.token_blocks(p.data, "train")
+    _, val_blocks = data.token_blocks(p.data, "val")
+    corpus_fp = data.load_corpus(p.data).fingerprint
+    if p.probe_train_fraction > 0:
+        n_probe = max(1, int(len(train_blocks) * p.probe_train_fraction))
+        mix = probe_blocks(tokenizer, seq_len, n_probe, p.probe_pairs, seed=seed + 1000)
+        train_blocks = torch.cat([train_blocks, mix])
+    size = effective_size(p)
+    model = models.build(p.model, size, vocab_size=len(tokenizer),
+                         max_seq_len=max(seq_len, size.max_seq_len))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    counts = models.count_params(model)
+    try:
+        fpt = flops.flops_per_token(model.config, seq_len, training=True)
+    except (ValueError, NotImplementedError):
+        fpt = None
+    probe = data.make_probe(tokenizer, n_pairs=p.probe_pairs, n_queries=max(1, p.probe_pairs // 2),
+                            n_samples=128, seed=seed + 2000)
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        ppl = evaluate.perplexity(m, val_blocks, batch_size=p.train.batch_size,
+                                  max_batches=p.train.eval_batches)
+        return {"val_loss": ppl["loss"]["value"]}
+
+    res = train.train(model, train.block_batches(train_blocks, p.train.batch_size, seed),
+                      p.train, p.measure, n_params=counts["total"], flops_per_token=fpt,
+                      evaluate=eval_fn, progress=progress)
+
+    model.eval()
+    ppl = evaluate.perplexity(model, val_blocks, batch_size=p.train.batch_size)
+    acc = data.probe_accuracy(model, probe, device=device)
+    quality = {
+        "val_loss": ppl["loss"],
+        "val_ppl": ppl["ppl"],
+        "probe_acc": metric(acc, "fraction", "mqar_probe_greedy", n=int(probe.targets.numel()),
+                            chance=probe.chance),
+        "train_loss": metric(res.final_loss, "nats/token", "last_train_step"),
+    }
+    metrics = dict(res.metrics)
+    dtype_bytes = 2 if device.type == "cuda" else 4
+    try:
+        kv_analytic = flops.kv_cache_bytes_per_token(model.config, dtype_bytes=dtype_bytes)
+        metrics["kv_bytes_per_token_analytic"] = metric(
+            kv_analytic, "B/token", f"analytic_{model.config.model_type}", dtype_bytes=dtype_bytes)
+    except (ValueError, NotImplementedError) as exc:
+        metrics["kv_bytes_per_token_analytic"] = missing("B/token", str(exc))
+    metrics["kv_bytes_per_token_measured"] = evaluate.measured_kv_bytes_per_token(
+        model, len(tokenizer), t1=min(16, seq_len // 4), t2=min(48, seq_len))
+    from ..measure import weight_bytes
+
+    facts = {
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "weight_bytes": weight_bytes(model)["total"],
+        "flops_per_token_train": fpt,
+        "tokens_trained": res.tokens,
+        "model_type": model.config.model_type,
+        "d_model": size.d_model,
+        "n_layers": size.n_layers,
+        "d_ff": size.d_ff,
+        "vocab_size": len(tokenizer),
+        "seq_len": seq_len,
+        "corpus": corpus_fp,
+        "chinchilla_fraction": res.tokens / (20 * counts["total"]),
+    }
+    model_dir = None
+    if save_dir is not None:
+        model_dir = str(save_dir)
+        model.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+    if not math.isfinite(res.final_loss):
+        raise RuntimeError("final loss is not finite")
+    return ArchitectureResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
+                              model_dir=model_dir, eval_history=res.eval_history)

@@ -1,0 +1,171 @@
+"""Axis 2 — adapting a base model with one fine-tuning method (paper Tables 7–8, Fig. 4).
+
+``run(params)`` is what ``notebooks/02_finetuning.ipynb`` calls: base model (any Hugging Face id or
+path, or the embedded one built by axis 1's code), task suite with prompt masking, the method from
+the registry, the shared training loop under the Meter, then eval loss, exact-match accuracy
+before and after, trainable params, adapter bytes on disk and the merge check.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import data, evaluate, train
+from ..config import FinetuneParams
+from ..models import embedded
+from ..results import metric, missing
+from ..run import SkipRun
+from ..techniques import UnsupportedTechnique
+from ..techniques import finetuning as ft
+
+
+@dataclass
+class FinetuneResult:
+    metrics: dict[str, Any]
+    quality: dict[str, Any]
+    curves: dict[str, Any]
+    model: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def load_base(name: str, device: torch.device, profile: str = "tiny", progress: bool = False):
+    """(model, tokenizer) for ``name``: an HF id, a local folder, or ``embedded[:profile]``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import models  # noqa: F401 - registers our custom model classes with Auto*
+
+    path = embedded.resolve(name, profile=profile, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
+              max_batches: int | None = None) -> float:
+    """Mean response-token loss over SFT tensors (labels -100 elsewhere), token-weighted."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = tensors["input_ids"].shape[0]
+    for i, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v[start:start + batch_size].to(device) for k, v in tensors.items()}
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+            reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    model.train(was)
+    return total / max(1, count)
+
+
+def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: data.TaskData,
+                  max_new_tokens: int) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Greedy generations on the eval items, exact-match scored; with a few examples."""
+    prompts = [data.format_prompt(it["prompt"]) for it in task.eval]
+    preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    acc = evaluate.accuracy(preds, task.eval, task.scorer)
+    examples = [{"prompt": it["prompt"], "answer": it["answer"], "generated": p}
+                for it, p in list(zip(task.eval, preds, strict=True))[:3]]
+    return acc, examples
+
+
+def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
+        progress: bool = True, evaluate_tasks: bool = True) -> FinetuneResult:
+    """Fine-tune with ``p.method`` for ``p.train.steps`` and measure everything."""
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_base(p.base_model, device, p.embedded_profile, progress)
+    task = data.load_task(p.task, p.n_train, p.n_eval, seed=seed)
+    train_t = data.sft_tensors(task.train, tokenizer, p.max_len)
+    eval_t = data.sft_tensors(task.eval, tokenizer, p.max_len)
+    answer_len = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval[:16]) + 4
+    max_new = min(p.max_len, answer_len)
+
+    acc_before = None
+    if evaluate_tasks:
+        acc_before, _ = task_accuracy(model, tokenizer, task, max_new)
+    loss_before = eval_loss(model, eval_t, p.train.batch_size)
+
+    try:
+        prepared = ft.prepare(model, p)
+    except UnsupportedTechnique as exc:
+        raise SkipRun(str(exc)) from exc
+    model = prepared.model
+    opt = prepared.make_optimizer(p.train.lr, p.train.weight_decay)
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        return {"eval_loss": eval_loss(m, eval_t, p.train.batch_size, p.train.eval_batches)}
+
+    res = train.train(model, train.dict_batches(train_t, p.train.batch_size, seed), p.train,
+                      p.measure, n_params=prepared.total_params, optimizer=opt,
+                      evaluate=eval_fn, progress=progress,
+                      flops_per_token=_flops_per_token(model, prepared, p))
+    model.eval()
+    quality: dict[str, Any] = {
+        "eval_loss": metric(eval_loss(model, eval_t, p.train.batch_size), "nats/token",
+                            "response_token_cross_entropy", n=len(task.eval)),
+        "eval_loss_before": metric(loss_before, "nats/token", "response_token_cross_entropy",
+                                   n=len(task.eval)),
+        "train_loss": metric(res.final_loss, "nats/token", "last_train_step"),
+    }
+    examples: list[dict[str, str]] = []
+    if evaluate_tasks:
+        quality["accuracy"], examples = task_accuracy(model, tokenizer, task, max_new)
+        quality["accuracy_before"] = acc_before
+    metrics = dict(res.metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_bytes = ft.adapter_size_bytes(prepared, tmp)
+    metrics["adapter_bytes"] = metric(adapter_bytes, "B", "save_pretrained_file_bytes")
+    merge = ft.merge_check(prepared, eval_t["input_ids"][:2])
+    if merge.max_abs_diff is None:
+        metrics["merge_max_abs_diff"] = missing("logit", merge.reason or "not mergeable")
+    else:
+        metrics["merge_max_abs_diff"] = metric(merge.max_abs_diff, "logit",
+                                               "merge_and_unload_vs_adapter")
+    facts = {
+        "params_total": prepared.total_params,
+        "params_trainable": prepared.trainable_params,
+        "trainable_fraction": prepared.trainable_params / prepared.total_params,
+        "base_model": p.base_model,
+        "method_config": prepared.config,
+        "train_tokens": res.tokens,
+        "train_samples": res.samples,
+    }
+    if save_dir is not None:
+        out = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        out.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+    return FinetuneResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
+                          notes=prepared.notes, examples=examples)
+
+
+def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared,
+                     p: FinetuneParams) -> float | None:
+    """Training FLOPs/token: forward through the whole model, backward through activations
+    everywhere but weight gradients only for trainable params (2N fwd + 2N bwd-activation +
+    2N_trainable bwd-weight), the usual PEFT accounting. Attention term from the analytic model
+    where its config is known; None when unknown (MFU is then null with the reason)."""
+    from ..models import flops
+
+    base = getattr(model, "get_base_model", lambda: model)()
+    try:
+        fwd = flops.flops_per_token(base.config, p.max_len, training=False)
+    except (ValueError, NotImplementedError, AttributeError):
+        return None
+    frac = prepared.trainable_params / max(1, prepared.total_params)
+    return fwd * (2.0 + frac)

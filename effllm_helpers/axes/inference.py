@@ -1,0 +1,204 @@
+"""Axis 3 — serving a model at one precision (paper Table 9, Fig. 5).
+
+``run(params)`` is what ``notebooks/03_inference.ipynb`` calls: load the model at the precision
+(the registry in ``techniques/precision.py``), then for each batch size greedy-decode
+``gen_tokens`` after a ``prompt_len`` prompt, warm-up first, ``repeats`` timed requests under the
+Meter (TTFT, TPOT, IT, AL, memory, energy); quality is held-out perplexity, exact-match accuracy on
+a built-in task and, when asked, lm-evaluation-harness tasks; MCR compares weight bytes and
+quality with the baseline precision, evaluated in the same run so the record stands alone.
+
+Baseline: ``baseline_precision`` (bf16, the paper's) — except on a CPU, where bf16 is emulated and
+fp32 is the native format, so fp32 is used there and the record says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import data, evaluate
+from ..config import DataSpec, InferenceParams
+from ..measure import Meter, generation_metrics, timed_generate
+from ..measure.compression import mcr, mcr_nominal
+from ..models import embedded, flops
+from ..results import metric
+from ..run import SkipRun
+from ..techniques import UnsupportedTechnique
+from ..techniques import finetuning as ft
+from ..techniques import precision as prec
+
+NOMINAL_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4-nf4": 4, "int4-fp4": 4}
+
+
+@dataclass
+class InferenceResult:
+    metrics: dict[str, Any]
+    quality: dict[str, Any]
+    model: dict[str, Any]
+    per_batch: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def per_batch_rows(self) -> list[dict[str, Any]]:
+        """One flat row per batch size (metric values only), for tables and the record."""
+        return [{k: (v.get("value") if isinstance(v, dict) else v) for k, v in r.items()}
+                for r in self.per_batch]
+
+
+def heldout_blocks(tokenizer: Any, seq_len: int, max_tokens: int = 200_000) -> torch.Tensor:
+    """Held-out ``stdlib`` text packed with *this model's* tokenizer (any HF model works)."""
+    corpus = data.load_corpus(DataSpec())
+    return data.pack(corpus.val, tokenizer, seq_len, max_tokens=max_tokens)
+
+
+def prompts_from_corpus(tokenizer: Any, n: int, prompt_len: int, seed: int = 0) -> torch.Tensor:
+    """``n`` prompts of exactly ``prompt_len`` tokens cut from held-out stdlib text."""
+    blocks = heldout_blocks(tokenizer, prompt_len, max_tokens=max(64 * prompt_len, n * prompt_len))
+    if blocks.shape[0] == 0:
+        raise ValueError("no held-out text long enough for the prompts")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, blocks.shape[0], (n,), generator=gen)
+    return blocks[idx]
+
+
+def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len: int,
+             device: torch.device) -> dict[str, Any]:
+    val = heldout_blocks(tokenizer, seq_len, max_tokens=seq_len * 8 * p.ppl_batches)
+    ppl = evaluate.perplexity(model, val, batch_size=8, max_batches=p.ppl_batches)
+    task = data.load_task("arithmetic", 1, p.task_items, seed=0)
+    prompts = [data.format_prompt(it["prompt"]) for it in task.eval]
+    max_new = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval) + 4
+    preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new)
+    out = {"ppl": ppl["ppl"], "val_loss": ppl["loss"],
+           "task_acc": evaluate.accuracy(preds, task.eval, task.scorer)}
+    if p.lm_eval_tasks:
+        from ..lm_eval_bridge import evaluate_tasks
+
+        out.update(evaluate_tasks(model, tokenizer, p.lm_eval_tasks))
+    return out
+
+
+def performance(quality: dict[str, Any]) -> tuple[float | None, str]:
+    """The 'perf' of MCR, higher = better: the mean lm-eval score if every task ran (the paper's
+    six-task mean), else 1/perplexity."""
+    lm = quality.get("lm_eval/mean")
+    if lm and lm["value"] is not None:
+        return lm["value"], "mean_lm_eval_score"
+    ppl = quality["ppl"]["value"]
+    return (1.0 / ppl if ppl else None), "inverse_perplexity"
+
+
+def compute_dtype(model: torch.nn.Module) -> str:
+    """The dtype matmuls run in (for the MFU peak): a bnb model's compute dtype, else its own."""
+    for mod in model.modules():
+        cd = getattr(mod, "compute_dtype", None)
+        if isinstance(cd, torch.dtype):
+            return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[cd]
+    dt = next(model.parameters()).dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
+
+
+def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, batch: int,
+                     device: torch.device, n_params: int, seed: int = 0) -> dict[str, Any]:
+    """Warm-up, then ``repeats`` greedy requests of exactly ``gen_tokens`` new tokens."""
+    prompts = prompts_from_corpus(tokenizer, batch, p.prompt_len, seed).to(device)
+    attn = torch.ones_like(prompts)
+    kwargs: dict[str, Any] = {"input_ids": prompts, "attention_mask": attn,
+                              "max_new_tokens": p.gen_tokens, "min_new_tokens": p.gen_tokens,
+                              "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    if p.static_cache:
+        kwargs["cache_implementation"] = "static"
+    timers = []
+    try:  # decode FLOPs/token at the mean context of the request
+        fpt = flops.flops_per_token(model.config, p.prompt_len + p.gen_tokens // 2,
+                                    training=False)
+    except (ValueError, NotImplementedError, AttributeError):
+        fpt = None
+    meter = Meter(device, n_params=n_params, warmup_steps=p.measure.warmup_steps,
+                  sample_interval_s=p.measure.sample_interval_s, dtype=compute_dtype(model),
+                  flops_per_token=fpt)
+    with torch.inference_mode(), meter:
+        for _ in range(p.measure.warmup_steps + p.measure.repeats):
+            out, timer = timed_generate(model, **kwargs)
+            generated = int(out.shape[1] - prompts.shape[1]) * batch
+            meter.step(tokens=generated, samples=batch, generated_tokens=generated)
+            timers.append(timer)
+    measured = timers[p.measure.warmup_steps:]
+    m = meter.metrics()
+    m.update(generation_metrics(measured))
+    return m
+
+
+def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceResult:
+    """Load at ``p.precision``, benchmark decode at every batch size, score quality and MCR."""
+    from transformers import AutoTokenizer
+
+    from .. import models  # noqa: F401 - registers our custom model classes with Auto*
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = prec.check_supported(p.precision, device)
+    if reason:
+        raise SkipRun(f"precision {p.precision} on {device.type}: {reason}")
+    path = embedded.resolve(p.model, profile=p.embedded_profile, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        loaded = prec.load_for_inference(path, p, device)
+    except UnsupportedTechnique as exc:
+        raise SkipRun(str(exc)) from exc
+    model = loaded.model
+    n_params = ft.count_params(model)[1]  # counts a packed 4-bit tensor's two values per byte
+    seq_len = min(256, getattr(model.config, "max_position_embeddings", 256) or 256)
+
+    per_batch = []
+    warnings.filterwarnings("once", message=".*inputs will be cast from.*")  # bnb, per call
+    for b in p.batch_sizes:
+        m = decode_benchmark(model, tokenizer, p, b, device, n_params, seed)
+        per_batch.append({"batch_size": b, **m})
+    headline = dict(per_batch[0])
+    headline.pop("batch_size")
+    metrics = headline
+    for row in per_batch[1:]:
+        for k in ("it", "al_s", "ttft_s", "tpot_s", "j_per_token", "amu_gb"):
+            if k in row:
+                metrics[f"{k}_bs{row['batch_size']}"] = row[k]
+    quality = _quality(model, tokenizer, p, seq_len, device)
+    size = loaded.weight_bytes
+    metrics["size_bytes"] = metric(size, "B", "weight_storage_bytes")
+
+    # MCR against the baseline precision, evaluated here on the same data
+    base_prec = p.baseline_precision
+    notes = list(loaded.notes)
+    if device.type == "cpu" and base_prec == "bf16":
+        base_prec = "fp32"
+        notes.append("MCR baseline is fp32 on the CPU (bf16 is emulated there), not bf16")
+    if base_prec == p.precision:
+        base_size, base_quality = size, quality
+    else:
+        del model
+        base = prec.load_for_inference(path, p.model_copy(update={"precision": base_prec}),
+                                       device)
+        base_size = base.weight_bytes
+        base_quality = _quality(base.model, tokenizer, p, seq_len, device)
+        del base
+    perf, perf_method = performance(quality)
+    base_perf, _ = performance(base_quality)
+    metrics["mcr"] = mcr(base_size, size, base_perf, perf)
+    metrics["mcr_nominal"] = mcr_nominal(NOMINAL_BITS[p.precision], base_perf, perf,
+                                         bits_orig=NOMINAL_BITS[base_prec])
+    for k in ("mcr", "mcr_nominal"):
+        if metrics[k]["value"] is not None:
+            metrics[k]["method"] += f"/{perf_method}_vs_{base_prec}"
+            metrics[k]["baseline"] = base_prec
+    facts = {"params_total": n_params, "weight_bytes": size, "baseline_weight_bytes": base_size,
+             "baseline_precision": base_prec, "model_path": path,
+             "baseline_ppl": base_quality["ppl"]["value"],
+             "bits_per_param": 8 * size / n_params if n_params else None}
+    if not math.isfinite(quality["ppl"]["value"] or 0.0):
+        notes.append("perplexity is not finite at this precision")
+    return InferenceResult(metrics=metrics, quality=quality, model=facts, per_batch=per_batch,
+                           notes=notes)

@@ -1,0 +1,122 @@
+"""Quality beside the efficiency metrics: perplexity, task accuracy, measured KV-cache bytes.
+
+The lm-evaluation-harness bridge lives in ``lm_eval_bridge.py``; this module has what the
+embedded studies need and can compute offline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .results import metric, missing
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8,
+               max_batches: int | None = None) -> dict[str, Any]:
+    """Token-weighted mean next-token loss over packed blocks, and its exp (perplexity)."""
+    if blocks.numel() == 0:
+        return {"loss": missing("nats/token", "no validation blocks"),
+                "ppl": missing("", "no validation blocks")}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i, start in enumerate(range(0, blocks.shape[0], batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        ids = blocks[start:start + batch_size].to(device)
+        logits = model(input_ids=ids).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    mean = total / count
+    return {"loss": metric(mean, "nats/token", "heldout_cross_entropy", n=count),
+            "ppl": metric(math.exp(min(mean, 50.0)), "", "exp(heldout_cross_entropy)", n=count)}
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str],
+                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy completions for ``prompts`` (left-padded batches), decoded without the prompt."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outs
+
+
+def accuracy(predictions: Iterable[str], items: Iterable[dict[str, Any]],
+             scorer: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
+    """Exact-match accuracy with its sample count."""
+    hits = [bool(scorer(p, it)) for p, it in zip(predictions, items, strict=True)]
+    if not hits:
+        return missing("fraction", "no evaluation items")
+    return metric(sum(hits) / len(hits), "fraction", "exact_match", n=len(hits))
+
+
+# ---------------------------------------------------------------- KV cache, measured
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every distinct tensor reachable from a cache object (lists, layers, attrs)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, torch.nn.Module | type):
+        return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+@torch.no_grad()
+def measured_kv_bytes_per_token(model: torch.nn.Module, vocab_size: int, t1: int = 16,
+                                t2: int = 48) -> dict[str, Any]:
+    """Measure the cache a forward pass leaves behind at two lengths; the slope is bytes/token.
+
+    The difference removes what does not grow with length (a recurrent state, a pre-allocated
+    buffer), so Mamba/RWKV read ~0 and attention models their per-token K/V (or latent) bytes.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sizes = []
+    try:
+        for t in (t1, t2):
+            ids = torch.randint(0, vocab_size, (1, t), device=device)
+            out = model(input_ids=ids, use_cache=True)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            if cache is None:
+                cache = getattr(out, "cache_params", None) or getattr(out, "state", None)
+            if cache is None:
+                return missing("B/token", "the model returned no cache object")
+            sizes.append(_tensor_bytes(cache))
+    finally:
+        model.train(was_training)
+    per_token = (sizes[1] - sizes[0]) / (t2 - t1)
+    return metric(per_token, "B/token", "cache_tensor_bytes_slope", constant_bytes=sizes[0]
+                  - per_token * t1)

@@ -1,0 +1,272 @@
+"""Analytic FLOPs and cache bytes per token for every model variant of the study.
+
+Why analytic: MFU needs "model FLOPs" that do not depend on how a kernel happens to be written
+(a dense-masked reference NSA, an eager MoE loop, a fused scan), and KV-cache size is a property
+of the architecture that the inference axis compares against measured memory.
+
+Conventions (all per token, read from a Hugging Face config by ``config.model_type``):
+
+- A matmul of an ``m x k`` by ``k x n`` counts ``2 m k n`` FLOPs (multiply + add); bias adds,
+  norms, softmax, RoPE, activations and residual adds are not counted, like
+  ``torch.utils.flop_counter.FlopCounterMode``. The exceptions are Mamba's scan and RWKV's WKV
+  recurrence, which are elementwise by nature and counted one FLOP per elementwise op
+  (``exp`` included) so attention-free models are not flattered.
+- The LM head is included; the embedding lookup is not (a gather, no FLOPs).
+- MoE counts the router and only the ``top_k`` routed experts a token visits (plus shared
+  experts), not all experts.
+- Attention counts ``QK^T`` and ``AV`` over the keys each query attends. With
+  ``causal_discount=True`` (the default, the work a causal kernel must do) a query at position
+  ``t`` attends ``t`` keys, i.e. ``(S+1)/2`` on average for dense attention; with ``False`` every
+  query attends the whole context ``S``, which is what dense masked kernels execute and what
+  FlopCounterMode counts for SDPA/eager attention. NSA attends, at context ``t``,
+  ``n_cmp(t) + min(selected*block, t) + min(window, t)`` tokens per query over its three branches
+  (``n_cmp(t) = (t-block)//stride + 1``), plus the pooling that builds compressed keys/values.
+- ``training=True`` multiplies the forward by 3 (forward + backward, the backward being two
+  matmuls per forward matmul), the usual ``6 N`` rule generalised.
+
+KV-cache bytes per token: ``2 * layers * kv_heads * head_dim * bytes`` for attention; MLA caches
+its latent ``kv_lora_rank + qk_rope_head_dim`` per layer. What transformers' DeepseekV3 code
+stores depends on its version (5.17 caches decompressed per-head K and V, 5.24 the latent):
+``as_implemented=True`` / :func:`hf_kv_cache_bytes_per_token` follow the installed version, which
+is what measured memory shows. Mamba and RWKV cache nothing per token; their constant state
+is :func:`recurrent_state_bytes`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "flops_breakdown",
+    "flops_per_token",
+    "hf_deepseek_v3_caches_latent",
+    "hf_kv_cache_bytes_per_token",
+    "kv_cache_bytes_per_token",
+    "nsa_attended_tokens",
+    "recurrent_state_bytes",
+]
+
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+_MAMBA = ("mamba", "effllm_mamba")
+SUPPORTED_MODEL_TYPES = (*_LLAMA_LIKE, "effllm_decoder", "mixtral", "qwen2_moe", "deepseek_v3",
+                         "gpt_neox", "gpt2", "bloom", *_MAMBA, "rwkv")
+
+# elementwise FLOPs of the recurrences (one per op, exp counted as one)
+MAMBA_SCAN_PER_STATE = 7  # dt*A, exp, (dt x)*B, decay*h, +u, *C, sum over states
+MAMBA_SCAN_PER_CHANNEL = 8  # dt bias + softplus (2), dt*x, D*x, +, silu(z) (2), *gate
+RWKV_WKV_PER_CHANNEL = 23  # stable WKV: output (12: add, max, 2 sub, 2 exp, 3 mul, 2 add, div)
+#                            + state update (11: add, max, 2 sub, 2 exp, 3 mul, 2 add)
+
+
+def _model_type(config: Any) -> str:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"no analytic FLOPs for model_type {mt!r} ({type(config).__name__}); "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return mt
+
+
+def _head_dim(config: Any) -> int:
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+def _dense_ctx(seq_len: int, causal_discount: bool) -> float:
+    """Mean keys per query for causal dense attention over a context of ``seq_len``."""
+    return (seq_len + 1) / 2 if causal_discount else float(seq_len)
+
+
+def nsa_attended_tokens(t: int, block: int, stride: int, n_selected: int, window: int) -> int:
+    """Keys a query at context length ``t`` attends over NSA's three branches (capped at ``t``)."""
+    n_cmp = 0 if t < block else (t - block) // stride + 1
+    return n_cmp + min(n_selected * block, t) + min(window, t)
+
+
+def _nsa_ctx(config: Any, seq_len: int, causal_discount: bool) -> float:
+    args = (config.nsa_block, config.nsa_stride, config.nsa_selected, config.nsa_window)
+    if not causal_discount:
+        return float(nsa_attended_tokens(seq_len, *args))
+    return sum(nsa_attended_tokens(t, *args) for t in range(1, seq_len + 1)) / seq_len
+
+
+def _swiglu(d: int, ff: int) -> float:
+    """gate, up and down projections of a gated MLP."""
+    return 3 * 2.0 * d * ff
+
+
+def _gqa_proj(d: int, n_heads: int, n_kv: int, hd: int) -> float:
+    """q, k, v, o projections; MQA/GQA only shrink k and v."""
+    return 2.0 * d * hd * (2 * n_heads + 2 * n_kv)
+
+
+def _mlp_flops(config: Any, mt: str, layer: int) -> float:
+    """FFN FLOPs of one layer: dense MLP, or router + top-k experts + shared experts."""
+    d = config.hidden_size
+    if mt == "mixtral":
+        return 2.0 * d * config.num_local_experts + config.num_experts_per_tok * _swiglu(
+            d, config.intermediate_size)
+    if mt == "qwen2_moe":
+        sparse = (layer not in (config.mlp_only_layers or []) and config.num_experts > 0
+                  and (layer + 1) % config.decoder_sparse_step == 0)
+        if not sparse:
+            return _swiglu(d, config.intermediate_size)
+        return (2.0 * d * config.num_experts
+                + config.num_experts_per_tok * _swiglu(d, config.moe_intermediate_size)
+                + _swiglu(d, config.shared_expert_intermediate_size) + 2.0 * d)  # + shared gate
+    if mt == "deepseek_v3":
+        if layer < config.first_k_dense_replace:
+            return _swiglu(d, config.intermediate_size)
+        shared = config.moe_intermediate_size * (config.n_shared_experts or 0)
+        return (2.0 * d * config.n_routed_experts
+                + config.num_experts_per_tok * _swiglu(d, config.moe_intermediate_size)
+                + _swiglu(d, shared))
+    return _swiglu(d, config.intermediate_size)
+
+
+def flops_breakdown(config: Any, seq_len: int, *, causal_discount: bool = True) -> dict[str, float]:
+    """Forward FLOPs per token by component (all layers summed).
+
+    Keys: ``matmul`` (weight matmuls in the blocks, incl. routers/experts), ``attention``
+    (scores and values; NSA also its K/V pooling), ``lm_head``, and for attention-free models
+    ``conv`` (Mamba's depthwise conv) and ``recurrence`` (Mamba scan / RWKV WKV, elementwise;
+    for Mamba ``recurrence_matmul`` is the part of it that is the ``C . h`` contraction).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    mt = _model_type(config)
+    d, n_layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    out = {"matmul": 0.0, "attention": 0.0, "lm_head": 2.0 * d * vocab}
+
+    if mt in _MAMBA:
+        inner, n, r, k = (config.intermediate_size, config.state_size, int(config.time_step_rank),
+                          config.conv_kernel)
+        per_layer = 2.0 * d * 2 * inner + 2.0 * inner * (r + 2 * n) + 2.0 * r * inner
+        per_layer += 2.0 * inner * d  # out_proj
+        out["matmul"] = n_layers * per_layer
+        out["conv"] = n_layers * 2.0 * inner * k
+        out["recurrence"] = n_layers * float(MAMBA_SCAN_PER_STATE * inner * n
+                                             + MAMBA_SCAN_PER_CHANNEL * inner)
+        out["recurrence_matmul"] = n_layers * 2.0 * inner * n
+        return out
+    if mt == "rwkv":
+        att, ff = config.attention_hidden_size, config.intermediate_size
+        time_mix = 3 * 2.0 * d * att + 2.0 * att * d  # key, value, receptance, output
+        channel_mix = 2.0 * d * ff + 2.0 * ff * d + 2.0 * d * d  # key, value, receptance
+        out["matmul"] = n_layers * (time_mix + channel_mix)
+        out["recurrence"] = n_layers * float(RWKV_WKV_PER_CHANNEL * att)
+        return out
+    if mt in ("gpt_neox", "gpt2", "bloom"):
+        ff = (config.intermediate_size if mt == "gpt_neox"
+              else (getattr(config, "n_inner", None) or 4 * d))
+        out["matmul"] = n_layers * (2.0 * d * 3 * d + 2.0 * d * d + 2 * 2.0 * d * ff)
+        # heads * head_dim = d, so the score FLOPs depend on d only
+        out["attention"] = n_layers * 4.0 * d * _dense_ctx(seq_len, causal_discount)
+        return out
+
+    n_heads = config.num_attention_heads
+    mlp = sum(_mlp_flops(config, mt, i) for i in range(n_layers))
+    if mt == "deepseek_v3":
+        qk_hd = config.qk_nope_head_dim + config.qk_rope_head_dim
+        v_hd, r = config.v_head_dim, config.kv_lora_rank
+        if config.q_lora_rank:
+            q = 2.0 * d * config.q_lora_rank + 2.0 * config.q_lora_rank * n_heads * qk_hd
+        else:
+            q = 2.0 * d * n_heads * qk_hd
+        kv = 2.0 * d * (r + config.qk_rope_head_dim) + 2.0 * r * n_heads * (
+            config.qk_nope_head_dim + v_hd)
+        o = 2.0 * n_heads * v_hd * d
+        out["matmul"] = n_layers * (q + kv + o) + mlp
+        ctx = _dense_ctx(seq_len, causal_discount)
+        out["attention"] = n_layers * 2.0 * n_heads * (qk_hd + v_hd) * ctx
+        return out
+
+    # Llama-like (llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, effllm_decoder)
+    hd, n_kv = _head_dim(config), config.num_key_value_heads
+    proj = _gqa_proj(d, n_heads, n_kv, hd)
+    if mt == "effllm_decoder" and config.attention == "nsa":
+        proj += 2.0 * d * 3 * n_heads  # per-head branch gates
+        ctx = _nsa_ctx(config, seq_len, causal_discount)
+        # pooled K and V: 2 tensors x n_kv heads x block taps per compressed block, one
+        # compressed block every `stride` tokens
+        pool = 2 * 2.0 * n_kv * hd * config.nsa_block / config.nsa_stride
+        out["attention"] = n_layers * (4.0 * n_heads * hd * ctx + pool)
+    else:
+        out["attention"] = n_layers * 4.0 * n_heads * hd * _dense_ctx(seq_len, causal_discount)
+    out["matmul"] = n_layers * proj + mlp
+    return out
+
+
+def flops_per_token(config: Any, seq_len: int, training: bool = True, *,
+                    causal_discount: bool = True) -> float:
+    """Analytic FLOPs per token (forward, or forward+backward = 3x forward when ``training``).
+
+    ``seq_len`` is the context length the tokens are processed in (training sequence length).
+    See the module docstring for what is counted; ``causal_discount`` chooses whether causally
+    masked attention pairs count (``False``) or not (``True``, default).
+    """
+    total = sum(v for k, v in flops_breakdown(config, seq_len, causal_discount=causal_discount)
+                .items() if k != "recurrence_matmul")  # already inside "recurrence"
+    return total * (3 if training else 1)
+
+
+def hf_deepseek_v3_caches_latent() -> bool:
+    """Whether the installed transformers' DeepseekV3 caches MLA's latent (True in 5.24, where
+    ``DeepseekV3Attention.expand_kv`` decompresses after the cache) or decompressed K/V."""
+    try:
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mod
+    except ImportError:  # pragma: no cover - transformers without DeepseekV3
+        return False
+    return hasattr(mod.DeepseekV3Attention, "expand_kv")
+
+
+def kv_cache_bytes_per_token(config: Any, dtype_bytes: int = 2, *,
+                             as_implemented: bool = False) -> int:
+    """Bytes of KV cache one token adds, summed over layers (0 for Mamba/RWKV).
+
+    For MLA (``deepseek_v3``) the default is the architecture's latent cache
+    (``kv_lora_rank + qk_rope_head_dim`` per layer). ``as_implemented=True`` gives what the
+    installed transformers stores: older releases (e.g. 5.17) cache decompressed per-head K
+    (``qk_nope + qk_rope``) and V (``v_head_dim``); newer ones (5.24) cache the latent (see
+    :func:`hf_deepseek_v3_caches_latent`). NSA caches full K/V like GQA (its compressed K/V are
+    rebuilt from them).
+    """
+    mt = _model_type(config)
+    n_layers = config.num_hidden_layers
+    if mt in _MAMBA or mt == "rwkv":
+        return 0
+    if mt == "deepseek_v3":
+        if as_implemented and not hf_deepseek_v3_caches_latent():
+            qk_hd = config.qk_nope_head_dim + config.qk_rope_head_dim
+            per_layer = config.num_attention_heads * (qk_hd + config.v_head_dim)
+        else:
+            per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+        return int(n_layers * per_layer * dtype_bytes)
+    if mt in ("gpt_neox", "gpt2", "bloom"):
+        return int(2 * n_layers * config.hidden_size * dtype_bytes)
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return int(2 * n_layers * n_kv * _head_dim(config) * dtype_bytes)
+
+
+def hf_kv_cache_bytes_per_token(config: Any, dtype_bytes: int = 2) -> int:
+    """KV bytes per token as the installed transformers stores them (MLA: version-dependent)."""
+    return kv_cache_bytes_per_token(config, dtype_bytes, as_implemented=True)
+
+
+def recurrent_state_bytes(config: Any, dtype_bytes: int = 2) -> int:
+    """Constant per-sequence state of attention-free models (0 for attention models).
+
+    Mamba: per layer an SSM state ``d_inner x d_state`` and a conv window ``d_inner x
+    conv_kernel`` (as transformers stores it). RWKV: per layer the two token-shift vectors
+    (``hidden``) and the WKV numerator, denominator and max (``attention_hidden``).
+    """
+    mt = _model_type(config)
+    n_layers = config.num_hidden_layers
+    if mt in _MAMBA:
+        inner = config.intermediate_size
+        return int(n_layers * inner * (config.state_size + config.conv_kernel) * dtype_bytes)
+    if mt == "rwkv":
+        return int(n_layers * (2 * config.hidden_size + 3 * config.attention_hidden_size)
+                   * dtype_bytes)
+    return 0
+

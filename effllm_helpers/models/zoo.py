@@ -1,0 +1,194 @@
+"""Model zoo: one (ModelSpec, SizeSpec) -> one randomly initialised Hugging Face causal LM.
+
+Why Hugging Face classes: peft, bitsandbytes, accelerate, lm-eval and ``save_pretrained`` then
+work on every variant alike. Mapping (``family`` / ``attention`` / ``positional`` / ``ffn``):
+
+=========================  ==================  =========================================
+spec                       class               notes
+=========================  ==================  =========================================
+transformer mha|mqa|gqa,   LlamaForCausalLM    KV heads = n_heads / 1 / size.n_kv_heads
+rope, dense
+transformer mha|mqa|gqa,   EffllmDecoder-      our Llama-identical decoder, only the
+sinusoidal|learned|        ForCausalLM         positional scheme differs (the paper compares
+relative|none, dense                           positional encodings on the GQA model)
+transformer nsa, any       EffllmDecoder-      NSA over GQA projections (size.n_kv_heads)
+positional but relative    ForCausalLM
+transformer mla, rope      DeepseekV3ForCausal kv_lora_rank = d_model // mla_latent_ratio,
+(dense or moe)             LM                  no q low-rank; qk_nope = qk_rope = head_dim/2
+                                               (qk head dim = head_dim, 128 at paper sizes),
+                                               v_head_dim = head_dim; dense:
+                                               first_k_dense_replace = n_layers
+transformer mha|mqa|gqa,   MixtralForCausalLM  n_experts experts of size d_ff, top_k routed
+rope, moe
+pythia                     GPTNeoXForCausalLM  Pythia layout (parallel residual, 25 % rotary)
+rwkv                       RwkvForCausalLM     attention/FFN widths d_model / d_ff
+mamba                      models.mamba.build_mamba(size, vocab_size)
+=========================  ==================  =========================================
+
+MoE choice: Mixtral over Qwen2-MoE because Mixtral *is* Llama with the MLP swapped for a top-k
+routed set of SwiGLU experts (no shared expert, no QKV bias, same norms), so dense-vs-MoE
+differences come from the FFN alone. Expert width = ``d_ff`` (the dense model's FFN), so a top-2
+MoE activates 2x the dense FFN parameters per token; :func:`count_params` reports that as
+``active``. DeepSeek-V3 MoE (for MLA) is configured the same way: ``n_experts`` routed experts of
+``d_ff``, top-``top_k``, no shared expert, one routing group, ``routed_scaling_factor`` 1.
+
+Known upstream limit: transformers' RWKV (5.17-5.24) mis-broadcasts its token-shift state in
+cached decoding when batch > 1 (``RwkvSelfAttention.extract_key_value`` / ``RwkvFeedForward``:
+a [B, H] state against [B, 1, H] input), so batched cached ``generate`` is wrong for RWKV; batch 1
+and uncached forwards are exact.
+
+Combinations that have no sensible model raise ``ValueError`` with the reason (MLA with a
+non-RoPE positional scheme, MoE with a non-RoPE scheme or with NSA, NSA with ALiBi).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    RwkvConfig,
+    RwkvForCausalLM,
+)
+
+from ..config import ModelSpec, SizeSpec
+from .decoder import EffllmConfig, EffllmDecoderForCausalLM
+
+__all__ = ["build", "count_params", "ROPE_THETA"]
+
+ROPE_THETA = 10000.0  # one theta for every RoPE model, so variants differ only where intended
+
+
+def _rope(theta: float = ROPE_THETA) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def _kv_heads(attention: str, size: SizeSpec) -> int:
+    return {"mha": size.n_heads, "mqa": 1}.get(attention, size.n_kv_heads)
+
+
+def _common(size: SizeSpec, vocab_size: int, max_seq_len: int) -> dict[str, Any]:
+    """Config fields every decoder-only HF model shares under these names."""
+    return {"vocab_size": vocab_size, "hidden_size": size.d_model,
+            "num_hidden_layers": size.n_layers, "num_attention_heads": size.n_heads,
+            "max_position_embeddings": max_seq_len, "tie_word_embeddings": False,
+            "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
+                 max_seq_len: int) -> PreTrainedModel:
+    common = _common(size, vocab_size, max_seq_len)
+    head_dim = size.d_model // size.n_heads
+    if spec.attention == "mla":
+        if spec.positional != "rope":
+            raise ValueError("MLA is DeepSeek's decoupled-RoPE attention; only positional='rope' "
+                             f"is supported (got {spec.positional!r})")
+        if head_dim % 4:
+            raise ValueError(f"MLA needs head_dim divisible by 4 (got {head_dim})")
+        moe = spec.ffn == "moe"
+        cfg = DeepseekV3Config(
+            **common, intermediate_size=size.d_ff, moe_intermediate_size=size.d_ff,
+            num_key_value_heads=size.n_heads,
+            kv_lora_rank=max(1, size.d_model // spec.mla_latent_ratio), q_lora_rank=None,
+            qk_rope_head_dim=head_dim // 2, qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
+            n_routed_experts=spec.n_experts, num_experts_per_tok=spec.top_k,
+            n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=True,
+            routed_scaling_factor=1.0, first_k_dense_replace=0 if moe else size.n_layers,
+            rope_parameters=_rope(), rope_interleave=True, attention_bias=False)
+        with warnings.catch_warnings():  # the empty shared expert (n_shared_experts=0) warns
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            return DeepseekV3ForCausalLM(cfg)
+
+    if spec.ffn == "moe":
+        if spec.attention == "nsa" or spec.positional != "rope":
+            raise ValueError("MoE is built on Mixtral (RoPE, dense attention); got attention="
+                             f"{spec.attention!r}, positional={spec.positional!r}")
+        cfg = MixtralConfig(**common, intermediate_size=size.d_ff,
+                            num_key_value_heads=_kv_heads(spec.attention, size),
+                            head_dim=head_dim, num_local_experts=spec.n_experts,
+                            num_experts_per_tok=spec.top_k, rms_norm_eps=1e-6,
+                            rope_parameters=_rope())
+        return MixtralForCausalLM(cfg)
+
+    if spec.attention != "nsa" and spec.positional == "rope":
+        cfg = LlamaConfig(**common, intermediate_size=size.d_ff,
+                          num_key_value_heads=_kv_heads(spec.attention, size),
+                          rope_parameters=_rope(), rms_norm_eps=1e-6)
+        return LlamaForCausalLM(cfg)
+
+    cfg = EffllmConfig(**common, intermediate_size=size.d_ff,
+                       num_key_value_heads=_kv_heads(spec.attention, size),
+                       positional=spec.positional, attention=spec.attention,
+                       rope_theta=ROPE_THETA, nsa_window=spec.nsa_window,
+                       nsa_block=spec.nsa_block, nsa_stride=spec.nsa_stride,
+                       nsa_selected=spec.nsa_selected)
+    return EffllmDecoderForCausalLM(cfg)
+
+
+def build(spec: ModelSpec | dict[str, Any], size: SizeSpec | dict[str, Any], vocab_size: int,
+          max_seq_len: int) -> PreTrainedModel:
+    """A freshly initialised causal LM for ``spec`` at ``size`` (see the module table)."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
+    size = size if isinstance(size, SizeSpec) else SizeSpec.model_validate(size)
+    if spec.family == "transformer":
+        return _transformer(spec, size, vocab_size, max_seq_len)
+    if spec.family == "pythia":
+        cfg = GPTNeoXConfig(**_common(size, vocab_size, max_seq_len),
+                            intermediate_size=size.d_ff, hidden_act="gelu",
+                            use_parallel_residual=True,
+                            rope_parameters={**_rope(), "partial_rotary_factor": 0.25})
+        return GPTNeoXForCausalLM(cfg)
+    if spec.family == "rwkv":
+        cfg = RwkvConfig(vocab_size=vocab_size, context_length=max_seq_len,
+                         hidden_size=size.d_model, num_hidden_layers=size.n_layers,
+                         attention_hidden_size=size.d_model, intermediate_size=size.d_ff,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+        return RwkvForCausalLM(cfg)
+    if spec.family == "mamba":
+        from .mamba import build_mamba  # written separately; imported only when asked for
+
+        return build_mamba(size, vocab_size)
+    raise ValueError(f"unknown family {spec.family!r}")
+
+
+def _is_expert_param(name: str) -> bool:
+    """Parameters of routed experts (fused 3-D tensors in transformers 5, or per-expert lists)."""
+    parts = name.split(".")
+    return "experts" in parts and "shared_experts" not in parts
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total, active-per-token and trainable parameter counts.
+
+    ``active`` counts every parameter except routed experts, of which only ``top_k / n_experts``
+    of each MoE layer's expert weights are used per token (the router and any shared expert are
+    always active). Dense models: active == total.
+    """
+    cfg = getattr(model, "config", None)
+    n_exp = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts", None)
+             or getattr(cfg, "num_experts", None))
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    total = active = trainable = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        if n_exp and top_k and _is_expert_param(name):
+            active += n * top_k // n_exp
+        else:
+            active += n
+    return {"total": total, "active": active, "trainable": trainable}

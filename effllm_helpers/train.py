@@ -1,0 +1,237 @@
+"""Training loops for pretraining (axis 1) and fine-tuning (axis 2), on accelerate.
+
+One loop serves both axes: AdamW (fused on CUDA), linear warm-up + cosine decay, gradient
+accumulation and clipping, bf16 autocast on GPU, optional ``torch.compile``. It is built on
+``accelerate`` so the same code runs under ``accelerate launch`` on several GPUs (DDP/FSDP); each
+process then draws its own shard of every batch.
+
+The loop is what we time, so it does nothing per step beyond the step itself: the loss is read
+back to the host only every ``log_every`` steps (that read synchronises the device), the Meter's
+``step`` is O(1), and evaluation happens outside the measured phase's steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import MeasureSpec, TrainSpec
+from .results import missing
+from .run import check_finite
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What a training run hands to the record: Meter metrics, curves and final numbers."""
+
+    metrics: dict[str, Any]
+    curves: dict[str, Any]
+    steps: int
+    tokens: int
+    samples: int
+    final_loss: float
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bf16 on a GPU that supports it, else fp32 (CPU bf16 is emulated and slow)."""
+    if spec == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def make_accelerator(dtype: torch.dtype):
+    """A fresh Accelerator; mixed precision for bf16/fp16, plain fp32 otherwise."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one notebook may train twice
+    mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(mixed_precision=mp)
+
+
+def default_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                      device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (not norms, biases or gains); fused kernels on CUDA."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio``."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def train(
+    model: torch.nn.Module,
+    next_batch: Callable[[int, int, int], Batch],
+    spec: TrainSpec,
+    measure: MeasureSpec,
+    *,
+    n_params: int,
+    flops_per_token: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    log_every: int = 1,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` for ``spec.steps`` optimizer steps under a Meter.
+
+    ``next_batch(micro_step, rank, world)`` returns this process' micro-batch (``input_ids``,
+    optional ``attention_mask``, ``labels`` with -100 where no loss is taken). ``evaluate`` is
+    called every ``spec.eval_every`` steps and at the end; its time is excluded from the Meter's
+    latency only in the sense that it happens between ``step`` calls (it does count in energy
+    and wall time: the record's curves show when).
+    """
+    from tqdm.auto import tqdm
+
+    from .measure import Meter
+
+    dtype = resolve_dtype(spec.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    acc = make_accelerator(dtype)
+    device = acc.device
+    opt = optimizer or default_optimizer(model, spec.lr, spec.weight_decay, device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.warmup_steps, spec.steps))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    if spec.compile:
+        model = torch.compile(model)
+    model.train()
+    rank, world = acc.process_index, acc.num_processes
+
+    losses_x, losses_y, joules_x, joules_y = [], [], [], []
+    eval_history: list[dict[str, float]] = []
+    tokens = samples = 0
+    last_loss = float("nan")
+    bar = tqdm(total=spec.steps, desc="train", unit="step", disable=not progress or rank != 0,
+               leave=False)
+    with Meter(device, n_params=n_params, flops_per_token=flops_per_token,
+               dtype=DTYPE_NAMES.get(dtype, "fp32"), warmup_steps=measure.warmup_steps,
+               sample_interval_s=measure.sample_interval_s) as meter:
+        for step in range(spec.steps):
+            step_tokens = step_samples = 0
+            loss_acc = torch.zeros((), device=device)
+            for micro in range(spec.grad_accum):
+                batch = next_batch(step * spec.grad_accum + micro, rank, world)
+                labels = batch.get("labels", batch["input_ids"])  # counted on the host: no sync
+                step_tokens += int((labels != -100).sum()) if "labels" in batch else labels.numel()
+                step_samples += labels.shape[0]
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with acc.autocast():
+                    out = model(**batch)
+                    loss = out.loss / spec.grad_accum
+                acc.backward(loss)
+                loss_acc += loss.detach()
+            if spec.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step_tokens *= world
+            step_samples *= world
+            tokens += step_tokens
+            samples += step_samples
+            meter.step(tokens=step_tokens, samples=step_samples)
+            if (step + 1) % log_every == 0 or step == spec.steps - 1:
+                last_loss = float(loss_acc)  # the one host sync of the step
+                check_finite(last_loss, step)
+                losses_x.append(tokens)
+                losses_y.append(last_loss)
+                energy = meter.energy_j_so_far()
+                if energy is not None:
+                    joules_x.append(energy)
+                    joules_y.append(last_loss)
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+            bar.update(1)
+            if evaluate and ((step + 1) % spec.eval_every == 0 or step == spec.steps - 1):
+                model.eval()
+                with torch.no_grad():
+                    ev = evaluate(acc.unwrap_model(model))
+                model.train()
+                eval_history.append({"step": step + 1, "tokens": tokens, **ev})
+    bar.close()
+    curves: dict[str, Any] = {
+        "loss_vs_tokens": {"x": losses_x, "y": losses_y, "x_unit": "tokens",
+                           "y_unit": "nats/token"},
+    }
+    if joules_x:
+        curves["loss_vs_joules"] = {"x": joules_x, "y": joules_y, "x_unit": "J",
+                                    "y_unit": "nats/token"}
+    else:
+        curves["loss_vs_joules"] = {"x": [], "y": [], "x_unit": "J", "y_unit": "nats/token",
+                                    "reason": "energy is not measurable on this machine "
+                                              "(see metrics.energy_j)"}
+    if eval_history:
+        keys = [k for k in eval_history[0] if k not in ("step", "tokens")]
+        for k in keys:
+            curves[f"{k}_vs_tokens"] = {"x": [e["tokens"] for e in eval_history],
+                                        "y": [e[k] for e in eval_history], "x_unit": "tokens",
+                                        "y_unit": k}
+    metrics = meter.metrics()
+    if "tt" not in metrics:
+        metrics["tt"] = missing("tokens/s/param", "meter gave no training throughput")
+    return TrainResult(metrics=metrics, curves=curves, steps=spec.steps, tokens=tokens,
+                       samples=samples, final_loss=last_loss, eval_history=eval_history)
+
+
+def block_batches(blocks: torch.Tensor, batch_size: int, seed: int = 0
+                  ) -> Callable[[int, int, int], Batch]:
+    """Next-token batches over packed ``[N, L]`` blocks: a fresh shuffle per epoch, sharded."""
+    n = blocks.shape[0]
+    if n == 0:
+        raise ValueError("no training blocks: the corpus is smaller than one sequence")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    epoch = [0]
+
+    def next_batch(micro_step: int, rank: int, world: int) -> Batch:
+        start = ((micro_step * world + rank) * batch_size) % n
+        if start + batch_size > n:  # wrap: reshuffle for the next epoch
+            epoch[0] += 1
+            order.copy_(torch.randperm(n, generator=gen))
+            start = 0
+        idx = order[start:start + batch_size]
+        ids = blocks[idx]
+        return {"input_ids": ids, "labels": ids}
+
+    return next_batch
+
+
+def dict_batches(tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0
+                 ) -> Callable[[int, int, int], Batch]:
+    """Batches over aligned tensors (e.g. SFT ``input_ids/attention_mask/labels``), sharded."""
+    n = next(iter(tensors.values())).shape[0]
+    if n == 0:
+        raise ValueError("no training examples")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+
+    def next_batch(micro_step: int, rank: int, world: int) -> Batch:
+        start = ((micro_step * world + rank) * batch_size) % n
+        idx = order[start:start + batch_size]
+        if len(idx) < batch_size:
+            idx = torch.cat([idx, order[: batch_size - len(idx)]])
+        return {k: v[idx] for k, v in tensors.items()}
+
+    return next_batch

@@ -1,0 +1,62 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Summary — the paper's figures, rankings, Pareto fronts and a leaderboard
+#
+# Reads every `record.json` under `results_dir` (nothing is re-run), writes the tidy table, draws
+# the paper-style figures (Fig. 2 rank table, Fig. 3a–c architecture, Fig. 4a–b PEFT, Fig. 5
+# precision) and ours (Pareto fronts, loss vs tokens and vs joules, error bars from repeats) as
+# PNG + PDF, and a self-contained HTML leaderboard. `effllm report` executes it with papermill.
+
+# %% tags=["parameters"]
+results_dir = "../outputs/runs"   # folder searched recursively for record.json
+output_dir = "../outputs"         # figures/, results/ and leaderboard.html go here
+
+# %%
+from pathlib import Path
+
+from IPython.display import Image, display
+
+from effllm_helpers import figures, leaderboard, results
+from effllm_helpers.measure import efficiency
+
+out = Path(output_dir)
+tidy = results.collect(results_dir)
+results.write_tidy(tidy, out / "results")
+results.run_counts(tidy)
+
+# %% [markdown]
+# ## Rankings (Fig. 2) and efficiency scores
+
+# %%
+ranks = efficiency.rank_table(tidy)
+ranks.to_csv(out / "results" / "rank_table.csv", index=False)
+ranks
+
+# %%
+html, csvs = leaderboard.write_leaderboard(tidy, out / "leaderboard.html", out / "results")
+print("leaderboard:", html)
+
+# %% [markdown]
+# ## Figures
+
+# %%
+paths = figures.draw_all(tidy, results_dir, out / "figures")
+for p in paths:
+    if p.suffix == ".png":
+        print(p.name)
+        display(Image(filename=str(p)))

@@ -1,0 +1,78 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Axis 1 — architecture pretraining
+#
+# One run = one architecture choice (attention, positional encoding, FFN, family) at one size,
+# pretrained on the same token budget and scored with the six metrics plus held-out perplexity
+# and the associative-recall probe (paper Tables 3–6, Fig. 3). The sweep injects `params`; run by
+# hand, the defaults train the tiny GQA model on the built-in `stdlib` corpus.
+
+# %% tags=["parameters"]
+params = None        # resolved params (a sweep injects them); None = defaults under `preset`
+preset = "tiny"      # ci | tiny | gpu | paper, used when params is None
+study = None
+run_id = None
+seed = 0
+output_dir = None    # None = outputs/runs/interactive/architecture/<run_id>
+point = None
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from effllm_helpers.axes import architecture
+from effllm_helpers.paths import outputs_dir
+from effllm_helpers.run import start_run
+
+ctx = start_run("architecture", params=params, preset=preset, study=study, run_id=run_id,
+                seed=seed, output_dir=output_dir, point=point)
+ctx.params.model
+
+# %% [markdown]
+# ## Train and measure
+
+# %%
+save_dir = outputs_dir("models", ctx.run_id) if ctx.params.save_model else None
+result = architecture.run(ctx.params, seed=ctx.seed, save_dir=save_dir)
+pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+c = result.curves["loss_vs_tokens"]
+axes[0].plot(c["x"], c["y"], label="train")
+if "val_loss_vs_tokens" in result.curves:
+    v = result.curves["val_loss_vs_tokens"]
+    axes[0].plot(v["x"], v["y"], "o-", label="validation")
+axes[0].set(xlabel="tokens", ylabel="loss (nats/token)", title="loss vs tokens")
+axes[0].legend()
+j = result.curves["loss_vs_joules"]
+if j["x"]:
+    axes[1].plot(j["x"], j["y"])
+else:
+    axes[1].text(0.5, 0.5, "no energy counter here:\n" + j.get("reason", ""), ha="center",
+                 va="center", wrap=True, transform=axes[1].transAxes)
+axes[1].set(xlabel="energy (J)", ylabel="loss (nats/token)", title="loss vs joules")
+fig.tight_layout()
+
+# %% [markdown]
+# ## Record
+
+# %%
+path = ctx.finish(metrics=result.metrics, quality=result.quality, curves=result.curves,
+                  model=result.model, extra={"model_dir": result.model_dir})
+print("record written to", path)

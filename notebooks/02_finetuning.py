@@ -1,0 +1,79 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Axis 2 — fine-tuning methods
+#
+# One run = one adaptation method (LoRA, LoRA+, RSLoRA, DoRA, PiSSA, Freeze, full, or any peft
+# method by name; optionally on a 4-bit QLoRA base) on one base model and task suite, scored with
+# memory, utilisation, latency, ST, energy, eval loss and exact-match accuracy (paper Tables 7–8,
+# Fig. 4). Run by hand it fine-tunes the embedded tiny model (built on first use) with LoRA.
+
+# %% tags=["parameters"]
+params = None        # resolved params (a sweep injects them); None = defaults under `preset`
+preset = "tiny"      # ci | tiny | gpu | paper, used when params is None
+study = None
+run_id = None
+seed = 0
+output_dir = None    # None = outputs/runs/interactive/finetuning/<run_id>
+point = None
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from effllm_helpers.axes import finetuning
+from effllm_helpers.run import SkipRun, start_run
+
+ctx = start_run("finetuning", params=params, preset=preset, study=study, run_id=run_id,
+                seed=seed, output_dir=output_dir, point=point)
+ctx.params
+
+# %% [markdown]
+# ## Fine-tune and measure
+# A technique this machine cannot run (e.g. QLoRA's 4-bit kernels without CUDA) is recorded as a
+# skip with its reason.
+
+# %%
+try:
+    result = finetuning.run(ctx.params, seed=ctx.seed)
+except SkipRun as exc:
+    ctx.skip(str(exc))
+    raise
+pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
+
+# %%
+pd.DataFrame(result.examples)
+
+# %%
+fig, ax = plt.subplots(figsize=(6, 3.5))
+c = result.curves["loss_vs_tokens"]
+ax.plot(c["x"], c["y"], label="train")
+if "eval_loss_vs_tokens" in result.curves:
+    e = result.curves["eval_loss_vs_tokens"]
+    ax.plot(e["x"], e["y"], "o-", label="eval")
+ax.set(xlabel="response tokens", ylabel="loss (nats/token)",
+       title=f"{ctx.params.method} on {ctx.params.task}")
+ax.legend()
+fig.tight_layout()
+
+# %% [markdown]
+# ## Record
+
+# %%
+path = ctx.finish(metrics=result.metrics, quality=result.quality, curves=result.curves,
+                  model=result.model, extra={"notes": result.notes, "examples": result.examples})
+print("record written to", path)
