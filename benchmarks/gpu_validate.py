@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=3.0, help="(a) settle time before")
     p.add_argument("--interval", type=float, default=0.02, help="(a) power sample interval")
     p.add_argument("--mfu-steps", type=int, default=30, help="(b) measured steps")
-    p.add_argument("--overhead-steps", type=int, default=200, help="(c) steps per round")
-    p.add_argument("--overhead-rounds", type=int, default=5, help="(c) pairs of rounds")
+    p.add_argument("--overhead-steps", type=int, default=8000,
+                   help="(c) steps per round (~3.5 s at n=4096: a measured phase, not a blip)")
+    p.add_argument("--overhead-rounds", type=int, default=3, help="(c) pairs of rounds")
     p.add_argument("--overhead-n", type=int, default=4096, help="(c) matmul size")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
     a = p.parse_args(argv)

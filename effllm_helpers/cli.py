@@ -22,6 +22,10 @@ PresetOpt = Annotated[str | None, typer.Option(
     "--preset", "-p",
     help="Size/budget preset overlaid on the study: ci, tiny, gpu or paper "
          "(params/presets/<name>.yaml). Omit for the schema defaults.")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override a params key for every run, KEY=VALUE with a dotted key and a "
+                        "YAML value, e.g. --set train.steps=100 --set train.compile=false. "
+                        "Applied last (over the preset and the grid); changes the run ids.")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--output-dir", "-o", help="Root for runs/, results/ and figures/ (default: ./outputs).")]
 
@@ -32,10 +36,10 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 @app.command()
-def validate(study: StudyArg, preset: PresetOpt = None) -> None:
+def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
     try:
-        runs = config.expand(study, preset)
+        runs = config.expand(study, preset, config.parse_overrides(set_))
     except config.ParamsError as exc:
         _fail(str(exc))
     typer.echo(f"{study}: ok, {len(runs)} runs")
@@ -65,6 +69,7 @@ def sweep(
     ] = None,
     no_progress: Annotated[bool, typer.Option(
         "--no-progress", help="Hide the progress bar (e.g. in logs).")] = False,
+    set_: SetOpt = None,
 ) -> None:
     """Run every grid point of a study through its notebook (papermill), resuming where it left.
 
@@ -75,7 +80,8 @@ def sweep(
 
     out = output_dir or outputs_dir()
     try:
-        runs = config.expand(study, preset)
+        overrides = config.parse_overrides(set_)
+        runs = config.expand(study, preset, overrides)
     except config.ParamsError as exc:
         _fail(str(exc))
     if dry_run:
@@ -84,7 +90,8 @@ def sweep(
         return
     try:
         res = sw.sweep(study, preset, out, workers=workers, dask=dask,
-                       retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress)
+                       retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress,
+                       overrides=overrides)
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
                     fg=typer.colors.YELLOW, err=True)

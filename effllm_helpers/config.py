@@ -211,8 +211,7 @@ class InferenceParams(Strict):
     prompt_len: PosInt = 32
     gen_tokens: PosInt = 32
     batch_sizes: list[PosInt] = [1, 4]
-    static_cache: bool = False
-    compile: bool = False
+    static_cache: bool = False  # transformers then compiles the decode step (CUDA graphs)
     ppl_batches: PosInt = 4
     task_items: PosInt = 32
     lm_eval_tasks: list[str] = []
@@ -507,8 +506,27 @@ def notebook_path(nb: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def expand(path: str | Path, preset: str | None = None) -> list[Run]:
-    """Validate a study file under a preset and expand its grid into runs (no compute)."""
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.steps=100", "train.compile=false"]`` -> a nested layer (values read as YAML)."""
+    layer: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        set_dotted(layer, key.strip(), value)
+    return layer
+
+
+def expand(path: str | Path, preset: str | None = None,
+           overrides: dict[str, Any] | None = None) -> list[Run]:
+    """Validate a study file under a preset and expand its grid into runs (no compute).
+
+    ``overrides`` (from ``--set``) apply last, over the grid point.
+    """
     path = Path(path)
     study = load_study(path)
     schema = AXES[study.axis]
@@ -528,6 +546,8 @@ def expand(path: str | Path, preset: str | None = None) -> list[Run]:
     resolve_params(study.axis, study.base, source=f"{path} [base]")
     if overlay:
         resolve_params(study.axis, overlay, source=f"{preset_path(preset)} [{study.axis}]")
+    if overrides:
+        resolve_params(study.axis, overrides, source="--set")
     keys = list(study.grid)
     runs: list[Run] = []
     seen: set[str] = set()
@@ -544,7 +564,7 @@ def expand(path: str | Path, preset: str | None = None) -> list[Run]:
                 point[k] = v
                 set_dotted(grid_layer, k, v)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
-        params = resolve_params(study.axis, study.base, overlay, grid_layer,
+        params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
                                 source=f"{path} [grid point {label}]")
         for seed in study.seeds:
             rid = run_id_for(study.study, study.axis, study.notebook, params, seed)

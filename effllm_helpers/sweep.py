@@ -329,9 +329,10 @@ def _cuda_count() -> int:
 def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | Path | None = None,
           workers: int = 1, dask: str | None = None, retry_failed: bool = False,
           timeout_s: float | None = None, progress: bool = True,
-          on_outcome: Callable[[Outcome], None] | None = None) -> SweepResult:
+          on_outcome: Callable[[Outcome], None] | None = None,
+          overrides: dict[str, Any] | None = None) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
-    runs = config.expand(study_path, preset)  # validation happens here, before any compute
+    runs = config.expand(study_path, preset, overrides)  # validation, before any compute
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
     out = Path(output_dir) if output_dir else outputs_dir()

@@ -94,7 +94,7 @@ def train(
     flops_per_token: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-    log_every: int = 1,
+    log_every: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` for ``spec.steps`` optimizer steps under a Meter.
@@ -109,6 +109,8 @@ def train(
 
     from .measure import Meter
 
+    # reading the loss back syncs the device: do it for about 50 curve points, not every step
+    log_every = log_every or max(1, spec.steps // 50)
     dtype = resolve_dtype(spec.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     acc = make_accelerator(dtype)
     device = acc.device

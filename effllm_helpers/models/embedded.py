@@ -25,8 +25,8 @@ from ..paths import cache_dir
 
 STAGES = ("base", "sft")
 # extra pretraining steps over the preset's budget: the base model should have learned something
-BASE_STEPS = {"tiny": 300, "ci": 30, "gpu": 1500}
-SFT_STEPS = {"tiny": 120, "ci": 10, "gpu": 300}
+BASE_STEPS = {"tiny": 300, "ci": 30, "gpu": 800}
+SFT_STEPS = {"tiny": 120, "ci": 10, "gpu": 200}
 
 
 def parse(name: str, profile: str = "tiny") -> tuple[str, str] | None:
