@@ -12,6 +12,8 @@ for part in "$@"; do
   case $part in
     validate) log "python3 benchmarks/gpu_validate.py --out $dest"
               python3 benchmarks/gpu_validate.py --out "$dest" 2>&1 | tail -40 ;;
+    overhead) log "python3 benchmarks/gpu_validate.py --skip a,b --out $dest/overhead"
+              python3 benchmarks/gpu_validate.py --skip a,b --out "$dest/overhead" 2>&1 | tail -8 ;;
     mfu)      log "python3 benchmarks/pretrain_mfu.py --out $dest"
               python3 benchmarks/pretrain_mfu.py --out "$dest" 2>&1 | tail -15 ;;
     mfu-large) log "python3 benchmarks/pretrain_mfu.py --size large --batch-size 32 --out $dest/large"
