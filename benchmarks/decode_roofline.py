@@ -88,7 +88,8 @@ def own_loop(model, prompt, new_tokens: int, repeats: int, mode: str = "reduce-o
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for pos in positions:
-            tok = step(tok, pos, cache)
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's output is input
+            tok = step(tok, pos, cache).clone()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -23,13 +23,17 @@ for part in "$@"; do
     inference|attention|finetuning_general|finetuning_qlora)
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml
               [ -f "$f" ] || f=params/finetuning/${part#finetuning_}.yaml
-              log "python3 -m effllm_helpers.cli sweep $f -p gpu -o $dest/sweeps --no-progress"
-              python3 -m effllm_helpers.cli sweep "$f" -p gpu -o "$dest/sweeps" --no-progress \
-                --timeout 400 2>&1 | tail -25 ;;
+              log "python3 -m effllm_helpers.cli sweep $f -p gpu -o $dest/sweeps ${SWEEP_ARGS:-}"
+              # a time box per sweep (SWEEP_BUDGET_S) so the summary and the packing still happen
+              timeout "${SWEEP_BUDGET_S:-3000}" python3 -m effllm_helpers.cli sweep "$f" -p gpu \
+                -o "$dest/sweeps" --no-progress --timeout 300 ${SWEEP_ARGS:-} 2>&1 | tail -25
+              for r in "$dest"/sweeps/runs/*/*/record.json; do
+                [ -f "$r" ] && python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(d['study'],d['run_id'],d['status'],d['finished_at'],(d.get('error') or {}).get('reason','')[:80])" "$r"
+              done | sort | tee -a "$dest/sweep_status.txt"
+              tar -czf "$dest/sweeps-$part.tar.gz" -C "$dest" sweeps && rm -rf "$dest/sweeps" ;;
     *) echo "unknown part $part" ;;
   esac
 done
 # the run folders nest too deep to come back one by one: pack them (unpacked where committed)
 find "$dest" -name runner.log -size +200k -delete 2>/dev/null
-if [ -d "$dest/sweeps" ]; then tar -czf "$dest/sweeps.tar.gz" -C "$dest" sweeps && rm -rf "$dest/sweeps"; fi
 ls -la "$dest"

@@ -103,3 +103,13 @@ def test_token_blocks_are_cached_and_reshaped(tok: PreTrainedTokenizerFast, cach
     assert torch.equal(longer.flatten(), train.flatten()[: longer.numel()])
     _, few = token_blocks(SPEC, "train", max_tokens=5 * SPEC.seq_len)
     assert torch.equal(few, train[:5])
+
+
+def test_pack_ignores_padding_left_on_by_a_batched_call(tok: PreTrainedTokenizerFast) -> None:
+    texts = ["def f(x):\n    return x\n", "a much longer document " * 20, "y = 1\n"]
+    before = pack(texts, tok, seq_len=8)
+    tok(["short", "a much longer line of text"], padding=True)  # leaves backend padding on
+    assert tok.backend_tokenizer.padding is not None
+    after = pack(texts, tok, seq_len=8)
+    assert torch.equal(before, after)
+    assert tok.backend_tokenizer.padding is not None  # the caller's state is restored

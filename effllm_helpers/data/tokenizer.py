@@ -138,16 +138,27 @@ def _encode_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast,
     if eos is None:
         raise ValueError("tokenizer has no eos token; packing needs one between documents")
     backend = tokenizer.backend_tokenizer
+    # a padded call through the transformers wrapper (e.g. batched generation) leaves padding
+    # switched on in the backend; packing must see the raw tokens, so switch it off meanwhile
+    padding, truncation = backend.padding, backend.truncation
+    backend.no_padding()
+    backend.no_truncation()
     parts: list[np.ndarray] = []
     total = 0
-    for start in range(0, len(texts), _ENCODE_CHUNK_DOCS):
-        chunk = list(texts[start:start + _ENCODE_CHUNK_DOCS])
-        for enc in backend.encode_batch(chunk, add_special_tokens=False):
-            ids = np.asarray(enc.ids + [eos], dtype=np.int64)
-            parts.append(ids)
-            total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
+    try:
+        for start in range(0, len(texts), _ENCODE_CHUNK_DOCS):
+            chunk = list(texts[start:start + _ENCODE_CHUNK_DOCS])
+            for enc in backend.encode_batch(chunk, add_special_tokens=False):
+                ids = np.asarray(enc.ids + [eos], dtype=np.int64)
+                parts.append(ids)
+                total += len(ids)
+            if max_tokens is not None and total >= max_tokens:
+                break
+    finally:
+        if padding:
+            backend.enable_padding(**padding)
+        if truncation:
+            backend.enable_truncation(**truncation)
     if not parts:
         return np.zeros(0, dtype=np.int64)
     stream = np.concatenate(parts)
