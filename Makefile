@@ -9,7 +9,10 @@ OUT     ?= outputs
 PYTEST_ARGS ?=
 
 # the studies `make study` sweeps, in order
-STUDIES ?= params/smoke/smoke.yaml
+STUDIES ?= params/architecture/attention.yaml params/architecture/positional.yaml \
+           params/architecture/moe.yaml params/architecture/attention_free.yaml \
+           params/finetuning/general.yaml params/finetuning/domain.yaml \
+           params/finetuning/qlora.yaml params/inference.yaml
 
 .PHONY: setup study test lint clean-runs help
 
