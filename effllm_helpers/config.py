@@ -405,6 +405,18 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+_MISSING = object()
+
+
+def _get_dotted(d: dict[str, Any], key: str) -> Any:
+    cur: Any = d
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
 def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
     """A grid key must name a field of the axis schema (nested through sub-models)."""
     cur: Any = model
@@ -563,6 +575,10 @@ def expand(path: str | Path, preset: str | None = None,
             else:
                 point[k] = v
                 set_dotted(grid_layer, k, v)
+        for k in point:  # an --set override of a grid key wins, and the label says so
+            v = _get_dotted(overrides or {}, k)
+            if v is not _MISSING:
+                point[k] = v
         label = ", ".join(f"{k}={v}" for k, v in point.items())
         params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
                                 source=f"{path} [grid point {label}]")

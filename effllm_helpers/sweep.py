@@ -186,7 +186,7 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None
     Plain-data in and out, so the same function runs in a local thread or on a Dask worker.
     """
     run = config.Run.model_validate(run_dict)
-    rdir = Path(run_dir)
+    rdir = Path(run_dir).resolve()
     rdir.mkdir(parents=True, exist_ok=True)
     results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
     t0 = time.monotonic()
@@ -251,7 +251,7 @@ def runner_main(run_dir: str) -> int:
     """Inside the runner process: papermill the notebook, record a failure if it raised."""
     import papermill as pm
 
-    rdir = Path(run_dir)
+    rdir = Path(run_dir).resolve()
     spec = json.loads((rdir / RUN_SPEC).read_text())
     run = config.Run.model_validate(spec)
     (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
@@ -335,7 +335,8 @@ def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | P
     runs = config.expand(study_path, preset, overrides)  # validation, before any compute
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
-    out = Path(output_dir) if output_dir else outputs_dir()
+    # absolute: the notebook runs with its own folder as cwd and must write where we look
+    out = (Path(output_dir) if output_dir else outputs_dir()).resolve()
     _INTERRUPTED.clear()
     todo, settled = plan(runs, out, retry_failed)
     result = SweepResult(study=runs[0].study if runs else "?", outcomes=list(settled))

@@ -126,3 +126,12 @@ def test_results_record_is_valid_for_collect(tmp_path):
     sweep.sweep(path, "ci", tmp_path / "out", progress=False)
     df = results.collect(tmp_path / "out" / "runs")
     assert {"al_s", "tokens_per_s", "aec_w"} <= set(df.metric)
+
+
+def test_relative_output_dir_lands_where_the_sweep_looks(tmp_path, monkeypatch):
+    # the notebook runs with notebooks/ as its cwd; a relative -o must still be honoured
+    path = study(tmp_path, "n: [16]")
+    monkeypatch.chdir(tmp_path)
+    res = sweep.sweep(path, "ci", Path("rel_out"), progress=False)
+    assert [o.status for o in res.outcomes] == ["ok"]
+    assert len(records(tmp_path / "rel_out")) == 1

@@ -94,7 +94,8 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                       evaluate=eval_fn, progress=progress)
 
     model.eval()
-    ppl = evaluate.perplexity(model, val_blocks, batch_size=p.train.batch_size)
+    ppl = evaluate.perplexity(model, val_blocks, batch_size=p.train.batch_size,
+                              max_batches=4 * p.train.eval_batches)
     acc = data.probe_accuracy(model, probe, device=device)
     quality = {
         "val_loss": ppl["loss"],

@@ -68,6 +68,11 @@ def weight_bytes(model: torch.nn.Module, include_buffers: bool = True) -> dict[s
     if include_buffers:
         for b in model.buffers():
             add(b, "buffers")
+    for module in model.modules():  # bnb Linear8bitLt moves SCB/CB from the weight to .state
+        state = getattr(module, "state", None)
+        for attr in ("SCB", "CB"):
+            for t in _tensors_in(getattr(state, attr, None)):
+                add(t, "quant_state")
     out["total"] = out["params"] + out["buffers"] + out["quant_state"]
     return out
 

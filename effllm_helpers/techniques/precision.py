@@ -180,49 +180,16 @@ def check_supported(precision: str, device: str | torch.device) -> str | None:
 
 
 # ---------------------------------------------------------------- sizes
-def _tensor_bytes(t: Any, seen: set[tuple[int, int, str]]) -> int:
-    if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.numel() == 0:
-        return 0
-    key = (t.data_ptr(), t.numel(), str(t.dtype))
-    if key in seen:
-        return 0
-    seen.add(key)
-    return t.numel() * t.element_size()
-
-
-def _quant_state_bytes(qs: Any, seen: set[tuple[int, int, str]]) -> int:
-    """Bytes of a bnb QuantState: absmax, code, offset and the nested (double-quant) state."""
-    if qs is None:
-        return 0
-    n = 0
-    for attr in ("absmax", "code", "offset"):
-        n += _tensor_bytes(getattr(qs, attr, None), seen)
-    return n + _quant_state_bytes(getattr(qs, "state2", None), seen)
-
-
 def weight_bytes(model: nn.Module) -> int:
-    """Real storage bytes of parameters and buffers, each shared tensor counted once.
+    """Real storage bytes of the weights (one implementation: ``measure.compression``).
 
-    bitsandbytes parameters count their packed storage (Params4bit: two 4-bit values per uint8 byte;
-    Int8Params: int8) plus their quantisation constants (4-bit ``quant_state.absmax``/``code``/
-    nested state; 8-bit per-row ``SCB``, on the weight or, after a forward, on the module's
-    ``state``), so the number is what the weights really occupy. On AVX512-BF16 CPUs bnb 0.50
-    repacks 4-bit weights at the first eval forward (absmax to bf16, double quantisation undone),
-    so the count taken right after loading differs from one taken after inference there.
+    On AVX512-BF16 CPUs bnb 0.50 repacks 4-bit weights at the first eval forward (absmax to
+    bf16, double quantisation undone), so a count right after loading differs from one taken
+    after inference there; ``load_for_inference`` counts at load.
     """
-    seen: set[tuple[int, int, str]] = set()
-    total = 0
-    for p in model.parameters():
-        total += _tensor_bytes(p, seen)
-        total += _quant_state_bytes(getattr(p, "quant_state", None), seen)
-        total += _tensor_bytes(getattr(p, "SCB", None), seen)
-    for b in model.buffers():
-        total += _tensor_bytes(b, seen)
-    for mod in model.modules():  # Linear8bitLt moves SCB/CB from the weight to .state on use
-        state = getattr(mod, "state", None)
-        for attr in ("SCB", "CB"):
-            total += _tensor_bytes(getattr(state, attr, None), seen)
-    return total
+    from effllm_helpers.measure.compression import weight_bytes as storage_bytes
+
+    return storage_bytes(model)["total"]
 
 
 # ---------------------------------------------------------------- quantisation
