@@ -484,6 +484,13 @@ def fig3c_moe_bubbles(tidy_df: pd.DataFrame, out_dir: str | Path,
 def _peft_scores(wide: pd.DataFrame) -> pd.DataFrame:
     """Per (base model, method): efficiency score over AMU, PCU, AL, ST, AEC and eval loss."""
     ok = E.ok_rows(wide).copy()
+    # a panel per (base model, task): runs on different tasks are not repeats of each other
+    if "p.task" in ok:
+        ok["p.base_model"] = ok["p.base_model"].astype(str) + " · " + ok["p.task"].astype(str)
+    if "p.quant" in ok:  # a QLoRA run is its own method (on a 4-bit base)
+        q = ok["p.quant"].fillna("none").astype(str)
+        ok["p.method"] = ok["p.method"].astype(str).where(q == "none",
+                                                          ok["p.method"].astype(str) + "+" + q)
     ms = [m for m in E.EFFICIENCY_METRICS["finetuning"] if m in ok]
     ok["score"] = E.scores_by_set(ok, "finetuning", metrics=ms)["score"]
     loss = "eval_loss" if "eval_loss" in ok and ok["eval_loss"].notna().any() else None
@@ -749,7 +756,7 @@ def fig_loss_curves(tidy_df: pd.DataFrame, out_dir: str | Path,
     if records_root is None or not Path(records_root).exists():
         return _done(name, _no_data_figure(title, "no records folder given (curves live in "
                                            "record.json)"), out_dir)
-    wide = _wide(tidy_df, "architecture")
+    wide = _wide(tidy_df, None)  # every axis: label each curve with its technique
     tech = dict(zip(wide.get("run_id", []), wide.get("technique", []), strict=True))
     size = dict(zip(wide.get("run_id", []), wide.get("p.model.size", [""] * len(wide)),
                     strict=True)) if "p.model.size" in wide else {}
