@@ -325,8 +325,8 @@ def fig2_rank_table(tidy_df: pd.DataFrame, out_dir: str | Path,
                title="tier (rank relative to the techniques compared)", title_fontsize=8)
     fig.suptitle(title, fontsize=12)
     note = "; ".join(f"{a}: Perf = {p}" for a, p in perf.items() if p)
-    ax.set_xlabel(f"{note}.  Ranks from metrics scaled within each comparison set, averaged "
-                  "over sets;\n'–' = not measured for that axis.  Eff. score = mean "
+    ax.set_xlabel(f"{note}.\nRanks from metrics scaled within each comparison set, averaged "
+                  "over sets; '–' = not measured for that axis.\nEff. score = mean "
                   "efficiency score (0.1-1).", fontsize=8)
     return _done(name, fig, out_dir)
 

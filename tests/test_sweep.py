@@ -93,8 +93,11 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "effllm_helpers.cli", "sweep", str(path), "-p", "ci", "-o",
            str(out), "--no-progress"]
+    # a background parent (nohup, `&` in a script, some CI runners) may ignore SIGINT, and the
+    # ignore would be inherited: give the sweep the default disposition a terminal gives it
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not records(out):
         time.sleep(0.1)
