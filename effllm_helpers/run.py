@@ -95,6 +95,15 @@ class RunContext:
         )
         return results.write_record(self.output_dir, rec)
 
+    def attempt(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``; a SkipRun (this machine cannot run the technique) is written
+        as a skipped record before it propagates, so the sweep shows a skip, not a crash."""
+        try:
+            return fn(*args, **kwargs)
+        except SkipRun as exc:
+            self.skip(str(exc))
+            raise
+
     def skip(self, reason: str) -> Path:
         """Record that this technique cannot run here (a clear skip, not a crash)."""
         rec = failure_record({"run_id": self.run_id, "study": self.study, "axis": self.axis,

@@ -36,7 +36,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from effllm_helpers.axes import finetuning
-from effllm_helpers.run import SkipRun, start_run
+from effllm_helpers.run import start_run
 
 ctx = start_run("finetuning", params=params, preset=preset, study=study, run_id=run_id,
                 seed=seed, output_dir=output_dir, point=point)
@@ -48,11 +48,7 @@ ctx.params
 # skip with its reason.
 
 # %%
-try:
-    result = finetuning.run(ctx.params, seed=ctx.seed)
-except SkipRun as exc:
-    ctx.skip(str(exc))
-    raise
+result = ctx.attempt(finetuning.run, ctx.params, seed=ctx.seed)
 pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
 
 # %%

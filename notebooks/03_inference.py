@@ -35,7 +35,7 @@ point = None
 import pandas as pd
 
 from effllm_helpers.axes import inference
-from effllm_helpers.run import SkipRun, start_run
+from effllm_helpers.run import start_run
 
 ctx = start_run("inference", params=params, preset=preset, study=study, run_id=run_id,
                 seed=seed, output_dir=output_dir, point=point)
@@ -47,11 +47,7 @@ ctx.params
 # reason instead of crashing the sweep.
 
 # %%
-try:
-    result = inference.run(ctx.params, seed=ctx.seed)
-except SkipRun as exc:
-    ctx.skip(str(exc))
-    raise
+result = ctx.attempt(inference.run, ctx.params, seed=ctx.seed)
 pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
 
 # %%

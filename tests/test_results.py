@@ -80,3 +80,18 @@ def test_write_tidy_writes_parquet_and_csv(tmp_path):
 
     assert pd.read_parquet(pq)["value"].tolist() == [0.2]
     assert pd.read_csv(csv)["metric"].tolist() == ["al_s"]
+
+
+def test_attempt_records_a_skip_before_reraising(tmp_path):
+    from effllm_helpers.run import SkipRun, start_run
+
+    ctx = start_run("smoke", preset="ci", output_dir=tmp_path)
+
+    def cannot() -> None:
+        raise SkipRun("int4 kernels need CUDA")
+
+    with pytest.raises(SkipRun):
+        ctx.attempt(cannot)
+    rec = results.read_record(tmp_path)
+    assert rec["status"] == "skipped" and "int4 kernels need CUDA" in rec["error"]["reason"]
+    assert ctx.attempt(lambda x: x + 1, 1) == 2
