@@ -2,8 +2,10 @@
 # Runs on a lent GPU (see ../shared/gpu/README.md): the measure validation, the two roofline/MFU
 # benchmarks and study sweeps at the gpu preset; everything lands in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
-#   PART in: validate mfu mfu-large roofline inference attention finetuning_general finetuning_qlora
+#   PART in: validate overhead mfu mfu-large roofline inference attention finetuning_general
+#            finetuning_qlora
 set -uo pipefail
+if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT=${OUT:-outputs/reference}
 slug=$(python3 -c "import torch,re;print(re.sub('-+','-',''.join(c.lower() if c.isalnum() else '-' for c in torch.cuda.get_device_name(0))).strip('-'))")
 dest="$OUT/$slug"; mkdir -p "$dest"
