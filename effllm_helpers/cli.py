@@ -35,6 +35,14 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _results_folder(path: Path) -> Path:
+    """A folder to read records from; a missing one is an error, not an empty report."""
+    if not Path(path).is_dir():
+        _fail(f"--results: no such folder {str(path)!r} (give the folder that holds the "
+              "runs' record.json files, e.g. outputs/runs or outputs/reference/<device>)")
+    return Path(path)
+
+
 @app.command()
 def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
@@ -110,7 +118,7 @@ def collect(
 ) -> None:
     """Gather every record into one tidy long table: results/results.{parquet,csv}."""
     out = output_dir or outputs_dir()
-    src = results_dir or out / "runs"
+    src = _results_folder(results_dir or out / "runs")
     df = results.collect(src)
     pq, csv = results.write_tidy(df, out / "results")
     n_runs = df["run_id"].nunique() if len(df) else 0
@@ -135,7 +143,7 @@ def report(
 
     out = output_dir or outputs_dir()
     dest = output or out
-    src = results_dir or out / "runs"
+    src = _results_folder(results_dir or out / "runs")
     nb = config.REPO_ROOT / "notebooks" / "00_summary.ipynb"
     if not nb.is_file():
         _fail(f"summary notebook missing: {nb}")

@@ -499,17 +499,23 @@ def _peft_scores(wide: pd.DataFrame) -> pd.DataFrame:
     return agg
 
 
+def _peft_panels(tidy_df: pd.DataFrame) -> tuple[pd.DataFrame, list, list] | str:
+    """(scores per base x method, base panels, methods in paper order), or why there is none."""
+    wide = _wide(tidy_df, "finetuning")
+    if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
+        return _why_empty(tidy_df, "finetuning", "a method")
+    agg = _peft_scores(wide)
+    return agg, _order(agg["p.base_model"], []), _order(agg["p.method"], METHOD_ORDER)
+
+
 def fig4a_peft_score_loss(tidy_df: pd.DataFrame, out_dir: str | Path,
                           records_root: str | Path | None = None) -> Drawn:
     """Fig. 4a: per base model, efficiency-score bars up and mirrored eval-loss bars down."""
     name, title = "fig4a_peft_score_loss", "Fig. 4a - PEFT methods: efficiency score and loss"
-    wide = _wide(tidy_df, "finetuning")
-    if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
-        return _done(name, _no_data_figure(title, _why_empty(tidy_df, "finetuning", "a method")),
-                     out_dir)
-    agg = _peft_scores(wide)
-    bases = _order(agg["p.base_model"], [])
-    methods = _order(agg["p.method"], METHOD_ORDER)
+    peft = _peft_panels(tidy_df)
+    if isinstance(peft, str):
+        return _done(name, _no_data_figure(title, peft), out_dir)
+    agg, bases, methods = peft
     pal = _palette(methods, "tab10")
     fig = Figure(figsize=(max(7, 1.2 * len(bases) * len(methods) / 3 + 3), 6.2),
                  layout="constrained")
@@ -549,13 +555,10 @@ def fig4b_peft_area_loss(tidy_df: pd.DataFrame, out_dir: str | Path,
                          records_root: str | Path | None = None) -> Drawn:
     """Fig. 4b: per base model, efficiency score as a filled area and loss as a line."""
     name, title = "fig4b_peft_area_loss", "Fig. 4b - efficiency score (area) and loss (line)"
-    wide = _wide(tidy_df, "finetuning")
-    if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
-        return _done(name, _no_data_figure(title, _why_empty(tidy_df, "finetuning", "a method")),
-                     out_dir)
-    agg = _peft_scores(wide)
-    bases = _order(agg["p.base_model"], [])
-    methods = _order(agg["p.method"], METHOD_ORDER)
+    peft = _peft_panels(tidy_df)
+    if isinstance(peft, str):
+        return _done(name, _no_data_figure(title, peft), out_dir)
+    agg, bases, methods = peft
     fig, axs = _new(max(6.5, 0.9 * len(methods) + 2), 3.3 * len(bases), len(bases), 1)
     lm = agg["loss_metric"].iloc[0]
     for ax, b in zip(axs[:, 0], bases, strict=True):
@@ -798,6 +801,40 @@ def fig_loss_curves(tidy_df: pd.DataFrame, out_dir: str | Path,
             ax.set_title(f"{study}: {key.replace('_', ' ')}", fontsize=10)
     fig.suptitle(title, fontsize=12)
     return _done(name, fig, out_dir)
+
+
+def run_curves(curves: dict[str, Any], title: str = "") -> Figure:
+    """One run's training curves for its notebook: loss vs tokens (train and any evaluation
+    curve) beside loss vs joules, which says why it is empty where energy is not measured."""
+    fig = Figure(figsize=(10, 3.5), layout="constrained")
+    ax_t, ax_j = fig.subplots(1, 2)
+    for key, label, style in (("loss_vs_tokens", "train", "-"),
+                              ("val_loss_vs_tokens", "validation", "o-"),
+                              ("eval_loss_vs_tokens", "eval", "o-")):
+        c = curves.get(key)
+        if c and c.get("x"):
+            ax_t.plot(c["x"], c["y"], style, label=label)
+    ax_t.set(xlabel="tokens", ylabel="loss (nats/token)", title=f"{title} loss vs tokens".strip())
+    ax_t.legend(frameon=False)
+    j = curves.get("loss_vs_joules") or {}
+    if j.get("x"):
+        ax_j.plot(j["x"], j["y"])
+    else:
+        _ax_no_data(ax_j, "no energy measured here:\n" + j.get("reason", "no curve"))
+    ax_j.set(xlabel="energy (J)", ylabel="loss (nats/token)", title="loss vs joules")
+    return fig
+
+
+def show(fig: Figure, dpi: int = 110) -> Any:
+    """A notebook-displayable PNG of ``fig``: our figures are built on Agg without pyplot, so
+    the kernel's inline backend never sees them."""
+    import io
+
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return Image(data=buf.getvalue(), format="png")
 
 
 # ---------------------------------------------------------------- repeats

@@ -205,12 +205,10 @@ def block_batches(blocks: torch.Tensor, batch_size: int, seed: int = 0
         raise ValueError("no training blocks: the corpus is smaller than one sequence")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
-    epoch = [0]
 
     def next_batch(micro_step: int, rank: int, world: int) -> Batch:
         start = ((micro_step * world + rank) * batch_size) % n
         if start + batch_size > n:  # wrap: reshuffle for the next epoch
-            epoch[0] += 1
             order.copy_(torch.randperm(n, generator=gen))
             start = 0
         idx = order[start:start + batch_size]

@@ -32,9 +32,9 @@ output_dir = None    # None = outputs/runs/interactive/architecture/<run_id>
 point = None
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 
+from effllm_helpers import figures
 from effllm_helpers.axes import architecture
 from effllm_helpers.paths import outputs_dir
 from effllm_helpers.run import start_run
@@ -52,22 +52,8 @@ result = architecture.run(ctx.params, seed=ctx.seed, save_dir=save_dir)
 pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-c = result.curves["loss_vs_tokens"]
-axes[0].plot(c["x"], c["y"], label="train")
-if "val_loss_vs_tokens" in result.curves:
-    v = result.curves["val_loss_vs_tokens"]
-    axes[0].plot(v["x"], v["y"], "o-", label="validation")
-axes[0].set(xlabel="tokens", ylabel="loss (nats/token)", title="loss vs tokens")
-axes[0].legend()
-j = result.curves["loss_vs_joules"]
-if j["x"]:
-    axes[1].plot(j["x"], j["y"])
-else:
-    axes[1].text(0.5, 0.5, "no energy counter here:\n" + j.get("reason", ""), ha="center",
-                 va="center", wrap=True, transform=axes[1].transAxes)
-axes[1].set(xlabel="energy (J)", ylabel="loss (nats/token)", title="loss vs joules")
-fig.tight_layout()
+figures.show(figures.run_curves(
+    result.curves, title=f"{ctx.params.model.attention} {ctx.params.model.size}"))
 
 # %% [markdown]
 # ## Record

@@ -32,9 +32,9 @@ output_dir = None    # None = outputs/runs/interactive/finetuning/<run_id>
 point = None
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 
+from effllm_helpers import figures
 from effllm_helpers.axes import finetuning
 from effllm_helpers.run import start_run
 
@@ -55,16 +55,8 @@ pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]
 pd.DataFrame(result.examples)
 
 # %%
-fig, ax = plt.subplots(figsize=(6, 3.5))
-c = result.curves["loss_vs_tokens"]
-ax.plot(c["x"], c["y"], label="train")
-if "eval_loss_vs_tokens" in result.curves:
-    e = result.curves["eval_loss_vs_tokens"]
-    ax.plot(e["x"], e["y"], "o-", label="eval")
-ax.set(xlabel="response tokens", ylabel="loss (nats/token)",
-       title=f"{ctx.params.method} on {ctx.params.task}")
-ax.legend()
-fig.tight_layout()
+figures.show(figures.run_curves(result.curves,
+                                 title=f"{ctx.params.method} on {ctx.params.task}"))
 
 # %% [markdown]
 # ## Record

@@ -95,3 +95,16 @@ def test_pareto_mask_keeps_only_non_dominated_points() -> None:
                                                                           False]
     assert G.pareto_mask(energy, ppl, y_higher_better=True).tolist() == [True, False, False,
                                                                          False]
+
+
+def test_run_curves_draws_tokens_and_says_why_joules_are_missing():
+    from effllm_helpers import figures as F
+
+    curves = {"loss_vs_tokens": {"x": [64, 128], "y": [5.0, 4.0]},
+              "val_loss_vs_tokens": {"x": [128], "y": [4.5]},
+              "loss_vs_joules": {"x": [], "y": [], "reason": "no RAPL here"}}
+    fig = F.run_curves(curves, "gqa small")
+    ax_t, ax_j = fig.axes
+    assert [len(line.get_xdata()) for line in ax_t.get_lines()] == [2, 1]
+    assert any("no RAPL here" in t for t in F.figure_texts(fig))
+    assert not ax_j.get_lines()

@@ -43,6 +43,10 @@ def test_each_axis_notebook_writes_an_ok_or_skipped_record(out):
     for nb in out.rglob("run.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
         assert any(c.get("outputs") for c in cells if c["cell_type"] == "code")
+        axis = json.loads((nb.parent / "record.json").read_text())["axis"]
+        if axis in ("architecture", "finetuning"):  # the run's curves are shown, as a picture
+            assert any("image/png" in o.get("data", {}) for c in cells
+                       if c["cell_type"] == "code" for o in c.get("outputs", [])), nb
 
 
 def test_report_draws_figures_and_leaderboard_from_the_records(out, tmp_path):

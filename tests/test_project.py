@@ -90,3 +90,11 @@ def test_cli_dry_run_lists_runs(tmp_path):
                                    "-o", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "2 runs" in out.output and "todo" in out.output
+
+
+@pytest.mark.parametrize("cmd", [["collect"], ["report"]])
+def test_missing_results_folder_is_a_clear_error(cmd, tmp_path):
+    out = CliRunner().invoke(app, [*cmd, "--results", str(tmp_path / "nope"), "-o",
+                                   str(tmp_path)])
+    assert out.exit_code == 2
+    assert "--results: no such folder" in out.output and "Traceback" not in out.output
