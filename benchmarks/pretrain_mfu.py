@@ -46,8 +46,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     p = config.notebook_params("architecture", args.preset, None)
     size = p.sizes[args.size]
-    model = models.build({"attention": "gqa", "positional": "rope", "ffn": "dense"}, size,
-                         vocab_size=args.vocab, max_seq_len=args.seq_len).cuda()
+    with torch.device("cuda"):  # initialised on the GPU: a 1B+ model builds in seconds
+        model = models.build({"attention": "gqa", "positional": "rope", "ffn": "dense"}, size,
+                             vocab_size=args.vocab, max_seq_len=args.seq_len)
     counts = models.count_params(model)
     fpt = models.flops_per_token(model.config, args.seq_len, training=True)
     fpt_full = models.flops.flops_per_token(model.config, args.seq_len, training=True,
@@ -70,7 +71,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0)
     out = {
         "command": " ".join(sys.argv),
-        "device": name,
+        "device": name, "preset": args.preset, "size": args.size,
         "model": {"d_model": size.d_model, "n_layers": size.n_layers, "n_heads": size.n_heads,
                   "n_kv_heads": size.n_kv_heads, "d_ff": size.d_ff, "vocab": args.vocab,
                   "seq_len": args.seq_len, "params": counts["total"]},

@@ -26,6 +26,10 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a params key for every run, KEY=VALUE with a dotted key and a "
                         "YAML value, e.g. --set train.steps=100 --set train.compile=false. "
                         "Applied last (over the preset and the grid); changes the run ids.")]
+OnlyOpt = Annotated[list[str] | None, typer.Option(
+    "--only", help="Run only the grid points whose choice of a grid key is one of these, "
+                   "GRIDKEY=VALUE[,VALUE...], e.g. --only precision=int8,int4-nf4 (repeat for "
+                   "several keys). Keeps the run ids, so the records merge with a full sweep.")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--output-dir", "-o", help="Root for runs/, results/ and figures/ (default: ./outputs).")]
 
@@ -44,10 +48,12 @@ def _results_folder(path: Path) -> Path:
 
 
 @app.command()
-def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None) -> None:
+def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None,
+             only: OnlyOpt = None) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
     try:
-        runs = config.expand(study, preset, config.parse_overrides(set_))
+        runs = config.expand(study, preset, config.parse_overrides(set_),
+                             config.parse_only(only))
     except config.ParamsError as exc:
         _fail(str(exc))
     typer.echo(f"{study}: ok, {len(runs)} runs")
@@ -78,6 +84,7 @@ def sweep(
     no_progress: Annotated[bool, typer.Option(
         "--no-progress", help="Hide the progress bar (e.g. in logs).")] = False,
     set_: SetOpt = None,
+    only: OnlyOpt = None,
 ) -> None:
     """Run every grid point of a study through its notebook (papermill), resuming where it left.
 
@@ -89,7 +96,8 @@ def sweep(
     out = output_dir or outputs_dir()
     try:
         overrides = config.parse_overrides(set_)
-        runs = config.expand(study, preset, overrides)
+        selected = config.parse_only(only)
+        runs = config.expand(study, preset, overrides, selected)
     except config.ParamsError as exc:
         _fail(str(exc))
     if dry_run:
@@ -99,7 +107,7 @@ def sweep(
     try:
         res = sw.sweep(study, preset, out, workers=workers, dask=dask,
                        retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress,
-                       overrides=overrides)
+                       overrides=overrides, only=selected)
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
                     fg=typer.colors.YELLOW, err=True)

@@ -533,11 +533,45 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return layer
 
 
+def parse_only(items: list[str] | None) -> dict[str, list[str]]:
+    """``["precision=int8,int4-nf4"]`` -> ``{"precision": ["int8", "int4-nf4"]}`` (``--only``)."""
+    only: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not sep or not key.strip() or not values:
+            raise ParamsError(f"--only {item!r}: expected GRIDKEY=VALUE[,VALUE...], "
+                              "e.g. --only precision=int8,int4-nf4")
+        only.setdefault(key.strip(), []).extend(values)
+    return only
+
+
+def select(runs: list[Run], only: dict[str, list[str]], grid: dict[str, list[Any]]) -> list[Run]:
+    """The runs whose grid choices match ``only`` (every key, any of its values).
+
+    Unlike ``--set``, selecting keeps the run ids, so a partial sweep merges with a full one.
+    Values compare as text (a variant by its name), and each must be a choice of that grid key.
+    """
+    for key, values in only.items():
+        if key not in grid:
+            raise ParamsError(f"--only {key}: not a grid key of this study; allowed: "
+                              f"{', '.join(grid) or '(the study has no grid)'}")
+        allowed = [str(c.get("name", json.dumps(c, sort_keys=True))) if isinstance(c, dict)
+                   else str(c) for c in grid[key]]
+        for v in values:
+            if v not in allowed:
+                raise ParamsError(f"--only {key}={v!r}: not in the grid; allowed: "
+                                  f"{', '.join(allowed)}")
+    return [r for r in runs if all(str(r.point[k]) in vs for k, vs in only.items())]
+
+
 def expand(path: str | Path, preset: str | None = None,
-           overrides: dict[str, Any] | None = None) -> list[Run]:
+           overrides: dict[str, Any] | None = None,
+           only: dict[str, list[str]] | None = None) -> list[Run]:
     """Validate a study file under a preset and expand its grid into runs (no compute).
 
-    ``overrides`` (from ``--set``) apply last, over the grid point.
+    ``overrides`` (from ``--set``) apply last, over the grid point; ``only`` (from ``--only``)
+    keeps the grid points that match it (see ``select``).
     """
     path = Path(path)
     study = load_study(path)
@@ -590,4 +624,4 @@ def expand(path: str | Path, preset: str | None = None,
             runs.append(Run(run_id=rid, study=study.study, axis=study.axis,
                             notebook=study.notebook, seed=seed, point=point, params=params,
                             weights=study.weights, timeout_s=study.timeout_s))
-    return runs
+    return select(runs, only, study.grid) if only else runs

@@ -330,9 +330,10 @@ def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | P
           workers: int = 1, dask: str | None = None, retry_failed: bool = False,
           timeout_s: float | None = None, progress: bool = True,
           on_outcome: Callable[[Outcome], None] | None = None,
-          overrides: dict[str, Any] | None = None) -> SweepResult:
+          overrides: dict[str, Any] | None = None,
+          only: dict[str, list[str]] | None = None) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
-    runs = config.expand(study_path, preset, overrides)  # validation, before any compute
+    runs = config.expand(study_path, preset, overrides, only)  # validation, before any compute
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
     # absolute: the notebook runs with its own folder as cwd and must write where we look

@@ -160,3 +160,34 @@ def test_python_tag_in_yaml_does_not_execute(tmp_path):
     with pytest.raises(config.ParamsError):
         config.expand(write(tmp_path, text))
     assert not marker.exists()
+
+
+def test_only_keeps_matching_grid_points_and_their_run_ids(tmp_path):
+    path = write(tmp_path, GOOD)
+    full = config.expand(path, preset="ci")
+    part = config.expand(path, preset="ci", only=config.parse_only(["method=dora"]))
+    assert {r.params["method"] for r in part} == {"dora"}
+    assert len(part) == 4
+    assert {r.run_id for r in part} <= {r.run_id for r in full}
+
+
+def test_only_with_several_keys_and_values_intersects(tmp_path):
+    only = config.parse_only(["method=lora,dora", "task=docname"])
+    runs = config.expand(write(tmp_path, GOOD), preset="ci", only=only)
+    assert {(r.params["method"], r.params["task"]) for r in runs} == {
+        ("lora", "docname"), ("dora", "docname")}
+
+
+def test_only_unknown_grid_key_names_the_allowed_keys(tmp_path):
+    with pytest.raises(config.ParamsError, match=r"--only rank: not a grid key.*method, task"):
+        config.expand(write(tmp_path, GOOD), preset="ci", only=config.parse_only(["rank=8"]))
+
+
+def test_only_value_outside_the_grid_names_the_allowed_values(tmp_path):
+    with pytest.raises(config.ParamsError, match=r"method='pissa'.*allowed: lora, dora"):
+        config.expand(write(tmp_path, GOOD), preset="ci", only=config.parse_only(["method=pissa"]))
+
+
+def test_only_without_a_value_is_rejected():
+    with pytest.raises(config.ParamsError, match="GRIDKEY=VALUE"):
+        config.parse_only(["method="])

@@ -49,3 +49,63 @@ def test_gpu_validate_summary_handles_skipped_parts() -> None:
            "c_overhead": {"ok": False, "reason": "skipped by --skip"}}
     text = mod.summary_text(res)
     assert text.count("not measured: skipped by --skip") == 3 and "command: cmd" in text
+
+
+def _tiny_gqa():
+    from effllm_helpers import models
+
+    torch.manual_seed(0)
+    size = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+            "max_seq_len": 64}
+    return models.build({"attention": "gqa", "positional": "rope", "ffn": "dense"}, size,
+                        vocab_size=97, max_seq_len=64).eval()
+
+
+def test_decode_roofline_own_loop_decodes_like_hf_greedy() -> None:
+    """Our static-cache loop (uncompiled here) yields the same tokens as ``generate``."""
+    mod = _load("decode_roofline")
+    model = _tiny_gqa()
+    prompt = torch.randint(0, 97, (1, 6))
+    with torch.inference_mode():
+        _, ours = mod.own_loop(model, prompt, new_tokens=9, repeats=1, mode=None)
+        _, hf = mod.time_generate(model, prompt, new_tokens=9, repeats=1)
+    assert len(ours) == 9
+    assert ours == hf
+
+
+def test_decode_roofline_agreement_counts_the_shared_prefix() -> None:
+    mod = _load("decode_roofline")
+    assert mod.agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert mod.agreement([5, 6], [5, 6, 7]) == 1.0
+
+
+def test_decode_roofline_bytes_per_token_skips_the_embedding_table() -> None:
+    mod = _load("decode_roofline")
+    model = _tiny_gqa()
+    total, read, kv = mod.bytes_read_per_token(model, 0)
+    emb = model.get_input_embeddings().weight
+    assert read == total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    assert kv == 2 * 2 * 2 * 8 * 2  # K and V, 2 layers, 2 KV heads of 8 dims, 2 bytes
+
+
+def test_decode_roofline_writes_text_json_and_figure(tmp_path: Path) -> None:
+    mod = _load("decode_roofline")
+    args = mod.argparse.Namespace(prompt_len=8, new_tokens=9, repeats=1, k=4)
+
+    def entry(label: str, per_token: float, rates: dict) -> dict:
+        bound = 3e12 / per_token
+        return {"label": label, "model": {"d_model": 8, "n_layers": 1, "params": 5e6},
+                "bytes_per_token": per_token, "bound_tokens_per_s": bound,
+                "step_time_us_at_bound": 1e6 / bound, "tokens_per_s": rates,
+                "errors": {"own_loop_graph_k": "RuntimeError: x"},
+                "greedy_agreement_with_dynamic_eager": {"own_loop_cuda_graphs": 1.0}}
+
+    entries = [entry("gpu:medium", 1.9e8, {"dynamic_eager": 120.0, "own_loop_cuda_graphs": 4e3,
+                                           "own_loop_graph_k": None}),
+               entry("paper:small", 9e8, {"dynamic_eager": 100.0})]
+    lines = mod.write(entries, 3e12, "Fake GPU", args, tmp_path)
+    text = "\n".join(lines)
+    assert "own_loop_graph_k       failed: RuntimeError: x" in text
+    assert "best on gpu:medium: 25.3% of the bound" in text
+    assert (tmp_path / "decode_roofline.png").stat().st_size > 10_000
+    assert (tmp_path / "decode_roofline.json").exists()
