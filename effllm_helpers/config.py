@@ -206,7 +206,9 @@ class InferenceParams(Strict):
     embedded_profile: EmbeddedProfile = "tiny"
     precision: Literal["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"] = "bf16"
     double_quant: bool = False
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # int8/int4 only: dtype of the matmul inputs and of the modules bnb leaves alone; None = the
+    # kernel's own (LLM.int8 on CUDA: fp16, which it casts to anyway; else bf16)
+    compute_dtype: Literal["fp32", "bf16", "fp16"] | None = None
     baseline_precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     prompt_len: PosInt = 32
     gen_tokens: PosInt = 32

@@ -160,3 +160,10 @@ def test_quantize_rejects_already_quantized(base) -> None:
     loaded = load_or_skip(base, "int4-nf4")
     with pytest.raises(ValueError, match="already"):
         pr.quantize_in_memory(loaded.model, pr.bnb_config("int8"), "cpu")
+
+
+def test_int8_defaults_to_fp16_compute_on_cuda_and_bf16_elsewhere() -> None:
+    """LLM.int8's CUDA kernels take fp16: defaulting to it avoids a cast at every matmul."""
+    assert pr.natural_compute_dtype("int8", "cuda") == "fp16"
+    assert pr.natural_compute_dtype("int8", "cpu") == "bf16"
+    assert pr.natural_compute_dtype("int4-nf4", "cuda") == "bf16"

@@ -237,6 +237,18 @@ def quantize_in_memory(model: nn.Module, quantization_config: Any, device: str |
                                            device_map={"": str(dev)}, dtype=dtype)
 
 
+def natural_compute_dtype(precision: str, device: str | torch.device) -> str:
+    """The compute dtype used when the params leave it unset.
+
+    LLM.int8's CUDA kernels take fp16 inputs: with bf16 activations bitsandbytes casts (and warns)
+    at every matmul, which the latency would then include. Elsewhere bf16 (the 4-bit kernels
+    accept it; bnb's CPU backend runs int8 with it).
+    """
+    if REGISTRY[precision].kind == "bnb8" and as_device(device).type == "cuda":
+        return "fp16"
+    return "bf16"
+
+
 def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceParams,
                        device: str | torch.device) -> Loaded:
     """Load or convert a model at ``params.precision`` on ``device``.
@@ -267,8 +279,9 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
             if note:
                 notes.append(note)
     else:
-        qc = bnb_config(precision, params.double_quant, params.compute_dtype)
-        compute = DTYPES[params.compute_dtype]
+        compute_name = params.compute_dtype or natural_compute_dtype(precision, dev)
+        qc = bnb_config(precision, params.double_quant, compute_name)
+        compute = DTYPES[compute_name]
         if isinstance(model_or_path, nn.Module):
             model = quantize_in_memory(model_or_path, qc, dev, dtype=compute)
         else:
@@ -278,11 +291,11 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
                                                          quantization_config=qc,
                                                          device_map={"": str(dev)}, dtype=compute)
         notes.append("non-quantised modules (embeddings, norms, LM head) in "
-                     f"{params.compute_dtype}")
+                     f"{compute_name}")
         if spec.kind == "bnb8":
             notes.append("LLM.int8 matmuls run in fp16 internally whatever compute_dtype says")
         else:
-            notes.append(f"4-bit compute dtype {params.compute_dtype}, double_quant="
+            notes.append(f"4-bit compute dtype {compute_name}, double_quant="
                          f"{params.double_quant}")
         if dev.type == "cpu":
             notes.append("bitsandbytes CPU backend: timings are not representative of CUDA kernels")
@@ -295,4 +308,5 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
 
 __all__ = ["DTYPES", "REGISTRY", "Loaded", "PrecisionSpec", "UnsupportedTechnique", "as_device",
            "bnb_config", "check_supported", "cpu_half_note", "is_quantized", "load_for_inference",
+           "natural_compute_dtype",
            "probe_bnb", "quantize_in_memory", "weight_bytes"]
