@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -105,3 +107,37 @@ def test_weight_bytes_order_int4_int8_half_fp32_on_the_embedded_model():
         p = config.InferenceParams(precision=name)
         sizes[name] = prec.load_for_inference(path, p, torch.device("cpu")).weight_bytes
     assert sizes["int4-nf4"] < sizes["int8"] < sizes["fp16"] == sizes["bf16"] < sizes["fp32"]
+
+
+def test_embedded_build_runs_in_a_child_and_reports_its_failure(tmp_path):
+    """The build is a child process (its memory stays out of the asking run); a failing child
+    surfaces as an error carrying the child's own message."""
+    with pytest.raises(RuntimeError, match=r"(?s)'ci' 'sft' model failed.*needs --base"):
+        embedded._build_in_child("sft", "ci", tmp_path / "out", None, progress=False)
+
+
+def test_embedded_model_is_built_without_training_in_this_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    from effllm_helpers.axes import architecture
+
+    def no_training_here(*a, **k):
+        raise AssertionError("the embedded model was trained in the asking process")
+
+    monkeypatch.setattr(architecture, "run", no_training_here)
+    path = Path(embedded.resolve("embedded", profile="ci"))
+    assert (path / "config.json").is_file() and str(path).startswith(str(tmp_path))
+
+
+def test_measured_kv_cache_counts_the_serving_dtype_and_leaves_the_model_alone():
+    """An fp32 master copy served in bf16 caches 2-byte elements: half the fp32 slope."""
+    from effllm_helpers import evaluate, models
+
+    size = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+            "max_seq_len": 64}
+    model = models.build({"attention": "gqa"}, size, vocab_size=50, max_seq_len=64)
+    fp32 = evaluate.measured_kv_bytes_per_token(model, 50, t1=4, t2=12)
+    bf16 = evaluate.measured_kv_bytes_per_token(model, 50, t1=4, t2=12, dtype=torch.bfloat16)
+    assert fp32["value"] == 2 * bf16["value"] == 2 * models.kv_cache_bytes_per_token(
+        model.config, dtype_bytes=2)
+    assert bf16["dtype"] == "bfloat16"
+    assert next(model.parameters()).dtype == torch.float32

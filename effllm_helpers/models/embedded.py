@@ -90,15 +90,15 @@ def embedded_path(profile: str = "tiny", stage: str = "base", progress: bool = F
     base_key = _key(arch.model_dump(mode="json"))
     base = cache_dir("models") / f"embedded-{profile}-base-{base_key}"
     if stage == "base":
-        _build_once(base, lambda tmp: _pretrain(arch, tmp, progress))
+        _build_once(base, "base", profile, None, progress)
         return base
     base_path = embedded_path(profile, "base", progress)
     sft = cache_dir("models") / f"embedded-{profile}-sft-{base_key}-{SFT_STEPS[profile]}"
-    _build_once(sft, lambda tmp: _finetune(base_path, profile, tmp, progress))
+    _build_once(sft, "sft", profile, base_path, progress)
     return sft
 
 
-def _build_once(path: Path, build) -> None:
+def _build_once(path: Path, stage: str, profile: str, base: Path | None, progress: bool) -> None:
     if (path / "config.json").is_file():
         return
     with _lock(path.with_suffix(".lock")):
@@ -106,21 +106,43 @@ def _build_once(path: Path, build) -> None:
             return
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
+        _build_in_child(stage, profile, tmp, base, progress)
         tmp.rename(path)
-        _release_memory()
 
 
-def _release_memory() -> None:
-    """Give the build's cached allocations back, so the run that triggered the build does not
-    report them in its own memory metrics (NVML sees the allocator's cache as in use)."""
-    import gc
+def _build_in_child(stage: str, profile: str, out: Path, base: Path | None,
+                    progress: bool) -> None:
+    """Train a stage in a child process, streaming its output.
 
-    import torch
+    Why a child: the run that asked for the model measures its own process. Training in it
+    would leave the training kernels' CUDA context and the allocator's residue in that run's
+    NVML/RSS memory (about 1 GB on an H100), which ``empty_cache`` cannot give back.
+    """
+    import collections
+    import os
+    import subprocess
+    import sys
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    cmd = [sys.executable, "-m", "effllm_helpers.models.embedded", stage, profile, str(out)]
+    if base is not None:
+        cmd += ["--base", str(base)]
+    if progress:
+        cmd.append("--progress")
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # importable even from notebooks/ as cwd
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout is not None
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        text = chunk.decode(errors="replace")
+        tail.append(text)
+        if progress:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+    if proc.wait() != 0:
+        raise RuntimeError(f"building the embedded {profile!r} {stage!r} model failed (exit "
+                           f"{proc.returncode}); its output ends:\n{''.join(tail)[-3000:]}")
 
 
 def _pretrain(arch: Any, out: Path, progress: bool) -> None:
@@ -139,3 +161,28 @@ def _finetune(base: Path, profile: str, out: Path, progress: bool) -> None:
                "train": {**overlay.get("train", {}), "steps": SFT_STEPS[profile]}}
     p = notebook_params("finetuning", None, overlay)
     finetuning.run(p, seed=0, save_dir=out, progress=progress, evaluate_tasks=False)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """Child entry point of ``_build_in_child`` (internal)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m effllm_helpers.models.embedded",
+                                 description="internal: train one embedded-model stage into OUT")
+    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("profile", choices=list(BASE_STEPS))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--base", type=Path, default=None, help="the base stage's folder (sft only)")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.stage == "base":
+        _pretrain(_arch_params(args.profile), args.out, args.progress)
+    else:
+        if args.base is None:
+            ap.error("the sft stage needs --base")
+        _finetune(args.base, args.profile, args.out, args.progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
