@@ -95,12 +95,19 @@ def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
 
 @torch.no_grad()
 def measured_kv_bytes_per_token(model: torch.nn.Module, vocab_size: int, t1: int = 16,
-                                t2: int = 48) -> dict[str, Any]:
+                                t2: int = 48, dtype: torch.dtype | None = None
+                                ) -> dict[str, Any]:
     """Measure the cache a forward pass leaves behind at two lengths; the slope is bytes/token.
 
     The difference removes what does not grow with length (a recurrent state, a pre-allocated
     buffer), so Mamba/RWKV read ~0 and attention models their per-token K/V (or latent) bytes.
+    ``dtype`` is the serving dtype to measure in (a cast copy; the model is left as it is): an
+    fp32 master copy trained under bf16 autocast would otherwise cache 4-byte elements.
     """
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        import copy
+
+        model = copy.deepcopy(model).to(dtype)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -119,4 +126,4 @@ def measured_kv_bytes_per_token(model: torch.nn.Module, vocab_size: int, t1: int
         model.train(was_training)
     per_token = (sizes[1] - sizes[0]) / (t2 - t1)
     return metric(per_token, "B/token", "cache_tensor_bytes_slope", constant_bytes=sizes[0]
-                  - per_token * t1)
+                  - per_token * t1, dtype=str(next(model.parameters()).dtype).split(".")[-1])

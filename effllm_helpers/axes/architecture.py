@@ -112,8 +112,10 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
             kv_analytic, "B/token", f"analytic_{model.config.model_type}", dtype_bytes=dtype_bytes)
     except (ValueError, NotImplementedError) as exc:
         metrics["kv_bytes_per_token_analytic"] = missing("B/token", str(exc))
+    # measured in the dtype the analytic count assumes (bf16 on a GPU, as it would be served)
     metrics["kv_bytes_per_token_measured"] = evaluate.measured_kv_bytes_per_token(
-        model, len(tokenizer), t1=min(16, seq_len // 4), t2=min(48, seq_len))
+        model, len(tokenizer), t1=min(16, seq_len // 4), t2=min(48, seq_len),
+        dtype=torch.bfloat16 if dtype_bytes == 2 else torch.float32)
     from ..measure import weight_bytes
 
     facts = {
