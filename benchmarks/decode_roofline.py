@@ -314,7 +314,7 @@ def draw(entries: list[dict[str, Any]], bw: float, device: str, dest: Path) -> N
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.set_title(f"Batch-1 decode roofline - {device}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper right")  # above the bound: no measured point there
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(dest / f"decode_roofline.{ext}", dpi=150)
@@ -322,13 +322,12 @@ def draw(entries: list[dict[str, Any]], bw: float, device: str, dest: Path) -> N
 
 
 def write(entries: list[dict[str, Any]], bw: float, name: str, args: argparse.Namespace,
-          dest: Path) -> list[str]:
+          dest: Path, command: str | None = None, torch_version: str | None = None
+          ) -> list[str]:
     """decode_roofline.{json,txt,png,pdf} for the sizes measured so far; the text lines."""
-    import torch
-
     first = entries[0]
     best = max((v for v in first["tokens_per_s"].values() if v), default=0.0)
-    out = {"command": " ".join(sys.argv), "device": name, "torch": torch.__version__,
+    out = {"command": command or " ".join(sys.argv), "device": name, "torch": torch_version,
            "copy_bandwidth_Bps": bw, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "k": args.k,
            "best_fraction_of_bound": best / first["bound_tokens_per_s"], "sizes": entries}
@@ -358,6 +357,27 @@ def write(entries: list[dict[str, Any]], bw: float, name: str, args: argparse.Na
     return lines
 
 
+def replot(files: list[Path], dest: Path) -> None:
+    """Rewrite json/txt/figure from earlier runs' json files (same device), sizes in order."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    devices = {r["device"] for r in runs}
+    if len(devices) > 1:
+        raise SystemExit(f"--replot: the files come from different devices {sorted(devices)}")
+    first = runs[0]
+    entries = [e for r in runs for e in r["sizes"]]
+    for r in runs:  # each entry keeps the bandwidth its own run measured
+        for e in r["sizes"]:
+            e.setdefault("copy_bandwidth_Bps", r["copy_bandwidth_Bps"])
+    args = argparse.Namespace(prompt_len=first["prompt_len"], new_tokens=first["new_tokens"],
+                              repeats=first["repeats"], k=first["k"])
+    dest.mkdir(parents=True, exist_ok=True)
+    cmds = [r["command"] for r in runs]
+    lines = write(entries, first["copy_bandwidth_Bps"], first["device"], args, dest,
+                  command=" ; ".join(cmds) + f" ; merged by: {' '.join(sys.argv)}",
+                  torch_version=first.get("torch"))
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", nargs="+", default=["gpu:medium"],
@@ -375,7 +395,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="tokens per captured graph (graph_k)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for the json/txt/figure (default outputs/reference/<device>)")
+    ap.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="no GPU: merge the sizes of earlier decode_roofline.json files (the "
+                         "first file's first size stays the headline) and rewrite the outputs "
+                         "in --out")
     args = ap.parse_args()
+    if args.replot:
+        replot(args.replot, args.out or Path("."))
+        return
 
     import torch
 
@@ -393,7 +420,8 @@ def main() -> None:
         entries.append(measure_size(label, args.variants if i == 0 else args.extra_variants,
                                     args, bw))
         torch.cuda.empty_cache()
-        lines = write(entries, bw, name, args, dest)  # after each size: a time box loses little
+        # written after each size, so a time box loses little
+        lines = write(entries, bw, name, args, dest, torch_version=torch.__version__)
     print("\n".join(lines))
 
 

@@ -109,3 +109,29 @@ def test_decode_roofline_writes_text_json_and_figure(tmp_path: Path) -> None:
     assert "best on gpu:medium: 25.3% of the bound" in text
     assert (tmp_path / "decode_roofline.png").stat().st_size > 10_000
     assert (tmp_path / "decode_roofline.json").exists()
+
+
+def test_decode_roofline_replot_merges_runs_in_order(tmp_path: Path) -> None:
+    import json
+
+    mod = _load("decode_roofline")
+
+    def run(label: str, rate: float) -> dict:
+        return {"command": f"run {label}", "device": "Fake GPU", "torch": "2.11",
+                "copy_bandwidth_Bps": 3e12, "prompt_len": 8, "new_tokens": 9, "repeats": 1,
+                "k": 4, "sizes": [{"label": label, "model": {"d_model": 8, "n_layers": 1,
+                                                             "params": 1e9},
+                                   "bytes_per_token": 2e9, "bound_tokens_per_s": 1500.0,
+                                   "step_time_us_at_bound": 667.0,
+                                   "tokens_per_s": {"own_loop_graph_k": rate}, "errors": {},
+                                   "greedy_agreement_with_dynamic_eager": None}]}
+
+    files = []
+    for i, (label, rate) in enumerate((("gpu:medium", 150.0), ("paper:large", 900.0))):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(run(label, rate)))
+    mod.replot(files, tmp_path / "merged")
+    merged = json.loads((tmp_path / "merged" / "decode_roofline.json").read_text())
+    assert [e["label"] for e in merged["sizes"]] == ["gpu:medium", "paper:large"]
+    assert merged["best_fraction_of_bound"] == 0.1  # the headline is the first file's model
+    assert merged["torch"] == "2.11" and "run gpu:medium ; run paper:large" in merged["command"]
