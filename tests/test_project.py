@@ -92,6 +92,15 @@ def test_cli_dry_run_lists_runs(tmp_path):
     assert "2 runs" in out.output and "todo" in out.output
 
 
+def test_cli_only_selects_grid_points_and_rejects_unknown_values(tmp_path):
+    args = ["sweep", "params/inference.yaml", "-p", "ci", "--dry-run", "-o", str(tmp_path)]
+    out = CliRunner().invoke(app, [*args, "--only", "precision=int8,int4-nf4"])
+    assert out.exit_code == 0, out.output
+    assert "2 runs" in out.output and "precision=int8" in out.output
+    bad = CliRunner().invoke(app, [*args, "--only", "precision=int3"])
+    assert bad.exit_code == 2 and "allowed: fp32, bf16" in bad.output
+
+
 @pytest.mark.parametrize("cmd", [["collect"], ["report"]])
 def test_missing_results_folder_is_a_clear_error(cmd, tmp_path):
     out = CliRunner().invoke(app, [*cmd, "--results", str(tmp_path / "nope"), "-o",
