@@ -31,12 +31,22 @@ OnlyOpt = Annotated[list[str] | None, typer.Option(
                    "GRIDKEY=VALUE[,VALUE...], e.g. --only precision=int8,int4-nf4 (repeat for "
                    "several keys). Keeps the run ids, so the records merge with a full sweep.")]
 OutOpt = Annotated[Path | None, typer.Option(
-    "--output-dir", "-o", help="Root for runs/, results/ and figures/ (default: ./outputs).")]
+    "--output-dir", "-o", help="Root for runs/, results/ and figures/ (default: $EFFLLM_OUTPUTS, "
+                               "else <repo>/outputs).")]
 
 
 def _fail(msg: str, code: int = 2) -> None:
     typer.secho(msg, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _output_root(path: Path | None) -> Path:
+    """The output root (``-o`` or the default); an existing file there is an error."""
+    out = Path(path) if path else outputs_dir()
+    if out.exists() and not out.is_dir():
+        _fail(f"--output-dir: {str(out)!r} is an existing file, not a folder (give a folder for "
+              "runs/, results/ and figures/)")
+    return out
 
 
 def _results_folder(path: Path) -> Path:
@@ -93,8 +103,9 @@ def sweep(
     """
     from . import sweep as sw
 
-    out = output_dir or outputs_dir()
+    out = _output_root(output_dir)
     try:
+        config.check_timeout(timeout)
         overrides = config.parse_overrides(set_)
         selected = config.parse_only(only)
         runs = config.expand(study, preset, overrides, selected)
@@ -112,6 +123,8 @@ def sweep(
         typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
                     fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
+    except (config.ParamsError, sw.DaskConnectError) as exc:
+        _fail(str(exc))
     typer.echo(sw.summary_table(res))
     typer.echo(f"records under {out / 'runs' / res.study}")
     raise typer.Exit(res.exit_code)
@@ -125,7 +138,7 @@ def collect(
     output_dir: OutOpt = None,
 ) -> None:
     """Gather every record into one tidy long table: results/results.{parquet,csv}."""
-    out = output_dir or outputs_dir()
+    out = _output_root(output_dir)
     src = _results_folder(results_dir or out / "runs")
     df = results.collect(src)
     pq, csv = results.write_tidy(df, out / "results")
@@ -149,8 +162,8 @@ def report(
     """
     import papermill as pm
 
-    out = output_dir or outputs_dir()
-    dest = output or out
+    out = _output_root(output_dir)
+    dest = _output_root(output) if output else out
     src = _results_folder(results_dir or out / "runs")
     nb = config.REPO_ROOT / "notebooks" / "00_summary.ipynb"
     if not nb.is_file():

@@ -17,6 +17,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +30,7 @@ PRESETS_DIR = PARAMS_DIR / "presets"
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
-PosFloat = Annotated[float, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -75,8 +76,9 @@ class DataSpec(Strict):
     @field_validator("corpus")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v == "stdlib" or v.split(":", 1)[0] in ("hf", "text", "jsonl") and ":" in v:
-            return v
+        kind, sep, arg = v.partition(":")
+        if v == "stdlib" or (sep and kind in ("hf", "text", "jsonl") and arg.strip()):
+            return v  # an empty text: would read the current folder
         raise ValueError("must be 'stdlib', 'hf:<dataset>', 'text:<path>' or 'jsonl:<path>'")
 
 
@@ -350,7 +352,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read params file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: malformed YAML: {exc}") from None
     if data is None:
@@ -482,10 +490,11 @@ def resolve_params(axis: str, *layers: dict[str, Any], source: str = "<params>")
 def notebook_params(axis: str, preset: str | None, params: dict[str, Any] | None) -> Any:
     """What a notebook's first cell calls: validated params object for ``axis``.
 
-    With ``params`` given (a sweep injected the resolved params) they are used as they are;
-    otherwise the axis defaults under ``preset`` (interactive use).
+    Layers, last wins: the axis defaults, ``preset``, then ``params``. A sweep injects the fully
+    resolved ``params`` with ``preset=None``, so they are used as they are; by hand, a partial
+    ``params`` (e.g. ``{"method": "dora"}``) edits the preset instead of replacing it.
     """
-    layers = [load_preset(preset, axis)] if not params else [params]
+    layers = [load_preset(preset, axis), params or {}]
     resolved = resolve_params(axis, *layers, source=f"notebook {axis} params")
     return AXES[axis].model_validate(resolved)
 
@@ -512,7 +521,29 @@ def load_study(path: str | Path) -> StudyFile:
     if not nb.is_file():
         raise ParamsError(f"{path}: notebook: no such notebook {study.notebook!r} "
                           f"(looked at {nb})")
+    expected = NOTEBOOK_AXES.get(_repo_relative(nb))
+    if expected is not None and expected != study.axis:
+        allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
+        raise ParamsError(f"{path}: notebook: {study.notebook!r} is the {expected} notebook, "
+                          f"not one for axis {study.axis!r}; allowed for {study.axis}: "
+                          f"{', '.join(allowed) or '(any notebook of your own)'}")
     return study
+
+
+# the repo's notebooks and the axis each one runs (a study's notebook must match its axis)
+NOTEBOOK_AXES = {
+    "notebooks/01_architecture.ipynb": "architecture",
+    "notebooks/02_finetuning.ipynb": "finetuning",
+    "notebooks/03_inference.ipynb": "inference",
+    "notebooks/smoke.ipynb": "smoke",
+}
+
+
+def _repo_relative(nb: Path) -> str | None:
+    try:
+        return nb.resolve().relative_to(REPO_ROOT.resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def notebook_path(nb: str) -> Path:
@@ -626,4 +657,18 @@ def expand(path: str | Path, preset: str | None = None,
             runs.append(Run(run_id=rid, study=study.study, axis=study.axis,
                             notebook=study.notebook, seed=seed, point=point, params=params,
                             weights=study.weights, timeout_s=study.timeout_s))
-    return select(runs, only, study.grid) if only else runs
+    if only:
+        runs = select(runs, only, study.grid)
+    if not runs:
+        sel = " ".join(f"--only {k}={','.join(v)}" for k, v in (only or {}).items())
+        raise ParamsError(f"{path}: {sel} selects no runs" + (
+            " (an --set of a grid key replaces its choices, so --only cannot match them)"
+            if overrides else ""))
+    return runs
+
+
+def check_timeout(value: float | None, source: str = "--timeout") -> float | None:
+    """A per-run limit must be a finite number of seconds > 0 (``inf``/``nan`` are rejected)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ParamsError(f"{source}: must be a finite number of seconds > 0 (got {value})")
+    return value

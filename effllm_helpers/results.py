@@ -153,9 +153,10 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if path.is_dir():
         path = path / RECORD_NAME
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return rec if isinstance(rec, dict) else None  # e.g. a list or a bare number: not a record
 
 
 def iter_records(root: str | os.PathLike[str]) -> Iterable[tuple[Path, dict[str, Any]]]:

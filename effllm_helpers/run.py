@@ -9,7 +9,7 @@ classified here so both sides agree on the words.
 from __future__ import annotations
 
 import math
-import traceback
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,18 @@ def failure_record(run: dict[str, Any], kind: str, message: str, tb: str = "",
         status=status, error={"reason": f"{kind}: {message}"[:2000], "kind": kind,
                               "traceback_tail": tail},
         provenance=provenance(), started_at=started_at,
-        extra={"seed": run.get("seed"), "point": run.get("point", {})},
+        extra={"seed": run.get("seed"), "point": run.get("point", {}), **_concurrency()},
     )
+
+
+def _concurrency() -> dict[str, int]:
+    """``{"concurrent_runs": N}`` when a sweep ran this with N runs at once (set by the runner in
+    ``EFFLLM_CONCURRENT_RUNS``): N > 1 on one device means energy/memory metrics mixed."""
+    raw = os.environ.get("EFFLLM_CONCURRENT_RUNS")
+    try:
+        return {"concurrent_runs": int(raw)} if raw else {}
+    except ValueError:
+        return {}
 
 
 @dataclass
@@ -91,7 +101,7 @@ class RunContext:
             run_id=self.run_id, study=self.study, axis=self.axis, params=self.params_dict,
             metrics=metrics, quality=quality, curves=curves, model=model,
             provenance=provenance(), started_at=self.started_at,
-            extra={"seed": self.seed, "point": self.point, **(extra or {})},
+            extra={"seed": self.seed, "point": self.point, **_concurrency(), **(extra or {})},
         )
         return results.write_record(self.output_dir, rec)
 
@@ -149,6 +159,3 @@ def _seed_everything(seed: int) -> None:
     except ImportError:
         pass
 
-
-def format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -115,13 +115,18 @@ def _runner_context():
     return _FORKSERVER
 
 
-def _runner_entry(run_dir: str, gpu: str | None) -> None:
+CONCURRENT_ENV = "EFFLLM_CONCURRENT_RUNS"  # how many runs the sweep executes at once
+
+
+def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> None:
     """First thing in a runner process: own session (so a timeout kills runner + kernel as one
     group), die with our parent, CUDA pinning, output to runner.log; then papermill."""
     os.setsid()
     _pdeathsig()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    if concurrent is not None:
+        os.environ[CONCURRENT_ENV] = str(concurrent)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
@@ -135,10 +140,12 @@ class _PopenRunner:
     """The runner as a fresh interpreter, where a forkserver is not allowed (inside a daemonic
     process such as a Dask worker); same interface as multiprocessing.Process."""
 
-    def __init__(self, rdir: Path, gpu: str | None) -> None:
+    def __init__(self, rdir: Path, gpu: str | None, concurrent: int | None = 1) -> None:
         import subprocess
 
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if concurrent is not None:
+            env[CONCURRENT_ENV] = str(concurrent)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         with open(rdir / "runner.log", "w") as log:
@@ -171,26 +178,29 @@ def _pdeathsig() -> None:
         _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _start_runner(rdir: Path, gpu: str | None):
+def _start_runner(rdir: Path, gpu: str | None, concurrent: int | None = 1):
     if multiprocessing.current_process().daemon:
-        return _PopenRunner(rdir, gpu)
-    proc = _runner_context().Process(target=_runner_entry, args=(str(rdir), gpu), daemon=False)
+        return _PopenRunner(rdir, gpu, concurrent)
+    proc = _runner_context().Process(target=_runner_entry, args=(str(rdir), gpu, concurrent),
+                                     daemon=False)
     proc.start()
     return proc
 
 
-def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None
-                ) -> dict[str, Any]:
+def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
+                concurrent: int | None = 1) -> dict[str, Any]:
     """Execute one run in a runner process; return ``{status, seconds, reason}``.
 
     Plain-data in and out, so the same function runs in a local thread or on a Dask worker.
+    ``concurrent`` (the sweep's worker count; None if unknown) reaches the record as
+    ``extra.concurrent_runs``.
     """
     run = config.Run.model_validate(run_dict)
     rdir = Path(run_dir).resolve()
     rdir.mkdir(parents=True, exist_ok=True)
     results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
     t0 = time.monotonic()
-    proc = _start_runner(rdir, gpu)
+    proc = _start_runner(rdir, gpu, concurrent)
     with _LIVE_LOCK:
         _LIVE.add(proc)
     try:
@@ -231,11 +241,25 @@ def interrupt_all() -> None:
 
 
 def _kill_group(proc) -> None:
-    """Kill the runner's whole session (runner, papermill, kernel)."""
+    """Kill the runner's whole session (runner, papermill) and its descendants in other sessions:
+    jupyter_client starts the kernel with ``start_new_session=True``, so killing the group alone
+    would orphan a kernel that can keep the GPU busy while the next run starts."""
+    import psutil
+
+    try:  # before the kill: once the runner is gone its children are reparented and lost
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        kids = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
+    for kid in kids:
+        try:
+            kid.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(kids, timeout=10)
     proc.join()
 
 
@@ -334,6 +358,7 @@ def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | P
           only: dict[str, list[str]] | None = None) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
     runs = config.expand(study_path, preset, overrides, only)  # validation, before any compute
+    config.check_timeout(timeout_s)
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
     # absolute: the notebook runs with its own folder as cwd and must write where we look
@@ -343,6 +368,7 @@ def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | P
     result = SweepResult(study=runs[0].study if runs else "?", outcomes=list(settled))
     if not todo:
         return result
+    _warn_shared_devices(workers, dask)
     bar = _progress(len(todo), result.study, progress)
     try:
         if dask:
@@ -354,6 +380,20 @@ def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | P
     order = {r.run_id: i for i, r in enumerate(runs)}
     result.outcomes.sort(key=lambda o: order[o.run.run_id])
     return result
+
+
+def _warn_shared_devices(workers: int, dask: str | None) -> None:
+    """More local workers than GPUs puts two measured runs on one device: say so up front."""
+    if workers <= 1 or (dask and dask != "local"):
+        return
+    slots = gpu_slots(workers)
+    devices = len({s for s in slots if s is not None})
+    if devices >= workers:
+        return
+    where = f"{devices} visible GPU(s)" if devices else "no GPU (CPU only)"
+    print(f"warning: --workers {workers} with {where}: runs will share a device and their "
+          "energy/memory metrics will mix (each record notes extra.concurrent_runs)",
+          file=sys.stderr, flush=True)
 
 
 def _progress(total: int, study: str, enabled: bool):
@@ -384,19 +424,39 @@ def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepRes
                 while queue and free:
                     run, slot = queue.pop(0), free.pop(0)
                     fut = pool.submit(execute_run, run.model_dump(mode="json"),
-                                      str(run_dir_for(out, run)), slots[slot])
+                                      str(run_dir_for(out, run)), slots[slot], len(slots))
                     pending[fut] = (run, slot)
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     run, slot = pending.pop(fut)
                     free.append(slot)
-                    res = fut.result()
-                    _record(result, Outcome(run, res["status"], res["seconds"], res["reason"]),
-                            bar, on_outcome)
+                    try:
+                        res = fut.result()
+                        outcome = Outcome(run, res["status"], res["seconds"], res["reason"])
+                    except Exception as exc:  # failed on our side: record it, carry on
+                        outcome = _sweep_side_failure(out, run, exc)
+                    _record(result, outcome, bar, on_outcome)
         except KeyboardInterrupt:
             queue.clear()
             interrupt_all()
             raise
+
+
+def _sweep_side_failure(out: Path, run: config.Run, exc: BaseException,
+                        what: str = "sweep failed to execute the run") -> Outcome:
+    """A run that failed outside its notebook (sweep or worker side): a failed record, not an
+    aborted sweep."""
+    import traceback
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    rec = failure_record(run.model_dump(), "exception", f"{what}: {type(exc).__name__}: {exc}",
+                         tb)
+    results.write_record(run_dir_for(out, run), rec)
+    return Outcome(run, "failed", 0.0, rec["error"]["reason"])
+
+
+class DaskConnectError(RuntimeError):
+    """The --dask address is malformed or no scheduler answers there."""
 
 
 def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
@@ -409,13 +469,19 @@ def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
                                dashboard_address=None)
         client = Client(cluster)
     else:
-        client = Client(address)
+        try:
+            client = Client(address)
+        except Exception as exc:
+            raise DaskConnectError(f"--dask {address!r}: cannot connect to a Dask scheduler "
+                                   f"({type(exc).__name__}: {exc}); give tcp://host:port of a "
+                                   "running scheduler, or 'local'") from None
     try:
         slots = gpu_slots(max(1, workers)) if address == "local" else [None]
         futures = {}
         for i, run in enumerate(todo):
             fut = client.submit(execute_run, run.model_dump(mode="json"),
-                                str(run_dir_for(out, run)), slots[i % len(slots)], pure=False,
+                                str(run_dir_for(out, run)), slots[i % len(slots)],
+                                max(1, workers) if address == "local" else None, pure=False,
                                 key=f"effllm-{run.run_id}")
             futures[fut] = run
         for fut in as_completed(futures):
@@ -424,10 +490,7 @@ def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
                 res = fut.result()
                 outcome = Outcome(run, res["status"], res["seconds"], res["reason"])
             except Exception as exc:  # the worker itself died: record it, carry on
-                rec = failure_record(run.model_dump(), "exception",
-                                     f"dask worker failed: {type(exc).__name__}: {exc}")
-                results.write_record(run_dir_for(out, run), rec)
-                outcome = Outcome(run, "failed", 0.0, rec["error"]["reason"])
+                outcome = _sweep_side_failure(out, run, exc, "dask worker failed")
             _record(result, outcome, bar, on_outcome)
     finally:
         client.close()

@@ -12,7 +12,7 @@ from effllm_helpers import config
 GOOD = """
 study: t
 axis: finetuning
-notebook: notebooks/smoke.ipynb
+notebook: notebooks/02_finetuning.ipynb
 base: {rank: 8}
 grid:
   method: [lora, dora]
@@ -48,6 +48,22 @@ def test_preset_overlays_base_and_grid_overlays_preset(tmp_path):
     assert runs[0].params["rank"] == 4  # ci preset sets rank 4 over the base's 8
     assert runs[0].params["n_train"] == 64
     assert {r.params["method"] for r in runs} == {"lora", "dora"}
+    # a grid key the ci preset sets too: the grid point wins
+    grid = text.replace("  task: [arithmetic, docname]\n", "  task: [arithmetic, docname]\n"
+                        "  rank: [32]\n")
+    runs = config.expand(write(tmp_path, grid, "grid.yaml"), preset="ci")
+    assert {r.params["rank"] for r in runs} == {32}
+
+
+def test_run_id_is_pinned_across_interpreters_and_versions():
+    """Records are matched to runs by id: the hash of a fixed run must never drift."""
+    params = {"n": 64, "steps": 5, "measure": {"warmup_steps": 1, "repeats": 1}}
+    assert config.run_id_for("golden", "smoke", "notebooks/smoke.ipynb", params, 0) == \
+        "b36fd42797df"
+    # key order does not matter
+    shuffled = {"measure": {"repeats": 1, "warmup_steps": 1}, "steps": 5, "n": 64}
+    assert config.run_id_for("golden", "smoke", "notebooks/smoke.ipynb", shuffled, 0) == \
+        "b36fd42797df"
 
 
 def test_run_id_changes_with_preset(tmp_path):
@@ -86,12 +102,12 @@ BAD = {
     "empty grid": (GOOD.replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n", "")
                    .replace("grid:\n", "grid: {}\n"), "grid: Value error, grid is empty"),
     "grid key with no choices": (GOOD.replace("[lora, dora]", "[]"), "has no choices"),
-    "missing notebook": (GOOD.replace("notebooks/smoke.ipynb", "notebooks/nope.ipynb"),
+    "missing notebook": (GOOD.replace("notebooks/02_finetuning.ipynb", "notebooks/nope.ipynb"),
                          "no such notebook"),
     "malformed YAML": (GOOD.replace("grid:", "grid: [unclosed"), "malformed YAML"),
     "duplicate keys": (GOOD + "seeds: [3]\n", "duplicate key 'seeds'"),
     "unknown axis": (GOOD.replace("axis: finetuning", "axis: chemistry"), "axis: Input should be"),
-    "missing required key": (GOOD.replace("notebook: notebooks/smoke.ipynb\n", ""),
+    "missing required key": (GOOD.replace("notebook: notebooks/02_finetuning.ipynb\n", ""),
                              "notebook: Field required"),
     "unknown grid key": (GOOD.replace("task: [arithmetic, docname]",
                                       "tsak: [arithmetic, docname]"),
@@ -110,20 +126,29 @@ BAD = {
                                    "malformed YAML"),
     "bad study name": (GOOD.replace("study: t", "study: 'a b/c'"), "study: String should match"),
     "bad corpus scheme": (GOOD.replace("axis: finetuning", "axis: architecture")
+                          .replace("02_finetuning", "01_architecture")
                           .replace("base: {rank: 8}", "base: {data: {corpus: 'ftp:x'}}")
                           .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
                                    "  model.attention: [mha]\n"),
                           "data.corpus: Value error, must be 'stdlib'"),
     "size not in sizes": (GOOD.replace("axis: finetuning", "axis: architecture")
+                          .replace("02_finetuning", "01_architecture")
                           .replace("base: {rank: 8}", "base: {}")
                           .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
                                    "  model.size: [huge]\n"),
                           "model.size 'huge' is not one of the sizes"),
     "precision misspelt": (GOOD.replace("axis: finetuning", "axis: inference")
+                           .replace("02_finetuning", "03_inference")
                            .replace("base: {rank: 8}", "base: {}")
                            .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
                                     "  precision: [bf16, int3]\n"),
                            "precision: Input should be 'fp32', 'bf16'"),
+    "notebook of another axis": (GOOD.replace("02_finetuning", "03_inference"),
+                                 "notebook: 'notebooks/03_inference.ipynb' is the inference "
+                                 "notebook, not one for axis 'finetuning'; allowed for "
+                                 "finetuning: notebooks/02_finetuning.ipynb"),
+    "infinite timeout": (GOOD + "timeout_s: .inf\n", "timeout_s: Input should be a finite"),
+    "nan float param": (GOOD.replace("rank: 8", "alpha: .nan"), "Input should be a finite number"),
 }
 
 
@@ -191,3 +216,41 @@ def test_only_value_outside_the_grid_names_the_allowed_values(tmp_path):
 def test_only_without_a_value_is_rejected():
     with pytest.raises(config.ParamsError, match="GRIDKEY=VALUE"):
         config.parse_only(["method="])
+
+
+def test_non_utf8_params_file_is_a_params_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(GOOD.replace("study: t", "study: t\ndescription: caf\xe9").encode("latin-1"))
+    with pytest.raises(config.ParamsError, match=r"latin1\.yaml: not UTF-8"):
+        config.expand(path)
+
+
+def test_infinite_or_nan_timeout_override_is_rejected():
+    for bad in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(config.ParamsError, match="--timeout: must be a finite number"):
+            config.check_timeout(bad)
+    assert config.check_timeout(5.0) == 5.0 and config.check_timeout(None) is None
+
+
+def test_only_that_selects_nothing_is_an_error(tmp_path):
+    # --set of a grid key relabels every point, so --only on that key cannot match any
+    with pytest.raises(config.ParamsError, match=r"--only method=lora selects no runs"):
+        config.expand(write(tmp_path, GOOD), preset="ci",
+                      overrides=config.parse_overrides(["method=dora"]),
+                      only=config.parse_only(["method=lora"]))
+
+
+def test_notebook_params_layers_partial_params_over_the_preset():
+    p = config.notebook_params("finetuning", "ci", {"method": "dora"})
+    assert p.method == "dora"
+    assert p.rank == 4 and p.n_train == 64  # from the ci preset, not the schema defaults
+    # a sweep injects full resolved params with preset=None: used as they are
+    full = config.resolve_params("finetuning", config.load_preset("ci", "finetuning"),
+                                 {"rank": 16})
+    assert config.notebook_params("finetuning", None, full).model_dump(mode="json") == full
+
+
+@pytest.mark.parametrize("corpus", ["text:", "hf:", "jsonl: "])
+def test_corpus_source_without_its_argument_is_rejected(corpus):
+    with pytest.raises(ValueError, match="'text:<path>'"):
+        config.DataSpec(corpus=corpus)

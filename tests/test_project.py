@@ -107,3 +107,47 @@ def test_missing_results_folder_is_a_clear_error(cmd, tmp_path):
                                    str(tmp_path)])
     assert out.exit_code == 2
     assert "--results: no such folder" in out.output and "Traceback" not in out.output
+
+
+def test_output_dir_help_names_the_real_default():
+    out = CliRunner().invoke(app, ["sweep", "--help"], terminal_width=200)
+    text = " ".join(out.output.split())
+    assert "./outputs" not in text
+    assert "EFFLLM_OUTPUTS" in text and "<repo>/outputs" in text
+
+
+@pytest.mark.parametrize("cmd", [["sweep", "params/smoke/smoke.yaml", "-p", "ci", "--dry-run"],
+                                 ["collect"], ["report"]])
+def test_output_dir_that_is_a_file_is_a_clear_error(cmd, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    out = CliRunner().invoke(app, [*cmd, "-o", str(f)])
+    assert out.exit_code == 2, out.output
+    assert "is an existing file, not a folder" in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.parametrize("cmd", ["validate", "sweep"])
+def test_selecting_no_runs_is_a_params_error(cmd, tmp_path):
+    args = [cmd, "params/inference.yaml", "-p", "ci", "--only", "precision=int8",
+            "--set", "precision=bf16"]
+    if cmd == "sweep":
+        args += ["-o", str(tmp_path), "--no-progress"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2, out.output
+    assert "--only precision=int8 selects no runs" in out.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_infinite_timeout_is_a_params_error(tmp_path):
+    out = CliRunner().invoke(app, ["sweep", "params/smoke/smoke.yaml", "-p", "ci", "-o",
+                                   str(tmp_path), "--timeout", "inf", "--no-progress"])
+    assert out.exit_code == 2, out.output
+    assert "--timeout: must be a finite number" in out.output and "Traceback" not in out.output
+
+
+def test_bad_dask_address_is_a_clear_error(tmp_path):
+    out = CliRunner().invoke(app, ["sweep", "params/smoke/smoke.yaml", "-p", "ci", "-o",
+                                   str(tmp_path), "--dask", "bogus", "--no-progress"])
+    assert out.exit_code == 2, out.output
+    assert "--dask 'bogus': cannot connect to a Dask scheduler" in out.output
+    assert "Traceback" not in out.output

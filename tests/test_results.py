@@ -51,6 +51,27 @@ def test_failed_serialisation_keeps_the_old_record(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["record.json"]
 
 
+def test_interrupted_write_never_leaves_a_partial_record(tmp_path, monkeypatch):
+    """Fails for a write straight to record.json: the rename is the only way a record appears."""
+    def crash(src, dst):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="before the rename"):
+        results.write_record(tmp_path, rec())
+    assert not (tmp_path / "record.json").exists()
+    assert os.listdir(tmp_path) == []  # nor a stray temp file
+
+
+def test_read_record_that_is_not_a_json_object_or_not_utf8_is_none(tmp_path):
+    for content in (b"[1, 2]", b"42", b'"ok"', b'{"run_id": "caf\xe9"}'):
+        (tmp_path / "record.json").write_bytes(content)
+        assert results.read_record(tmp_path) is None, content
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "record.json").write_bytes(b"[]")
+    assert list(results.iter_records(tmp_path)) == []
+
+
 def test_read_record_of_truncated_file_is_none(tmp_path):
     (tmp_path / "record.json").write_text('{"run_id": "x", ')
     assert results.read_record(tmp_path) is None

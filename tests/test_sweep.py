@@ -64,12 +64,76 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert sorted(o.status for o in retried.outcomes) == ["cached", "failed", "failed", "failed"]
 
 
-def test_timeout_kills_the_run_and_records_it(tmp_path):
+def test_timeout_kills_the_run_and_records_it(tmp_path, monkeypatch):
+    import psutil
+
+    # the kernel runs in a session of its own (jupyter_client), so killing the runner's group
+    # alone would orphan it: note the runner's descendants just before the kill
+    seen: list[psutil.Process] = []
+    cmdlines: list[str] = []
+    alive: list[psutil.Process] = []
+    kill = sweep._kill_group
+
+    def spy(proc):
+        seen.extend(psutil.Process(proc.pid).children(recursive=True))
+        cmdlines.extend(" ".join(p.cmdline()) for p in seen)
+        kill(proc)
+        # checked as the kill returns, i.e. before a next run could start on the device
+        alive.extend(p for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+
+    monkeypatch.setattr(sweep, "_kill_group", spy)
     path = study(tmp_path, "n: [16]\nsleep_s: [2.0]")
     res = sweep.sweep(path, "ci", tmp_path / "out", timeout_s=4, progress=False)
     (o,) = res.outcomes
     assert o.status == "failed" and o.reason.startswith("timeout:")
     assert o.seconds < 15
+    assert any("kernel" in c for c in cmdlines), cmdlines
+    assert seen and not alive, f"orphaned by the timeout kill: {alive}"
+
+
+def test_infinite_timeout_is_a_params_error(tmp_path):
+    path = study(tmp_path, "n: [16]")
+    with pytest.raises(config.ParamsError, match="--timeout: must be a finite"):
+        sweep.sweep(path, "ci", tmp_path / "out", timeout_s=float("inf"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_side_exception_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    def fake(run_dict, run_dir, gpu=None, concurrent=1):
+        if run_dict["params"]["n"] == 16:
+            raise OverflowError("timeout value is too large")
+        return {"status": "ok", "seconds": 0.1, "reason": None}
+
+    monkeypatch.setattr(sweep, "execute_run", fake)
+    path = study(tmp_path, "n: [16, 24]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    by_n = {o.run.params["n"]: o for o in res.outcomes}
+    assert by_n[24].status == "ok"
+    assert by_n[16].status == "failed" and "OverflowError: timeout value" in by_n[16].reason
+    rec = records(tmp_path / "out")[by_n[16].run.run_id]
+    assert rec["status"] == "failed" and "OverflowError" in rec["error"]["reason"]
+    assert res.exit_code == 1
+
+
+def test_more_workers_than_devices_warns_and_records_concurrency(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep, "_cuda_count", lambda: 0)
+    path = study(tmp_path, "n: [16, 24]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", workers=2, progress=False)
+    assert sorted(o.status for o in res.outcomes) == ["ok", "ok"]
+    err = capsys.readouterr().err
+    assert "--workers 2 with no GPU (CPU only): runs will share a device" in err
+    assert "energy/memory metrics will mix" in err
+    assert {r["extra"]["concurrent_runs"] for r in records(tmp_path / "out").values()} == {2}
+
+
+def test_one_worker_per_device_does_not_warn(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    sweep._warn_shared_devices(2, None)
+    sweep._warn_shared_devices(1, None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    sweep._warn_shared_devices(3, "tcp://host:8786")  # remote workers: not ours to judge
+    assert capsys.readouterr().err == ""
 
 
 def test_dask_local_cluster_runs_the_sweep(tmp_path):
