@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from measure_overhead import positive_int  # noqa: E402 - the sibling script's argparse type
+
 from effllm_helpers.measure import Meter  # noqa: E402
 from effllm_helpers.measure import compute as comp  # noqa: E402
 from effllm_helpers.measure import device as dev  # noqa: E402
@@ -214,15 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--out", default=None,
                    help="output folder (default outputs/reference/<device-slug>/)")
-    p.add_argument("--n", type=int, default=8192, help="matmul size")
+    p.add_argument("--n", type=positive_int, default=8192, help="matmul size")
     p.add_argument("--seconds", type=float, default=10.0, help="(a) steady-load seconds")
     p.add_argument("--warmup-s", type=float, default=3.0, help="(a) settle time before")
     p.add_argument("--interval", type=float, default=0.02, help="(a) power sample interval")
-    p.add_argument("--mfu-steps", type=int, default=30, help="(b) measured steps")
-    p.add_argument("--overhead-steps", type=int, default=8000,
+    p.add_argument("--mfu-steps", type=positive_int, default=30, help="(b) measured steps")
+    p.add_argument("--overhead-steps", type=positive_int, default=8000,
                    help="(c) steps per round (~3.5 s at n=4096: a measured phase, not a blip)")
-    p.add_argument("--overhead-rounds", type=int, default=3, help="(c) pairs of rounds")
-    p.add_argument("--overhead-n", type=int, default=4096, help="(c) matmul size")
+    p.add_argument("--overhead-rounds", type=positive_int, default=3, help="(c) pairs of rounds")
+    p.add_argument("--overhead-n", type=positive_int, default=4096, help="(c) matmul size")
     p.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -112,14 +112,25 @@ def measure_overhead(device: str = "cpu", dim: int = 128, matmuls: int = 2, step
     }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 steps or rounds would leave nothing to time)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {v}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dim", type=int, default=128, help="matmul size")
-    p.add_argument("--matmuls", type=int, default=2, help="matmuls per step")
-    p.add_argument("--steps", type=int, default=3000, help="steps per round")
-    p.add_argument("--rounds", type=int, default=8, help="pairs of rounds (with, without)")
+    p.add_argument("--dim", type=positive_int, default=128, help="matmul size")
+    p.add_argument("--matmuls", type=positive_int, default=2, help="matmuls per step")
+    p.add_argument("--steps", type=positive_int, default=3000, help="steps per round")
+    p.add_argument("--rounds", type=positive_int, default=8, help="pairs of rounds (with, without)")
     p.add_argument("--interval", type=float, default=0.1, help="Meter sample interval (s)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=1,

@@ -82,7 +82,7 @@ def test_decode_roofline_agreement_counts_the_shared_prefix() -> None:
 def test_decode_roofline_bytes_per_token_skips_the_embedding_table() -> None:
     mod = _load("decode_roofline")
     model = _tiny_gqa()
-    total, read, kv = mod.bytes_read_per_token(model, 0)
+    total, read, kv = mod.bytes_read_per_token(model)
     emb = model.get_input_embeddings().weight
     assert read == total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
     assert kv == 2 * 2 * 2 * 8 * 2  # K and V, 2 layers, 2 KV heads of 8 dims, 2 bytes
@@ -135,3 +135,26 @@ def test_decode_roofline_replot_merges_runs_in_order(tmp_path: Path) -> None:
     assert [e["label"] for e in merged["sizes"]] == ["gpu:medium", "paper:large"]
     assert merged["best_fraction_of_bound"] == 0.1  # the headline is the first file's model
     assert merged["torch"] == "2.11" and "run gpu:medium ; run paper:large" in merged["command"]
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("measure_overhead", ["--rounds", "0"]), ("measure_overhead", ["--steps", "0"]),
+    ("gpu_validate", ["--overhead-rounds", "0"]), ("gpu_validate", ["--overhead-steps", "-3"])])
+def test_zero_rounds_or_steps_is_a_usage_error(name: str, args: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load(name)
+    with pytest.raises(SystemExit) as exc:
+        mod.main(args)
+    assert exc.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_decode_roofline_unknown_size_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load("decode_roofline")
+    monkeypatch.setattr(sys, "argv", ["decode_roofline.py", "--sizes", "gpu:huge"])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 2
+    assert "size 'huge' not in the gpu preset; allowed: small, medium, large" in (
+        capsys.readouterr().err)

@@ -65,6 +65,8 @@ def test_mcr_real_bytes_and_nominal() -> None:
     assert m["value"] == pytest.approx(2.5 * 0.9) and m["method"] == "real_bytes"
     n = mcr_nominal("int4", perf_orig=0.5, perf_comp=0.45)
     assert n["value"] == pytest.approx(4.0 * 0.9) and n["method"] == "nominal_bits"
+    assert (n["bits_orig"], n["bits_comp"]) == (16, 4) and "size_orig_bytes" not in n
+    assert mcr_nominal("int4-nf4", 0.5, 0.5, bits_orig="fp32")["value"] == pytest.approx(8.0)
     assert mcr(1000, 400, None, 0.4)["value"] is None
 
 

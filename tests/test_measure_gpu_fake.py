@@ -268,3 +268,35 @@ def test_device_facts_from_fake_nvml(fake_gpu: FakeNvml) -> None:
     assert facts["power_limit_w"] == [700.0]
     assert facts["device_name"] == "NVIDIA H100 80GB HBM3"
     assert comp.table_key(facts["device_name"]) == "H100 SXM"
+
+
+@pytest.mark.parametrize(("tf32", "row", "peak"), [(False, "fp32", 67.0e12),
+                                                   (True, "tf32", 494.7e12)])
+def test_fp32_peak_follows_tf32_setting(fake_gpu: FakeNvml, tf32: bool, row: str,
+                                        peak: float) -> None:
+    import torch
+
+    prev, prev_allow = (torch.get_float32_matmul_precision(),
+                        torch.backends.cuda.matmul.allow_tf32)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32
+        assert comp.tf32_matmul_enabled() is tf32
+        p, method, notes = comp.peak_flops("cuda:0", "fp32")
+    finally:
+        torch.set_float32_matmul_precision(prev)
+        torch.backends.cuda.matmul.allow_tf32 = prev_allow
+    assert method == "peak_table" and p == pytest.approx(peak)
+    assert notes.get("peak_dtype", "fp32") == row and ("tf32_note" in notes) is tf32
+
+
+def test_fp32_peak_with_allow_tf32_flag(fake_gpu: FakeNvml, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    monkeypatch.setattr(comp, "tf32_matmul_enabled", lambda: True)
+    with Meter("cuda:0", flops_per_token=1e9, dtype="fp32", sample_interval_s=0.05) as m:
+        m.step(tokens=1000)
+    mfu = m.metrics()["mfu"]
+    assert mfu["peak_flops"] == pytest.approx(494.7e12) and mfu["peak_dtype"] == "tf32"
+    monkeypatch.setattr(dev, "cuda_device_name", lambda i: "Tesla V100-SXM2-16GB")
+    p, _, notes = comp.peak_flops("cuda:0", "fp32")  # no TF32 cores before Ampere
+    assert p == pytest.approx(15.7e12) and notes["peak_dtype"] == "fp32"

@@ -138,7 +138,7 @@ def test_pcu_integrates_known_cpu_seconds() -> None:
 
 
 def test_amu_sees_a_held_allocation() -> None:
-    base = mem.rss_tree_bytes()
+    base = mem.ProcessTree().rss_bytes()
     with Meter("cpu", sample_interval_s=0.01) as m:
         block = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, touched
         time.sleep(0.15)
@@ -166,10 +166,42 @@ def test_this_machine_without_rapl_gives_null_energy(monkeypatch: pytest.MonkeyP
 def _fake_rapl(root: Path, energy_uj: int, max_uj: int = 10**9) -> Path:
     z = root / "intel-rapl:0"
     (z / "intel-rapl:0:0").mkdir(parents=True)
+    (z / "name").write_text("package-0\n")
     (z / "energy_uj").write_text(str(energy_uj))
     (z / "max_energy_range_uj").write_text(str(max_uj))
     (z / "intel-rapl:0:0" / "energy_uj").write_text("123")  # sub-zone: must not be added
     return z / "energy_uj"
+
+
+def _zone(d: Path, name: str, energy_uj: int, max_uj: int = 10**9) -> Path:
+    d.mkdir(parents=True)
+    (d / "name").write_text(name + "\n")
+    (d / "energy_uj").write_text(str(energy_uj))
+    (d / "max_energy_range_uj").write_text(str(max_uj))
+    return d / "energy_uj"
+
+
+def test_rapl_counts_packages_not_psys_nor_subzones(tmp_path: Path) -> None:
+    # laid out as /sys/class/powercap lists it: every zone, sub-zones included, at top level
+    (tmp_path / "intel-rapl").mkdir()  # the control type, not a zone
+    pkg = _zone(tmp_path / "intel-rapl:0", "package-0", 1_000_000)
+    core = _zone(tmp_path / "intel-rapl:0:0", "core", 500_000)
+    psys = _zone(tmp_path / "intel-rapl:1", "psys", 9_000_000)
+    r = en.RaplCounter(tmp_path)
+    assert r.available and r.zone_names == ["package-0"]
+    pkg.write_text(str(1_000_000 + 2_000_000))
+    core.write_text(str(500_000 + 1_500_000))
+    psys.write_text(str(9_000_000 + 4_000_000))
+    assert r.poll() == pytest.approx(2.0)  # the package alone, not 2 + 1.5 + 4
+
+
+def test_rapl_uses_psys_alone_without_package_zones(tmp_path: Path) -> None:
+    psys = _zone(tmp_path / "intel-rapl:1", "psys", 0)
+    _zone(tmp_path / "intel-rapl:2", "dram", 0)
+    r = en.RaplCounter(tmp_path)
+    assert r.available and r.zone_names == ["psys"]
+    psys.write_text("3000000")
+    assert r.poll() == pytest.approx(3.0)
 
 
 def test_rapl_energy_exact_joules_and_watts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -227,3 +259,20 @@ def test_cuda_meter_without_cuda_raises_clearly() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         Meter("cuda")
+
+
+def test_memory_metrics_use_only_the_measured_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    level = {"rss": 7e9}  # warm-up holds 7 GB; the measured phase 1 GB
+    monkeypatch.setattr(mem.ProcessTree, "rss_bytes", lambda self: level["rss"])
+    with Meter("cpu", warmup_steps=1, sample_interval_s=0.01) as m:
+        time.sleep(0.1)  # ~10 samples at the warm-up level
+        level["rss"] = 1e9
+        time.sleep(0.05)  # let any in-flight sample of the old level land before the mark
+        m.step()  # warm-up ends: the measured window [ts0, ts1] starts here
+        time.sleep(0.1)
+        m.step()
+    out = m.metrics()
+    assert m.sampler is not None and 7e9 in m.sampler.series["rss"]  # the warm-up was sampled
+    assert out["amu_gb"]["value"] == pytest.approx(1.0)
+    assert out["peak_gb"]["value"] == pytest.approx(1.0)
+    assert out["amu_gb"]["n_samples"] >= 2

@@ -16,8 +16,7 @@ from effllm_helpers.measure.latency import (
     percentile,
 )
 from effllm_helpers.measure.sampler import Sampler, integrate, time_average
-from effllm_helpers.measure.stats import summarize, summarize_metric, t_ppf
-from effllm_helpers.results import metric, missing
+from effllm_helpers.measure.stats import summarize, t_ppf
 
 
 # ---------------------------------------------------------------- sampler
@@ -79,18 +78,6 @@ def test_summarize_one_value_has_null_ci_with_reason() -> None:
     assert "n=1" in s["ci95_reason"]
 
 
-def test_summarize_metric_over_repeats() -> None:
-    reps = [metric(10.0, "W", "nvml_energy_counter"), metric(12.0, "W", "nvml_energy_counter"),
-            missing("W", "crashed")]
-    out = summarize_metric(reps, "aec_w")
-    assert out["value"] == 11.0 and out["n"] == 2 and out["unit"] == "W"
-    assert out["ci95"] == pytest.approx(12.7062 * 2**0.5 / 2**0.5, rel=1e-4)
-    one = summarize_metric([metric(3.0, "s", "perf_counter")])
-    assert one["value"] == 3.0 and "ci95" not in one and "n=1" in one["ci95_reason"]
-    none = summarize_metric([missing("J", "no RAPL")])
-    assert none["value"] is None and none["reason"] == "no RAPL"
-
-
 # ---------------------------------------------------------------- latency
 def test_percentile_linear_interpolation() -> None:
     assert percentile([1, 2, 3, 4], 50) == 2.5
@@ -103,6 +90,14 @@ def test_latency_metric_fields() -> None:
     assert m["value"] == pytest.approx(0.19) and m["p50"] == pytest.approx(0.1)
     assert m["p99"] == pytest.approx(0.919) and m["n"] == 10
     assert latency_metric([], "perf_counter")["value"] is None
+
+
+def test_latency_metric_carries_ci95() -> None:
+    m = latency_metric([1.0, 2.0, 3.0, 4.0], "perf_counter")
+    assert m["ci95"] == pytest.approx(3.1824463 * 1.2909944 / 2.0, rel=1e-6)
+    assert "ci95_reason" not in m
+    one = latency_metric([0.5], "perf_counter")
+    assert "ci95" not in one and "n=1" in one["ci95_reason"]
 
 
 class _Clock:
@@ -194,7 +189,7 @@ def test_table_peak_is_dense_bf16() -> None:
 
 
 def test_calibration_is_cheap_and_cached() -> None:
-    comp._CALIB_CACHE.pop(("cpu", "fp32"), None)
+    comp._CALIB_CACHE.pop(("cpu", "fp32", 512), None)
     t0 = time.perf_counter()
     f = comp.calibrate_matmul("cpu", "fp32")
     first = time.perf_counter() - t0
@@ -205,12 +200,28 @@ def test_calibration_is_cheap_and_cached() -> None:
 
 
 def test_cpu_peak_is_calibrated() -> None:
-    comp._CALIB_CACHE[("cpu", "bf16")] = 123e9
+    comp._CALIB_CACHE[("cpu", "bf16", 512)] = 123e9
     try:
         peak, method, notes = comp.peak_flops("cpu", "bf16")
     finally:
-        comp._CALIB_CACHE.pop(("cpu", "bf16"))
+        comp._CALIB_CACHE.pop(("cpu", "bf16", 512))
     assert (peak, method) == (123e9, "calibrated_matmul") and notes["device_name"]
+
+
+def test_calibration_cache_is_keyed_by_n() -> None:
+    comp._CALIB_CACHE[("cpu", "fp32", 64)] = 1.0  # a sentinel no real matmul would give
+    try:
+        assert comp.calibrate_matmul("cpu", "fp32", n=64) == 1.0
+        f = comp.calibrate_matmul("cpu", "fp32", n=32, budget_s=0.01)
+        assert f != 1.0 and ("cpu", "fp32", 32) in comp._CALIB_CACHE
+    finally:
+        comp._CALIB_CACHE.pop(("cpu", "fp32", 64), None)
+        comp._CALIB_CACHE.pop(("cpu", "fp32", 32), None)
+
+
+def test_calibration_rejects_other_devices() -> None:
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        comp.calibrate_matmul("meta", "fp32")
 
 
 def test_mfu_metric_formula_and_nulls() -> None:

@@ -16,11 +16,11 @@ from effllm_helpers.measure.latency import (
 )
 from effllm_helpers.measure.meter import METRIC_KEYS, Meter
 from effllm_helpers.measure.sampler import Sampler
-from effllm_helpers.measure.stats import summarize, summarize_metric
+from effllm_helpers.measure.stats import summarize
 
 __all__ = [
     "METRIC_KEYS", "PEAK_TFLOPS", "GenerationTimer", "Meter", "Sampler", "calibrate_matmul",
     "compression_metrics", "device_facts", "generation_metrics", "latency_metric", "mcr",
-    "mcr_nominal", "peak_flops", "percentile", "summarize", "summarize_metric", "timed_generate",
+    "mcr_nominal", "peak_flops", "percentile", "summarize", "timed_generate",
     "weight_bytes",
 ]

@@ -17,7 +17,7 @@ from effllm_helpers.results import metric, missing
 
 BASELINE_DTYPE = "bf16"
 BITS = {"fp32": 32, "tf32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "nf4": 4, "fp4": 4,
-        "int4": 4}
+        "int4": 4, "int4-nf4": 4, "int4-fp4": 4}
 
 
 def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
@@ -77,20 +77,26 @@ def weight_bytes(model: torch.nn.Module, include_buffers: bool = True) -> dict[s
     return out
 
 
-def mcr(size_orig: float, size_comp: float, perf_orig: float | None, perf_comp: float | None
-        ) -> dict[str, Any]:
-    """MCR = (size_orig / size_comp) × (perf_comp / perf_orig), real bytes (method real_bytes)."""
-    method = "real_bytes"
-    if not size_comp or size_comp <= 0 or not size_orig or size_orig <= 0:
-        return missing("ratio", "sizes must be positive", method)
+def _ratio(size_ratio: float | None, perf_orig: float | None, perf_comp: float | None,
+           method: str, why_no_size: str, **sizes: Any) -> dict[str, Any]:
+    """size_ratio x perf_comp / perf_orig, or null with the reason (shared by both MCRs)."""
+    if size_ratio is None:
+        return missing("ratio", why_no_size, method)
     if perf_orig is None or perf_comp is None:
         return missing("ratio", "baseline or compressed performance not measured", method)
     if perf_orig <= 0:
         return missing("ratio", f"baseline performance {perf_orig} <= 0: ratio undefined", method)
-    size_ratio = size_orig / size_comp
     perf_ratio = perf_comp / perf_orig
     return metric(size_ratio * perf_ratio, "ratio", method, size_ratio=size_ratio,
-                  perf_ratio=perf_ratio, size_orig_bytes=size_orig, size_comp_bytes=size_comp)
+                  perf_ratio=perf_ratio, **sizes)
+
+
+def mcr(size_orig: float, size_comp: float, perf_orig: float | None, perf_comp: float | None
+        ) -> dict[str, Any]:
+    """MCR = (size_orig / size_comp) × (perf_comp / perf_orig), real bytes (method real_bytes)."""
+    ok = bool(size_comp) and size_comp > 0 and bool(size_orig) and size_orig > 0
+    return _ratio(size_orig / size_comp if ok else None, perf_orig, perf_comp, "real_bytes",
+                  "sizes must be positive", size_orig_bytes=size_orig, size_comp_bytes=size_comp)
 
 
 def mcr_nominal(bits_comp: int | str, perf_orig: float | None, perf_comp: float | None,
@@ -98,9 +104,8 @@ def mcr_nominal(bits_comp: int | str, perf_orig: float | None, perf_comp: float 
     """The paper's version: size ratio = bits_orig / bits_comp (e.g. 16/4 = 4.0)."""
     bo = BITS[bits_orig] if isinstance(bits_orig, str) else int(bits_orig)
     bc = BITS[bits_comp] if isinstance(bits_comp, str) else int(bits_comp)
-    out = mcr(bo, bc, perf_orig, perf_comp)
-    out["method"] = "nominal_bits"
-    return out
+    return _ratio(bo / bc, perf_orig, perf_comp, "nominal_bits", "", bits_orig=bo,
+                  bits_comp=bc)
 
 
 def compression_metrics(size_comp: int, perf_comp: float | None, size_orig: int | None,
@@ -110,7 +115,7 @@ def compression_metrics(size_comp: int, perf_comp: float | None, size_orig: int 
 
     ``size_orig``/``perf_orig`` come from the baseline run (default bf16) of the same model.
     """
-    out = {"size_bytes": metric(size_comp, "bytes", "weight_storage_bytes")}
+    out = {"size_bytes": metric(size_comp, "B", "weight_storage_bytes")}
     if size_orig is None:
         out["mcr"] = missing("ratio", "no baseline size (run the baseline precision first)",
                              "real_bytes")

@@ -95,19 +95,23 @@ def table_peak_flops(device_name: str, dtype: str) -> float | None:
 
 
 # ---------------------------------------------------------------- calibration
-_CALIB_CACHE: dict[tuple[str, str], float] = {}
+_CALIB_CACHE: dict[tuple[str, str, int], float] = {}
 _CALIB_LOCK = threading.Lock()
 
 
 def calibrate_matmul(device: str | torch.device = "cpu", dtype: str = "fp32", n: int | None = None,
                      budget_s: float | None = None) -> float:
-    """Best FLOP/s of a square n×n matmul on ``device`` (cached per process, device and dtype).
+    """Best FLOP/s of a square n×n matmul on ``device`` (cached per process, device, dtype, n).
 
     CPU: n=512 repeated for ~0.25 s (the brief asks < 1 s). GPU: n=8192 timed with CUDA events.
+    Only ``cpu`` and ``cuda`` devices can be calibrated (ValueError otherwise).
     """
     d = dev.resolve(device)
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"cannot calibrate a matmul on device {str(d)!r}: only cpu and cuda")
     key_dtype = canonical_dtype(dtype)
-    key = (str(d), key_dtype)
+    n = n or (8192 if d.type == "cuda" else 512)
+    key = (str(d), key_dtype, n)
     with _CALIB_LOCK:
         if key in _CALIB_CACHE:
             return _CALIB_CACHE[key]
@@ -115,7 +119,6 @@ def calibrate_matmul(device: str | torch.device = "cpu", dtype: str = "fp32", n:
     if tdt is None:
         raise ValueError(f"cannot calibrate a matmul in {key_dtype}")
     if d.type == "cuda":
-        n = n or 8192
         a = torch.randn(n, n, device=d, dtype=tdt)
         b = torch.randn(n, n, device=d, dtype=tdt)
         prev = torch.backends.cuda.matmul.allow_tf32
@@ -135,7 +138,6 @@ def calibrate_matmul(device: str | torch.device = "cpu", dtype: str = "fp32", n:
         finally:
             torch.backends.cuda.matmul.allow_tf32 = prev
     else:
-        n = n or 512
         budget_s = 0.25 if budget_s is None else budget_s
         a = torch.randn(n, n, dtype=tdt)
         b = torch.randn(n, n, dtype=tdt)
@@ -156,26 +158,45 @@ def calibrate_matmul(device: str | torch.device = "cpu", dtype: str = "fp32", n:
     return best
 
 
+def tf32_matmul_enabled() -> bool:
+    """Whether torch runs float32 CUDA matmuls on TF32 tensor cores (allow_tf32 / precision)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32
+                or torch.get_float32_matmul_precision() != "highest")
+
+
 def peak_flops(device: str | torch.device, dtype: str, n_devices: int = 1
                ) -> tuple[float, str, dict[str, Any]]:
     """(peak FLOP/s over ``n_devices`` identical devices, method, notes).
 
     Method ``peak_table`` when the datasheet knows the device and dtype, else
-    ``calibrated_matmul`` (a measured large matmul on this machine).
+    ``calibrated_matmul`` (a measured large matmul on this machine). An fp32 workload on CUDA
+    with TF32 matmuls enabled runs on tensor cores, so it is held against the ``tf32`` peak
+    (``notes["peak_dtype"]`` says which row was used).
     """
     d = dev.resolve(device)
     notes: dict[str, Any] = {}
+    peak_dtype = canonical_dtype(dtype)
+    if d.type == "cuda" and peak_dtype == "fp32" and tf32_matmul_enabled():
+        peak_dtype = "tf32"
+        notes["peak_dtype"] = "tf32"
+        notes["tf32_note"] = ("fp32 compute with TF32 matmuls enabled (allow_tf32 or "
+                              "float32_matmul_precision != 'highest'): tf32 peak used")
     if d.type == "cuda":
         name = dev.cuda_device_name(d.index or 0)
         notes["device_name"] = name
-        per = table_peak_flops(name, dtype)
+        row = PEAK_TFLOPS.get(table_key(name) or "", {})
+        if peak_dtype == "tf32" and row and "tf32" not in row:  # pre-Ampere: no TF32 cores
+            peak_dtype = "fp32"
+            notes["peak_dtype"] = "fp32"
+            notes["tf32_note"] = f"TF32 enabled but {name!r} has no TF32 tensor cores: fp32 peak"
+        per = table_peak_flops(name, peak_dtype)
         if per is not None:
             notes["table_row"] = table_key(name)
             return per * n_devices, "peak_table", notes
-        notes["table_miss"] = f"no datasheet peak for {name!r} in {canonical_dtype(dtype)}"
+        notes["table_miss"] = f"no datasheet peak for {name!r} in {peak_dtype}"
     else:
         notes["device_name"] = dev.cpu_model()
-    per = calibrate_matmul(d, dtype)
+    per = calibrate_matmul(d, peak_dtype)
     return per * n_devices, "calibrated_matmul", notes
 
 

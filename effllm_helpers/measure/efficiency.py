@@ -67,11 +67,14 @@ COMPARISON_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 # technique params per axis: the label of a run is made of those that vary within its study
+# (named by value), then any other non-seed param that varies there (named ``name=value``)
 TECHNIQUE_PARAMS: dict[str, tuple[str, ...]] = {
     "architecture": ("p.model.attention", "p.model.positional", "p.model.ffn", "p.model.family"),
-    "finetuning": ("p.method",),
+    "finetuning": ("p.method", "p.quant"),
     "inference": ("p.precision",),
 }
+# a param at this value says "not used" and is left out of a label (QLoRA's quant on plain LoRA)
+UNSET_VALUE: dict[str, str] = {"p.quant": "none"}
 
 # Fig. 2 columns -> metric name (None for Perf: the axis's quality metric)
 RANK_COLUMNS: dict[str, str | None] = {
@@ -125,11 +128,22 @@ def wide_table(tidy_df: pd.DataFrame, axis: str | None = None, *,
     return out
 
 
+def _label_part(col: str, v: Any, named: bool) -> str:
+    if v is None or (not isinstance(v, str) and pd.isna(v)) or UNSET_VALUE.get(col) == str(v):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return f"{col.rsplit('.', 1)[-1]}={v}" if named else str(v)
+
+
 def technique_labels(wide: pd.DataFrame) -> pd.Series:
     """A short label per run from the technique params that vary within its study (and axis).
 
     Why: an architecture study may vary attention, another positional encoding; the label should
-    name what was compared, not every param. Falls back to the first technique param present.
+    name what was compared, not every param. Every other non-seed param that varies within the
+    study is part of the label too (``d_ff_mult=8``; QLoRA's ``nf4`` vs ``fp4``), so two different
+    configurations never share a label; the comparison keys (model size, base model, task, model)
+    and seeds are not techniques. Falls back to the first technique param present.
     """
     labels = pd.Series("run", index=wide.index, dtype=object)
     if wide.empty:
@@ -142,11 +156,23 @@ def technique_labels(wide: pd.DataFrame) -> pd.Series:
         if not cands:
             cands = [c for cs in TECHNIQUE_PARAMS.values() for c in cs if c in wide]
         sub = wide.loc[idx]
-        varying = [c for c in cands if sub[c].nunique(dropna=True) > 1]
-        use = varying or [c for c in cands if sub[c].notna().any()][:1]
-        if not use:
+        skip = {*cands, *SEED_PARAMS, *COMPARISON_KEYS.get(str(axis), ())}
+        extra = [c for c in sub.columns if c.startswith("p.") and c not in skip
+                 and not c.endswith(".seed")
+                 and sub[c].astype(str).where(sub[c].notna()).nunique(dropna=False) > 1]
+        varying = [c for c in cands
+                   if sub[c].astype(str).where(sub[c].notna()).nunique(dropna=False) > 1]
+        first = [c for c in cands if sub[c].notna().any()][:1]
+        use = varying or first
+        if all(c in UNSET_VALUE for c in use):  # "nf4" alone does not say it is LoRA
+            use = [*first, *[c for c in use if c not in first]]
+        if not use and not extra:
             continue
-        labels.loc[idx] = sub[use].astype(str).agg("+".join, axis=1)
+        named = set(extra)
+        lab = pd.Series([
+            "+".join(p for p in (_label_part(c, row[c], c in named) for c in [*use, *extra]) if p)
+            for _, row in sub.iterrows()], index=idx, dtype=object)
+        labels.loc[idx] = lab.where(lab != "", "run")
     return labels
 
 

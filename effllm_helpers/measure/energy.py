@@ -117,12 +117,16 @@ class RaplCounter:
 
     The counters wrap at ``max_energy_range_uj`` (~262 kJ, minutes at full load), so a long run
     must be polled more often than it wraps: the Meter's sampler calls ``poll()`` each interval.
-    Only top-level package zones are summed (sub-zones such as core/dram are inside them).
+    Zones are chosen by their ``name`` file: the top-level ``package-*`` zones are summed
+    (sub-zones such as core/dram are inside them); ``psys`` (the whole platform, which already
+    contains the packages) is used alone only where no package zone exists -- adding it to the
+    packages would count their energy twice. ``zone_names`` records the zones used.
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(RAPL_ROOT if root is None else root)
         self.zones: list[tuple[Path, int]] = []
+        self.zone_names: list[str] = []
         self.reason: str | None = None
         self._last: list[int] = []
         self._acc_uj = 0
@@ -135,13 +139,27 @@ class RaplCounter:
         if not cands:
             self.reason = f"no RAPL package zones (intel-rapl:N) under {self.root}"
             return
+        named: list[tuple[Path, str]] = []
+        for z in cands:
+            try:
+                named.append((z, (z / "name").read_text().strip()))
+            except OSError:
+                continue
+        chosen = [(z, nm) for z, nm in named if nm.startswith("package-")]
+        if not chosen:
+            chosen = [(z, nm) for z, nm in named if nm == "psys"][:1]
+        if not chosen:
+            found = ", ".join(f"{z.name}={nm}" for z, nm in named) or "no readable name files"
+            self.reason = f"no RAPL package-* or psys zone under {self.root} ({found})"
+            return
         try:
-            for z in cands:
+            for z, nm in chosen:
                 rng = int((z / "max_energy_range_uj").read_text())
                 self._last.append(int((z / "energy_uj").read_text()))
                 self.zones.append((z, rng))
+                self.zone_names.append(nm)
         except (OSError, ValueError) as exc:
-            self.zones, self._last = [], []
+            self.zones, self._last, self.zone_names = [], [], []
             self.reason = f"RAPL not readable ({exc}); energy_uj is often root-only"
 
     @property

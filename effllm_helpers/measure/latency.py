@@ -40,7 +40,8 @@ def latency_metric(values_s: Sequence[float], method: str, unit: str = "s",
         return missing(unit, f"no {what} samples in the measured phase", method)
     s = summarize(vals)
     return metric(s["mean"], unit, method, p50=percentile(vals, 50), p90=percentile(vals, 90),
-                  p99=percentile(vals, 99), n=len(vals), std=s["std"])
+                  p99=percentile(vals, 99), n=len(vals), std=s["std"], ci95=s["ci95"],
+                  ci95_reason=s.get("ci95_reason"))
 
 
 class GenerationTimer:

@@ -67,17 +67,6 @@ class ProcessTree:
         return total
 
 
-def rss_tree_bytes(proc: psutil.Process | None = None) -> int:
-    """Resident set size of this process and all its descendants (workers count too)."""
-    total = 0
-    for p in process_tree(proc):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:  # a child exited between listing and reading
-            continue
-    return total
-
-
 def ram_total_bytes() -> int:
     return int(psutil.virtual_memory().total)
 

@@ -67,6 +67,9 @@ class Meter:
         if params is not None and n_params is not None and params != n_params:
             raise ValueError("give n_params or params, not both")
         self.device = dev.resolve(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"Meter({device!r}): only 'cpu' and 'cuda' devices are measured; "
+                             f"{self.device.type} has no probes here")
         self.is_gpu = self.device.type == "cuda"
         if self.is_gpu and not dev.cuda_available():
             raise RuntimeError(f"Meter({device!r}): CUDA is not available on this machine")
@@ -89,6 +92,7 @@ class Meter:
         self._done = False
         self._n_calls = 0
         self._tokens = 0
+        self._flop_tokens = 0
         self._samples = 0
         self._generated: int | None = None
         self._marks: list[Any] = []  # perf_counter floats (CPU) or CUDA events (GPU)
@@ -142,6 +146,7 @@ class Meter:
         self._rapl = en.RaplCounter()
         if self._rapl.available:
             probes["rapl_j"] = self._rapl.poll
+            self.notes["rapl_zones"] = ", ".join(self._rapl.zone_names)
         else:
             self.notes["rapl"] = str(self._rapl.reason)
         return probes
@@ -198,21 +203,27 @@ class Meter:
             self._torch_peaks = dev.cuda_peaks(self.cuda_indices)
         self._measuring = False
 
-    def step(self, tokens: int = 0, samples: int = 0, generated_tokens: int | None = None) -> None:
+    def step(self, tokens: int = 0, samples: int = 0, generated_tokens: int | None = None,
+             flop_tokens: int | None = None) -> None:
         """Mark the end of one iteration (O(1): one timestamp or one CUDA event).
 
-        ``tokens``: tokens processed (TT, MFU, J/token); ``samples``: sequences (ST);
-        ``generated_tokens``: new tokens of a generation step or request (IT).
+        ``tokens``: tokens that count for the study (TT, J/token); ``samples``: sequences (ST);
+        ``generated_tokens``: new tokens of a generation step or request (IT);
+        ``flop_tokens``: tokens the model actually ran on, for MFU (default ``tokens``) - a
+        fine-tuning step also runs the unsupervised prompt, a generation also the prefill.
         """
         if self._measuring:
             self._marks.append(dev.cuda_event() if self.is_gpu else time.perf_counter())
             self._tokens += tokens
+            self._flop_tokens += tokens if flop_tokens is None else flop_tokens
             self._samples += samples
             if generated_tokens is not None:
                 self._generated = (self._generated or 0) + generated_tokens
             return
         if not self._active:
             raise RuntimeError("Meter.step() outside the with block")
+        if self._t1 > self._t0:
+            raise RuntimeError("Meter.step() after stop(): the measured phase has ended")
         self._n_calls += 1
         if self._n_calls >= self.warmup_steps:
             self._start_mark()
@@ -235,6 +246,14 @@ class Meter:
             if self.sampler is not None:
                 self.sampler.stop()
         return False
+
+    def stop(self) -> None:
+        """End the measured phase now (what follows inside the block is not measured), e.g.
+        before a final evaluation; ``__exit__`` then only closes the sampler."""
+        if not self._active:
+            raise RuntimeError("Meter.stop() outside the with block")
+        if self._measuring:
+            self._stop_mark()
 
     # ------------------------------------------------------------------ mid-run
     def elapsed_s(self) -> float:
@@ -278,7 +297,8 @@ class Meter:
         """Non-metric facts for the record (steps, sampler errors, notes)."""
         s = self.sampler
         return {"warmup_steps": self.warmup_steps, "measured_steps": self.measured_steps,
-                "tokens": self._tokens, "samples": self._samples,
+                "tokens": self._tokens, "flop_tokens": self._flop_tokens,
+                "samples": self._samples,
                 "generated_tokens": self._generated, "sample_interval_s": self.sample_interval_s,
                 "n_samples": len(s.times) if s else 0,
                 "sampler_errors": dict(s.errors) if s else {},
@@ -377,8 +397,8 @@ class Meter:
                 else:
                     peak, pm, notes = comp.peak_flops(self.device, self.dtype,
                                                       n_devices=max(1, len(self.cuda_indices)))
-                out["mfu"] = comp.mfu_metric(self.flops_per_token, self._tokens, dur, peak, pm,
-                                             dtype=self.dtype, **notes)
+                out["mfu"] = comp.mfu_metric(self.flops_per_token, self._flop_tokens, dur, peak,
+                                             pm, dtype=self.dtype, **notes)
             except Exception as exc:
                 out["mfu"] = missing("fraction", f"no peak FLOP/s: {exc}", "analytic_flops")
         return out

@@ -8,10 +8,8 @@ from the regularised incomplete beta function (continued fraction) inverted by b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
-
-from effllm_helpers.results import metric, missing
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -105,26 +103,3 @@ def summarize(values: Iterable[float | int | None]) -> dict[str, Any]:
     out["std"] = std
     out["ci95"] = t_ppf(0.975, n - 1) * std / math.sqrt(n)
     return out
-
-
-def summarize_metric(values: Sequence[Mapping[str, Any]], name: str = "metric") -> dict[str, Any]:
-    """Turn repeats of one metric value into one metric value with mean, std, n and ci95.
-
-    All repeats must share the unit; the method is kept (joined if they differ). If no repeat has a
-    value, the result is null with the reasons of the repeats.
-    """
-    if not values:
-        return missing("", f"{name}: no repeats")
-    units = {v.get("unit") for v in values}
-    if len(units) > 1:
-        raise ValueError(f"{name}: repeats disagree on unit: {sorted(map(str, units))}")
-    unit = units.pop() or ""
-    methods = sorted({str(v.get("method")) for v in values if v.get("method")})
-    method = "+".join(methods) if methods else "unknown"
-    nums = [v.get("value") for v in values]
-    s = summarize(nums)
-    if s["mean"] is None:
-        reasons = sorted({str(v.get("reason")) for v in values if v.get("reason")})
-        return missing(unit, "; ".join(reasons) or f"{name}: no repeat has a value", method=method)
-    return metric(s["mean"], unit, method, std=s["std"], n=s["n"], ci95=s["ci95"],
-                  ci95_reason=s.get("ci95_reason"), n_dropped=s["n_dropped"] or None)
