@@ -37,8 +37,10 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
         count += ids[:, 1:].numel()
     model.train(was_training)
     mean = total / count
-    return {"loss": metric(mean, "nats/token", "heldout_cross_entropy", n=count),
-            "ppl": metric(math.exp(min(mean, 50.0)), "", "exp(heldout_cross_entropy)", n=count)}
+    ppl = (metric(math.exp(mean), "", "exp(heldout_cross_entropy)", n=count) if mean < 700
+           else missing("", f"perplexity overflows a float (loss {mean:.1f} nats/token)",
+                        "exp(heldout_cross_entropy)"))
+    return {"loss": metric(mean, "nats/token", "heldout_cross_entropy", n=count), "ppl": ppl}
 
 
 @torch.no_grad()

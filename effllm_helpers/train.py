@@ -7,12 +7,14 @@ process then draws its own shard of every batch.
 
 The loop is what we time, so it does nothing per step beyond the step itself: the loss is read
 back to the host only every ``log_every`` steps (that read synchronises the device), the Meter's
-``step`` is O(1), and evaluation happens outside the measured phase's steps.
+``step`` is O(1), and the final evaluation runs after the measured phase has stopped.
+Under ``accelerate launch`` the Meter measures each process' own device and counts its tokens.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,9 +103,9 @@ def train(
 
     ``next_batch(micro_step, rank, world)`` returns this process' micro-batch (``input_ids``,
     optional ``attention_mask``, ``labels`` with -100 where no loss is taken). ``evaluate`` is
-    called every ``spec.eval_every`` steps and at the end; its time is excluded from the Meter's
-    latency only in the sense that it happens between ``step`` calls (it does count in energy
-    and wall time: the record's curves show when).
+    called every ``spec.eval_every`` steps and after the last one. The final call is outside the
+    measured window; intermediate calls are inside it, and ``duration_s`` then notes how many and
+    how long (they are in the rates, the energy and one step's latency each).
     """
     from tqdm.auto import tqdm
 
@@ -115,16 +117,21 @@ def train(
     acc = make_accelerator(dtype)
     device = acc.device
     opt = optimizer or default_optimizer(model, spec.lr, spec.weight_decay, device)
+    model, opt = acc.prepare(model, opt)
+    # not prepared: accelerate would step it once per process per step, so warm-up and cosine
+    # would end num_processes times early (spec.steps counts steps per process)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.warmup_steps, spec.steps))
-    model, opt, sched = acc.prepare(model, opt, sched)
     if spec.compile:
         model = torch.compile(model)
     model.train()
     rank, world = acc.process_index, acc.num_processes
+    allocate = getattr(getattr(acc.unwrap_model(model), "base_model", None),
+                       "update_and_allocate", None)
 
     losses_x, losses_y, joules_x, joules_y = [], [], [], []
     eval_history: list[dict[str, float]] = []
     tokens = samples = 0
+    eval_inside_s = 0.0
     last_loss = float("nan")
     bar = tqdm(total=spec.steps, desc="train", unit="step", disable=not progress or rank != 0,
                leave=False)
@@ -132,12 +139,14 @@ def train(
                dtype=DTYPE_NAMES.get(dtype, "fp32"), warmup_steps=measure.warmup_steps,
                sample_interval_s=measure.sample_interval_s) as meter:
         for step in range(spec.steps):
-            step_tokens = step_samples = 0
+            step_tokens = step_samples = step_run = 0
             loss_acc = torch.zeros((), device=device)
             for micro in range(spec.grad_accum):
                 batch = next_batch(step * spec.grad_accum + micro, rank, world)
                 labels = batch.get("labels", batch["input_ids"])  # counted on the host: no sync
                 step_tokens += int((labels != -100).sum()) if "labels" in batch else labels.numel()
+                mask = batch.get("attention_mask")  # tokens the model runs on (prompt included)
+                step_run += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 step_samples += labels.shape[0]
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with acc.autocast():
@@ -148,13 +157,15 @@ def train(
             if spec.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
             opt.step()
+            if allocate is not None:  # AdaLoRA: reallocates rank from this step's gradients
+                allocate(step)
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step_tokens *= world
-            step_samples *= world
-            tokens += step_tokens
-            samples += step_samples
-            meter.step(tokens=step_tokens, samples=step_samples)
+            # the Meter measures this process' device(s): it gets this rank's counts, so its
+            # rates, MFU and J/token are per device; the curves count every rank's tokens
+            meter.step(tokens=step_tokens, samples=step_samples, flop_tokens=step_run)
+            tokens += step_tokens * world
+            samples += step_samples * world
             if (step + 1) % log_every == 0 or step == spec.steps - 1:
                 last_loss = float(loss_acc)  # the one host sync of the step
                 check_finite(last_loss, step)
@@ -166,12 +177,17 @@ def train(
                     joules_y.append(last_loss)
                 bar.set_postfix(loss=f"{last_loss:.3f}")
             bar.update(1)
-            if evaluate and ((step + 1) % spec.eval_every == 0 or step == spec.steps - 1):
-                model.eval()
-                with torch.no_grad():
-                    ev = evaluate(acc.unwrap_model(model))
-                model.train()
-                eval_history.append({"step": step + 1, "tokens": tokens, **ev})
+            last = step == spec.steps - 1
+            if evaluate and not last and (step + 1) % spec.eval_every == 0:
+                # inside the measured window (in the next step's latency): the record says so
+                t_ev = time.perf_counter()
+                eval_history.append({"step": step + 1, "tokens": tokens,
+                                     **_evaluate(model, acc, evaluate)})
+                eval_inside_s += time.perf_counter() - t_ev
+        meter.stop()  # the final evaluation is not training time
+        if evaluate:
+            eval_history.append({"step": spec.steps, "tokens": tokens,
+                                 **_evaluate(model, acc, evaluate)})
     bar.close()
     curves: dict[str, Any] = {
         "loss_vs_tokens": {"x": losses_x, "y": losses_y, "x_unit": "tokens",
@@ -191,10 +207,27 @@ def train(
                                         "y": [e[k] for e in eval_history], "x_unit": "tokens",
                                         "y_unit": k}
     metrics = meter.metrics()
+    n_inside = max(0, len(eval_history) - 1)
+    if n_inside and metrics["duration_s"]["value"] is not None:
+        metrics["duration_s"]["eval_inside_s"] = eval_inside_s
+        metrics["duration_s"]["note"] = (
+            f"includes {n_inside} intermediate evaluation(s), {eval_inside_s:.2f} s, also in "
+            "the rates, energy and one step's latency each")
+    if world > 1:
+        metrics["duration_s"]["world_size"] = world
     if "tt" not in metrics:
         metrics["tt"] = missing("tokens/s/param", "meter gave no training throughput")
     return TrainResult(metrics=metrics, curves=curves, steps=spec.steps, tokens=tokens,
                        samples=samples, final_loss=last_loss, eval_history=eval_history)
+
+
+def _evaluate(model: torch.nn.Module, acc: Any,
+              evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        ev = evaluate(acc.unwrap_model(model))
+    model.train()
+    return ev
 
 
 def block_batches(blocks: torch.Tensor, batch_size: int, seed: int = 0

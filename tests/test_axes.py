@@ -53,6 +53,8 @@ def test_architecture_run_records_every_metric(spec):
     assert res.quality["val_ppl"]["value"] > 1
     assert res.model["tokens_trained"] == 8 * 4 * 64  # ci: 8 steps x batch 4 x seq 64
     assert res.curves["loss_vs_tokens"]["x"][-1] == res.model["tokens_trained"]
+    losses = res.curves["loss_vs_tokens"]["y"]
+    assert losses[-1] < losses[0]  # the optimizer steps
     if spec.get("ffn") == "moe":
         assert res.model["params_active"] < res.model["params_total"]
     else:
@@ -78,6 +80,7 @@ def test_finetuning_run_records_every_metric(method):
     assert_complete(res.quality, {"eval_loss", "eval_loss_before", "accuracy",
                                   "accuracy_before"})
     assert 0 < res.model["params_trainable"] < res.model["params_total"]
+    assert res.quality["eval_loss"]["value"] < res.quality["eval_loss_before"]["value"]
     if method == "lora":
         assert res.metrics["merge_max_abs_diff"]["value"] < 1e-4
 
@@ -93,8 +96,42 @@ def test_inference_run_records_every_metric(precision):
     assert res.metrics["tpot_s"]["note"] == "excludes the first token of each request"
     # on a CPU the baseline is fp32, and the record says so
     assert res.model["baseline_precision"] == "fp32"
+    mcr = res.metrics["mcr"]
+    assert mcr["size_ratio"] == pytest.approx(res.model["baseline_weight_bytes"]
+                                              / res.model["weight_bytes"])
+    assert mcr["perf_ratio"] == pytest.approx(res.model["baseline_ppl"]
+                                              / res.quality["ppl"]["value"])
     if precision == "fp32":
-        assert res.metrics["mcr"]["value"] == pytest.approx(1.0)
+        assert mcr["value"] == pytest.approx(1.0)
+    else:
+        assert mcr["size_ratio"] > 2  # int8 weights against the fp32 baseline
+        assert res.metrics["mcr_nominal"]["size_ratio"] == 4.0
+
+
+def test_mcr_compares_one_performance_measure_on_both_sides():
+    q = {"ppl": {"value": 13.0}, "lm_eval/mean": {"value": 0.4}}
+    base_no_lm = {"ppl": {"value": 10.0}}
+    assert inference.performance(q, base_no_lm) == (1 / 13.0, 1 / 10.0, "inverse_perplexity")
+    base_lm = {"ppl": {"value": 10.0}, "lm_eval/mean": {"value": 0.5}}
+    assert inference.performance(q, base_lm) == (0.4, 0.5, "mean_lm_eval_score")
+
+
+def test_perplexity_that_overflows_is_null_with_its_reason():
+    from effllm_helpers import evaluate
+
+    class Huge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids):
+            logits = torch.full((*input_ids.shape, 4), -1e4)
+            logits[..., 0] = 1e4  # certain of token 0; the data is all token 1
+            return type("Out", (), {"logits": logits})()
+
+    out = evaluate.perplexity(Huge(), torch.ones(2, 8, dtype=torch.long))
+    assert out["loss"]["value"] > 700 and out["ppl"]["value"] is None
+    assert "overflows" in out["ppl"]["reason"]
 
 
 def test_weight_bytes_order_int4_int8_half_fp32_on_the_embedded_model():
@@ -141,3 +178,10 @@ def test_measured_kv_cache_counts_the_serving_dtype_and_leaves_the_model_alone()
         model.config, dtype_bytes=2)
     assert bf16["dtype"] == "bfloat16"
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_probe_sample_longer_than_a_block_is_an_error_not_a_cut():
+    tok = None  # the check comes before any tokenizer use
+    with pytest.raises(ValueError, match=r"probe_pairs=32: .* needs 97 tokens, more than "
+                                         r"data.seq_len=64"):
+        architecture.probe_blocks(tok, seq_len=64, n_blocks=2, n_pairs=32, seed=0)

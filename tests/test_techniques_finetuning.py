@@ -282,3 +282,14 @@ def test_qlora_unsupported_adapter_is_a_skip_not_a_crash(make_model) -> None:
         pytest.skip("bitsandbytes 4-bit unavailable here")
     with pytest.raises(UnsupportedTechnique, match="loha cannot run on a bitsandbytes 4-bit"):
         ft.prepare(make_model(), params("loha", quant="nf4"))
+
+
+def test_adalora_starts_at_the_rank_and_is_reallocated_by_the_loop(make_model) -> None:
+    """AdaLoRA ignores ``r``: the rank goes to init_r, and train() calls its allocator."""
+    notes: list[str] = []
+    cfg = ft._generic_config("adalora", params("adalora"), notes)
+    assert cfg.init_r == RANK and cfg.target_r == RANK // 2
+    prepared = ft.prepare(make_model(), params("adalora"))
+    shapes = {tuple(p.shape) for n, p in prepared.model.named_parameters() if "lora_A" in n}
+    assert shapes and all(s[0] == RANK for s in shapes)
+    assert callable(prepared.model.base_model.update_and_allocate)

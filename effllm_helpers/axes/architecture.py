@@ -48,7 +48,11 @@ def probe_blocks(tokenizer: Any, seq_len: int, n_blocks: int, n_pairs: int,
     """``n_blocks`` training blocks made of back-to-back MQAR samples (eos between them)."""
     n_queries = max(1, n_pairs // 2)
     sample_len = 2 * (n_pairs + n_queries) + 1
-    per_block = max(1, seq_len // sample_len)
+    if sample_len > seq_len:  # a cut sample would train keys without their queries
+        raise ValueError(f"probe_pairs={n_pairs}: an associative-recall sample needs "
+                         f"{sample_len} tokens, more than data.seq_len={seq_len}; lower "
+                         "probe_pairs or raise seq_len")
+    per_block = seq_len // sample_len
     probe = data.make_probe(tokenizer, n_pairs=n_pairs, n_queries=n_queries,
                             n_samples=n_blocks * per_block, seed=seed)
     eos = torch.full((probe.input_ids.shape[0], 1), tokenizer.eos_token_id)

@@ -13,7 +13,7 @@ fp32 is the native format, so fp32 is used there and the record says so.
 
 from __future__ import annotations
 
-import math
+import gc
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,15 +23,13 @@ import torch
 from .. import data, evaluate
 from ..config import DataSpec, InferenceParams
 from ..measure import Meter, generation_metrics, timed_generate
-from ..measure.compression import mcr, mcr_nominal
+from ..measure.compression import compression_metrics
 from ..models import embedded, flops
-from ..results import metric
+from ..results import metric, missing
 from ..run import SkipRun
 from ..techniques import UnsupportedTechnique
 from ..techniques import finetuning as ft
 from ..techniques import precision as prec
-
-NOMINAL_BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4-nf4": 4, "int4-fp4": 4}
 
 
 @dataclass
@@ -81,14 +79,20 @@ def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len
     return out
 
 
-def performance(quality: dict[str, Any]) -> tuple[float | None, str]:
-    """The 'perf' of MCR, higher = better: the mean lm-eval score if every task ran (the paper's
-    six-task mean), else 1/perplexity."""
-    lm = quality.get("lm_eval/mean")
-    if lm and lm["value"] is not None:
-        return lm["value"], "mean_lm_eval_score"
-    ppl = quality["ppl"]["value"]
-    return (1.0 / ppl if ppl else None), "inverse_perplexity"
+def performance(quality: dict[str, Any], base_quality: dict[str, Any]
+                ) -> tuple[float | None, float | None, str]:
+    """The 'perf' of MCR for a run and its baseline, higher = better, by one method for both:
+    the mean lm-eval score if every task ran on both sides (the paper's six-task mean), else
+    1/perplexity."""
+    lm, base_lm = quality.get("lm_eval/mean"), base_quality.get("lm_eval/mean")
+    if lm and base_lm and lm["value"] is not None and base_lm["value"] is not None:
+        return lm["value"], base_lm["value"], "mean_lm_eval_score"
+
+    def inv(q: dict[str, Any]) -> float | None:
+        ppl = q["ppl"]["value"]
+        return 1.0 / ppl if ppl else None
+
+    return inv(quality), inv(base_quality), "inverse_perplexity"
 
 
 def compute_dtype(model: torch.nn.Module) -> str:
@@ -112,8 +116,8 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
     if p.static_cache:
         kwargs["cache_implementation"] = "static"
     timers = []
-    try:  # decode FLOPs/token at the mean context of the request
-        fpt = flops.flops_per_token(model.config, p.prompt_len + p.gen_tokens // 2,
+    try:  # FLOPs/token at the mean context over every position the request runs (prefill too)
+        fpt = flops.flops_per_token(model.config, (p.prompt_len + p.gen_tokens) // 2,
                                     training=False)
     except (ValueError, NotImplementedError, AttributeError):
         fpt = None
@@ -124,7 +128,8 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
         for _ in range(p.measure.warmup_steps + p.measure.repeats):
             out, timer = timed_generate(model, **kwargs)
             generated = int(out.shape[1] - prompts.shape[1]) * batch
-            meter.step(tokens=generated, samples=batch, generated_tokens=generated)
+            meter.step(tokens=generated, samples=batch, generated_tokens=generated,
+                       flop_tokens=generated + prompts.numel())  # MFU counts the prefill too
             timers.append(timer)
     measured = timers[p.measure.warmup_steps:]
     m = meter.metrics()
@@ -168,7 +173,6 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
                 metrics[f"{k}_bs{row['batch_size']}"] = row[k]
     quality = _quality(model, tokenizer, p, seq_len, device)
     size = loaded.weight_bytes
-    metrics["size_bytes"] = metric(size, "B", "weight_storage_bytes")
 
     # MCR against the baseline precision, evaluated here on the same data
     base_prec = p.baseline_precision
@@ -176,29 +180,38 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
     if device.type == "cpu" and base_prec == "bf16":
         base_prec = "fp32"
         notes.append("MCR baseline is fp32 on the CPU (bf16 is emulated there), not bf16")
+    base_reason = prec.check_supported(base_prec, device)
     if base_prec == p.precision:
         base_size, base_quality = size, quality
+    elif base_reason:  # the measurements above stand; only the ratio to the baseline is lost
+        base_size, base_quality = None, None
     else:
-        del model
+        del model, loaded  # both hold the model: free it before the baseline loads
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         base = prec.load_for_inference(path, p.model_copy(update={"precision": base_prec}),
                                        device)
         base_size = base.weight_bytes
         base_quality = _quality(base.model, tokenizer, p, seq_len, device)
         del base
-    perf, perf_method = performance(quality)
-    base_perf, _ = performance(base_quality)
-    metrics["mcr"] = mcr(base_size, size, base_perf, perf)
-    metrics["mcr_nominal"] = mcr_nominal(NOMINAL_BITS[p.precision], base_perf, perf,
-                                         bits_orig=NOMINAL_BITS[base_prec])
-    for k in ("mcr", "mcr_nominal"):
-        if metrics[k]["value"] is not None:
-            metrics[k]["method"] += f"/{perf_method}_vs_{base_prec}"
-            metrics[k]["baseline"] = base_prec
+    if base_quality is None:
+        for k in ("mcr", "mcr_nominal"):
+            metrics[k] = missing("ratio", f"baseline {base_prec} cannot run here: {base_reason}")
+        metrics["size_bytes"] = metric(size, "B", "weight_storage_bytes")
+    else:
+        perf, base_perf, perf_method = performance(quality, base_quality)
+        metrics.update(compression_metrics(size, perf, base_size, base_perf, p.precision,
+                                           base_prec))
+        for k in ("mcr", "mcr_nominal"):
+            if metrics[k]["value"] is not None:
+                metrics[k]["method"] += f"/{perf_method}_vs_{base_prec}"
+                metrics[k]["baseline"] = base_prec
     facts = {"params_total": n_params, "weight_bytes": size, "baseline_weight_bytes": base_size,
              "baseline_precision": base_prec, "model_path": path,
-             "baseline_ppl": base_quality["ppl"]["value"],
+             "baseline_ppl": base_quality["ppl"]["value"] if base_quality else None,
              "bits_per_param": 8 * size / n_params if n_params else None}
-    if not math.isfinite(quality["ppl"]["value"] or 0.0):
-        notes.append("perplexity is not finite at this precision")
+    if quality["ppl"]["value"] is None:
+        notes.append(f"perplexity: {quality['ppl'].get('reason')}")
     return InferenceResult(metrics=metrics, quality=quality, model=facts, per_batch=per_batch,
                            notes=notes)

@@ -93,7 +93,9 @@ def embedded_path(profile: str = "tiny", stage: str = "base", progress: bool = F
         _build_once(base, "base", profile, None, progress)
         return base
     base_path = embedded_path(profile, "base", progress)
-    sft = cache_dir("models") / f"embedded-{profile}-sft-{base_key}-{SFT_STEPS[profile]}"
+    # keyed by the whole fine-tuning recipe, so a changed preset never reuses a stale model
+    recipe = _sft_params(Path("<base>"), profile).model_dump(mode="json")
+    sft = cache_dir("models") / f"embedded-{profile}-sft-{base_key}-{_key(recipe)}"
     _build_once(sft, "sft", profile, base_path, progress)
     return sft
 
@@ -151,16 +153,21 @@ def _pretrain(arch: Any, out: Path, progress: bool) -> None:
     architecture.run(arch, seed=0, save_dir=out, progress=progress)
 
 
-def _finetune(base: Path, profile: str, out: Path, progress: bool) -> None:
-    from ..axes import finetuning
+def _sft_params(base: Path, profile: str) -> Any:
     from ..config import load_preset, notebook_params
 
     overlay = load_preset(profile, "finetuning")
     overlay = {**overlay, "base_model": str(base), "method": "full", "task": "arithmetic",
                "embedded_profile": profile,
                "train": {**overlay.get("train", {}), "steps": SFT_STEPS[profile]}}
-    p = notebook_params("finetuning", None, overlay)
-    finetuning.run(p, seed=0, save_dir=out, progress=progress, evaluate_tasks=False)
+    return notebook_params("finetuning", None, overlay)
+
+
+def _finetune(base: Path, profile: str, out: Path, progress: bool) -> None:
+    from ..axes import finetuning
+
+    finetuning.run(_sft_params(base, profile), seed=0, save_dir=out, progress=progress,
+                   evaluate_tasks=False)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -158,7 +158,9 @@ def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> An
     kw: dict[str, Any] = {"task_type": TASK_TYPE}
     if "target_modules" in fields and method != "ln_tuning":  # ln_tuning targets norm layers
         kw["target_modules"] = _targets(params)
-    if "r" in fields and method not in _R_IS_NOT_A_RANK:
+    if "total_step" in fields:  # AdaLoRA: the rank goes to init_r below (it ignores r)
+        pass
+    elif "r" in fields and method not in _R_IS_NOT_A_RANK:
         kw["r"] = params.rank
     else:
         notes.append(f"{method}: has no rank field; rank={params.rank} ignored")
@@ -172,10 +174,12 @@ def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> An
         kw[drop] = params.dropout
     elif params.dropout:
         notes.append(f"{method}: has no input-dropout field; dropout={params.dropout} ignored")
-    if "total_step" in fields:  # AdaLoRA's rank schedule needs the run length
-        kw["total_step"] = params.train.steps
-        notes.append(f"{method}: total_step={params.train.steps}; the training loop must call "
-                     "model.update_and_allocate(step) for the rank budget to move")
+    if "total_step" in fields:  # AdaLoRA: layers start at init_r (it ignores r) and prune
+        kw["total_step"] = params.train.steps  # towards target_r; train() calls its allocator
+        kw["init_r"] = params.rank
+        kw["target_r"] = max(1, params.rank // 2)
+        notes.append(f"{method}: init_r={params.rank} -> target_r={kw['target_r']} over "
+                     f"total_step={params.train.steps} (update_and_allocate every step)")
     return cls(**kw)
 
 
@@ -290,7 +294,10 @@ def _attach_quantized(model: nn.Module, peft_config: Any, spec: MethodSpec, para
     reason = probe_bnb("bnb4", str(device), backward=True)
     if reason:
         raise UnsupportedTechnique(f"QLoRA ({params.quant}) on {device}: {reason}")
-    compute = _float_dtype(model)
+    # the 4-bit matmuls run in the training dtype (QLoRA's bf16 on a GPU), not the fp32 of the
+    # master weights, which would make bnb pick its fp32 kernels
+    compute = (torch.bfloat16 if device.type == "cuda" and params.train.dtype in ("bf16", "auto")
+               else _float_dtype(model))
     qc = _bnb4_config(params.quant, compute, double_quant)
     adapter_state = None
     if spec.name == "pissa":
