@@ -191,3 +191,17 @@ def test_sft_truncation_keeps_template_tail_and_response(tok: PreTrainedTokenize
     assert text.endswith("### Answer:\n")
     assert (out["labels"][0] != -100).sum() == len(
         tok.encode(item["response"], add_special_tokens=False)) + 1
+
+
+def test_jsonl_task_with_a_bad_line_names_file_and_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n{not json}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not JSON"):
+        load_task(f"jsonl:{path}", n_train=1, n_eval=1)
+
+
+def test_jsonl_task_line_that_is_not_an_object_is_rejected(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('"just a string"\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: expected a JSON object.*got str"):
+        load_task(f"jsonl:{path}", n_train=1, n_eval=1)

@@ -207,3 +207,39 @@ def test_mamba_family_delegates_to_mamba_module() -> None:
     out = model(input_ids=x, labels=x)
     assert torch.isfinite(out.loss)
     assert count_params(model)["active"] == count_params(model)["total"]
+
+
+def test_moe_trains_with_its_router_load_balancing_loss() -> None:
+    from effllm_helpers.models.zoo import MOE_AUX_LOSS_COEF
+
+    size = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64,
+            "max_seq_len": 64}
+    model = build({"attention": "gqa", "ffn": "moe"}, size, vocab_size=50, max_seq_len=64)
+    ids = torch.randint(0, 50, (2, 12))
+    out = model(input_ids=ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 50),
+                                         ids[:, 1:].reshape(-1))
+    assert out.loss.item() == pytest.approx((ce + MOE_AUX_LOSS_COEF * out.aux_loss).item(),
+                                            rel=1e-5)
+
+
+def test_mamba_embeddings_are_untied_like_the_other_families() -> None:
+    size = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64}
+    model = build({"family": "mamba"}, size, vocab_size=50, max_seq_len=64)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+
+
+def test_moe_study_dense_same_active_matches_the_moe_active_params() -> None:
+    from effllm_helpers import config
+    from effllm_helpers.axes.architecture import effective_size
+
+    runs = {r.point["variant"]: r for r in config.expand("params/architecture/moe.yaml", "ci")
+            if r.point["model.size"] == "small"}
+    counts = {}
+    for name in ("dense_same_active", "moe_8x_top2"):
+        p = config.ArchitectureParams.model_validate(runs[name].params)
+        model = build(p.model, effective_size(p), vocab_size=64, max_seq_len=64)
+        counts[name] = count_params(model)["active"]
+    # equal but for the router (d_model x experts per layer)
+    assert counts["dense_same_active"] == pytest.approx(counts["moe_8x_top2"], rel=0.01)

@@ -123,3 +123,10 @@ def test_attended_tokens_counts_compressed_selected_and_window() -> None:
     # paper setting at 8K: 255 compressed blocks + 4 * 64 selected + 128 window
     assert attended_tokens(8192, 64, 32, 4, 128) == 255 + 256 + 128
     assert attended_tokens(40, 64, 32, 4, 128) == 0 + 40 + 40  # short context: capped by S
+
+
+def test_half_precision_scores_stay_finite() -> None:
+    """The masked-out compressed scores use the dtype's own minimum (fp16 overflows at -1e30)."""
+    q, k, v = (t.half() for t in _qkv())
+    out = _nsa(q, k, v, _gates(None).half(), pool=torch.zeros(HKV, BLOCK).half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()

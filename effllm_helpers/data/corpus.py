@@ -185,19 +185,31 @@ def _text_docs(path: Path, chunk_lines: int = TEXT_CHUNK_LINES) -> Iterator[tupl
         raise FileNotFoundError(f"text:{path}: no such file or folder")
 
 
-def _jsonl_docs(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; a bad line is an error naming file:line."""
     if not path.is_file():
         raise FileNotFoundError(f"jsonl:{path}: no such file")
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8", errors="strict") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
-            if text_field not in obj:
-                raise KeyError(f"jsonl:{path}:{lineno}: no field {text_field!r} "
-                               f"(fields: {sorted(obj)}); set DataSpec.text_field")
-            text = obj[text_field]
-            yield _sha(str(text).encode()), str(text)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"jsonl:{path}:{lineno}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"jsonl:{path}:{lineno}: expected a JSON object per line, got "
+                                 f"{type(obj).__name__}")
+            yield lineno, obj
+
+
+def _jsonl_docs(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    for lineno, obj in jsonl_rows(path):
+        if text_field not in obj:
+            raise KeyError(f"jsonl:{path}:{lineno}: no field {text_field!r} "
+                           f"(fields: {sorted(obj)}); set DataSpec.text_field")
+        text = obj[text_field]
+        yield _sha(str(text).encode()), str(text)
 
 
 # ---------------------------------------------------------------- hf

@@ -320,9 +320,9 @@ def _hf_task(arg: str, n_train: int, n_eval: int, seed: int) -> tuple[list[Item]
 
 
 def _jsonl_task(path: Path, n_train: int, n_eval: int, seed: int) -> tuple[list[Item], list[Item]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"jsonl:{path}: no such file")
-    rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    from .corpus import jsonl_rows
+
+    rows = [obj for _, obj in jsonl_rows(path)]
     if not rows:
         raise ValueError(f"jsonl:{path}: empty")
     fmt = detect_format(list(rows[0]))

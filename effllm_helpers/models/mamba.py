@@ -236,12 +236,14 @@ def mamba_config(size: SizeSpec | dict[str, Any], vocab_size: int,
     """Config from a size preset: hidden = d_model, layers = n_layers, expand 2, state 16.
 
     ``n_heads``, ``n_kv_heads`` and ``d_ff`` have no Mamba meaning and are ignored; the
-    inner width is ``expand * d_model`` as in the Mamba paper.
+    inner width is ``expand * d_model`` as in the Mamba paper. Embeddings are untied, like every
+    other family of the zoo, so parameter counts compare.
     """
     spec = size if isinstance(size, SizeSpec) else SizeSpec.model_validate(size)
     kwargs: dict[str, Any] = {"vocab_size": vocab_size, "hidden_size": spec.d_model,
                               "num_hidden_layers": spec.n_layers, "state_size": 16,
-                              "expand": 2, "conv_kernel": 4, "use_cache": True}
+                              "expand": 2, "conv_kernel": 4, "use_cache": True,
+                              "tie_word_embeddings": False}
     kwargs.update(overrides)
     return EffllmMambaConfig(**kwargs)
 

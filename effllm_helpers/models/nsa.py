@@ -36,7 +36,6 @@ from torch import nn
 
 __all__ = ["NativeSparseAttention", "nsa_attention", "n_compressed_blocks", "attended_tokens"]
 
-_BIG_NEG = -1e30  # finite "minus infinity": keeps softmax NaN-free on rows with nothing visible
 
 
 def n_compressed_blocks(seq_len: int, block: int, stride: int) -> int:
@@ -87,7 +86,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
         cmp_end = torch.arange(n_cmp, device=dev) * stride + block - 1
         vis_cmp = cmp_end[None, :] <= q_pos[:, None]  # [T, n_cmp]
         scores = torch.einsum("bhgtd,bhnd->bhgtn", qg, k_cmp) * scale
-        probs = scores.masked_fill(~vis_cmp, _BIG_NEG).softmax(-1) * vis_cmp
+        # finite "minus infinity" of the scores' own dtype (fp16 overflows at -1e30): keeps the
+        # softmax NaN-free on rows with nothing visible
+        probs = (scores.masked_fill(~vis_cmp, torch.finfo(scores.dtype).min).softmax(-1)
+                 * vis_cmp)
         o_cmp = torch.einsum("bhgtn,bhnd->bhgtd", probs, v_cmp)
     else:
         probs = qg.new_zeros(bsz, n_kv, group, q_len, 0)

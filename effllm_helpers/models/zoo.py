@@ -25,6 +25,12 @@ rwkv                       RwkvForCausalLM     attention/FFN widths d_model / d_
 mamba                      models.mamba.build_mamba(size, vocab_size)
 =========================  ==================  =========================================
 
+Load balancing: the Mixtral MoE trains with its router load-balancing loss (coefficient
+``MOE_AUX_LOSS_COEF``, added to ``out.loss``, so its training-loss curve carries it; validation
+perplexity is computed from the logits alone); without it a few experts take most tokens within a
+few hundred steps. The DeepSeek-V3 MoE (MLA + MoE only) has no auxiliary loss here and its
+bias-based balancing is not updated by transformers' training code, so it can collapse.
+
 MoE choice: Mixtral over Qwen2-MoE because Mixtral *is* Llama with the MLP swapped for a top-k
 routed set of SwiGLU experts (no shared expert, no QKV bias, same norms), so dense-vs-MoE
 differences come from the FFN alone. Expert width = ``d_ff`` (the dense model's FFN), so a top-2
@@ -67,6 +73,7 @@ from .decoder import EffllmConfig, EffllmDecoderForCausalLM
 __all__ = ["build", "count_params", "ROPE_THETA"]
 
 ROPE_THETA = 10000.0  # one theta for every RoPE model, so variants differ only where intended
+MOE_AUX_LOSS_COEF = 0.02  # Mixtral router load-balancing loss weight (Mixtral/Switch use 0.01-0.02)
 
 
 def _rope(theta: float = ROPE_THETA) -> dict[str, Any]:
@@ -117,7 +124,8 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
                             num_key_value_heads=_kv_heads(spec.attention, size),
                             head_dim=head_dim, num_local_experts=spec.n_experts,
                             num_experts_per_tok=spec.top_k, rms_norm_eps=1e-6,
-                            rope_parameters=_rope())
+                            rope_parameters=_rope(), output_router_logits=True,
+                            router_aux_loss_coef=MOE_AUX_LOSS_COEF)
         return MixtralForCausalLM(cfg)
 
     if spec.attention != "nsa" and spec.positional == "rope":
