@@ -34,6 +34,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from effllm_helpers import results as R  # noqa: E402
 from effllm_helpers.measure import efficiency as E  # noqa: E402
+from effllm_helpers.measure.stats import summarize  # noqa: E402
 
 DPI = 150
 NO_DATA = "no data"
@@ -57,8 +58,10 @@ POSITIONAL_ORDER = ["rope", "sinusoidal", "learned", "relative", "none"]
 METHOD_ORDER = ["lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full"]
 PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"]
 NORM_LABEL = "normalised (0.1-1, higher = better)"
+# reference of each architecture setting held fixed while another varies (None: the default,
+# i.e. runs that leave it unset, else the most common value)
 HOLD = {"p.model.attention": "gqa", "p.model.positional": "rope", "p.model.ffn": "dense",
-        "p.model.family": "transformer"}
+        "p.model.family": "transformer", "p.model.d_ff_mult": None}
 TIER_COLOURS = {"best": "#1a9850", "top": "#a6d96a", "middle": "#fee08b", "bottom": "#f46d43",
                 "n/a": "#eeeeee"}
 
@@ -157,21 +160,9 @@ def _short(name: Any, n: int = 18) -> str:
 
 
 def _ci95(values: np.ndarray) -> float:
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    try:
-        from effllm_helpers.measure.stats import summarize  # owned elsewhere; use if present
-
-        s = summarize(list(values))
-        c = s.get("ci95") if isinstance(s, dict) else getattr(s, "ci95", None)
-        if c is not None:
-            return float(c)
-    except Exception:  # noqa: BLE001 - fall back to our own t interval
-        pass
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+    """95 % CI half-width of the mean (Student t, measure.stats.summarize); NaN for n < 2."""
+    c = summarize(list(values))["ci95"]
+    return float("nan") if c is None else float(c)
 
 
 def repeat_summary(wide: pd.DataFrame, metrics: Sequence[str],
@@ -226,6 +217,9 @@ def _hold_fixed(wide: pd.DataFrame, vary: Sequence[str]) -> pd.DataFrame:
     for col, ref in HOLD.items():
         if col in vary or col not in out or out.empty:
             continue
+        if ref is None and out[col].isna().any():
+            out = out[out[col].isna()]
+            continue
         vals = out[col].dropna()
         if vals.empty:
             continue
@@ -262,7 +256,46 @@ def _config_cols(wide: pd.DataFrame) -> list[str]:
     """The params that define a configuration: every p.* except seeds, plus study and device."""
     cols = [c for c in wide.columns if c.startswith("p.") and c not in E.SEED_PARAMS
             and not c.endswith(".seed")]
-    return cols + (["device"] if "device" in wide and wide["device"].nunique() > 1 else [])
+    return cols + [c for c in ("study", "device") if c in wide and wide[c].nunique() > 1]
+
+
+def _one_device(wide: pd.DataFrame) -> str | None:
+    """Why a paper figure must not average these runs: they come from several devices."""
+    if "device" not in wide:
+        return None
+    devs = _order(E.ok_rows(wide)["device"].dropna().astype(str).tolist(), [])
+    if len(devs) < 2:
+        return None
+    return f"runs from {len(devs)} devices ({', '.join(devs)}): report one device's records"
+
+
+def _arch_rows(tidy_df: pd.DataFrame | None, vary: Sequence[str], study: str,
+               what: str) -> pd.DataFrame | str:
+    """Ok architecture runs of ``study`` with every setting but ``vary`` held fixed, or why none.
+
+    Why: other studies' runs (the moe study's dense baselines, attention_free's transformer)
+    share settings with a study's runs but are not its seed repeats, so a figure keeps to its
+    own study when that study has runs; it needs runs of one device and at least two distinct
+    values of the varied setting to compare.
+    """
+    wide = _wide(tidy_df, "architecture")
+    if wide.empty or E.ok_rows(wide).empty:
+        return _why_empty(tidy_df, "architecture", what)
+    if "study" in wide and (E.ok_rows(wide)["study"] == study).any():
+        wide = wide[wide["study"] == study]
+    why = _one_device(wide)
+    if why:
+        return why
+    sub = _hold_fixed(wide, vary)
+    key = vary[0]
+    if sub.empty or key not in sub or sub[key].isna().all():
+        return _why_empty(tidy_df, "architecture", what)
+    cols = [c for c in vary if c in sub]
+    cfgs = sub[cols].astype(str).where(sub[cols].notna(), "").drop_duplicates()
+    if len(cfgs) < 2:
+        only = ", ".join(" ".join(v for v in row if v) for row in cfgs.itertuples(index=False))
+        return f"only {only} in the runs (need two {key.rsplit('.', 1)[-1]} settings)"
+    return sub
 
 
 # ---------------------------------------------------------------- Fig. 2
@@ -339,11 +372,9 @@ def fig3a_attention_radar(tidy_df: pd.DataFrame, out_dir: str | Path,
                           records_root: str | Path | None = None) -> Drawn:
     """Fig. 3a: a radar per model size; axes PPL, AMU, AL, TT, AEC; one series per attention."""
     name, title = "fig3a_attention_radar", "Fig. 3a - attention variants per model size"
-    wide = _wide(tidy_df, "architecture")
-    sub = _hold_fixed(wide, ["p.model.attention"]) if not wide.empty else wide
-    if sub.empty or "p.model.attention" not in sub or sub["p.model.attention"].nunique() < 1:
-        why = _why_empty(tidy_df, "architecture", "an attention variant")
-        return _done(name, _no_data_figure(title, why), out_dir)
+    sub = _arch_rows(tidy_df, ["p.model.attention"], "attention", "an attention variant")
+    if isinstance(sub, str):
+        return _done(name, _no_data_figure(title, sub), out_dir)
     sizes = _order(sub["p.model.size"], ["small", "medium", "large"])
     attns = _order(sub["p.model.attention"], ATTENTION_ORDER)
     pal = _palette(attns)
@@ -394,11 +425,9 @@ def fig3b_positional_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
                           records_root: str | Path | None = None) -> Drawn:
     """Fig. 3b: grouped bars per positional encoding (AMU, AL, TT, AEC) with a PPL line."""
     name, title = "fig3b_positional_bars", "Fig. 3b - positional encodings"
-    wide = _wide(tidy_df, "architecture")
-    sub = _hold_fixed(wide, ["p.model.positional"]) if not wide.empty else wide
-    if sub.empty or "p.model.positional" not in sub:
-        why = _why_empty(tidy_df, "architecture", "a positional encoding")
-        return _done(name, _no_data_figure(title, why), out_dir)
+    sub = _arch_rows(tidy_df, ["p.model.positional"], "positional", "a positional encoding")
+    if isinstance(sub, str):
+        return _done(name, _no_data_figure(title, sub), out_dir)
     counts = sub.groupby("p.model.size")["p.model.positional"].nunique()
     sizes = [s for s in _order(counts.index, ["small", "medium", "large"]) if counts[s] > 1] \
         or _order(counts.index, ["small", "medium", "large"])
@@ -440,19 +469,24 @@ def fig3c_moe_bubbles(tidy_df: pd.DataFrame, out_dir: str | Path,
                       records_root: str | Path | None = None) -> Drawn:
     """Fig. 3c: dense vs MoE; x = normalised value, y = metric rows, bubble area ∝ params."""
     name, title = "fig3c_moe_bubbles", "Fig. 3c - dense vs mixture-of-experts"
-    wide = _wide(tidy_df, "architecture")
-    sub = _hold_fixed(wide, ["p.model.ffn"]) if not wide.empty else wide
-    if sub.empty or "p.model.ffn" not in sub or sub["p.model.ffn"].nunique() < 2:
-        why = _why_empty(tidy_df, "architecture", "both dense and MoE FFNs")
-        return _done(name, _no_data_figure(title, why), out_dir)
-    agg = repeat_summary(sub, [*RADAR_METRICS, "params_total"],
-                         ["p.model.ffn", "p.model.size"])
-    agg = agg.sort_values(["p.model.ffn", "p.model.size"]).reset_index(drop=True)
+    sub = _arch_rows(tidy_df, ["p.model.ffn", "p.model.d_ff_mult"], "moe",
+                     "both dense and MoE FFNs")
+    if isinstance(sub, str):
+        return _done(name, _no_data_figure(title, sub), out_dir)
+    by = [c for c in ("p.model.ffn", "p.model.d_ff_mult", "p.model.size") if c in sub]
+    agg = repeat_summary(sub, [*RADAR_METRICS, "params_total"], by)
+    agg = agg.sort_values(by).reset_index(drop=True)
     norm = E.normalise(agg, RADAR_METRICS)
-    labels = [f"{f} {s}" for f, s in zip(agg["p.model.ffn"], agg["p.model.size"], strict=True)]
+    mult = agg["p.model.d_ff_mult"] if "p.model.d_ff_mult" in agg \
+        else pd.Series(np.nan, index=agg.index)
+    labels = [f"{f}{'' if pd.isna(k) else f' (FFN x{k:g})'} {s}"
+              for f, k, s in zip(agg["p.model.ffn"], mult, agg["p.model.size"], strict=True)]
     pal = _palette(labels)
-    params = agg["params_total"].fillna(agg["params_total"].median()).fillna(1.0)
-    area = 80 + 900 * params / params.max()
+    params = pd.to_numeric(agg["params_total"], errors="coerce")
+    known = params.dropna()
+    # a run without a recorded param count gets a fixed small bubble, never an invented count
+    area = (80 + 900 * params / known.max()).fillna(60.0) if len(known) else \
+        pd.Series(60.0, index=agg.index)
     fig, axs = _new(8.5, 4.8)
     ax = axs[0, 0]
     nm = len(agg)
@@ -461,7 +495,8 @@ def fig3c_moe_bubbles(tidy_df: pd.DataFrame, out_dir: str | Path,
         ys = np.arange(len(RADAR_METRICS)) + off
         ax.scatter(norm.iloc[i], ys, s=area.iloc[i], color=pal[lab], alpha=0.65,
                    edgecolor="black", linewidth=0.6,
-                   label=f"{lab} ({_fmt(params.iloc[i] / 1e6)} M params)")
+                   label=f"{lab} ({_fmt(params.iloc[i] / 1e6)} M params)"
+                   if pd.notna(params.iloc[i]) else f"{lab} (params n/a)")
     ylab = []
     for m in RADAR_METRICS:
         x = agg[m].dropna()
@@ -487,10 +522,8 @@ def _peft_scores(wide: pd.DataFrame) -> pd.DataFrame:
     # a panel per (base model, task): runs on different tasks are not repeats of each other
     if "p.task" in ok:
         ok["p.base_model"] = ok["p.base_model"].astype(str) + " · " + ok["p.task"].astype(str)
-    if "p.quant" in ok:  # a QLoRA run is its own method (on a 4-bit base)
-        q = ok["p.quant"].fillna("none").astype(str)
-        ok["p.method"] = ok["p.method"].astype(str).where(q == "none",
-                                                          ok["p.method"].astype(str) + "+" + q)
+    if "technique" in ok:  # names every setting varied in the study (QLoRA: "lora+nf4")
+        ok["p.method"] = ok["technique"]
     ms = [m for m in E.EFFICIENCY_METRICS["finetuning"] if m in ok]
     ok["score"] = E.scores_by_set(ok, "finetuning", metrics=ms)["score"]
     loss = "eval_loss" if "eval_loss" in ok and ok["eval_loss"].notna().any() else None
@@ -504,6 +537,9 @@ def _peft_panels(tidy_df: pd.DataFrame) -> tuple[pd.DataFrame, list, list] | str
     wide = _wide(tidy_df, "finetuning")
     if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
         return _why_empty(tidy_df, "finetuning", "a method")
+    why = _one_device(wide)
+    if why:
+        return why
     agg = _peft_scores(wide)
     return agg, _order(agg["p.base_model"], []), _order(agg["p.method"], METHOD_ORDER)
 
@@ -608,6 +644,9 @@ def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,
     if ok.empty or "p.precision" not in ok:
         return _done(name, _no_data_figure(title, _why_empty(tidy_df, "inference",
                                                              "a precision")), out_dir)
+    why = _one_device(ok)
+    if why:
+        return _done(name, _no_data_figure(title, why), out_dir)
     parts = []
     for _, s in ok.groupby("p.model", dropna=False):
         q = E.quality_metric(s, "inference")
@@ -775,7 +814,8 @@ def fig_loss_curves(tidy_df: pd.DataFrame, out_dir: str | Path,
     fig, axs = _new(11, 3.4 * len(studies), len(studies), 2)
     for row, study in zip(axs, studies, strict=True):
         runs = [(r, c) for s, r, c in curves if s == study]
-        labels = [f"{tech.get(r, r)} {size.get(r, '')}".strip() for r, _ in runs]
+        labels = [f"{tech.get(r, r)} {'' if pd.isna(size.get(r)) else size.get(r)}".strip()
+                  for r, _ in runs]
         pal = _palette(_order(labels, []), "tab10")
         for j, key in enumerate(("loss_vs_tokens", "loss_vs_joules")):
             ax = row[j]

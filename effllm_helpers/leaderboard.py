@@ -104,7 +104,7 @@ def write_csvs(board: pd.DataFrame, out_dir: str | os.PathLike[str]) -> list[Pat
 # ---------------------------------------------------------------- HTML
 def _fmt(v: Any) -> tuple[str, str]:
     """(shown text, sort key) of one cell; nulls show as an en dash and sort last."""
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+    if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v)):
         return "–", ""
     if isinstance(v, int | float) and not isinstance(v, bool):
         x = float(v)
@@ -164,7 +164,9 @@ _JS = """
 
 
 def _options(values: Sequence[Any]) -> str:
-    vals = sorted({str(v) for v in values if v is not None and v == v and str(v) != "<NA>"})
+    """Filter options: the distinct non-null values, written as the rows' data-* attributes are
+    (with :func:`_fmt`), so that picking one matches its rows."""
+    vals = sorted({_fmt(v)[0] for v in values if v is None or not pd.isna(v)} - {"–"})
     return "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in vals)
 
 

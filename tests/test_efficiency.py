@@ -107,3 +107,21 @@ def test_rank_table_ranks_best_first(tidy: pd.DataFrame) -> None:
     assert ft.loc["freeze", "AMU"] == 1 and ft.loc["full", "AMU"] == 7
     assert ft["TT"].isna().all() and ft["ST"].notna().all()
     assert set(rt["axis"]) == {"architecture", "finetuning", "inference"}
+
+
+def test_technique_label_names_every_param_varied_within_a_study() -> None:
+    # QLoRA nf4 vs fp4 and the moe study's two dense baselines must not merge into one row
+    wide = pd.DataFrame({
+        "axis": ["finetuning"] * 3 + ["architecture"] * 3,
+        "study": ["qlora"] * 3 + ["moe"] * 3,
+        "p.method": ["lora", "lora", "lora", None, None, None],
+        "p.quant": ["nf4", "fp4", "none", None, None, None],
+        "p.base_model": ["a", "a", "a", None, None, None],
+        "p.model.ffn": [None, None, None, "dense", "dense", "moe"],
+        "p.model.d_ff_mult": [None, None, None, 2.0, 8.0, None],
+        "p.model.size": [None, None, None, "small", "small", "small"],
+        "p.seed": [0, 1, 2, 0, 0, 0],
+    })
+    assert E.technique_labels(wide).tolist() == ["lora+nf4", "lora+fp4", "lora",
+                                                 "dense+d_ff_mult=2", "dense+d_ff_mult=8",
+                                                 "moe"]

@@ -108,3 +108,106 @@ def test_run_curves_draws_tokens_and_says_why_joules_are_missing():
     assert [len(line.get_xdata()) for line in ax_t.get_lines()] == [2, 1]
     assert any("no RAPL here" in t for t in F.figure_texts(fig))
     assert not ax_j.get_lines()
+
+
+def _tidy(recs: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([r for rec in recs for r in R.tidy_rows(rec)])
+
+
+def _arch(**kw) -> list[dict]:
+    from fixtures_records import architecture_records
+
+    return architecture_records(np.random.default_rng(0), **kw)
+
+
+def test_fig3_keeps_to_its_own_study(tmp_path: Path) -> None:
+    # the positional and moe studies also have gqa/rope/dense small runs: not attention repeats
+    drawn = G.fig3a_attention_radar(_tidy(_arch()), tmp_path)
+    titles = [ax.get_title() for ax in drawn.figure.axes if ax.get_title()]
+    assert "size: small  (10 runs)" in titles  # 5 attention variants x 2 seeds
+    sub = G._arch_rows(_tidy(_arch()), ["p.model.positional"], "positional", "x")
+    assert set(sub["study"]) == {"positional"} and len(sub) == 5
+
+
+def test_hold_fixed_keeps_default_ffn_width() -> None:
+    wide = pd.DataFrame({"status": "ok", "p.model.attention": ["mha", "gqa", "gqa"],
+                         "p.model.d_ff_mult": [np.nan, np.nan, 8.0]})
+    assert G._hold_fixed(wide, ["p.model.attention"]).index.tolist() == [0, 1]
+
+
+def test_config_cols_include_study_when_it_varies() -> None:
+    wide = pd.DataFrame({"study": ["a", "b"], "device": ["d", "d"], "p.x": [1, 1],
+                         "p.seed": [0, 1]})
+    assert G._config_cols(wide) == ["p.x", "study"]
+
+
+PAPER = ["fig3a_attention_radar", "fig3b_positional_bars", "fig3c_moe_bubbles",
+         "fig4a_peft_score_loss", "fig4b_peft_area_loss", "fig5_precision_polar"]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_figures_refuse_to_average_devices(name: str, tmp_path: Path) -> None:
+    from fixtures_records import all_records
+
+    recs = all_records()
+    for rec in all_records(seed=1):
+        rec["run_id"] += "-b"
+        rec["provenance"]["device_name"] = "Other GPU"
+        recs.append(rec)
+    texts = _no_data_texts(G.FIGURES[name](_tidy(recs), tmp_path))
+    assert len(texts) == 1 and "runs from 2 devices" in texts[0]
+    assert "report one device's records" in texts[0]
+
+
+@pytest.mark.parametrize(("name", "study", "key", "keep"), [
+    ("fig3a_attention_radar", "attention", "attention", "gqa"),
+    ("fig3b_positional_bars", "positional", "positional", "rope"),
+])
+def test_fig3_needs_two_values_of_the_varied_setting(name: str, study: str, key: str,
+                                                     keep: str, tmp_path: Path) -> None:
+    recs = [r for r in _arch() if r["study"] == study
+            and r["params"]["model"][key] == keep and r["status"] == "ok"]
+    texts = _no_data_texts(G.FIGURES[name](_tidy(recs), tmp_path))
+    assert texts == [f"no data: only {keep} in the runs (need two {key} settings)"]
+
+
+def test_fig3c_says_params_na_instead_of_inventing_them(tmp_path: Path) -> None:
+    tidy = _tidy(_arch())
+    moe = tidy["run_id"].str.contains("-rope-moe-")
+    tidy = tidy[~(moe & (tidy["metric"] == "params_total"))]
+    drawn = G.fig3c_moe_bubbles(tidy, tmp_path)
+    legend = [t.get_text() for t in drawn.figure.axes[0].get_legend().get_texts()]
+    assert sum("params n/a" in t for t in legend) == 2  # moe small and medium
+    assert all("M params" in t for t in legend if t.startswith("dense"))
+
+
+def test_fig3c_separates_dense_baselines_by_ffn_width(tmp_path: Path) -> None:
+    recs = _arch()
+    for rec in [r for r in recs if r["study"] == "moe" and r["params"]["model"]["ffn"]
+                == "dense"]:
+        wide = {**rec, "run_id": rec["run_id"] + "-x8",
+                "params": {**rec["params"], "model": {**rec["params"]["model"],
+                                                       "d_ff_mult": 8}}}
+        recs.append(wide)
+    drawn = G.fig3c_moe_bubbles(_tidy(recs), tmp_path)
+    legend = [t.get_text() for t in drawn.figure.axes[0].get_legend().get_texts()]
+    assert sum(t.startswith("dense (FFN x8)") for t in legend) == 2
+    assert sum(t.startswith("dense small") for t in legend) == 1
+
+
+def test_loss_curve_labels_skip_missing_size(tmp_path: Path) -> None:
+    from fixtures_records import _curves
+
+    rec = R.new_record(run_id="ft", study="peft", axis="finetuning",
+                       params={"method": "lora", "base_model": "b", "seed": 0},
+                       metrics={"amu_gb": R.metric(1.0, "GB", "synthetic")},
+                       curves=_curves(np.random.default_rng(0), 1.0, 50.0, 1000.0))
+    rec2 = {**rec, "run_id": "arch", "study": "attention", "axis": "architecture",
+            "params": {"model": {"attention": "gqa", "size": "small"}, "seed": 0}}
+    root = tmp_path / "runs"
+    for r in (rec, rec2):
+        R.write_record(root / r["study"] / r["run_id"], r)
+    drawn = G.fig_loss_curves(R.collect(root), tmp_path, root)
+    legends = [t.get_text() for ax in drawn.figure.axes if ax.get_legend()
+               for t in ax.get_legend().get_texts()]
+    assert "lora" in legends and not any("nan" in t for t in legends)

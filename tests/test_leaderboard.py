@@ -76,3 +76,15 @@ def test_empty_table_writes_an_empty_board(tmp_path: Path) -> None:
     html_path, csvs = L.write_leaderboard(R.collect(tmp_path / "none"), tmp_path / "lb.html",
                                           tmp_path)
     assert csvs == [] and "0 runs" in html_path.read_text()
+
+
+def test_filter_options_skip_nulls_and_match_row_attributes() -> None:
+    # records without p.model.size etc. give pd.NA: no traceback, no "<NA>"/"nan" option
+    opts = L._options(pd.Series(["b", pd.NA, None, float("nan"), "a", 8.0], dtype=object))
+    assert re.findall(r'value="([^"]*)"', opts) == sorted(["a", "b", L._fmt(8.0)[0]])
+    board = pd.DataFrame({c: [pd.NA] for c in L.ID_COLUMNS}).assign(
+        axis="architecture", status="ok", size=[8.0], score_metrics="", excluded="",
+        run_id="r")
+    page = L.render_html(board)
+    attr = re.search(r'<tr[^>]*data-size="([^"]*)"', page).group(1)
+    assert f'<option value="{attr}">' in page
