@@ -134,8 +134,8 @@ def own_loop(model, prompt, new_tokens: int, repeats: int, mode: str | None = "r
     return rates[len(rates) // 2], toks
 
 
-def graph_loop(model, prompt, new_tokens: int, repeats: int, k: int = 16,
-               compile_step: bool = True) -> tuple[float, list[int]]:
+def graph_loop(model, prompt, new_tokens: int, repeats: int, k: int = 16
+               ) -> tuple[float, list[int]]:
     """Median decode tokens/s with K compiled decode steps captured into one CUDA graph.
 
     The graph reads the current token and position from device buffers and writes the next ones
@@ -146,8 +146,9 @@ def graph_loop(model, prompt, new_tokens: int, repeats: int, k: int = 16,
 
     dev, plen = prompt.device, prompt.shape[1]
     fwd = _step_fn(model)
-    step = torch.compile(fwd, dynamic=False) if compile_step else fwd
-    cache = _static_cache(model, plen + new_tokens)
+    step = torch.compile(fwd, dynamic=False)
+    # the two warm-up passes run 2k steps: the cache must hold them too
+    cache = _static_cache(model, plen + max(new_tokens, 2 * k + 1))
     ids = torch.zeros((prompt.shape[0], 1), dtype=torch.long, device=dev)
     pos = torch.zeros(1, dtype=torch.long, device=dev)
     n_graphs = (new_tokens - 1) // k
@@ -209,7 +210,7 @@ def agreement(a: list[int], b: list[int]) -> float:
     return same / n if n else 0.0
 
 
-def bytes_read_per_token(model, mean_ctx: float) -> tuple[int, int, float]:
+def bytes_read_per_token(model) -> tuple[int, int, float]:
     """(weight bytes, weight bytes read per token, KV bytes per token of context)."""
     from effllm_helpers import models
     from effllm_helpers.measure import weight_bytes
@@ -237,7 +238,7 @@ def measure_size(label: str, variants: list[str], args: argparse.Namespace, bw: 
                              vocab_size=args.vocab, max_seq_len=2048)
     model = model.to(torch.bfloat16).eval()
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len), device="cuda")
-    wbytes, read, kv_tok = bytes_read_per_token(model, 0)
+    wbytes, read, kv_tok = bytes_read_per_token(model)
     mean_ctx = args.prompt_len + args.new_tokens / 2
     per_token = read + kv_tok * mean_ctx
     bound = bw / per_token
@@ -403,6 +404,18 @@ def main() -> None:
     if args.replot:
         replot(args.replot, args.out or Path("."))
         return
+
+    from effllm_helpers import config
+
+    for label in args.sizes:  # checked before any GPU work
+        preset, _, size = label.partition(":")
+        if preset not in config.available_presets():
+            ap.error(f"--sizes {label!r}: preset {preset!r} unknown; allowed: "
+                     f"{', '.join(config.available_presets())} (as PRESET:SIZE)")
+        sizes = config.notebook_params("architecture", preset, None).sizes
+        if size not in sizes:
+            ap.error(f"--sizes {label!r}: size {size!r} not in the {preset} preset; allowed: "
+                     f"{', '.join(sizes)}")
 
     import torch
 

@@ -11,10 +11,13 @@ set -uo pipefail
 if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT=${OUT:-outputs/reference}
 SWEEPS=${SWEEPS:-outputs/gpu_sweeps}
-slug=$(python3 -c "import torch,re;print(re.sub('-+','-',''.join(c.lower() if c.isalnum() else '-' for c in torch.cuda.get_device_name(0))).strip('-'))")
+slug=$(python3 -c "import torch;from effllm_helpers.measure.device import device_slug;print(device_slug(torch.cuda.get_device_name(0)))") || exit 1
 dest="$OUT/$slug"; mkdir -p "$dest" "$SWEEPS"
 log() { echo "== $* ($(date +%T))" | tee -a "$dest/commands.txt"; }
-bench() { log "python3 benchmarks/$*"; python3 "benchmarks/$@" 2>&1 | tail -25; }
+failed=0
+# a failed part says so in commands.txt and in the exit status (its older outputs may remain)
+status() { local rc=$1; if [ "$rc" -ne 0 ]; then echo "!! exit $rc" | tee -a "$dest/commands.txt"; failed=1; fi; }
+bench() { log "python3 benchmarks/$*"; python3 "benchmarks/$@" 2>&1 | tail -25; status "${PIPESTATUS[0]}"; }
 for part in "$@"; do
   case $part in
     validate) bench gpu_validate.py --out "$dest" ;;
@@ -33,6 +36,7 @@ for part in "$@"; do
               # shellcheck disable=SC2086
               timeout "${SWEEP_BUDGET_S:-3000}" python3 -m effllm_helpers.cli sweep "$f" -p gpu \
                 -o "$SWEEPS" --no-progress --timeout 300 ${SWEEP_ARGS:-} 2>&1 | tail -25
+              status "${PIPESTATUS[0]}"
               for r in "$SWEEPS"/runs/"$part"/*/record.json; do
                 [ -f "$r" ] && python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(d['study'],d['run_id'],d['status'],d['finished_at'],(d.get('error') or {}).get('reason','')[:80])" "$r"
               done | sort > "$dest/sweep_status-$part.txt"
@@ -40,7 +44,8 @@ for part in "$@"; do
               # the run folders nest too deep to come back one by one: pack them
               find "$SWEEPS/runs/$part" -name runner.log -size +200k -delete 2>/dev/null
               tar -czf "$dest/sweeps-$part.tar.gz" -C "$SWEEPS" "runs/$part" ;;
-    *) echo "unknown part $part" ;;
+    *) echo "unknown part $part"; failed=1 ;;
   esac
 done
 ls -la "$dest"
+exit $failed

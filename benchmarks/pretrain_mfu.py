@@ -48,6 +48,9 @@ def main() -> None:
         raise SystemExit("pretrain_mfu.py needs a CUDA GPU (MFU on a CPU is not the question)")
     torch.backends.cuda.matmul.allow_tf32 = True
     p = config.notebook_params("architecture", args.preset, None)
+    if args.size not in p.sizes:
+        ap.error(f"--size {args.size!r} not in the {args.preset} preset; allowed: "
+                 f"{', '.join(p.sizes)}")
     size = p.sizes[args.size]
     with torch.device("cuda"):  # initialised on the GPU: a 1B+ model builds in seconds
         model = models.build({"attention": "gqa", "positional": "rope", "ffn": "dense"}, size,
