@@ -5,9 +5,10 @@
 ``gen_tokens`` after a ``prompt_len`` prompt, warm-up first, ``repeats`` timed requests under the
 Meter (TTFT, TPOT, IT, AL, memory, energy), served by the decode engine ``p.engine``
 (:mod:`effllm_helpers.decode`; the record's ``model.engine`` says which ran and why, and
-``model.linear_kernels`` which implementations held the weights); quality is held-out perplexity, exact-match accuracy on
-a built-in task and, when asked, lm-evaluation-harness tasks; MCR compares weight bytes and
-quality with the baseline precision, evaluated in the same run so the record stands alone.
+``model.linear_kernels`` which implementations held the weights); quality is held-out
+perplexity, exact-match accuracy on a built-in task and, when asked, lm-evaluation-harness tasks;
+MCR compares weight bytes and quality with the baseline precision, evaluated in the same run so
+the record stands alone.
 
 Baseline: ``baseline_precision`` (bf16, the paper's) — except on a CPU, where bf16 is emulated and
 fp32 is the native format, so fp32 is used there and the record says so.
