@@ -312,7 +312,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=257)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--k", type=int, default=16, help="tokens per captured graph (static_graph_compiled_k)")
+    ap.add_argument("--k", type=int, default=16,
+                    help="tokens per captured graph (static_graph_compiled_k)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for the json/txt/figure (default outputs/reference/<device>)")
     ap.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",

@@ -168,3 +168,18 @@ def test_linear_kernels_name_module_classes_and_weight_subclasses() -> None:
     net[2].weight = nn.Parameter(net[2].weight.detach().as_subclass(Packed),
                                  requires_grad=False)
     assert linear_kernels(net) == {"Embedding": 1, "Linear": 1, "QLinear[Packed]": 1}
+
+
+def test_gpu_self_check_script_says_it_needs_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "decode_engine_check.py"
+    spec = importlib.util.spec_from_file_location("decode_engine_check", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
