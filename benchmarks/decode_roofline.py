@@ -8,11 +8,16 @@ Variants (greedy, exactly N new tokens, first token excluded from the rate):
 * ``dynamic_eager`` - Hugging Face ``generate`` with its default dynamic cache, eager kernels;
 * ``hf_static_compiled`` - ``generate`` with ``cache_implementation="static"``, which lets
   transformers compile the decode step itself;
-* ``own_loop_cuda_graphs`` - our greedy loop over a static KV cache with the one-token step
-  compiled in ``reduce-overhead`` mode (CUDA graphs): one graph replay per token;
-* ``own_loop_graph_k`` - the same compiled step (inductor kernels, no cudagraph trees), K tokens
-  captured into one CUDA graph by hand (the next token and position are updated on the device),
-  so the host launches one graph per K tokens.
+* ``static_graph`` - the library's decode engine (``effllm_helpers.decode``, what the inference
+  axis serves with on CUDA): a greedy loop over a static KV cache, the eager one-token step
+  captured in a CUDA graph, one replay per token;
+* ``static_graph_compiled_k`` - the same engine with the step compiled by ``torch.compile``
+  (inductor kernels, no cudagraph trees) and K tokens captured into one graph (the next token is
+  written on the device), so the host launches one graph per K tokens.
+
+Reference runs before the engine moved into the library called the last two
+``own_loop_cuda_graphs`` (compiled, reduce-overhead) and ``own_loop_graph_k``; ``--replot``
+still draws them.
 
 Besides the gpu-preset model (``--sizes``' first entry), ``--sizes`` can add larger models of the
 same family (random weights: speed does not depend on them) to show where batch-1 decode stops
@@ -35,7 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("dynamic_eager", "hf_static_compiled", "own_loop_cuda_graphs", "own_loop_graph_k")
+VARIANTS = ("dynamic_eager", "hf_static_compiled", "static_graph", "static_graph_compiled_k")
+LEGACY_VARIANTS = ("own_loop_cuda_graphs", "own_loop_graph_k")  # names in older json files
 
 
 def copy_bandwidth(n_bytes: int = 2 << 30, reps: int = 20) -> float:
@@ -82,123 +88,35 @@ def time_generate(model, prompt, new_tokens: int, repeats: int, **kw) -> tuple[f
     return rates[len(rates) // 2], toks
 
 
-def _step_fn(model):
-    """One greedy decode step over a static cache: (ids, positions, cache) -> next ids (b, 1)."""
+def engine_loop(model, prompt, new_tokens: int, repeats: int, *, use_graph: bool | None = None,
+                compile_step: bool = False, steps_per_graph: int = 1
+                ) -> tuple[float, list[int]]:
+    """Median decode tokens/s (1 / TPOT, first token excluded) of the library's ``static_graph``
+    engine (:class:`effllm_helpers.decode.StaticGraphDecoder`), and its tokens.
 
-    def fwd(ids, pos, cache):
-        return model(input_ids=ids, past_key_values=cache, cache_position=pos,
-                     use_cache=True).logits[:, -1:].argmax(-1)
+    The decoder (static cache, buffers, CUDA graph) is built once and serves every request; two
+    warm-up requests run first."""
+    from effllm_helpers.decode import StaticGraphDecoder
 
-    return fwd
-
-
-def _static_cache(model, max_len: int):
-    from transformers import StaticCache
-
-    return StaticCache(config=model.config, max_cache_len=max_len)
-
-
-def own_loop(model, prompt, new_tokens: int, repeats: int, mode: str | None = "reduce-overhead"
-             ) -> tuple[float, list[int]]:
-    """Median decode tokens/s of our greedy loop over one static KV cache, and its tokens.
-
-    ``mode="reduce-overhead"`` compiles the one-token step with CUDA graphs, so a token costs one
-    graph replay; ``mode=None`` runs the same loop eagerly (what the CPU test checks).
-    """
-    import torch
-
-    dev, plen = prompt.device, prompt.shape[1]
-    fwd = _step_fn(model)
-    step = torch.compile(fwd, mode=mode, dynamic=False) if mode else fwd
-    cache = _static_cache(model, plen + new_tokens)  # one cache: its buffers keep their address
-    positions = [torch.tensor([plen + j], device=dev) for j in range(new_tokens - 1)]
+    dec = StaticGraphDecoder(model, prompt.shape[0], prompt.shape[1], new_tokens,
+                             use_graph=use_graph, compile_step=compile_step,
+                             steps_per_graph=steps_per_graph)
+    if dec.fallback_reason and prompt.device.type == "cuda" and use_graph is not False:
+        raise RuntimeError(dec.fallback_reason)  # report it: this variant is about the graph
     rates, toks = [], []
     for i in range(repeats + 2):
-        cache.reset()
-        tok = fwd(prompt, torch.arange(plen, device=dev), cache)
-        out = [tok]
-        n = len(positions) if i >= 1 else min(8, len(positions))  # short first (compile) pass
-        _sync(dev)
-        t0 = time.perf_counter()
-        for pos in positions[:n]:
-            if mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()  # the last replay's output is input
-            tok = step(tok, pos, cache).clone()
-            out.append(tok)
-        _sync(dev)
-        dt = time.perf_counter() - t0
-        if i >= 2:
-            rates.append(n / dt)
-        toks = torch.cat(out, dim=1)[0].tolist()
+        out, timing = dec.decode(prompt)
+        if i >= 2 and timing.tpot_s:
+            rates.append(1.0 / timing.tpot_s)
+        toks = out[0].tolist()
     rates.sort()
-    return rates[len(rates) // 2], toks
+    return (rates[len(rates) // 2] if rates else 0.0), toks
 
 
-def graph_loop(model, prompt, new_tokens: int, repeats: int, k: int = 16
-               ) -> tuple[float, list[int]]:
-    """Median decode tokens/s with K compiled decode steps captured into one CUDA graph.
-
-    The graph reads the current token and position from device buffers and writes the next ones
-    back, so replays chain with no host work between tokens. Times ``(new_tokens - 1) // k * k``
-    tokens after the prefill.
-    """
-    import torch
-
-    dev, plen = prompt.device, prompt.shape[1]
-    fwd = _step_fn(model)
-    step = torch.compile(fwd, dynamic=False)
-    # the two warm-up passes run 2k steps: the cache must hold them too
-    cache = _static_cache(model, plen + max(new_tokens, 2 * k + 1))
-    ids = torch.zeros((prompt.shape[0], 1), dtype=torch.long, device=dev)
-    pos = torch.zeros(1, dtype=torch.long, device=dev)
-    n_graphs = (new_tokens - 1) // k
-    if n_graphs < 1:
-        raise ValueError(f"new_tokens={new_tokens} leaves no full graph of k={k} steps")
-    # room for the two warm-up passes too: an index past the end would be a device-side assert
-    hist = torch.zeros((prompt.shape[0], max(n_graphs, 2) * k), dtype=torch.long, device=dev)
-    slot = torch.zeros(1, dtype=torch.long, device=dev)
-
-    def k_steps() -> None:
-        for _ in range(k):
-            nxt = step(ids, pos, cache)
-            ids.copy_(nxt)
-            hist.index_copy_(1, slot, nxt)
-            pos.add_(1)
-            slot.add_(1)
-
-    def prefill() -> None:
-        cache.reset()
-        ids.copy_(fwd(prompt, torch.arange(plen, device=dev), cache))
-        pos.fill_(plen)
-        slot.zero_()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        prefill()
-        for _ in range(2):
-            k_steps()
-    torch.cuda.current_stream().wait_stream(side)
-    prefill()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        k_steps()
-    rates, toks = [], []
-    for i in range(repeats + 1):
-        prefill()
-        first = ids.clone()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n_graphs):
-            graph.replay()
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if i >= 1:
-            rates.append(n_graphs * k / dt)
-        toks = torch.cat([first, hist[:, :n_graphs * k]], dim=1)[0].tolist()
-    rates.sort()
-    return rates[len(rates) // 2], toks
+def own_loop(model, prompt, new_tokens: int, repeats: int, mode: str | None = "graph"
+             ) -> tuple[float, list[int]]:
+    """The engine with one eager step per CUDA graph (``mode=None``: no graph, the CPU check)."""
+    return engine_loop(model, prompt, new_tokens, repeats, use_graph=mode is not None)
 
 
 def agreement(a: list[int], b: list[int]) -> float:
@@ -246,9 +164,10 @@ def measure_size(label: str, variants: list[str], args: argparse.Namespace, bw: 
         "dynamic_eager": lambda: time_generate(model, prompt, args.new_tokens, args.repeats),
         "hf_static_compiled": lambda: time_generate(model, prompt, args.new_tokens, args.repeats,
                                                     cache_implementation="static"),
-        "own_loop_cuda_graphs": lambda: own_loop(model, prompt, args.new_tokens, args.repeats),
-        "own_loop_graph_k": lambda: graph_loop(model, prompt, args.new_tokens, args.repeats,
-                                               k=args.k),
+        "static_graph": lambda: engine_loop(model, prompt, args.new_tokens, args.repeats),
+        "static_graph_compiled_k": lambda: engine_loop(model, prompt, args.new_tokens,
+                                                       args.repeats, compile_step=True,
+                                                       steps_per_graph=args.k),
     }
     rates: dict[str, float | None] = {}
     errors: dict[str, str] = {}
@@ -297,8 +216,8 @@ def draw(entries: list[dict[str, Any]], bw: float, device: str, dest: Path) -> N
     grid = np.geomspace(xs.min() / 2, xs.max() * 2, 50)
     ax.plot(grid / 1e6, bw / grid, "k-", lw=1.5, label=f"bound: {bw / 1e12:.2f} TB/s copy")
     ax.plot(grid / 1e6, 0.6 * bw / grid, "k:", lw=1, label="60 % of the bound (goal)")
-    markers = dict(zip(VARIANTS, "osD^", strict=True))
-    for v in VARIANTS:
+    markers = dict(zip(VARIANTS + LEGACY_VARIANTS, "osD^vx", strict=True))
+    for v in VARIANTS + LEGACY_VARIANTS:
         pts = [(e["bytes_per_token"] / 1e6, e["tokens_per_s"][v]) for e in entries
                if e["tokens_per_s"].get(v)]
         if pts:
@@ -387,13 +306,14 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                     help="variants timed on the first size (default: all)")
     ap.add_argument("--extra-variants", nargs="+", choices=VARIANTS,
-                    default=["dynamic_eager", "own_loop_cuda_graphs", "own_loop_graph_k"],
+                    default=["dynamic_eager", "static_graph", "static_graph_compiled_k"],
                     help="variants timed on the other sizes")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=257)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--k", type=int, default=16, help="tokens per captured graph (graph_k)")
+    ap.add_argument("--k", type=int, default=16,
+                    help="tokens per captured graph (static_graph_compiled_k)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for the json/txt/figure (default outputs/reference/<device>)")
     ap.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",

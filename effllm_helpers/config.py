@@ -215,7 +215,10 @@ class InferenceParams(Strict):
     prompt_len: PosInt = 32
     gen_tokens: PosInt = 32
     batch_sizes: list[PosInt] = [1, 4]
-    static_cache: bool = False  # transformers then compiles the decode step (CUDA graphs)
+    static_cache: bool = False  # hf_generate only: transformers then compiles the decode step
+    # how requests are served (effllm_helpers.decode): auto = static_graph on CUDA (static KV
+    # cache, decode step replayed as a CUDA graph), hf_generate (HF generate) on a CPU
+    engine: Literal["auto", "static_graph", "hf_generate"] = "auto"
     ppl_batches: PosInt = 4
     task_items: PosInt = 32
     lm_eval_tasks: list[str] = []

@@ -9,7 +9,7 @@ import torch
 
 from effllm_helpers import config
 from effllm_helpers.axes import architecture, finetuning, inference
-from effllm_helpers.models import embedded
+from effllm_helpers.models import embedded, flops
 from effllm_helpers.techniques import precision as prec
 
 pytestmark = pytest.mark.slow
@@ -106,6 +106,46 @@ def test_inference_run_records_every_metric(precision):
     else:
         assert mcr["size_ratio"] > 2  # int8 weights against the fp32 baseline
         assert res.metrics["mcr_nominal"]["size_ratio"] == 4.0
+
+
+def test_inference_on_cpu_is_served_by_hf_generate_and_records_why():
+    p = config.notebook_params("inference", "ci", None).model_copy(
+        update={"precision": "fp32", "batch_sizes": [1]})
+    res = inference.run(p, progress=False)
+    assert res.model["engine"]["name"] == "hf_generate"
+    assert res.model["engine"]["reason"].startswith("cpu: no CUDA graphs")
+    assert res.metrics["tpot_s"]["method"] == "perf_counter_streamer"
+    assert res.model["linear_kernels"]["Linear"] > 0
+    assert "model_flops" in res.metrics["mfu"]["flops_method"]
+
+
+def test_inference_static_graph_engine_runs_on_cpu_with_its_own_clock():
+    p = config.notebook_params("inference", "ci", None).model_copy(
+        update={"precision": "fp32", "engine": "static_graph"})
+    res = inference.run(p, progress=False)
+    assert_complete(res.metrics, {"it", "al_s", "ttft_s", "tpot_s", "it_bs2", "tpot_s_bs2"})
+    assert res.model["engine"]["name"] == "static_graph"
+    assert res.model["engine"]["per_batch"]["2"]["mode"] == "eager"
+    for key in ("ttft_s", "tpot_s", "tpot_s_bs2"):
+        assert res.metrics[key]["method"] == "perf_counter"
+        assert res.metrics[key]["value"] > 0
+    assert res.metrics["tpot_s"]["note"] == "excludes the first token of each request"
+
+
+def test_request_flops_spread_one_request_over_the_tokens_it_runs():
+    """MFU numerator: flops_per_token * batch * (P + N) = batch x the request's model FLOPs."""
+    cfg = _tiny_llama_config()
+    fpt, method = inference.request_flops(cfg, 16, 8)
+    total = flops.generation_flops(cfg, 16, 8)["total"]
+    assert fpt * (16 + 8) == pytest.approx(total)
+    assert method == flops.generation_flops(cfg, 16, 8)["method"]
+
+
+def _tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
 
 
 def test_mcr_compares_one_performance_measure_on_both_sides():

@@ -3,9 +3,12 @@
 ``run(params)`` is what ``notebooks/03_inference.ipynb`` calls: load the model at the precision
 (the registry in ``techniques/precision.py``), then for each batch size greedy-decode
 ``gen_tokens`` after a ``prompt_len`` prompt, warm-up first, ``repeats`` timed requests under the
-Meter (TTFT, TPOT, IT, AL, memory, energy); quality is held-out perplexity, exact-match accuracy on
-a built-in task and, when asked, lm-evaluation-harness tasks; MCR compares weight bytes and
-quality with the baseline precision, evaluated in the same run so the record stands alone.
+Meter (TTFT, TPOT, IT, AL, memory, energy), served by the decode engine ``p.engine``
+(:mod:`effllm_helpers.decode`; the record's ``model.engine`` says which ran and why, and
+``model.linear_kernels`` which implementations held the weights); quality is held-out
+perplexity, exact-match accuracy on a built-in task and, when asked, lm-evaluation-harness tasks;
+MCR compares weight bytes and quality with the baseline precision, evaluated in the same run so
+the record stands alone.
 
 Baseline: ``baseline_precision`` (bf16, the paper's) — except on a CPU, where bf16 is emulated and
 fp32 is the native format, so fp32 is used there and the record says so.
@@ -22,6 +25,7 @@ import torch
 
 from .. import data, evaluate
 from ..config import DataSpec, InferenceParams
+from ..decode import EngineChoice, StaticGraphDecoder, choose_engine, linear_kernels, timing_metrics
 from ..measure import Meter, generation_metrics, timed_generate
 from ..measure.compression import compression_metrics
 from ..models import embedded, flops
@@ -105,36 +109,70 @@ def compute_dtype(model: torch.nn.Module) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
 
 
+def request_flops(config: Any, prompt_len: int, gen_tokens: int
+                  ) -> tuple[float | None, str | None]:
+    """(FLOPs per token run, method) for one greedy request, so that the Meter's MFU
+    ``flops_per_token * flop_tokens / duration`` counts the request's model FLOPs when each
+    request adds ``batch * (prompt_len + gen_tokens)`` flop tokens."""
+    try:
+        gf = flops.generation_flops(config, prompt_len, gen_tokens)
+    except (ValueError, NotImplementedError, AttributeError, KeyError) as exc:
+        return None, f"generation FLOPs unknown: {type(exc).__name__}: {exc}"
+    return gf["total"] / (prompt_len + gen_tokens), gf["method"]
+
+
 def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, batch: int,
-                     device: torch.device, n_params: int, seed: int = 0) -> dict[str, Any]:
-    """Warm-up, then ``repeats`` greedy requests of exactly ``gen_tokens`` new tokens."""
+                     device: torch.device, n_params: int, seed: int = 0,
+                     engine: EngineChoice | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Warm-up, then ``repeats`` greedy requests of exactly ``gen_tokens`` new tokens, served by
+    ``engine`` (default: ``p.engine`` resolved for this model and device).
+
+    Returns the metrics and what served them (engine name; for static_graph its mode, clock and
+    any fallback reason)."""
+    engine = engine or choose_engine(p.engine, model, device)
     prompts = prompts_from_corpus(tokenizer, batch, p.prompt_len, seed).to(device)
-    attn = torch.ones_like(prompts)
-    kwargs: dict[str, Any] = {"input_ids": prompts, "attention_mask": attn,
-                              "max_new_tokens": p.gen_tokens, "min_new_tokens": p.gen_tokens,
-                              "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    if p.static_cache:
-        kwargs["cache_implementation"] = "static"
-    timers = []
-    try:  # FLOPs/token at the mean context over every position the request runs (prefill too)
-        fpt = flops.flops_per_token(model.config, (p.prompt_len + p.gen_tokens) // 2,
-                                    training=False)
-    except (ValueError, NotImplementedError, AttributeError):
-        fpt = None
+    fpt, flops_method = request_flops(model.config, p.prompt_len, p.gen_tokens)
     meter = Meter(device, n_params=n_params, warmup_steps=p.measure.warmup_steps,
                   sample_interval_s=p.measure.sample_interval_s, dtype=compute_dtype(model),
                   flops_per_token=fpt)
-    with torch.inference_mode(), meter:
-        for _ in range(p.measure.warmup_steps + p.measure.repeats):
-            out, timer = timed_generate(model, **kwargs)
-            generated = int(out.shape[1] - prompts.shape[1]) * batch
-            meter.step(tokens=generated, samples=batch, generated_tokens=generated,
-                       flop_tokens=generated + prompts.numel())  # MFU counts the prefill too
-            timers.append(timer)
-    measured = timers[p.measure.warmup_steps:]
+    flop_tokens = batch * (p.prompt_len + p.gen_tokens)  # the prefill runs too
+    served: dict[str, Any] = {}
+    if engine.name == "static_graph":
+        with torch.inference_mode():  # cache, buffers and graph are built outside the meter
+            decoder = StaticGraphDecoder(model, batch, p.prompt_len, p.gen_tokens)
+        served = decoder.describe()
+        timings = []
+        with torch.inference_mode(), meter:
+            for _ in range(p.measure.warmup_steps + p.measure.repeats):
+                out, timing = decoder.decode(prompts)
+                generated = int(out.shape[1]) * batch
+                meter.step(tokens=generated, samples=batch, generated_tokens=generated,
+                           flop_tokens=flop_tokens)
+                timings.append(timing)
+        del decoder
+        latency = timing_metrics(timings[p.measure.warmup_steps:], served["clock"])
+    else:
+        kwargs: dict[str, Any] = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts),
+                                  "max_new_tokens": p.gen_tokens,
+                                  "min_new_tokens": p.gen_tokens, "do_sample": False,
+                                  "pad_token_id": tokenizer.pad_token_id}
+        if p.static_cache:
+            kwargs["cache_implementation"] = "static"
+        timers = []
+        with torch.inference_mode(), meter:
+            for _ in range(p.measure.warmup_steps + p.measure.repeats):
+                out, timer = timed_generate(model, **kwargs)
+                generated = int(out.shape[1] - prompts.shape[1]) * batch
+                meter.step(tokens=generated, samples=batch, generated_tokens=generated,
+                           flop_tokens=flop_tokens)
+                timers.append(timer)
+        latency = generation_metrics(timers[p.measure.warmup_steps:])
     m = meter.metrics()
-    m.update(generation_metrics(measured))
-    return m
+    m.update(latency)
+    if "mfu" in m and flops_method:
+        m["mfu"]["flops_method"] = flops_method
+    return m, {"name": engine.name, **served}
 
 
 def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceResult:
@@ -159,10 +197,14 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
     n_params = ft.count_params(model)[1]  # counts a packed 4-bit tensor's two values per byte
     seq_len = min(256, getattr(model.config, "max_position_embeddings", 256) or 256)
 
+    engine = choose_engine(p.engine, model, device)
+    kernels = getattr(loaded, "kernels", None) or linear_kernels(model)
     per_batch = []
+    served_by: dict[int, dict[str, Any]] = {}
     warnings.filterwarnings("once", message=".*inputs will be cast from.*")  # bnb, per call
     for b in p.batch_sizes:
-        m = decode_benchmark(model, tokenizer, p, b, device, n_params, seed)
+        m, served_by[b] = decode_benchmark(model, tokenizer, p, b, device, n_params, seed,
+                                           engine=engine)
         per_batch.append({"batch_size": b, **m})
     headline = dict(per_batch[0])
     headline.pop("batch_size")
@@ -177,6 +219,9 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
     # MCR against the baseline precision, evaluated here on the same data
     base_prec = p.baseline_precision
     notes = list(loaded.notes)
+    for b, served in served_by.items():
+        if served.get("fallback_reason") and device.type == "cuda":
+            notes.append(f"batch {b}: {served['fallback_reason']}")
     if device.type == "cpu" and base_prec == "bf16":
         base_prec = "fp32"
         notes.append("MCR baseline is fp32 on the CPU (bf16 is emulated there), not bf16")
@@ -210,7 +255,11 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
     facts = {"params_total": n_params, "weight_bytes": size, "baseline_weight_bytes": base_size,
              "baseline_precision": base_prec, "model_path": path,
              "baseline_ppl": base_quality["ppl"]["value"] if base_quality else None,
-             "bits_per_param": 8 * size / n_params if n_params else None}
+             "bits_per_param": 8 * size / n_params if n_params else None,
+             "engine": {**engine.record(), "per_batch": {str(b): {k: v for k, v in s.items()
+                                                                 if k != "name"}
+                                                         for b, s in served_by.items()}},
+             "linear_kernels": kernels}
     if quality["ppl"]["value"] is None:
         notes.append(f"perplexity: {quality['ppl'].get('reason')}")
     return InferenceResult(metrics=metrics, quality=quality, model=facts, per_batch=per_batch,

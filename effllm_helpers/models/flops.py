@@ -40,10 +40,13 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "flops_breakdown",
     "flops_per_token",
+    "executed_flops_per_token",
+    "generation_flops",
     "hf_deepseek_v3_caches_latent",
     "hf_kv_cache_bytes_per_token",
     "kv_cache_bytes_per_token",
     "nsa_attended_tokens",
+    "nsa_executed_attention_flops",
     "recurrent_state_bytes",
 ]
 
@@ -124,45 +127,29 @@ def _mlp_flops(config: Any, mt: str, layer: int) -> float:
     return _swiglu(d, config.intermediate_size)
 
 
-def flops_breakdown(config: Any, seq_len: int, *, causal_discount: bool = True) -> dict[str, float]:
-    """Forward FLOPs per token by component (all layers summed).
-
-    Keys: ``matmul`` (weight matmuls in the blocks, incl. routers/experts), ``attention``
-    (scores and values; NSA also its K/V pooling), ``lm_head``, and for attention-free models
-    ``conv`` (Mamba's depthwise conv) and ``recurrence`` (Mamba scan / RWKV WKV, elementwise;
-    for Mamba ``recurrence_matmul`` is the part of it that is the ``C . h`` contraction).
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    mt = _model_type(config)
-    d, n_layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    out = {"matmul": 0.0, "attention": 0.0, "lm_head": 2.0 * d * vocab}
-
+def _body_flops(config: Any, mt: str) -> dict[str, float]:
+    """Forward FLOPs of one token through the blocks that do not depend on its context length
+    (projections, FFN/experts, Mamba's conv and scan, RWKV's WKV), all layers summed."""
+    d, n_layers = config.hidden_size, config.num_hidden_layers
     if mt in _MAMBA:
         inner, n, r, k = (config.intermediate_size, config.state_size, int(config.time_step_rank),
                           config.conv_kernel)
         per_layer = 2.0 * d * 2 * inner + 2.0 * inner * (r + 2 * n) + 2.0 * r * inner
         per_layer += 2.0 * inner * d  # out_proj
-        out["matmul"] = n_layers * per_layer
-        out["conv"] = n_layers * 2.0 * inner * k
-        out["recurrence"] = n_layers * float(MAMBA_SCAN_PER_STATE * inner * n
-                                             + MAMBA_SCAN_PER_CHANNEL * inner)
-        out["recurrence_matmul"] = n_layers * 2.0 * inner * n
-        return out
+        return {"matmul": n_layers * per_layer, "conv": n_layers * 2.0 * inner * k,
+                "recurrence": n_layers * float(MAMBA_SCAN_PER_STATE * inner * n
+                                               + MAMBA_SCAN_PER_CHANNEL * inner),
+                "recurrence_matmul": n_layers * 2.0 * inner * n}
     if mt == "rwkv":
         att, ff = config.attention_hidden_size, config.intermediate_size
         time_mix = 3 * 2.0 * d * att + 2.0 * att * d  # key, value, receptance, output
         channel_mix = 2.0 * d * ff + 2.0 * ff * d + 2.0 * d * d  # key, value, receptance
-        out["matmul"] = n_layers * (time_mix + channel_mix)
-        out["recurrence"] = n_layers * float(RWKV_WKV_PER_CHANNEL * att)
-        return out
+        return {"matmul": n_layers * (time_mix + channel_mix),
+                "recurrence": n_layers * float(RWKV_WKV_PER_CHANNEL * att)}
     if mt in ("gpt_neox", "gpt2", "bloom"):
         ff = (config.intermediate_size if mt == "gpt_neox"
               else (getattr(config, "n_inner", None) or 4 * d))
-        out["matmul"] = n_layers * (2.0 * d * 3 * d + 2.0 * d * d + 2 * 2.0 * d * ff)
-        # heads * head_dim = d, so the score FLOPs depend on d only
-        out["attention"] = n_layers * 4.0 * d * _dense_ctx(seq_len, causal_discount)
-        return out
+        return {"matmul": n_layers * (2.0 * d * 3 * d + 2.0 * d * d + 2 * 2.0 * d * ff)}
 
     n_heads = config.num_attention_heads
     mlp = sum(_mlp_flops(config, mt, i) for i in range(n_layers))
@@ -176,25 +163,121 @@ def flops_breakdown(config: Any, seq_len: int, *, causal_discount: bool = True) 
         kv = 2.0 * d * (r + config.qk_rope_head_dim) + 2.0 * r * n_heads * (
             config.qk_nope_head_dim + v_hd)
         o = 2.0 * n_heads * v_hd * d
-        out["matmul"] = n_layers * (q + kv + o) + mlp
-        ctx = _dense_ctx(seq_len, causal_discount)
-        out["attention"] = n_layers * 2.0 * n_heads * (qk_hd + v_hd) * ctx
-        return out
-
+        return {"matmul": n_layers * (q + kv + o) + mlp}
     # Llama-like (llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, effllm_decoder)
-    hd, n_kv = _head_dim(config), config.num_key_value_heads
-    proj = _gqa_proj(d, n_heads, n_kv, hd)
-    if mt == "effllm_decoder" and config.attention == "nsa":
+    proj = _gqa_proj(d, n_heads, config.num_key_value_heads, _head_dim(config))
+    if _is_nsa(config, mt):
         proj += 2.0 * d * 3 * n_heads  # per-head branch gates
-        ctx = _nsa_ctx(config, seq_len, causal_discount)
+    return {"matmul": n_layers * proj + mlp}
+
+
+def _is_nsa(config: Any, mt: str) -> bool:
+    return mt == "effllm_decoder" and getattr(config, "attention", None) == "nsa"
+
+
+def _attention_flops(config: Any, mt: str, keys: float) -> float:
+    """Attention FLOPs of one query that attends ``keys`` tokens (all layers): ``QK^T`` and
+    ``AV``; NSA adds its per-token K/V pooling. ``keys`` is the *attended* count (for NSA, see
+    :func:`nsa_attended_tokens`), so callers choose causal, full or per-position contexts."""
+    n_layers = config.num_hidden_layers
+    if mt in _MAMBA or mt == "rwkv":
+        return 0.0
+    if mt in ("gpt_neox", "gpt2", "bloom"):
+        # heads * head_dim = d, so the score FLOPs depend on d only
+        return n_layers * 4.0 * config.hidden_size * keys
+    n_heads = config.num_attention_heads
+    if mt == "deepseek_v3":
+        qk_hd = config.qk_nope_head_dim + config.qk_rope_head_dim
+        return n_layers * 2.0 * n_heads * (qk_hd + config.v_head_dim) * keys
+    hd = _head_dim(config)
+    if _is_nsa(config, mt):
         # pooled K and V: 2 tensors x n_kv heads x block taps per compressed block, one
         # compressed block every `stride` tokens
-        pool = 2 * 2.0 * n_kv * hd * config.nsa_block / config.nsa_stride
-        out["attention"] = n_layers * (4.0 * n_heads * hd * ctx + pool)
+        pool = 2 * 2.0 * config.num_key_value_heads * hd * config.nsa_block / config.nsa_stride
+        return n_layers * (4.0 * n_heads * hd * keys + pool)
+    return n_layers * 4.0 * n_heads * hd * keys
+
+
+def _keys_at(config: Any, mt: str, t: int) -> int:
+    """Keys a query at context length ``t`` (itself included) attends."""
+    if _is_nsa(config, mt):
+        return nsa_attended_tokens(t, config.nsa_block, config.nsa_stride, config.nsa_selected,
+                                   config.nsa_window)
+    return t
+
+
+def _lm_head_flops(config: Any) -> float:
+    return 2.0 * config.hidden_size * config.vocab_size
+
+
+def flops_breakdown(config: Any, seq_len: int, *, causal_discount: bool = True) -> dict[str, float]:
+    """Forward FLOPs per token by component (all layers summed).
+
+    Keys: ``matmul`` (weight matmuls in the blocks, incl. routers/experts), ``attention``
+    (scores and values; NSA also its K/V pooling), ``lm_head``, and for attention-free models
+    ``conv`` (Mamba's depthwise conv) and ``recurrence`` (Mamba scan / RWKV WKV, elementwise;
+    for Mamba ``recurrence_matmul`` is the part of it that is the ``C . h`` contraction).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    mt = _model_type(config)
+    out = {"matmul": 0.0, "attention": 0.0, "lm_head": _lm_head_flops(config)}
+    out.update(_body_flops(config, mt))
+    if mt in _MAMBA or mt == "rwkv":
+        return out
+    if _is_nsa(config, mt):
+        keys = _nsa_ctx(config, seq_len, causal_discount)
     else:
-        out["attention"] = n_layers * 4.0 * n_heads * hd * _dense_ctx(seq_len, causal_discount)
-    out["matmul"] = n_layers * proj + mlp
+        keys = _dense_ctx(seq_len, causal_discount)
+    out["attention"] = _attention_flops(config, mt, keys)
     return out
+
+
+def _body_sum(body: dict[str, float]) -> float:
+    return sum(v for k, v in body.items() if k != "recurrence_matmul")  # inside "recurrence"
+
+
+def generation_flops(config: Any, prompt_len: int, gen_tokens: int) -> dict[str, Any]:
+    """Model FLOPs of one greedy request for ONE sequence: prefill runs the body on P prompt
+    positions and the LM head once (only the last position's logits are needed); decode runs
+    N-1 further forwards of body+head (the first new token comes from the prefill), each at its
+    own context length. Returns {"prefill": ..., "decode": ..., "total": ..., "method": str}.
+
+    Prefill position ``t`` (1..P) attends ``t`` keys (causal; NSA its attended tokens at ``t``);
+    decode step ``i`` (1..N-1) attends ``P + i``. ``method`` says where what a Hugging Face
+    ``generate`` executes differs from these model FLOPs (see :func:`_executed_note`).
+    """
+    if prompt_len < 1 or gen_tokens < 1:
+        raise ValueError(f"prompt_len and gen_tokens must be >= 1, got {prompt_len}, "
+                         f"{gen_tokens}")
+    mt = _model_type(config)
+    body, head = _body_sum(_body_flops(config, mt)), _lm_head_flops(config)
+    prefill = prompt_len * body + head + sum(
+        _attention_flops(config, mt, _keys_at(config, mt, t)) for t in range(1, prompt_len + 1))
+    decode = sum(body + head + _attention_flops(config, mt, _keys_at(config, mt, prompt_len + i))
+                 for i in range(1, gen_tokens))
+    method = ("model_flops: prefill = body x P + causal attention over 1..P + LM head once; "
+              "decode = N-1 x (body + LM head) + attention at context P+i")
+    note = _executed_note(config, mt)
+    if note:
+        method += f"; executed differs: {note}"
+    return {"prefill": prefill, "decode": decode, "total": prefill + decode, "method": method}
+
+
+def _executed_note(config: Any, mt: str) -> str:
+    """How the work the study's implementations execute differs from the model FLOPs."""
+    if mt == "deepseek_v3" and hf_deepseek_v3_caches_latent():
+        return ("HF DeepSeek-V3 decompresses the latent KV cache each step (kv_b_proj over all "
+                "P+i cached positions, not only the new one)")
+    if _is_nsa(config, mt):
+        return ("NSA is a pytorch_dense_masked_reference: its selected and window branches run "
+                "SDPA over all keys under masks (see nsa_executed_attention_flops)")
+    if mt in _MAMBA:
+        return ("Mamba's scan is counted one FLOP per elementwise op; only its C.h contraction "
+                "is a matmul")
+    if mt == "rwkv":
+        return "RWKV's WKV recurrence is counted one FLOP per elementwise op (no matmul)"
+    return ""
 
 
 def flops_per_token(config: Any, seq_len: int, training: bool = True, *,
@@ -205,9 +288,44 @@ def flops_per_token(config: Any, seq_len: int, training: bool = True, *,
     See the module docstring for what is counted; ``causal_discount`` chooses whether causally
     masked attention pairs count (``False``) or not (``True``, default).
     """
-    total = sum(v for k, v in flops_breakdown(config, seq_len, causal_discount=causal_discount)
-                .items() if k != "recurrence_matmul")  # already inside "recurrence"
+    total = _body_sum(flops_breakdown(config, seq_len, causal_discount=causal_discount))
     return total * (3 if training else 1)
+
+
+def nsa_executed_attention_flops(config: Any, q_len: int, s_len: int) -> float:
+    """Attention FLOPs our NSA (``models/nsa.py``, a dense masked reference) executes for one
+    call of ``q_len`` queries over ``s_len`` keys, all layers, counted like FlopCounterMode.
+
+    Per layer: K and V pooled over every compressed block (``2 x 2 n_kv n_cmp hd block``); the
+    compressed branch's scores and values over ``n_cmp`` blocks (``4 H T n_cmp hd``); the
+    selection importance ``probs @ overlap`` (``2 n_kv T n_cmp n_sel``); and the selected and
+    window branches as SDPA over all ``S`` keys under masks (``2 x 4 H T S hd``). A cached
+    decode step (``q_len = 1``) re-pools every compressed block of the context.
+    """
+    from .nsa import n_compressed_blocks
+
+    h, n_kv, hd = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    block, stride = config.nsa_block, config.nsa_stride
+    n_cmp = n_compressed_blocks(s_len, block, stride)
+    n_sel = -(-s_len // block)
+    per_layer = (2 * 2.0 * n_kv * n_cmp * hd * block + 4.0 * h * q_len * n_cmp * hd
+                 + 2.0 * n_kv * q_len * n_cmp * n_sel + 2 * 4.0 * h * q_len * s_len * hd)
+    return config.num_hidden_layers * per_layer
+
+
+def executed_flops_per_token(config: Any, seq_len: int) -> float:
+    """Forward FLOPs per token the study's implementation executes on a full ``seq_len``
+    sequence (no cache), where that differs from the model FLOPs of :func:`flops_per_token`.
+
+    NSA: the dense masked reference (:func:`nsa_executed_attention_flops`), 1.03-1.70x its
+    sparse model FLOPs. Other attention models: every query against the whole context
+    (``causal_discount=False``), what masked eager/SDPA-math kernels execute.
+    """
+    mt = _model_type(config)
+    if not _is_nsa(config, mt):
+        return flops_per_token(config, seq_len, training=False, causal_discount=False)
+    body = _body_sum(_body_flops(config, mt)) + _lm_head_flops(config)
+    return body + nsa_executed_attention_flops(config, seq_len, seq_len) / seq_len
 
 
 def hf_deepseek_v3_caches_latent() -> bool:

@@ -220,7 +220,11 @@ class EffllmMambaForCausalLM(MambaForCausalLM):
         for layer in self.backbone.layers:
             layer.mixer.__class__ = FastMambaMixer
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
+        """``logits_to_keep`` is named so ``generate`` sees it and computes the LM head on the
+        prompt's last position only (what :func:`~effllm_helpers.models.flops.generation_flops`
+        counts), instead of on every prompt position."""
+        kwargs["logits_to_keep"] = logits_to_keep
         if (kwargs.get("use_cache") is None and kwargs.get("cache") is None
                 and kwargs.get("cache_params") is None):
             kwargs["use_cache"] = False

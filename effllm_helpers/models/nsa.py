@@ -34,8 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NativeSparseAttention", "nsa_attention", "n_compressed_blocks", "attended_tokens"]
+__all__ = ["IMPLEMENTATION", "NativeSparseAttention", "attended_tokens", "n_compressed_blocks",
+           "nsa_attention"]
 
+# What kind of NSA this is, for records: the selected and window branches run SDPA over *all*
+# keys under boolean masks, so the work executed (and its speed) is that of a dense masked
+# reference, not of the paper's block-sparse kernel; see
+# ``effllm_helpers.models.flops.nsa_executed_attention_flops`` for the executed count.
+IMPLEMENTATION = "pytorch_dense_masked_reference"
 
 
 def n_compressed_blocks(seq_len: int, block: int, stride: int) -> int:
