@@ -181,9 +181,14 @@ class StaticGraphDecoder:
         self.hist = torch.zeros((batch, max(gen_tokens, self.k + 1)), dtype=torch.long,
                                 device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        # the position of the token being fed, on the device: a CUDA graph must read it from a
+        # buffer, never from a host int frozen at capture time
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.prompt_pos = torch.arange(prompt_len, dtype=torch.long, device=dev)
         banned = _banned_token_ids(model) if suppress_eos else []
         self.banned = torch.tensor(banned, dtype=torch.long, device=dev) if banned else None
         self._keep = _accepts_logits_to_keep(model)
+        self._cache_kw, self._pass_cache_position = _cache_kwargs(model)
         fwd = self._forward_one
         self._step_forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(fwd, dynamic=False) if compile_step else fwd)
@@ -219,16 +224,28 @@ class StaticGraphDecoder:
             logits = logits.index_fill(1, self.banned, float("-inf"))
         return logits.argmax(-1, keepdim=True)
 
-    def _forward_one(self, ids: torch.Tensor) -> torch.Tensor:
-        kw = {"logits_to_keep": 1} if self._keep else {}
-        out = self.model(input_ids=ids, cache=self.cache, use_cache=True, **kw)
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Greedy next ids for ``ids`` fed at ``positions`` (1-D, shared by the batch).
+
+        Positions are passed explicitly on every transformers version: releases that take
+        ``cache_position`` (and ``past_key_values``) would otherwise derive them on the host."""
+        kw: dict[str, Any] = {"logits_to_keep": 1} if self._keep else {}
+        kw[self._cache_kw] = self.cache
+        if self._pass_cache_position:
+            kw["cache_position"] = positions
+        pos_ids = positions.unsqueeze(0).expand(ids.shape[0], -1)
+        out = self.model(input_ids=ids, position_ids=pos_ids, use_cache=True, **kw)
         return self._greedy(out.logits)
+
+    def _forward_one(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._forward(ids, self.pos)
 
     def _prefill(self, prompt: torch.Tensor) -> None:
         self.cache.reset()  # in place: the graph keeps pointing at the same buffers
-        self.ids.copy_(self._forward_one(prompt))
+        self.ids.copy_(self._forward(prompt, self.prompt_pos))
         self.hist[:, :1].copy_(self.ids)
         self.slot.fill_(1)
+        self.pos.fill_(self.prompt_len)
 
     def _steps(self, n: int) -> None:
         """``n`` decode steps, all on the device: token in ``ids`` -> next token in ``ids``."""
@@ -237,6 +254,7 @@ class StaticGraphDecoder:
             self.ids.copy_(nxt)
             self.hist.index_copy_(1, self.slot, nxt)
             self.slot.add_(1)
+            self.pos.add_(1)
 
     def _capture(self) -> None:
         """Warm up on a side stream (allocations, cuBLAS handles, compilation), then capture."""
@@ -317,6 +335,18 @@ class StaticGraphDecoder:
                 "tpot_timing": ("per graph replay / its tokens" if self.graphs
                                 else "per decode step"),
                 "fallback_reason": self.fallback_reason}
+
+
+def _cache_kwargs(model: nn.Module) -> tuple[str, bool]:
+    """(the forward's name for the KV cache, whether it takes ``cache_position``).
+
+    transformers renamed ``past_key_values`` to ``cache`` and dropped ``cache_position`` within
+    5.x; a cache passed under the wrong name lands in ``**kwargs`` and is silently ignored."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    return name, "cache_position" in params
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

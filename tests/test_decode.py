@@ -183,3 +183,20 @@ def test_gpu_self_check_script_says_it_needs_a_gpu(capsys: pytest.CaptureFixture
     spec.loader.exec_module(mod)
     assert mod.main([]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cache_kwarg_follows_the_installed_transformers_forward() -> None:
+    # transformers 5.17 takes past_key_values + cache_position, later 5.x take cache: a cache
+    # under the wrong name falls into **kwargs and every step would decode without context
+    from effllm_helpers.decode import _cache_kwargs
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, cache_position=None, **kw):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kw):
+            return input_ids
+
+    assert _cache_kwargs(Old()) == ("past_key_values", True)
+    assert _cache_kwargs(New()) == ("cache", False)
