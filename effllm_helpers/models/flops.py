@@ -22,7 +22,8 @@ Conventions (all per token, read from a Hugging Face config by ``config.model_ty
   ``n_cmp(t) + min(selected*block, t) + min(window, t)`` tokens per query over its three branches
   (``n_cmp(t) = (t-block)//stride + 1``), plus the pooling that builds compressed keys/values.
 - ``training=True`` multiplies the forward by 3 (forward + backward, the backward being two
-  matmuls per forward matmul), the usual ``6 N`` rule generalised.
+  matmuls per forward matmul), the usual ``6 N`` rule generalised; Mamba's scan backward is
+  counted as our implementation runs it (:func:`training_flops_breakdown`).
 
 KV-cache bytes per token: ``2 * layers * kv_heads * head_dim * bytes`` for attention; MLA caches
 its latent ``kv_lora_rank + qk_rope_head_dim`` per layer. What transformers' DeepseekV3 code
@@ -40,6 +41,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "flops_breakdown",
     "flops_per_token",
+    "training_flops_breakdown",
     "executed_flops_per_token",
     "generation_flops",
     "hf_deepseek_v3_caches_latent",
@@ -58,6 +60,14 @@ SUPPORTED_MODEL_TYPES = (*_LLAMA_LIKE, "effllm_decoder", "mixtral", "qwen2_moe",
 # elementwise FLOPs of the recurrences (one per op, exp counted as one)
 MAMBA_SCAN_PER_STATE = 7  # dt*A, exp, (dt x)*B, decay*h, +u, *C, sum over states
 MAMBA_SCAN_PER_CHANNEL = 8  # dt bias + softplus (2), dt*x, D*x, +, silu(z) (2), *gate
+# backward of our scan (models/mamba.py _SelectiveScan.backward, per [t, d, n] element): recompute
+# of the chunk's states (dt*A, exp, u, addcmul: 5), dC, d(dt x) and dB contractions (3 x 2),
+# g = dy*C (1), adjoint addcmul (2), g*h_{t-1} and *decay (2), dA (mul + sum: 2), dl*A + sum (2)
+MAMBA_SCAN_BWD_PER_STATE = 20
+MAMBA_SCAN_BWD_CONTRACTIONS = 3  # dC, d(dt x), dB: each the size of the forward's C.h
+# per [t, d] channel: the scan's dt*x recompute, d(dt) (2) and dx (1), plus the backward of the
+# 8 elementwise forward ops around it at the usual two ops per forward op
+MAMBA_SCAN_BWD_PER_CHANNEL = 4 + 2 * MAMBA_SCAN_PER_CHANNEL
 RWKV_WKV_PER_CHANNEL = 23  # stable WKV: output (12: add, max, 2 sub, 2 exp, 3 mul, 2 add, div)
 #                            + state update (11: add, max, 2 sub, 2 exp, 3 mul, 2 add)
 
@@ -280,16 +290,39 @@ def _executed_note(config: Any, mt: str) -> str:
     return ""
 
 
+def training_flops_breakdown(config: Any, seq_len: int, *,
+                             causal_discount: bool = True) -> dict[str, float]:
+    """Forward + backward FLOPs per token by component (keys of :func:`flops_breakdown`).
+
+    Weight matmuls, attention, LM head and conv: forward + two backward matmuls (activation and
+    weight gradients) = 3x forward. Mamba's scan is counted as our implementation runs it: its
+    backward recomputes the chunk's states and has three contractions of the ``C . h`` size
+    (``MAMBA_SCAN_BWD_*``), so ``recurrence_matmul`` is 4x forward, not 3x. RWKV's WKV: 3x.
+    """
+    fwd = flops_breakdown(config, seq_len, causal_discount=causal_discount)
+    out = {k: 3 * v for k, v in fwd.items()}
+    if _model_type(config) in _MAMBA:
+        inner, n = config.intermediate_size, config.state_size
+        bwd = config.num_hidden_layers * float(MAMBA_SCAN_BWD_PER_STATE * inner * n
+                                               + MAMBA_SCAN_BWD_PER_CHANNEL * inner)
+        out["recurrence"] = fwd["recurrence"] + bwd
+        out["recurrence_matmul"] = fwd["recurrence_matmul"] * (1 + MAMBA_SCAN_BWD_CONTRACTIONS)
+    return out
+
+
 def flops_per_token(config: Any, seq_len: int, training: bool = True, *,
                     causal_discount: bool = True) -> float:
-    """Analytic FLOPs per token (forward, or forward+backward = 3x forward when ``training``).
+    """Analytic FLOPs per token: forward, or forward+backward when ``training`` (3x forward,
+    except Mamba's scan, see :func:`training_flops_breakdown`).
 
     ``seq_len`` is the context length the tokens are processed in (training sequence length).
     See the module docstring for what is counted; ``causal_discount`` chooses whether causally
     masked attention pairs count (``False``) or not (``True``, default).
     """
-    total = _body_sum(flops_breakdown(config, seq_len, causal_discount=causal_discount))
-    return total * (3 if training else 1)
+    if training:
+        return _body_sum(training_flops_breakdown(config, seq_len,
+                                                  causal_discount=causal_discount))
+    return _body_sum(flops_breakdown(config, seq_len, causal_discount=causal_discount))
 
 
 def nsa_executed_attention_flops(config: Any, q_len: int, s_len: int) -> float:
