@@ -40,6 +40,7 @@ from typing import Any
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "flops_breakdown",
+    "finetune_flops_per_token",
     "flops_per_token",
     "training_flops_breakdown",
     "executed_flops_per_token",
@@ -359,6 +360,94 @@ def executed_flops_per_token(config: Any, seq_len: int) -> float:
         return flops_per_token(config, seq_len, training=False, causal_discount=False)
     body = _body_sum(_body_flops(config, mt)) + _lm_head_flops(config)
     return body + nsa_executed_attention_flops(config, seq_len, seq_len) / seq_len
+
+
+def _trainable(module: Any) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _linear_flops(module: Any, input_rg: bool, tokens_per_step: int
+                  ) -> tuple[float, float, bool]:
+    """(forward, backward, output requires grad) per token of one ``nn.Linear`` or peft LoRA
+    layer, given whether its input requires grad (autograd computes an input gradient only then).
+
+    Base weight: forward ``2io``; backward ``2io`` for the input gradient (if needed) and
+    ``2io`` for the weight gradient (if trainable). Each LoRA adapter ``x -> A (i->r) -> B
+    (r->o)``: forward ``2ir + 2ro``; backward the weight gradients of A and B, the gradient into
+    A's output, and into ``x`` if needed. DoRA also, in training with dropout, re-runs the base
+    matmul on the dropped-out input (and its input gradient), and once per forward call builds
+    ``B A`` by pushing an identity through both (``2 i i r + 2 i r o``, detached, no backward),
+    spread over the ``tokens_per_step`` tokens of the call.
+    """
+    base = getattr(module, "base_layer", module)
+    i, o = base.in_features, base.out_features
+    w_rg = base.weight.requires_grad
+    fwd = 2.0 * i * o
+    bwd = 2.0 * i * o * (int(input_rg) + int(w_rg))
+    out_rg = input_rg or w_rg
+    for name, a in getattr(module, "lora_A", {}).items():
+        b, r = module.lora_B[name], module.lora_A[name].out_features
+        a_rg, b_rg = a.weight.requires_grad, b.weight.requires_grad
+        fwd += 2.0 * i * r + 2.0 * r * o
+        a_out_rg = input_rg or a_rg
+        bwd += 2.0 * r * o * (int(b_rg) + int(a_out_rg)) + 2.0 * i * r * (int(a_rg)
+                                                                            + int(input_rg))
+        out_rg = out_rg or a_rg or b_rg or a_out_rg
+        if name in getattr(module, "lora_magnitude_vector", {}):
+            fwd += (2.0 * i * i * r + 2.0 * i * r * o) / tokens_per_step
+            dropout = module.lora_dropout[name]
+            if module.training and type(dropout).__name__ != "Identity":
+                fwd += 2.0 * i * o
+                bwd += 2.0 * i * o * int(input_rg)
+            out_rg = out_rg or module.lora_magnitude_vector[name].weight.requires_grad
+    return fwd, bwd, out_rg
+
+
+def finetune_flops_per_token(model: Any, seq_len: int, tokens_per_step: int, *,
+                             causal_discount: bool = True) -> dict[str, Any]:
+    """Forward and backward FLOPs per token of one training step of a (peft-)prepared model.
+
+    Walks a Llama-like model's blocks in execution order and counts, per weight matmul, what
+    autograd really runs: input gradients only where something trainable lies upstream (below
+    the first trainable layer there is no backward at all), weight gradients only for trainable
+    weights, LoRA/DoRA adapter work per :func:`_linear_flops`; attention ``QK^T`` and ``AV``
+    backward per which of q, k, v require grad. Full fine-tuning comes out as 3x forward.
+    ``tokens_per_step``: tokens in one forward call (batch x sequence), for DoRA's per-call work.
+    Raises ``ValueError`` for models that are not Llama-like dense decoders.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    mt = _model_type(cfg)
+    if mt not in (*_LLAMA_LIKE, "effllm_decoder") or _is_nsa(cfg, mt):
+        raise ValueError(f"fine-tuning FLOPs walk Llama-like dense decoders, not {mt!r}")
+    layers = base.model.layers
+    attn = _attention_flops(cfg, mt, _dense_ctx(seq_len, causal_discount)) / len(layers)
+    emb = base.get_input_embeddings()
+    g = (emb.weight.requires_grad or hasattr(base, "_require_grads_hook")
+         or bool(getattr(base, "_require_grads_hooks", None)))
+    fwd = bwd = 0.0
+
+    def lin(module: Any, input_rg: bool) -> bool:
+        nonlocal fwd, bwd
+        f, b, out_rg = _linear_flops(module, input_rg, tokens_per_step)
+        fwd, bwd = fwd + f, bwd + b
+        return out_rg
+
+    for layer in layers:
+        sa, mlp = layer.self_attn, layer.mlp
+        x_rg = g or _trainable(layer.input_layernorm)
+        q_rg, k_rg, v_rg = (lin(sa.q_proj, x_rg), lin(sa.k_proj, x_rg), lin(sa.v_proj, x_rg))
+        fwd += attn
+        # QK^T: dQ and dK each half of the forward's score work; AV: dP (if q or k) and dV
+        bwd += attn / 2 * (int(q_rg) + int(k_rg) + int(q_rg or k_rg) + int(v_rg))
+        g = lin(sa.o_proj, q_rg or k_rg or v_rg) or g
+        h_rg = g or _trainable(layer.post_attention_layernorm)
+        gate_rg, up_rg = lin(mlp.gate_proj, h_rg), lin(mlp.up_proj, h_rg)
+        g = lin(mlp.down_proj, gate_rg or up_rg) or g
+    lin(base.get_output_embeddings(), g or _trainable(base.model.norm))
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd,
+            "method": "per-module autograd walk: input grads where upstream is trainable, "
+                      "weight grads for trainable weights, LoRA/DoRA adapter matmuls"}
 
 
 def hf_deepseek_v3_caches_latent() -> bool:
