@@ -238,3 +238,37 @@ def test_unknown_model_type_is_a_clear_error() -> None:
         flops_per_token(Odd(), SEQ)
     with pytest.raises(ValueError, match="supported"):
         kv_cache_bytes_per_token(Odd())
+
+
+def test_mamba_training_counts_our_scan_backward_not_three_forwards() -> None:
+    """Our scan's backward recomputes the states and runs three C.h-sized contractions, so
+    Mamba training is more than 3x forward by exactly the hand-counted scan backward."""
+    from effllm_helpers.models.flops import MAMBA_SCAN_BWD_PER_CHANNEL, MAMBA_SCAN_BWD_PER_STATE
+
+    cfg = mamba_config({"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                        "d_ff": 128}, VOCAB)
+    inner, n = 128, 16
+    fwd = flops_per_token(cfg, SEQ, training=False)
+    scan_fwd = MAMBA_SCAN_PER_STATE * inner * n + MAMBA_SCAN_PER_CHANNEL * inner
+    scan_bwd = MAMBA_SCAN_BWD_PER_STATE * inner * n + MAMBA_SCAN_BWD_PER_CHANNEL * inner
+    assert flops_per_token(cfg, SEQ) == pytest.approx(3 * fwd + 2 * (scan_bwd - 2 * scan_fwd))
+    assert flops_per_token(cfg, SEQ) > 3 * fwd
+
+
+def test_mamba_training_contractions_match_flop_counter_within_2pct() -> None:
+    """Forward + backward of the fast Mamba as FlopCounterMode sees it (linears, conv, the
+    scan's contractions) equals the training breakdown's contraction part. The counter
+    over-counts grouped-conv backward, so that op is replaced by its analytic 2x forward."""
+    from effllm_helpers.models.flops import training_flops_breakdown
+    from effllm_helpers.models.mamba import EffllmMambaForCausalLM
+
+    model = EffllmMambaForCausalLM(mamba_config(
+        {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 128}, VOCAB))
+    fwd, bwd = _counted(model)
+    bd = flops_breakdown(model.config, SEQ)
+    counted = (sum(fwd.values()) + sum(v for k, v in bwd.items() if "convolution" not in k)
+               + 2 * bd["conv"])
+    tb = training_flops_breakdown(model.config, SEQ)
+    predicted = tb["matmul"] + tb["lm_head"] + tb["conv"] + tb["recurrence_matmul"]
+    assert _close(counted, predicted, 0.02), (counted, predicted)
+    assert tb["recurrence_matmul"] == 4 * bd["recurrence_matmul"]

@@ -130,3 +130,31 @@ def test_half_precision_scores_stay_finite() -> None:
     q, k, v = (t.half() for t in _qkv())
     out = _nsa(q, k, v, _gates(None).half(), pool=torch.zeros(HKV, BLOCK).half())
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_implementation_is_named_dense_masked_reference() -> None:
+    from effllm_helpers.models import nsa
+
+    assert nsa.IMPLEMENTATION == "pytorch_dense_masked_reference"
+
+
+def test_executed_flops_match_flop_counter_on_a_tiny_forward() -> None:
+    """The dense masked reference runs more than NSA's sparse model FLOPs; the executed count
+    is what FlopCounterMode sees on a full-sequence forward (SDPA on its math backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effllm_helpers.models.decoder import EffllmConfig, EffllmDecoderForCausalLM
+    from effllm_helpers.models.flops import executed_flops_per_token, flops_per_token
+
+    seq = 48
+    cfg = EffllmConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                       attention="nsa", nsa_window=8, nsa_block=8, nsa_stride=4, nsa_selected=2)
+    model = EffllmDecoderForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as fc:
+        model(input_ids=ids)
+    executed = executed_flops_per_token(cfg, seq) * seq
+    assert abs(fc.get_total_flops() - executed) <= 0.01 * executed
+    assert executed > 1.03 * flops_per_token(cfg, seq, training=False) * seq

@@ -156,16 +156,14 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
 
 def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared,
                      p: FinetuneParams) -> float | None:
-    """Training FLOPs/token: forward through the whole model, backward through activations
-    everywhere but weight gradients only for trainable params (2N fwd + 2N bwd-activation +
-    2N_trainable bwd-weight), the usual PEFT accounting. Attention term from the analytic model
-    where its config is known; None when unknown (MFU is then null with the reason)."""
+    """Training FLOPs/token of the prepared model as autograd runs them (adapter matmuls, DoRA's
+    extra work, no weight gradients for frozen weights, no backward below the first trainable
+    layer; see :func:`~effllm_helpers.models.flops.finetune_flops_per_token`). None when the
+    architecture is not covered (MFU is then null with the reason)."""
     from ..models import flops
 
-    base = getattr(model, "get_base_model", lambda: model)()
     try:
-        fwd = flops.flops_per_token(base.config, p.max_len, training=False)
+        return flops.finetune_flops_per_token(model, p.max_len,
+                                              p.train.batch_size * p.max_len)["total"]
     except (ValueError, NotImplementedError, AttributeError):
         return None
-    frac = prepared.trainable_params / max(1, prepared.total_params)
-    return fwd * (2.0 + frac)

@@ -22,7 +22,8 @@ Conventions (all per token, read from a Hugging Face config by ``config.model_ty
   ``n_cmp(t) + min(selected*block, t) + min(window, t)`` tokens per query over its three branches
   (``n_cmp(t) = (t-block)//stride + 1``), plus the pooling that builds compressed keys/values.
 - ``training=True`` multiplies the forward by 3 (forward + backward, the backward being two
-  matmuls per forward matmul), the usual ``6 N`` rule generalised.
+  matmuls per forward matmul), the usual ``6 N`` rule generalised; Mamba's scan backward is
+  counted as our implementation runs it (:func:`training_flops_breakdown`).
 
 KV-cache bytes per token: ``2 * layers * kv_heads * head_dim * bytes`` for attention; MLA caches
 its latent ``kv_lora_rank + qk_rope_head_dim`` per layer. What transformers' DeepseekV3 code
@@ -39,7 +40,9 @@ from typing import Any
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "flops_breakdown",
+    "finetune_flops_per_token",
     "flops_per_token",
+    "training_flops_breakdown",
     "executed_flops_per_token",
     "generation_flops",
     "hf_deepseek_v3_caches_latent",
@@ -58,6 +61,14 @@ SUPPORTED_MODEL_TYPES = (*_LLAMA_LIKE, "effllm_decoder", "mixtral", "qwen2_moe",
 # elementwise FLOPs of the recurrences (one per op, exp counted as one)
 MAMBA_SCAN_PER_STATE = 7  # dt*A, exp, (dt x)*B, decay*h, +u, *C, sum over states
 MAMBA_SCAN_PER_CHANNEL = 8  # dt bias + softplus (2), dt*x, D*x, +, silu(z) (2), *gate
+# backward of our scan (models/mamba.py _SelectiveScan.backward, per [t, d, n] element): recompute
+# of the chunk's states (dt*A, exp, u, addcmul: 5), dC, d(dt x) and dB contractions (3 x 2),
+# g = dy*C (1), adjoint addcmul (2), g*h_{t-1} and *decay (2), dA (mul + sum: 2), dl*A + sum (2)
+MAMBA_SCAN_BWD_PER_STATE = 20
+MAMBA_SCAN_BWD_CONTRACTIONS = 3  # dC, d(dt x), dB: each the size of the forward's C.h
+# per [t, d] channel: the scan's dt*x recompute, d(dt) (2) and dx (1), plus the backward of the
+# 8 elementwise forward ops around it at the usual two ops per forward op
+MAMBA_SCAN_BWD_PER_CHANNEL = 4 + 2 * MAMBA_SCAN_PER_CHANNEL
 RWKV_WKV_PER_CHANNEL = 23  # stable WKV: output (12: add, max, 2 sub, 2 exp, 3 mul, 2 add, div)
 #                            + state update (11: add, max, 2 sub, 2 exp, 3 mul, 2 add)
 
@@ -280,16 +291,39 @@ def _executed_note(config: Any, mt: str) -> str:
     return ""
 
 
+def training_flops_breakdown(config: Any, seq_len: int, *,
+                             causal_discount: bool = True) -> dict[str, float]:
+    """Forward + backward FLOPs per token by component (keys of :func:`flops_breakdown`).
+
+    Weight matmuls, attention, LM head and conv: forward + two backward matmuls (activation and
+    weight gradients) = 3x forward. Mamba's scan is counted as our implementation runs it: its
+    backward recomputes the chunk's states and has three contractions of the ``C . h`` size
+    (``MAMBA_SCAN_BWD_*``), so ``recurrence_matmul`` is 4x forward, not 3x. RWKV's WKV: 3x.
+    """
+    fwd = flops_breakdown(config, seq_len, causal_discount=causal_discount)
+    out = {k: 3 * v for k, v in fwd.items()}
+    if _model_type(config) in _MAMBA:
+        inner, n = config.intermediate_size, config.state_size
+        bwd = config.num_hidden_layers * float(MAMBA_SCAN_BWD_PER_STATE * inner * n
+                                               + MAMBA_SCAN_BWD_PER_CHANNEL * inner)
+        out["recurrence"] = fwd["recurrence"] + bwd
+        out["recurrence_matmul"] = fwd["recurrence_matmul"] * (1 + MAMBA_SCAN_BWD_CONTRACTIONS)
+    return out
+
+
 def flops_per_token(config: Any, seq_len: int, training: bool = True, *,
                     causal_discount: bool = True) -> float:
-    """Analytic FLOPs per token (forward, or forward+backward = 3x forward when ``training``).
+    """Analytic FLOPs per token: forward, or forward+backward when ``training`` (3x forward,
+    except Mamba's scan, see :func:`training_flops_breakdown`).
 
     ``seq_len`` is the context length the tokens are processed in (training sequence length).
     See the module docstring for what is counted; ``causal_discount`` chooses whether causally
     masked attention pairs count (``False``) or not (``True``, default).
     """
-    total = _body_sum(flops_breakdown(config, seq_len, causal_discount=causal_discount))
-    return total * (3 if training else 1)
+    if training:
+        return _body_sum(training_flops_breakdown(config, seq_len,
+                                                  causal_discount=causal_discount))
+    return _body_sum(flops_breakdown(config, seq_len, causal_discount=causal_discount))
 
 
 def nsa_executed_attention_flops(config: Any, q_len: int, s_len: int) -> float:
@@ -326,6 +360,94 @@ def executed_flops_per_token(config: Any, seq_len: int) -> float:
         return flops_per_token(config, seq_len, training=False, causal_discount=False)
     body = _body_sum(_body_flops(config, mt)) + _lm_head_flops(config)
     return body + nsa_executed_attention_flops(config, seq_len, seq_len) / seq_len
+
+
+def _trainable(module: Any) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _linear_flops(module: Any, input_rg: bool, tokens_per_step: int
+                  ) -> tuple[float, float, bool]:
+    """(forward, backward, output requires grad) per token of one ``nn.Linear`` or peft LoRA
+    layer, given whether its input requires grad (autograd computes an input gradient only then).
+
+    Base weight: forward ``2io``; backward ``2io`` for the input gradient (if needed) and
+    ``2io`` for the weight gradient (if trainable). Each LoRA adapter ``x -> A (i->r) -> B
+    (r->o)``: forward ``2ir + 2ro``; backward the weight gradients of A and B, the gradient into
+    A's output, and into ``x`` if needed. DoRA also, in training with dropout, re-runs the base
+    matmul on the dropped-out input (and its input gradient), and once per forward call builds
+    ``B A`` by pushing an identity through both (``2 i i r + 2 i r o``, detached, no backward),
+    spread over the ``tokens_per_step`` tokens of the call.
+    """
+    base = getattr(module, "base_layer", module)
+    i, o = base.in_features, base.out_features
+    w_rg = base.weight.requires_grad
+    fwd = 2.0 * i * o
+    bwd = 2.0 * i * o * (int(input_rg) + int(w_rg))
+    out_rg = input_rg or w_rg
+    for name, a in getattr(module, "lora_A", {}).items():
+        b, r = module.lora_B[name], module.lora_A[name].out_features
+        a_rg, b_rg = a.weight.requires_grad, b.weight.requires_grad
+        fwd += 2.0 * i * r + 2.0 * r * o
+        a_out_rg = input_rg or a_rg
+        bwd += 2.0 * r * o * (int(b_rg) + int(a_out_rg)) + 2.0 * i * r * (int(a_rg)
+                                                                            + int(input_rg))
+        out_rg = out_rg or a_rg or b_rg or a_out_rg
+        if name in getattr(module, "lora_magnitude_vector", {}):
+            fwd += (2.0 * i * i * r + 2.0 * i * r * o) / tokens_per_step
+            dropout = module.lora_dropout[name]
+            if module.training and type(dropout).__name__ != "Identity":
+                fwd += 2.0 * i * o
+                bwd += 2.0 * i * o * int(input_rg)
+            out_rg = out_rg or module.lora_magnitude_vector[name].weight.requires_grad
+    return fwd, bwd, out_rg
+
+
+def finetune_flops_per_token(model: Any, seq_len: int, tokens_per_step: int, *,
+                             causal_discount: bool = True) -> dict[str, Any]:
+    """Forward and backward FLOPs per token of one training step of a (peft-)prepared model.
+
+    Walks a Llama-like model's blocks in execution order and counts, per weight matmul, what
+    autograd really runs: input gradients only where something trainable lies upstream (below
+    the first trainable layer there is no backward at all), weight gradients only for trainable
+    weights, LoRA/DoRA adapter work per :func:`_linear_flops`; attention ``QK^T`` and ``AV``
+    backward per which of q, k, v require grad. Full fine-tuning comes out as 3x forward.
+    ``tokens_per_step``: tokens in one forward call (batch x sequence), for DoRA's per-call work.
+    Raises ``ValueError`` for models that are not Llama-like dense decoders.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    mt = _model_type(cfg)
+    if mt not in (*_LLAMA_LIKE, "effllm_decoder") or _is_nsa(cfg, mt):
+        raise ValueError(f"fine-tuning FLOPs walk Llama-like dense decoders, not {mt!r}")
+    layers = base.model.layers
+    attn = _attention_flops(cfg, mt, _dense_ctx(seq_len, causal_discount)) / len(layers)
+    emb = base.get_input_embeddings()
+    g = (emb.weight.requires_grad or hasattr(base, "_require_grads_hook")
+         or bool(getattr(base, "_require_grads_hooks", None)))
+    fwd = bwd = 0.0
+
+    def lin(module: Any, input_rg: bool) -> bool:
+        nonlocal fwd, bwd
+        f, b, out_rg = _linear_flops(module, input_rg, tokens_per_step)
+        fwd, bwd = fwd + f, bwd + b
+        return out_rg
+
+    for layer in layers:
+        sa, mlp = layer.self_attn, layer.mlp
+        x_rg = g or _trainable(layer.input_layernorm)
+        q_rg, k_rg, v_rg = (lin(sa.q_proj, x_rg), lin(sa.k_proj, x_rg), lin(sa.v_proj, x_rg))
+        fwd += attn
+        # QK^T: dQ and dK each half of the forward's score work; AV: dP (if q or k) and dV
+        bwd += attn / 2 * (int(q_rg) + int(k_rg) + int(q_rg or k_rg) + int(v_rg))
+        g = lin(sa.o_proj, q_rg or k_rg or v_rg) or g
+        h_rg = g or _trainable(layer.post_attention_layernorm)
+        gate_rg, up_rg = lin(mlp.gate_proj, h_rg), lin(mlp.up_proj, h_rg)
+        g = lin(mlp.down_proj, gate_rg or up_rg) or g
+    lin(base.get_output_embeddings(), g or _trainable(base.model.norm))
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd,
+            "method": "per-module autograd walk: input grads where upstream is trainable, "
+                      "weight grads for trainable weights, LoRA/DoRA adapter matmuls"}
 
 
 def hf_deepseek_v3_caches_latent() -> bool:
