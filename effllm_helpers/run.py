@@ -141,6 +141,9 @@ def start_run(axis: str, *, params: dict[str, Any] | None = None, preset: str | 
     out.mkdir(parents=True, exist_ok=True)
     _apply_threads()
     _seed_everything(seed)
+    from .measure.memory import mark_baseline
+
+    mark_baseline()  # before the notebook loads a model: the Meter's AMU increment is above it
     return RunContext(axis=axis, study=study, run_id=rid, seed=seed, params=p, output_dir=out,
                       point=point or {})
 
