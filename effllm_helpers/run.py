@@ -18,6 +18,8 @@ from . import config, results
 from .paths import outputs_dir
 from .provenance import provenance
 
+THREADS_ENV = "EFFLLM_THREADS"  # torch threads for this run, set by the sweep
+
 
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss; the run is recorded as failed ('diverged')."""
@@ -137,9 +139,29 @@ def start_run(axis: str, *, params: dict[str, Any] | None = None, preset: str | 
     rid = run_id or config.run_id_for(study, axis, "interactive", p.model_dump(mode="json"), seed)
     out = Path(output_dir) if output_dir else outputs_dir("runs", "interactive", axis, rid)
     out.mkdir(parents=True, exist_ok=True)
+    _apply_threads()
     _seed_everything(seed)
+    from .measure.memory import mark_baseline
+
+    mark_baseline()  # before the notebook loads a model: the Meter's AMU increment is above it
     return RunContext(axis=axis, study=study, run_id=rid, seed=seed, params=p, output_dir=out,
                       point=point or {})
+
+
+def _apply_threads(env: dict[str, str] | None = None) -> int | None:
+    """``torch.set_num_threads($EFFLLM_THREADS)``: the count the sweep chose for this run
+    (cores // workers), so runs side by side do not oversubscribe the CPU; unset by hand."""
+    raw = (os.environ if env is None else env).get(THREADS_ENV)
+    try:
+        n = int(raw) if raw else 0
+    except ValueError:
+        return None
+    if n < 1:
+        return None
+    import torch
+
+    torch.set_num_threads(n)
+    return n
 
 
 def _seed_everything(seed: int) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 from . import config, results
 from .paths import outputs_dir
-from .run import classify_failure, failure_record
+from .run import THREADS_ENV, classify_failure, failure_record
 
 RUN_SPEC = "run.json"
 RUN_NOTEBOOK = "run.ipynb"
@@ -51,6 +51,7 @@ class Outcome:
     status: str  # ok | failed | skipped | cached | cached-failed
     seconds: float = 0.0
     reason: str | None = None
+    busy: str | None = None  # the record's busy-machine warning (measured under contention)
 
 
 @dataclass
@@ -80,7 +81,7 @@ def plan(runs: list[config.Run], output_dir: Path,
     for run in runs:
         rec = results.read_record(run_dir_for(output_dir, run))
         if rec and rec.get("run_id") == run.run_id and rec.get("status") == "ok":
-            settled.append(Outcome(run, "cached"))
+            settled.append(Outcome(run, "cached", busy=record_busy(rec)))
         elif rec and rec.get("status") == "skipped" and not retry_failed:
             settled.append(Outcome(run, "skipped", reason=(rec.get("error") or {}).get("reason")))
         elif rec and rec.get("status") == "failed" and not retry_failed:
@@ -118,6 +119,35 @@ def _runner_context():
 CONCURRENT_ENV = "EFFLLM_CONCURRENT_RUNS"  # how many runs the sweep executes at once
 
 
+def threads_per_run(workers: int, cores: int) -> int:
+    """Torch threads for each of ``workers`` concurrent runs on ``cores`` CPUs (at least 1)."""
+    return max(1, int(cores) // max(1, int(workers)))
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def run_thread_env(concurrent: int | None, cores: int | None = None) -> dict[str, str]:
+    """Thread-pool environment (OpenMP, MKL, ours) for one of ``concurrent`` runs sharing this
+    machine's cores; empty when the number of runs sharing the machine is unknown."""
+    if not concurrent:
+        return {}
+    n = str(threads_per_run(concurrent, usable_cpus() if cores is None else cores))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, THREADS_ENV: n}
+
+
+def record_busy(rec: dict[str, Any] | None) -> str | None:
+    """The busy-machine warning a record's metrics carry (``metrics.load_1m.busy``), or None."""
+    load = ((rec or {}).get("metrics") or {}).get("load_1m")
+    if isinstance(load, dict) and load.get("busy"):
+        return str(load.get("warning") or "machine busy")
+    return None
+
+
 def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> None:
     """First thing in a runner process: own session (so a timeout kills runner + kernel as one
     group), die with our parent, CUDA pinning, output to runner.log; then papermill."""
@@ -127,6 +157,7 @@ def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> 
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if concurrent is not None:
         os.environ[CONCURRENT_ENV] = str(concurrent)
+    os.environ.update(run_thread_env(concurrent))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
@@ -146,6 +177,7 @@ class _PopenRunner:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if concurrent is not None:
             env[CONCURRENT_ENV] = str(concurrent)
+        env.update(run_thread_env(concurrent))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         with open(rdir / "runner.log", "w") as log:
@@ -228,7 +260,7 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
                              tail)
         results.write_record(rdir, rec)
     return {"status": rec["status"], "seconds": seconds,
-            "reason": (rec.get("error") or {}).get("reason")}
+            "reason": (rec.get("error") or {}).get("reason"), "busy": record_busy(rec)}
 
 
 def interrupt_all() -> None:
@@ -432,7 +464,8 @@ def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepRes
                     free.append(slot)
                     try:
                         res = fut.result()
-                        outcome = Outcome(run, res["status"], res["seconds"], res["reason"])
+                        outcome = Outcome(run, res["status"], res["seconds"], res["reason"],
+                                          res.get("busy"))
                     except Exception as exc:  # failed on our side: record it, carry on
                         outcome = _sweep_side_failure(out, run, exc)
                     _record(result, outcome, bar, on_outcome)
@@ -488,7 +521,8 @@ def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
             run = futures[fut]
             try:
                 res = fut.result()
-                outcome = Outcome(run, res["status"], res["seconds"], res["reason"])
+                outcome = Outcome(run, res["status"], res["seconds"], res["reason"],
+                                  res.get("busy"))
             except Exception as exc:  # the worker itself died: record it, carry on
                 outcome = _sweep_side_failure(out, run, exc, "dask worker failed")
             _record(result, outcome, bar, on_outcome)
@@ -514,6 +548,12 @@ def summary_table(result: SweepResult) -> str:
     for o in result.outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     lines.append(f"{result.study}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    busy = [o for o in result.outcomes if o.busy]
+    if busy:
+        lines.append(f"warning: {len(busy)} run(s) were measured on a busy machine (1-min load "
+                     "above the cores; their latency/throughput/MFU/energy are contended): "
+                     + ", ".join(o.run.run_id for o in busy))
+        lines.append(f"  e.g. {busy[0].run.run_id}: {busy[0].busy}")
     return "\n".join(lines)
 
 

@@ -294,9 +294,28 @@ def test_fp32_peak_with_allow_tf32_flag(fake_gpu: FakeNvml, monkeypatch: pytest.
                                         ) -> None:
     monkeypatch.setattr(comp, "tf32_matmul_enabled", lambda: True)
     with Meter("cuda:0", flops_per_token=1e9, dtype="fp32", sample_interval_s=0.05) as m:
+        time.sleep(0.05)  # 1e12 FLOP in >= 50 ms stays below the peak (MFU above 1 is null)
         m.step(tokens=1000)
     mfu = m.metrics()["mfu"]
     assert mfu["peak_flops"] == pytest.approx(494.7e12) and mfu["peak_dtype"] == "tf32"
     monkeypatch.setattr(dev, "cuda_device_name", lambda i: "Tesla V100-SXM2-16GB")
     p, _, notes = comp.peak_flops("cuda:0", "fp32")  # no TF32 cores before Ampere
     assert p == pytest.approx(15.7e12) and notes["peak_dtype"] == "fp32"
+
+
+def test_gpu_increment_is_allocator_bytes_above_the_preload_mark(
+        fake_gpu: FakeNvml, monkeypatch: pytest.MonkeyPatch) -> None:
+    from effllm_helpers.measure import memory as mem
+
+    monkeypatch.setattr(mem, "_BASELINE", {"rss_bytes": 1.0, "kind": "preload",
+                                           "cuda_allocated_bytes": {0: 10**9, 1: 7 * 10**9}})
+    monkeypatch.setattr(dev, "cuda_allocated", lambda idx: 5 * 10**9)
+    with Meter("cuda:0", sample_interval_s=0.01) as m:
+        time.sleep(0.03)
+        m.step(tokens=1)
+    out = m.metrics()
+    inc = out["amu_increment_gb"]
+    assert inc["value"] == pytest.approx(4.0) and inc["baseline_gb"] == pytest.approx(1.0)
+    assert inc["method"] == "torch_cuda_memory_allocated_sampled_minus_preload_baseline"
+    assert out["peak_increment_gb"]["value"] == pytest.approx(4.0)
+    assert "baseline_gb" not in out["amu_gb"]  # NVML's total is kept as it was

@@ -15,6 +15,14 @@ from effllm_helpers.measure.meter import GPU_KEYS, METRIC_KEYS, Meter
 from effllm_helpers.results import validate_metric
 
 
+@pytest.fixture(autouse=True)
+def calib_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrations in these tests go to a per-test file with a tiny budget, not the machine's."""
+    monkeypatch.setenv(comp.CALIB_DIR_ENV, str(tmp_path / "calib"))
+    monkeypatch.setenv(comp.CALIB_BUDGET_ENV, "0.05")
+    monkeypatch.setattr(comp, "_CALIB_CACHE", {})
+
+
 def test_known_sleep_comes_back_as_latency() -> None:
     with Meter("cpu", sample_interval_s=0.05) as m:
         for _ in range(5):
@@ -84,7 +92,7 @@ def test_it_is_null_without_generated_tokens_and_tt_without_params() -> None:
 def test_mfu_of_a_known_matmul_count_with_a_patched_peak(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     n, k = 128, 20
-    monkeypatch.setattr(comp, "calibrate_matmul", lambda *a, **kw: 5e9)
+    monkeypatch.setattr(comp, "calibrate_matmul", lambda *a, **kw: 5e12)  # above any n=128 rate
     a = torch.randn(n, n)
     t_out = time.perf_counter()
     with Meter("cpu", flops_per_token=2.0 * n * n, sample_interval_s=0.05) as m:
@@ -97,7 +105,7 @@ def test_mfu_of_a_known_matmul_count_with_a_patched_peak(monkeypatch: pytest.Mon
     assert 0 < dur <= t_out
     assert out["mfu"]["method"] == "analytic_flops/calibrated_matmul"
     assert out["mfu"]["achieved_flops"] == pytest.approx(2.0 * n**3 * k / dur)
-    assert out["mfu"]["value"] == pytest.approx(2.0 * n**3 * k / dur / 5e9)
+    assert out["mfu"]["value"] == pytest.approx(2.0 * n**3 * k / dur / 5e12)
 
 
 def test_mfu_with_sleep_workload_and_user_peak() -> None:

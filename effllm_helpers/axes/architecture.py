@@ -66,6 +66,8 @@ def probe_blocks(tokenizer: Any, seq_len: int, n_blocks: int, n_pairs: int,
 def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None,
         progress: bool = True) -> ArchitectureResult:
     """Pretrain the model ``p`` describes for its token budget and measure everything."""
+    from ..measure.memory import mark_baseline  # AMU increment: memory above this point
+    mark_baseline()
     torch.manual_seed(seed)
     seq_len = p.data.seq_len
     tokenizer, train_blocks = data.token_blocks(p.data, "train")

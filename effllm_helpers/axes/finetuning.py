@@ -87,6 +87,8 @@ def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: data.TaskData,
 def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         progress: bool = True, evaluate_tasks: bool = True) -> FinetuneResult:
     """Fine-tune with ``p.method`` for ``p.train.steps`` and measure everything."""
+    from ..measure.memory import mark_baseline  # AMU increment: memory above this point
+    mark_baseline()
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_base(p.base_model, device, p.embedded_profile, progress)

@@ -177,6 +177,8 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
 
 def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceResult:
     """Load at ``p.precision``, benchmark decode at every batch size, score quality and MCR."""
+    from ..measure.memory import mark_baseline  # AMU increment: memory above this point
+    mark_baseline()
     from transformers import AutoTokenizer
 
     from .. import models  # noqa: F401 - registers our custom model classes with Auto*

@@ -129,6 +129,11 @@ def cuda_peaks(indices: list[int]) -> tuple[int, int]:
     return alloc, res
 
 
+def cuda_allocated(indices: list[int]) -> int:
+    """Bytes the torch allocator holds now, summed over the devices (tensors, not its cache)."""
+    return sum(int(torch.cuda.memory_allocated(i)) for i in indices)
+
+
 def cuda_uuid(index: int) -> str | None:
     try:
         if not torch.cuda.is_available():

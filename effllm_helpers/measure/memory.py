@@ -67,6 +67,44 @@ class ProcessTree:
         return total
 
 
+# ---------------------------------------------------------------- pre-load baseline
+# Why: a CPU run's RSS includes the interpreter, torch and whatever earlier code cached (~0.5 GB
+# before any model), which swamps the difference between fp32 and int4 weights. The axes mark
+# the baseline before they load a model; the Meter reports the increment over it beside the
+# total. Without a mark, the RSS when this module was imported (interpreter + torch) is used.
+_BASELINE: dict[str, Any] = {}
+
+
+def _cuda_allocated() -> dict[int, int] | None:
+    """Bytes the torch CUDA allocator holds now per device, without initialising CUDA (an
+    uninitialised CUDA holds nothing); None without CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        n = torch.cuda.device_count()
+        if not torch.cuda.is_initialized():
+            return dict.fromkeys(range(n), 0)
+        return {i: int(torch.cuda.memory_allocated(i)) for i in range(n)}
+    except Exception:
+        return None
+
+
+def mark_baseline() -> dict[str, Any]:
+    """Record this process tree's memory now, before a model is loaded (each call replaces the
+    last); the Meter's ``amu_increment_gb`` is measured above it."""
+    _BASELINE.clear()
+    _BASELINE.update(rss_bytes=ProcessTree().rss_bytes(), cuda_allocated_bytes=_cuda_allocated(),
+                     kind="preload", t=time.time())
+    return dict(_BASELINE)
+
+
+def baseline() -> dict[str, Any]:
+    """The last :func:`mark_baseline`, else the import-time one (``kind``: preload | import)."""
+    return dict(_BASELINE or _IMPORT_BASELINE)
+
+
 def ram_total_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
@@ -109,3 +147,8 @@ class GpuMemoryProbe:
 
     def total_bytes(self) -> int:
         return sum(int(self.nv.nvmlDeviceGetMemoryInfo(h).total) for h in self.handles)
+
+
+_IMPORT_BASELINE: dict[str, Any] = {"rss_bytes": ProcessTree().rss_bytes(),
+                                    "cuda_allocated_bytes": None, "kind": "import",
+                                    "t": time.time()}

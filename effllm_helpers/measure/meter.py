@@ -24,12 +24,15 @@ samples are those of the measured steps, summed over all devices the run uses.
 
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from typing import Any
 
 import torch
 
 from effllm_helpers.measure import compute as comp
+from effllm_helpers.measure import contention as cont
 from effllm_helpers.measure import device as dev
 from effllm_helpers.measure import energy as en
 from effllm_helpers.measure import memory as mem
@@ -39,10 +42,14 @@ from effllm_helpers.results import metric, missing
 
 GB = 1e9  # decimal GB, as the paper's tables
 
-METRIC_KEYS = ("amu_gb", "amu_frac", "peak_gb", "pcu", "mfu", "al_s", "tt", "st", "it",
-               "tokens_per_s", "samples_per_s", "aec_w", "energy_j", "j_per_token", "duration_s")
+METRIC_KEYS = ("amu_gb", "amu_frac", "peak_gb", "amu_increment_gb", "peak_increment_gb", "pcu",
+               "mfu", "al_s", "tt", "st", "it", "tokens_per_s", "samples_per_s", "aec_w",
+               "energy_j", "j_per_token", "duration_s", "load_1m", "cpu_share",
+               "machine_cpu_busy", "torch_threads")
 GPU_KEYS = ("torch_max_allocated_gb", "torch_max_reserved_gb")
-UNITS = {"amu_gb": "GB", "amu_frac": "fraction", "peak_gb": "GB", "pcu": "fraction",
+UNITS = {"amu_gb": "GB", "amu_frac": "fraction", "peak_gb": "GB", "amu_increment_gb": "GB",
+         "peak_increment_gb": "GB", "load_1m": "tasks", "cpu_share": "fraction",
+         "machine_cpu_busy": "fraction", "torch_threads": "threads", "pcu": "fraction",
          "mfu": "fraction", "al_s": "s", "tt": "tokens/s/param", "st": "samples/s/param",
          "it": "tokens/s", "tokens_per_s": "tokens/s", "samples_per_s": "samples/s",
          "aec_w": "W", "energy_j": "J", "j_per_token": "J/token", "duration_s": "s",
@@ -106,6 +113,13 @@ class Meter:
         self._e0: Any = None
         self._e1: Any = None
         self._cpu0 = self._cpu1 = 0.0
+        self._load0: float | None = None
+        self._load1: float | None = None
+        self._mach0: tuple[float, float] | None = None
+        self._mach1: tuple[float, float] | None = None
+        self._threads = 0
+        self._busy: str | None = None
+        self._baseline = mem.baseline()
         self._torch_peaks: tuple[int, int] | None = None
         self._tree = mem.ProcessTree()
 
@@ -134,6 +148,7 @@ class Meter:
         except Exception as exc:
             self.notes.setdefault("total_memory", f"NVML memory info: {exc}")
         probes["mem"] = self._mem_probe
+        probes["alloc"] = lambda: dev.cuda_allocated(self.cuda_indices)
         probes["util"] = comp.GpuUtilProbe(nv, handles)
         for i, h in enumerate(handles):
             probes[f"power/{i}"] = en.PowerProbe(nv, h)
@@ -187,6 +202,8 @@ class Meter:
         assert self.sampler is not None
         self._ts0 = self.sampler.sample_now()
         self._cpu0 = comp.process_cpu_seconds(self._tree, refresh=False)
+        self._load0, self._mach0 = cont.load_1m(), cont.cpu_times()
+        self._threads = torch.get_num_threads()
         self._e0 = self._read_energy()
         self._t0 = time.perf_counter()
         self._marks = [dev.cuda_event() if self.is_gpu else self._t0]
@@ -202,6 +219,11 @@ class Meter:
         if self.is_gpu:
             self._torch_peaks = dev.cuda_peaks(self.cuda_indices)
         self._measuring = False
+        self._load1, self._mach1 = cont.load_1m(), cont.cpu_times()
+        self._busy = cont.busy_message([self._load0, self._load1], cont.machine_cores())
+        if self._busy:
+            self.notes["contention"] = self._busy
+            warnings.warn(self._busy, RuntimeWarning, stacklevel=3)
 
     def step(self, tokens: int = 0, samples: int = 0, generated_tokens: int | None = None,
              flop_tokens: int | None = None) -> None:
@@ -324,6 +346,7 @@ class Meter:
         out.update(self._compute_metrics(dur))
         out.update(self._throughput_metrics(dur))
         out.update(self._energy_metrics(dur))
+        out.update(self._contention_metrics(dur))
         return {k: out[k] for k in keys}
 
     def _series(self, name: str) -> tuple[list[float], list[float]]:
@@ -349,6 +372,10 @@ class Meter:
             out["peak_gb"] = missing("GB", reason, method)
             out["amu_frac"] = missing("fraction", reason, method)
         else:
+            base = None if self.is_gpu else self._baseline.get("rss_bytes")
+            if base is not None:
+                extra["baseline_gb"] = base / GB
+                extra["baseline_kind"] = self._baseline.get("kind")
             out["amu_gb"] = metric(avg / GB, "GB", method, **extra)
             out["peak_gb"] = metric(max(vs) / GB, "GB", method, **extra)
             if self._total_mem:
@@ -357,6 +384,7 @@ class Meter:
             else:
                 out["amu_frac"] = missing("fraction", self.notes.get(
                     "total_memory", "device total memory unknown"), method)
+        out.update(self._increment_metrics())
         if self.is_gpu:
             if self._torch_peaks is None:
                 for k in GPU_KEYS:
@@ -367,6 +395,59 @@ class Meter:
                                                        "torch_cuda_max_memory")
                 out["torch_max_reserved_gb"] = metric(self._torch_peaks[1] / GB, "GB",
                                                       "torch_cuda_max_memory")
+        return out
+
+    def _increment_metrics(self) -> dict[str, dict[str, Any]]:
+        """AMU and peak above the pre-load baseline: what the run added (the model, its
+        activations, caches), without the interpreter and torch. CPU: sampled RSS minus the
+        RSS at ``memory.mark_baseline()``; GPU: torch allocator bytes minus those at the mark."""
+        kind = self._baseline.get("kind", "import")
+        what = "preload" if kind == "preload" else "import_time"
+        if self.is_gpu:
+            name = "alloc"
+            method = f"torch_cuda_memory_allocated_sampled_minus_{what}_baseline"
+            per = self._baseline.get("cuda_allocated_bytes") or {}
+            base = float(sum(per.get(i, 0) for i in self.cuda_indices))
+        else:
+            name = "rss"
+            method = f"psutil_rss_sampled_minus_{what}_baseline"
+            base = self._baseline.get("rss_bytes")
+        ts, vs = self._series(name)
+        avg = time_average(ts, vs)
+        if avg is None or base is None:
+            reason = ((self.sampler.errors.get(name) if self.sampler else None)
+                      or ("no memory samples" if avg is None else "no baseline"))
+            return {k: missing("GB", reason, method)
+                    for k in ("amu_increment_gb", "peak_increment_gb")}
+        extra = {"baseline_gb": base / GB, "n_samples": len(vs)}
+        if kind != "preload":
+            extra["note"] = ("no memory.mark_baseline() before the model was loaded: baseline "
+                             "is the RSS when effllm_helpers.measure was imported")
+        return {"amu_increment_gb": metric((avg - base) / GB, "GB", method, **extra),
+                "peak_increment_gb": metric((max(vs) - base) / GB, "GB", method, **extra)}
+
+    def _contention_metrics(self, dur: float) -> dict[str, dict[str, Any]]:
+        """How busy the machine was around the measured window (see ``measure.contention``)."""
+        out: dict[str, dict[str, Any]] = {}
+        cores = cont.machine_cores()
+        loads = [x for x in (self._load0, self._load1) if x is not None]
+        if loads:
+            out["load_1m"] = metric(max(loads), "tasks", "os.getloadavg_1m_max_of_start_stop",
+                                    start=self._load0, stop=self._load1, machine_cores=cores,
+                                    busy=bool(self._busy), warning=self._busy)
+        else:
+            out["load_1m"] = missing("tasks", "os.getloadavg() unavailable", "os.getloadavg")
+        ncpu = dev.usable_cpus()
+        out["cpu_share"] = metric((self._cpu1 - self._cpu0) / (dur * ncpu), "fraction",
+                                  "process_tree_cpu_time/wall/cores", n_cpus=ncpu)
+        frac = cont.busy_fraction(self._mach0, self._mach1)
+        out["machine_cpu_busy"] = (
+            metric(frac, "fraction", "psutil_cpu_times_delta", machine_cores=cores)
+            if frac is not None else
+            missing("fraction", "no machine CPU-time delta over the window",
+                    "psutil_cpu_times_delta"))
+        out["torch_threads"] = metric(self._threads, "threads", "torch.get_num_threads",
+                                      env=os.environ.get(cont.THREADS_ENV))
         return out
 
     def _compute_metrics(self, dur: float) -> dict[str, dict[str, Any]]:
@@ -392,13 +473,17 @@ class Meter:
             out["mfu"] = missing("fraction", steps_reason, "analytic_flops")
         else:
             try:
+                on_exceed = None
                 if self.peak_override is not None:
                     peak, pm, notes = float(self.peak_override), "user_peak", {}
                 else:
                     peak, pm, notes = comp.peak_flops(self.device, self.dtype,
                                                       n_devices=max(1, len(self.cuda_indices)))
+                    if not self.is_gpu:
+                        def on_exceed(achieved: float) -> None:
+                            comp.raise_cpu_peak(self.dtype, achieved)
                 out["mfu"] = comp.mfu_metric(self.flops_per_token, self._flop_tokens, dur, peak,
-                                             pm, dtype=self.dtype, **notes)
+                                             pm, on_exceed, dtype=self.dtype, **notes)
             except Exception as exc:
                 out["mfu"] = missing("fraction", f"no peak FLOP/s: {exc}", "analytic_flops")
         return out

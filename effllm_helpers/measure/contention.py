@@ -1,0 +1,56 @@
+"""Contention: how busy the machine was while a run was measured, and how many threads it used.
+
+Why: latency, throughput and MFU on a shared CPU depend on what else runs. A record that says the
+1-min load exceeded the cores, or that the machine was busier than the run itself, tells a
+reader the numbers are contended. (The sweep side, C // N threads for each of N runs on C cores,
+is in ``sweep.py`` and ``run.py``, which must not import torch.)
+"""
+
+from __future__ import annotations
+
+import os
+
+from effllm_helpers.run import THREADS_ENV  # noqa: F401 - the Meter records it beside the count
+
+
+def machine_cores() -> int:
+    """Logical CPUs of the whole machine: the load average counts runnable tasks machine-wide."""
+    return os.cpu_count() or 1
+
+
+def load_1m() -> float | None:
+    """The 1-minute load average (runnable + uninterruptible tasks), None where not available."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # pragma: no cover - non-Unix
+        return None
+
+
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine so far (idle and iowait count as not busy)."""
+    try:
+        import psutil
+
+        t = psutil.cpu_times()
+    except Exception:  # pragma: no cover - psutil is a dependency; /proc unreadable
+        return None
+    total = float(sum(t))
+    idle = float(t.idle) + float(getattr(t, "iowait", 0.0))
+    return total - idle, total
+
+
+def busy_fraction(t0: tuple[float, float] | None, t1: tuple[float, float] | None
+                  ) -> float | None:
+    """Machine-wide busy share between two :func:`cpu_times` readings (None: no delta)."""
+    if t0 is None or t1 is None or t1[1] <= t0[1]:
+        return None
+    return min(1.0, max(0.0, (t1[0] - t0[0]) / (t1[1] - t0[1])))
+
+
+def busy_message(loads: list[float | None], cores: int) -> str | None:
+    """The warning text when any 1-min load reading exceeds the cores, else None."""
+    seen = [x for x in loads if x is not None]
+    if not seen or max(seen) <= cores:
+        return None
+    return (f"machine busy: 1-min load average {max(seen):.2f} > {cores} cores during the "
+            "measured window; latency, throughput, MFU and energy are contended")
