@@ -272,7 +272,8 @@ def compare(
     except cmp.RecommendError as exc:
         _fail(str(exc))
     dest = Path(out_dir) if out_dir else _output_root(output_dir) / "compare"
-    paths = cmp.write_compare(table, dest, title=f"B / A: {b} vs {a}")
+    short = ["/".join(Path(x).resolve().parts[-2:]) for x in (a, b)]
+    paths = cmp.write_compare(table, dest, title=f"B / A: B = {short[1]}, A = {short[0]}")
     typer.echo(cmp.format_table(table))
     for line in cmp.changed_orders(table):
         typer.echo(f"ranking changed: {line}")

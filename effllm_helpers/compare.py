@@ -243,7 +243,8 @@ def draw(table: pd.DataFrame, out_dir: str | Path, name: str = "compare_ratios",
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_title(m, fontsize=10)
         ax.set_xlabel("ratio B / A (log)", fontsize=8)
-    fig.suptitle(title + "  (red: rank among techniques changed)", fontsize=11)
+    fig.suptitle(title + "\nred: rank among the matched techniques changed; bars: ci95",
+                 fontsize=10)
     return save(fig, out_dir, name)
 
 

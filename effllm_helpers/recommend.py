@@ -269,7 +269,9 @@ def choose_in_set(agg: pd.DataFrame, constraints: Sequence[str | Constraint] | S
         pool = [order[0], *tied]
         pick, break_metric = _break_tie(front.loc[pool], [MEMORY, latency, ENERGY], higher)
         ch.tie, ch.tie_break = True, break_metric
-    rest = [i for i in order if i != pick]
+    # runner-up: the next best quality among all feasible runs (dominated ones included: the
+    # question "why not X?" is about any run that fits)
+    rest = [i for i in _quality_order(feasible, quality, higher) if i != pick]
     status[pick] = "CHOSEN"
     ch.chosen = str(table.loc[pick, "technique"])
     ch.runner_up = str(table.loc[rest[0], "technique"]) if rest else None
