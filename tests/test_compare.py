@@ -141,3 +141,10 @@ def test_cli_writes_csv_and_the_figure(a_b, tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0
     csv = pd.read_csv(out / "compare.csv")
     assert set(csv["metric"]) == {"tpot_s", "ppl"} and len(csv) == 4
+
+
+def test_help_lists_out_and_metric() -> None:
+    res = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for opt in ("--out", "--metric", "--size-a", "--size-b", "--device-a", "--device-b"):
+        assert opt in res.output

@@ -158,3 +158,11 @@ def test_cli_rejects_latency_and_tpot_together(tidy, tmp_path) -> None:
     res = CliRunner().invoke(app, ["recommend", "-r", str(csv), "--max-latency-ms", "1",
                                    "--max-tpot-ms", "1"])
     assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_help_lists_every_constraint() -> None:
+    res = CliRunner().invoke(app, ["recommend", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for opt in ("--results", "--axis", "--max-memory-gb", "--max-latency-ms", "--max-tpot-ms",
+                "--max-energy-j-per-token", "--min-quality", "--device", "--size"):
+        assert opt in res.output
