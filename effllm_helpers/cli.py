@@ -176,6 +176,110 @@ def report(
     typer.echo(f"report written under {dest}")
 
 
+AxisOpt = Annotated[str, typer.Option(
+    "--axis", "-a", help="Study axis whose techniques compete: inference, finetuning or "
+                         "architecture.")]
+
+
+@app.command()
+def recommend(
+    results_dir: Annotated[Path, typer.Option(
+        "--results", "-r", help="A records folder (searched recursively), a report folder with "
+                                "results/results.csv, or a results .csv/.parquet table.")],
+    axis: AxisOpt = "inference",
+    max_memory_gb: Annotated[float | None, typer.Option(
+        "--max-memory-gb", help="Memory (AMU, amu_gb) at most this many GB.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(
+        "--max-latency-ms", help="Latency (AL, al_s: a request / a step) at most this many ms.")
+    ] = None,
+    max_tpot_ms: Annotated[float | None, typer.Option(
+        "--max-tpot-ms", help="Time per output token (tpot_s) at most this many ms; the latency "
+                              "objective is then TPOT.")] = None,
+    max_energy_j_per_token: Annotated[float | None, typer.Option(
+        "--max-energy-j-per-token", help="Energy (j_per_token) at most this many J a token.")
+    ] = None,
+    min_quality: Annotated[float | None, typer.Option(
+        "--min-quality", help="Quality at least this good, in the quality metric's unit: >= for "
+                              "accuracy, <= for perplexity/loss (the output names the metric).")
+    ] = None,
+    quality: Annotated[str | None, typer.Option(
+        "--quality", help="Quality metric to use (default: the efficiency score's choice for "
+                          "the axis; inference: task_acc if it separates runs, else ppl).")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Only this device name.")
+                      ] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="Only this model size (architecture: small/medium/large; fine-tuning: "
+                       "the base model; inference: the model).")] = None,
+) -> None:
+    """Which technique should I use? The best quality under your constraints, per device and size.
+
+    Drops runs that break a constraint (a null metric under a constraint is 'unknown' and
+    excluded), keeps the Pareto front over quality, memory, latency and energy, picks the best
+    quality (ties within ci95 broken by memory, latency, energy) and says why. Exits 1 when
+    nothing satisfies the constraints, naming the closest run and what it misses by.
+    """
+    from . import recommend as rec
+
+    try:
+        tidy = rec.load_tidy(results_dir)
+        choices = rec.recommend(tidy, axis, max_memory_gb=max_memory_gb,
+                                max_latency_ms=max_latency_ms, max_tpot_ms=max_tpot_ms,
+                                max_energy_j_per_token=max_energy_j_per_token,
+                                min_quality=min_quality, device=device, size=size,
+                                quality=quality)
+    except rec.RecommendError as exc:
+        _fail(str(exc))
+    for ch in choices:
+        typer.echo(rec.format_choice(ch) + "\n")
+    if not any(ch.feasible for ch in choices):
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="Result set A: records folder or results table.")],
+    b: Annotated[Path, typer.Argument(help="Result set B, compared as B / A.")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Where compare.csv and compare_ratios.{png,pdf} go (default: "
+                      "<output-dir>/compare).")] = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        "--metric", "-m", help="Metric to compare (repeatable; default: the axis's quality and "
+                               "headline metrics).")] = None,
+    axis: Annotated[str | None, typer.Option("--axis", "-a", help="Only this axis.")] = None,
+    device_a: Annotated[str | None, typer.Option("--device-a", help="Only A's runs on this "
+                                                                    "device.")] = None,
+    device_b: Annotated[str | None, typer.Option("--device-b", help="Only B's runs on this "
+                                                                    "device.")] = None,
+    size_a: Annotated[str | None, typer.Option(
+        "--size-a", help="Compare two sizes: A's size (with --size-b; the size then leaves the "
+                         "match).")] = None,
+    size_b: Annotated[str | None, typer.Option("--size-b", help="B's size.")] = None,
+    output_dir: OutOpt = None,
+) -> None:
+    """Two result sets side by side: ratios B/A per technique with intervals, ranking changes.
+
+    Techniques are matched by axis, study, model size and technique label. Writes compare.csv
+    and a log-scale ratio figure (PNG + PDF); '*' marks a technique whose rank changed.
+    """
+    from . import compare as cmp
+
+    if (size_a is None) != (size_b is None):
+        _fail("give both --size-a and --size-b (or neither)")
+    try:
+        table = cmp.compare(cmp.load_tidy(a), cmp.load_tidy(b), metric, device_a=device_a,
+                            device_b=device_b, size_a=size_a, size_b=size_b, axis=axis)
+    except cmp.RecommendError as exc:
+        _fail(str(exc))
+    dest = Path(out_dir) if out_dir else _output_root(output_dir) / "compare"
+    short = ["/".join(Path(x).resolve().parts[-2:]) for x in (a, b)]
+    paths = cmp.write_compare(table, dest, title=f"B / A: B = {short[1]}, A = {short[0]}")
+    typer.echo(cmp.format_table(table))
+    for line in cmp.changed_orders(table):
+        typer.echo(f"ranking changed: {line}")
+    typer.echo("written: " + ", ".join(str(p) for p in paths))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -60,3 +60,19 @@ for p in paths:
     if p.suffix == ".png":
         print(p.name)
         display(Image(filename=str(p)))
+
+# %% [markdown]
+# ## Which technique should I use?
+#
+# `effllm recommend` on these records: per device and model size, the best quality among the
+# Pareto-optimal inference precisions, and why (add constraints such as `max_memory_gb=1.0`,
+# `max_tpot_ms=10`; `effllm recommend --help` lists them).
+
+# %%
+from effllm_helpers import recommend
+
+try:
+    for choice in recommend.recommend(tidy, "inference"):
+        print(recommend.format_choice(choice), end="\n\n")
+except recommend.RecommendError as exc:  # e.g. no inference runs in these records
+    print(f"no recommendation: {exc}")
