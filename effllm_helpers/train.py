@@ -160,7 +160,7 @@ def train(
                dtype=DTYPE_NAMES.get(dtype, "fp32"), warmup_steps=meter_warmup,
                sample_interval_s=measure.sample_interval_s) as meter:
         for step in range(spec.steps):
-            timing_compile = spec.compile and step < meter_warmup
+            timing_compile = spec.compile and step < COMPILE_WARMUP_STEPS  # all in warm-up
             if timing_compile:
                 _sync(device)
                 t_step = time.perf_counter()
@@ -288,9 +288,10 @@ def _sync(device: torch.device) -> None:
 
 def _evaluate(model: torch.nn.Module, acc: Any,
               evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
+    """Evaluate the eager module: a compiled one would recompile for eval mode and new shapes."""
     model.eval()
     with torch.no_grad():
-        ev = evaluate(acc.unwrap_model(model))
+        ev = evaluate(acc.unwrap_model(model, keep_torch_compile=False))
     model.train()
     return ev
 

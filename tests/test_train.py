@@ -15,7 +15,7 @@ VOCAB, SEQ, BATCH = 32, 16, 4
 
 
 class TinyLM(torch.nn.Module):
-    """Embedding + linear head with the shifted causal-LM loss, as Hugging Face models compute it."""
+    """Embedding + linear head with the shifted causal-LM loss, as Hugging Face models do."""
 
     def __init__(self) -> None:
         super().__init__()
