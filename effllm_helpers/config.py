@@ -121,13 +121,16 @@ class ModelSpec(Strict):
     nsa_block: PosInt = 64
     nsa_stride: PosInt = 32
     nsa_selected: PosInt = 4
-    # scales the size's d_ff, e.g. a dense model whose total params match an MoE's
-    d_ff_mult: PosFloat = 1.0
+    # scales the size's d_ff, e.g. a dense model whose total params match an MoE's; the names
+    # resolve to this spec's expert count / top-k, so a dense baseline follows the preset's MoE
+    d_ff_mult: PosFloat | Literal["n_experts", "top_k"] = 1.0
 
     @model_validator(mode="after")
     def _moe(self) -> ModelSpec:
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
+        if isinstance(self.d_ff_mult, str):
+            self.d_ff_mult = float(getattr(self, self.d_ff_mult))
         return self
 
 

@@ -9,6 +9,16 @@ The loop is what we time, so it does nothing per step beyond the step itself: th
 back to the host only every ``log_every`` steps (that read synchronises the device), the Meter's
 ``step`` is O(1), and the final evaluation runs after the measured phase has stopped.
 Under ``accelerate launch`` the Meter measures each process' own device and counts its tokens.
+
+What the training record counts (so TT, J/token and AL mean what they say):
+
+* tokens are *targets*: a causal LM with ``labels`` predicts label ``t+1`` from position ``t``,
+  so a sequence of S tokens trains on S-1 of them (fewer where labels are -100);
+* AL is per optimizer step: an intermediate evaluation inside the measured window is bracketed
+  by its own Meter marks and its interval is dropped from AL (it stays in the duration, rates
+  and energy, which the Meter cannot pause; ``duration_s`` says how long it took);
+* with ``compile`` the first steps compile: they are Meter warm-up (at least
+  ``COMPILE_WARMUP_STEPS``), and their wall time is ``compile_s``, never in AL/TT/AEC/MFU.
 """
 
 from __future__ import annotations
@@ -22,10 +32,15 @@ from typing import Any
 import torch
 
 from .config import MeasureSpec, TrainSpec
-from .results import missing
+from .measure.latency import latency_metric
+from .results import metric, missing
 from .run import check_finite
 
 Batch = dict[str, torch.Tensor]
+
+# with torch.compile the first step compiles and the second may still recompile (e.g. when
+# accelerate's autocast or the optimizer state first appears): both stay out of the measurement
+COMPILE_WARMUP_STEPS = 2
 
 
 @dataclass
@@ -104,8 +119,8 @@ def train(
     ``next_batch(micro_step, rank, world)`` returns this process' micro-batch (``input_ids``,
     optional ``attention_mask``, ``labels`` with -100 where no loss is taken). ``evaluate`` is
     called every ``spec.eval_every`` steps and after the last one. The final call is outside the
-    measured window; intermediate calls are inside it, and ``duration_s`` then notes how many and
-    how long (they are in the rates, the energy and one step's latency each).
+    measured window; intermediate calls inside it are left out of AL, and ``duration_s`` notes
+    how many and how long (the rates, the energy and MFU still include them).
     """
     from tqdm.auto import tqdm
 
@@ -121,8 +136,10 @@ def train(
     # not prepared: accelerate would step it once per process per step, so warm-up and cosine
     # would end num_processes times early (spec.steps counts steps per process)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.warmup_steps, spec.steps))
+    meter_warmup = measure.warmup_steps
     if spec.compile:
         model = torch.compile(model)
+        meter_warmup = max(meter_warmup, COMPILE_WARMUP_STEPS)  # never time the compiling steps
     model.train()
     rank, world = acc.process_index, acc.num_processes
     allocate = getattr(getattr(acc.unwrap_model(model), "base_model", None),
@@ -132,19 +149,27 @@ def train(
     eval_history: list[dict[str, float]] = []
     tokens = samples = 0
     eval_inside_s = 0.0
+    n_eval_inside = 0
+    n_marks = 0  # meter.step() calls so far: training steps and evaluation ends
+    eval_lat_idx: list[int] = []  # indices into meter.latencies_s() that are evaluations
+    first_steps_s: list[float] = []  # wall time of the compiling (warm-up) steps
     last_loss = float("nan")
     bar = tqdm(total=spec.steps, desc="train", unit="step", disable=not progress or rank != 0,
                leave=False)
     with Meter(device, n_params=n_params, flops_per_token=flops_per_token,
-               dtype=DTYPE_NAMES.get(dtype, "fp32"), warmup_steps=measure.warmup_steps,
+               dtype=DTYPE_NAMES.get(dtype, "fp32"), warmup_steps=meter_warmup,
                sample_interval_s=measure.sample_interval_s) as meter:
         for step in range(spec.steps):
+            timing_compile = spec.compile and step < COMPILE_WARMUP_STEPS  # all in warm-up
+            if timing_compile:
+                _sync(device)
+                t_step = time.perf_counter()
             step_tokens = step_samples = step_run = 0
             loss_acc = torch.zeros((), device=device)
             for micro in range(spec.grad_accum):
                 batch = next_batch(step * spec.grad_accum + micro, rank, world)
                 labels = batch.get("labels", batch["input_ids"])  # counted on the host: no sync
-                step_tokens += int((labels != -100).sum()) if "labels" in batch else labels.numel()
+                step_tokens += count_targets(labels)
                 mask = batch.get("attention_mask")  # tokens the model runs on (prompt included)
                 step_run += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 step_samples += labels.shape[0]
@@ -164,6 +189,10 @@ def train(
             # the Meter measures this process' device(s): it gets this rank's counts, so its
             # rates, MFU and J/token are per device; the curves count every rank's tokens
             meter.step(tokens=step_tokens, samples=step_samples, flop_tokens=step_run)
+            n_marks += 1
+            if timing_compile:
+                _sync(device)
+                first_steps_s.append(time.perf_counter() - t_step)
             tokens += step_tokens * world
             samples += step_samples * world
             if (step + 1) % log_every == 0 or step == spec.steps - 1:
@@ -179,11 +208,17 @@ def train(
             bar.update(1)
             last = step == spec.steps - 1
             if evaluate and not last and (step + 1) % spec.eval_every == 0:
-                # inside the measured window (in the next step's latency): the record says so
                 t_ev = time.perf_counter()
                 eval_history.append({"step": step + 1, "tokens": tokens,
                                      **_evaluate(model, acc, evaluate)})
-                eval_inside_s += time.perf_counter() - t_ev
+                if n_marks >= meter_warmup:  # inside the measured window
+                    # a mark of its own ends the evaluation's interval, which AL then drops;
+                    # in warm-up a mark would count as a warm-up step, and nothing is measured
+                    eval_lat_idx.append(n_marks - meter_warmup)
+                    meter.step(tokens=0, samples=0, flop_tokens=0)
+                    n_marks += 1
+                    n_eval_inside += 1
+                    eval_inside_s += time.perf_counter() - t_ev
         meter.stop()  # the final evaluation is not training time
         if evaluate:
             eval_history.append({"step": spec.steps, "tokens": tokens,
@@ -207,12 +242,20 @@ def train(
                                         "y": [e[k] for e in eval_history], "x_unit": "tokens",
                                         "y_unit": k}
     metrics = meter.metrics()
-    n_inside = max(0, len(eval_history) - 1)
-    if n_inside and metrics["duration_s"]["value"] is not None:
+    if metrics["al_s"]["value"] is not None:
+        metrics["al_s"] = step_latency(meter.latencies_s(), eval_lat_idx,
+                                       metrics["al_s"]["method"])
+    if n_eval_inside and metrics["duration_s"]["value"] is not None:
         metrics["duration_s"]["eval_inside_s"] = eval_inside_s
         metrics["duration_s"]["note"] = (
-            f"includes {n_inside} intermediate evaluation(s), {eval_inside_s:.2f} s, also in "
-            "the rates, energy and one step's latency each")
+            f"includes {n_eval_inside} intermediate evaluation(s), {eval_inside_s:.2f} s, also "
+            "in the rates, MFU, PCU, memory and energy; al_s excludes them")
+    metrics["compile_s"] = (
+        metric(sum(first_steps_s), "s", "perf_counter_first_steps", steps=len(first_steps_s),
+               step_s=first_steps_s, warmup_steps=meter_warmup,
+               note="the first optimizer steps, compilation included; Meter warm-up, so not in "
+                    "AL, rates, energy or MFU")
+        if spec.compile else missing("s", "compile off", "perf_counter_first_steps"))
     if world > 1:
         metrics["duration_s"]["world_size"] = world
     if "tt" not in metrics:
@@ -221,11 +264,34 @@ def train(
                        samples=samples, final_loss=last_loss, eval_history=eval_history)
 
 
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens a causal LM is trained on: labels shifted by one (the first has no prediction),
+    -100 excluded. S-token sequences give S-1 targets each."""
+    return int((labels[..., 1:] != -100).sum())
+
+
+def step_latency(latencies: list[float], eval_idx: list[int], method: str) -> dict[str, Any]:
+    """AL over optimizer steps only: the Meter's per-mark latencies without evaluation ones."""
+    drop = set(eval_idx)
+    steps = [x for i, x in enumerate(latencies) if i not in drop]
+    out = latency_metric(steps, method)
+    out["what"] = "per optimizer step"
+    if drop:
+        out["excluded_eval_intervals"] = len(drop)
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _evaluate(model: torch.nn.Module, acc: Any,
               evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
+    """Evaluate the eager module: a compiled one would recompile for eval mode and new shapes."""
     model.eval()
     with torch.no_grad():
-        ev = evaluate(acc.unwrap_model(model))
+        ev = evaluate(acc.unwrap_model(model, keep_torch_compile=False))
     model.train()
     return ev
 

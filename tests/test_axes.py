@@ -51,12 +51,15 @@ def test_architecture_run_records_every_metric(spec):
                                                   "kv_bytes_per_token_measured"})
     assert_complete(res.quality, {"val_ppl", "val_loss", "probe_acc"})
     assert res.quality["val_ppl"]["value"] > 1
-    assert res.model["tokens_trained"] == 8 * 4 * 64  # ci: 8 steps x batch 4 x seq 64
+    assert res.model["tokens_trained"] == 8 * 4 * 63  # ci: 8 steps x batch 4 x 63 targets
+    val = res.quality["val_loss"]  # the whole ci held-out split (under the token cap)
+    assert val["n_tokens"] == val["heldout_tokens"] == res.quality["val_ppl"]["n_tokens"]
     assert res.curves["loss_vs_tokens"]["x"][-1] == res.model["tokens_trained"]
     losses = res.curves["loss_vs_tokens"]["y"]
     assert losses[-1] < losses[0]  # the optimizer steps
     if spec.get("ffn") == "moe":
         assert res.model["params_active"] < res.model["params_total"]
+        assert res.model["ffn_label"] == "moe 4x top-2"  # the ci preset's experts
     else:
         assert res.model["params_active"] == res.model["params_total"]
 
@@ -93,6 +96,8 @@ def test_inference_run_records_every_metric(precision):
     assert_complete(res.metrics, {"it", "al_s", "ttft_s", "tpot_s", "amu_gb", "aec_w",
                                   "j_per_token", "size_bytes", "mcr", "it_bs2"})
     assert_complete(res.quality, {"ppl", "task_acc"})
+    ppl = res.quality["ppl"]  # ppl_batches=32 x 8 blocks of 256, spread over the split
+    assert ppl["n_tokens"] == 32 * 8 * 255 < ppl["heldout_tokens"]
     assert res.metrics["tpot_s"]["note"] == "excludes the first token of each request"
     # on a CPU the baseline is fp32, and the record says so
     assert res.model["baseline_precision"] == "fp32"

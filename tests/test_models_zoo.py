@@ -237,9 +237,9 @@ def test_moe_study_dense_same_active_matches_the_moe_active_params() -> None:
     runs = {r.point["variant"]: r for r in config.expand("params/architecture/moe.yaml", "ci")
             if r.point["model.size"] == "small"}
     counts = {}
-    for name in ("dense_same_active", "moe_8x_top2"):
+    for name in ("dense_same_active", "moe_topk"):
         p = config.ArchitectureParams.model_validate(runs[name].params)
         model = build(p.model, effective_size(p), vocab_size=64, max_seq_len=64)
         counts[name] = count_params(model)["active"]
     # equal but for the router (d_model x experts per layer)
-    assert counts["dense_same_active"] == pytest.approx(counts["moe_8x_top2"], rel=0.01)
+    assert counts["dense_same_active"] == pytest.approx(counts["moe_topk"], rel=0.01)

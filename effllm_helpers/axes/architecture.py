@@ -35,8 +35,18 @@ class ArchitectureResult:
     eval_history: list[dict[str, float]] = field(default_factory=list)
 
 
+def ffn_label(p: ArchitectureParams) -> str:
+    """What the FFN really is at this preset (``moe 4x top-2``, ``dense d_ff x4``), for the
+    record: a study's variant names cannot know the preset's expert count."""
+    m = p.model
+    if m.ffn == "moe":
+        return f"moe {m.n_experts}x top-{m.top_k}"
+    return "dense" if m.d_ff_mult == 1.0 else f"dense d_ff x{float(m.d_ff_mult):g}"
+
+
 def effective_size(p: ArchitectureParams) -> SizeSpec:
-    """The preset's size for ``model.size``, with ``d_ff`` scaled by ``model.d_ff_mult``."""
+    """The preset's size for ``model.size``, with ``d_ff`` scaled by ``model.d_ff_mult`` (already
+    a number: ``n_experts``/``top_k`` resolve when the params are validated)."""
     size = p.sizes[p.model.size]
     if p.model.d_ff_mult != 1.0:
         size = size.model_copy(update={"d_ff": max(1, round(size.d_ff * p.model.d_ff_mult))})
@@ -99,9 +109,9 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                       p.train, p.measure, n_params=counts["total"], flops_per_token=fpt,
                       evaluate=eval_fn, progress=progress)
 
-    model.eval()
+    model.eval()  # the whole held-out split, or an evenly spread PPL_MAX_TOKENS of it
     ppl = evaluate.perplexity(model, val_blocks, batch_size=p.train.batch_size,
-                              max_batches=4 * p.train.eval_batches)
+                              max_tokens=evaluate.PPL_MAX_TOKENS)
     acc = data.probe_accuracy(model, probe, device=device)
     quality = {
         "val_loss": ppl["loss"],
@@ -131,6 +141,7 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         "flops_per_token_train": fpt,
         "tokens_trained": res.tokens,
         "model_type": model.config.model_type,
+        "ffn_label": ffn_label(p),
         "d_model": size.d_model,
         "n_layers": size.n_layers,
         "d_ff": size.d_ff,

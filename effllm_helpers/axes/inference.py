@@ -68,8 +68,10 @@ def prompts_from_corpus(tokenizer: Any, n: int, prompt_len: int, seed: int = 0) 
 
 def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len: int,
              device: torch.device) -> dict[str, Any]:
-    val = heldout_blocks(tokenizer, seq_len, max_tokens=seq_len * 8 * p.ppl_batches)
-    ppl = evaluate.perplexity(model, val, batch_size=8, max_batches=p.ppl_batches)
+    # ppl_batches x 8 blocks, spread evenly over the whole held-out split (not its first
+    # documents); the metric records the targets scored and the split's size
+    val = data.pack(data.load_corpus(DataSpec()).val, tokenizer, seq_len)
+    ppl = evaluate.perplexity(model, val, batch_size=8, max_tokens=p.ppl_batches * 8 * seq_len)
     task = data.load_task("arithmetic", 1, p.task_items, seed=0)
     prompts = [data.format_prompt(it["prompt"]) for it in task.eval]
     max_new = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval) + 4

@@ -1,0 +1,115 @@
+"""The training loop's bookkeeping: what AL, TT and compile_s count (tiny model, CPU, seconds)."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from effllm_helpers import train
+from effllm_helpers.config import MeasureSpec, TrainSpec
+
+VOCAB, SEQ, BATCH = 32, 16, 4
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding + linear head with the shifted causal-LM loss, as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.head = torch.nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits = self.head(self.emb(input_ids))
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def blocks(n: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def run(steps: int = 8, warmup: int = 1, compile: bool = False, evaluate=None,
+        eval_every: int = 25, next_batch=None) -> train.TrainResult:
+    torch.manual_seed(0)
+    spec = TrainSpec(steps=steps, batch_size=BATCH, warmup_steps=1, eval_every=eval_every,
+                     compile=compile, dtype="fp32")
+    return train.train(TinyLM(), next_batch or train.block_batches(blocks(), BATCH), spec,
+                       MeasureSpec(warmup_steps=warmup, sample_interval_s=0.05), n_params=1000,
+                       evaluate=evaluate, progress=False)
+
+
+def test_an_intermediate_evaluation_is_not_in_the_step_latency():
+    eval_s = 0.5  # tiny-model steps take milliseconds
+
+    def slow_eval(model):
+        time.sleep(eval_s)
+        return {"val_loss": 1.0}
+
+    res = run(steps=8, warmup=1, evaluate=slow_eval, eval_every=2)
+    al = res.metrics["al_s"]
+    assert al["n"] == 8 - 1  # one latency per measured optimizer step, none per evaluation
+    assert al["p99"] < eval_s
+    assert al["excluded_eval_intervals"] == 3  # after steps 2, 4, 6 (the 8th is outside)
+    assert res.metrics["duration_s"]["eval_inside_s"] >= 3 * eval_s
+
+
+def test_an_evaluation_during_warm_up_is_neither_measured_nor_a_warm_up_step():
+    res = run(steps=6, warmup=3, evaluate=lambda m: {"val_loss": 1.0}, eval_every=1)
+    assert res.metrics["al_s"]["n"] == 6 - 3
+    # evaluations after steps 1 and 2 fall in warm-up; those after steps 3, 4, 5 are measured
+    assert res.metrics["al_s"]["excluded_eval_intervals"] == 3
+
+
+def test_throughput_counts_next_token_targets_not_tokens():
+    res = run(steps=5, warmup=1)
+    assert res.tokens == 5 * BATCH * (SEQ - 1)
+    assert res.metrics["tokens_per_s"]["count"] == 4 * BATCH * (SEQ - 1)
+
+
+def test_targets_leave_out_ignored_labels_after_the_shift():
+    labels = torch.tensor([[5, 6, -100, 7], [-100, -100, 8, 9]])
+    assert train.count_targets(labels) == 2 + 2  # label 5 and the first -100 have no prediction
+
+
+def test_masked_labels_count_only_their_shifted_targets_in_training():
+    ids = blocks(8)
+    labels = ids.clone()
+    labels[:, -4:] = -100  # padding with no loss after the text, as in SFT
+
+    def next_batch(micro, rank, world):
+        return {"input_ids": ids[:BATCH], "labels": labels[:BATCH]}
+
+    res = run(steps=3, warmup=1, next_batch=next_batch)
+    assert res.tokens == 3 * BATCH * (SEQ - 4 - 1)  # the first position predicts nothing
+
+
+def test_compile_off_gives_a_null_compile_time_with_its_reason():
+    res = run(steps=3, warmup=1)
+    assert res.metrics["compile_s"]["value"] is None
+    assert res.metrics["compile_s"]["reason"] == "compile off"
+
+
+def test_compiling_steps_are_warm_up_and_timed_as_compile_s(monkeypatch):
+    compiled = []
+
+    def fake_compile(model, *args, **kwargs):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    res = run(steps=6, warmup=0, compile=True)
+    assert compiled
+    cs = res.metrics["compile_s"]
+    assert cs["value"] > 0 and cs["method"] == "perf_counter_first_steps"
+    assert cs["steps"] == train.COMPILE_WARMUP_STEPS == cs["warmup_steps"]
+    assert cs["value"] == pytest.approx(sum(cs["step_s"]))
+    # the compiling steps are the Meter's warm-up: AL and the rates start after them
+    assert res.metrics["al_s"]["n"] == 6 - train.COMPILE_WARMUP_STEPS
+    assert res.metrics["tokens_per_s"]["count"] == (6 - 2) * BATCH * (SEQ - 1)
