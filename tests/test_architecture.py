@@ -77,3 +77,15 @@ def test_perplexity_records_the_tokens_scored_and_the_split_size():
     whole = evaluate.perplexity(Uniform(), blocks, batch_size=3)
     assert whole["loss"]["n_tokens"] == whole["loss"]["heldout_tokens"] == 40
     assert whole["loss"]["selection"] == "all"
+
+
+def test_nsa_record_names_its_dense_masked_implementation() -> None:
+    from types import SimpleNamespace
+
+    from effllm_helpers.axes.architecture import _implementation
+    p = config.notebook_params("architecture", "ci", {"model": {"attention": "nsa"}})
+    cfg = build(p.model, effective_size(p), vocab_size=64, max_seq_len=128).config
+    facts = _implementation(cfg, 128)
+    assert facts["implementation"] == "pytorch_dense_masked_reference"
+    assert facts["flops_per_token_fwd_executed"] > facts["flops_per_token_fwd_model"]
+    assert _implementation(SimpleNamespace(model_type="llama"), 128) == {}

@@ -139,6 +139,7 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         "params_active": counts["active"],
         "weight_bytes": weight_bytes(model)["total"],
         "flops_per_token_train": fpt,
+        **_implementation(model.config, seq_len),
         "tokens_trained": res.tokens,
         "model_type": model.config.model_type,
         "ffn_label": ffn_label(p),
@@ -159,3 +160,20 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         raise RuntimeError("final loss is not finite")
     return ArchitectureResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
                               model_dir=model_dir, eval_history=res.eval_history)
+
+
+def _implementation(config: Any, seq_len: int) -> dict[str, Any]:
+    """Which implementation ran, where it is not the technique's own kernel: NSA is our
+    dense-masked PyTorch reference, so its speed and memory are that reference's, and the
+    forward FLOPs it executes (beside the sparse model FLOPs MFU counts) say by how much."""
+    if not (config.model_type == "effllm_decoder" and getattr(config, "attention", None) == "nsa"):
+        return {}
+    from ..models import nsa
+
+    out: dict[str, Any] = {"implementation": nsa.IMPLEMENTATION}
+    try:
+        out["flops_per_token_fwd_executed"] = flops.executed_flops_per_token(config, seq_len)
+        out["flops_per_token_fwd_model"] = flops.flops_per_token(config, seq_len, training=False)
+    except (ValueError, NotImplementedError, AttributeError):
+        pass
+    return out
