@@ -338,12 +338,103 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+                None, None, f"duplicate key {quoted(key, 80)}", key_node.start_mark)
         seen[key] = True
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# a params file is a few hundred nodes; aliases can make a 400-byte file expand to a billion
+# (the "billion laughs"), which every later walk (merge, validation, messages) would pay for
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _check_expansion(node: yaml.Node, source: str) -> None:
+    """Refuse a composed document whose alias-expanded size or depth passes the limits.
+
+    Sizes are memoised per node, so a document of nested aliases is measured in time linear in
+    its text, before anything expands it.
+    """
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    active: set[int] = set()
+
+    def walk(n: yaml.Node, level: int) -> tuple[int, int]:
+        key = id(n)
+        if key in sizes:
+            return sizes[key], depths[key]
+        if level > MAX_YAML_DEPTH:
+            raise ParamsError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels; "
+                              "a params file needs a few")
+        if key in active:
+            raise ParamsError(f"{source}: an alias refers to itself (recursive structure)")
+        active.add(key)
+        size, depth = 1, 0
+        if isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        for child in children:
+            s, d = walk(child, level + 1)
+            size += s
+            depth = max(depth, d + 1)
+            if size > MAX_YAML_NODES:
+                raise ParamsError(f"{source}: expands to more than {MAX_YAML_NODES} values "
+                                  "(nested aliases?); refused")
+        active.discard(key)
+        sizes[key], depths[key] = size, depth
+        return size, depth
+
+    walk(node, 0)
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """``value`` as JSON-like text of at most ``limit`` characters, built lazily.
+
+    Error messages echo the bad value; rendering a 1 MB value (or a structure of shared
+    references) in full to then cut it would cost what the message should not.
+    """
+    out: list[str] = []
+    size = 0
+
+    def emit(text: str) -> bool:
+        nonlocal size
+        out.append(text)
+        size += len(text)
+        return size <= limit
+
+    def render(v: Any, level: int) -> bool:
+        if level > 8:
+            return emit("...")
+        if isinstance(v, dict):
+            if not emit("{"):
+                return False
+            for i, (k, x) in enumerate(v.items()):
+                if (i and not emit(", ")) or not render(k, level + 1) or not emit(": ") \
+                        or not render(x, level + 1):
+                    return False
+            return emit("}")
+        if isinstance(v, list | tuple):
+            if not emit("["):
+                return False
+            for i, x in enumerate(v):
+                if (i and not emit(", ")) or not render(x, level + 1):
+                    return False
+            return emit("]")
+        if isinstance(v, str):
+            return emit(json.dumps(v[: limit + 1]))
+        try:
+            return emit(json.dumps(v)[: limit + 1])
+        except (TypeError, ValueError):
+            return emit(str(v)[: limit + 1])
+
+    render(value, 0)
+    text = "".join(out)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -357,10 +448,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read params file: {exc.strerror or exc}") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, str(path))
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: malformed YAML: {exc}") from None
+        raise ParamsError(f"{path}: malformed YAML: {short_text(str(exc), 600)}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -384,9 +483,28 @@ def format_validation_error(source: str, exc: ValidationError, prefix: str = "")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         bad = err.get("input")
-        bad_s = "" if err["type"] in ("missing",) else f" (got {json.dumps(bad, default=str)[:80]})"
-        lines.append(f"{source}: {loc}: {msg}{bad_s}")
+        bad_s = "" if err["type"] in ("missing",) else f" (got {short(bad, 80)})"
+        lines.append(f"{source}: {short_text(loc, 200)}: {short_text(msg, 300)}{bad_s}")
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES] + [f"{source}: ... and {len(lines) - MAX_ERROR_LINES} "
+                                           "more problems"]
     return "\n".join(lines)
+
+
+MAX_ERROR_LINES = 20
+
+
+def quoted(value: Any, limit: int = 200) -> str:
+    """``repr`` of a string (as the messages always quoted keys), cut to ``limit``; else short."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    return short(value, limit)
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (an echoed key or value never floods a message)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
@@ -410,7 +528,7 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for p in parts[:-1]:
         nxt = cur.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ParamsError(f"grid key {key!r}: {p!r} is not a section")
+            raise ParamsError(f"grid key {quoted(key)}: {quoted(p)} is not a section")
         cur = nxt
     cur[parts[-1]] = value
 
@@ -438,7 +556,8 @@ def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
             return
         if part not in fields:
             where = ".".join(key.split(".")[:i]) or "<top>"
-            raise ParamsError(f"{source}: grid.{key}: unknown key {part!r} under {where}; "
+            raise ParamsError(f"{source}: grid.{short_text(key)}: unknown key {quoted(part)} under "
+                              f"{short_text(where)}; "
                               f"allowed: {', '.join(sorted(fields))}")
         ann = fields[part].annotation
         cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
@@ -557,11 +676,12 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+            raise ParamsError(f"--set {quoted(item)}: expected KEY=VALUE, e.g. train.steps=100")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ParamsError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+            raise ParamsError(f"--set {quoted(item)}: value is not valid YAML: "
+                              f"{short_text(str(exc), 400)}") from None
         set_dotted(layer, key.strip(), value)
     return layer
 
@@ -573,7 +693,7 @@ def parse_only(items: list[str] | None) -> dict[str, list[str]]:
         key, sep, raw = item.partition("=")
         values = [v.strip() for v in raw.split(",") if v.strip()]
         if not sep or not key.strip() or not values:
-            raise ParamsError(f"--only {item!r}: expected GRIDKEY=VALUE[,VALUE...], "
+            raise ParamsError(f"--only {quoted(item)}: expected GRIDKEY=VALUE[,VALUE...], "
                               "e.g. --only precision=int8,int4-nf4")
         only.setdefault(key.strip(), []).extend(values)
     return only
@@ -593,8 +713,8 @@ def select(runs: list[Run], only: dict[str, list[str]], grid: dict[str, list[Any
                    else str(c) for c in grid[key]]
         for v in values:
             if v not in allowed:
-                raise ParamsError(f"--only {key}={v!r}: not in the grid; allowed: "
-                                  f"{', '.join(allowed)}")
+                raise ParamsError(f"--only {short_text(key)}={quoted(v)}: not in the grid; "
+                                  f"allowed: {', '.join(allowed)}")
     return [r for r in runs if all(str(r.point[k]) in vs for k, vs in only.items())]
 
 
@@ -646,7 +766,8 @@ def expand(path: str | Path, preset: str | None = None,
             v = _get_dotted(overrides or {}, k)
             if v is not _MISSING:
                 point[k] = v
-        label = ", ".join(f"{k}={v}" for k, v in point.items())
+        label = short_text(", ".join(f"{short_text(k, 60)}={short(v, 60)}"
+                                     for k, v in point.items()), 300)
         params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
                                 source=f"{path} [grid point {label}]")
         for seed in study.seeds:
