@@ -3,6 +3,9 @@ intact records, never a hang, a traceback or a lost result."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -74,3 +77,33 @@ def test_deep_nesting_is_refused_with_a_message(tmp_path):
     path = write(tmp_path, SMOKE + "grid: {n: [1]}\nbase: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(config.ParamsError, match="nested"):
         config.expand(path)
+
+
+# ---------------------------------------------------------------- 2. concurrent sweeps
+def _records(out: Path, name: str = "sm") -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text())
+            for p in sorted((out / "runs" / name).glob("*/record.json"))}
+
+
+def _counts(summary: str, name: str = "sm") -> dict[str, int]:
+    """``sm: 2 ok, 1 elsewhere`` (the summary's last line) -> {"ok": 2, "elsewhere": 1}."""
+    line = [ln for ln in summary.splitlines() if ln.startswith(f"{name}: ")][-1]
+    return {k: int(n) for n, k in (part.split(" ", 1) for part in line[len(name) + 2:]
+                                   .split(", "))}
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_folder_execute_each_run_once(tmp_path):
+    path = write(tmp_path, SMOKE + "grid: {n: [16, 20, 24], sleep_s: [0.3]}\ntimeout_s: 120\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "effllm_helpers.cli", "sweep", str(path), "-p", "ci", "-o",
+           str(out), "--no-progress"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    counts = [_counts(o) for o in outputs]
+    executed = sum(c.get("ok", 0) for c in counts)
+    assert executed == 3, outputs  # every run ran once, in one of the two sweeps
+    recs = _records(out)
+    assert len(recs) == 3 and all(r["status"] == "ok" for r in recs.values())
+    assert all(set(c) <= {"ok", "cached", "elsewhere"} for c in counts), counts
