@@ -4,6 +4,7 @@ intact records, never a hang, a traceback or a lost result."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -107,3 +108,32 @@ def test_two_sweeps_on_one_folder_execute_each_run_once(tmp_path):
     recs = _records(out)
     assert len(recs) == 3 and all(r["status"] == "ok" for r in recs.values())
     assert all(set(c) <= {"ok", "cached", "elsewhere"} for c in counts), counts
+
+
+# ---------------------------------------------------------------- 3. embedded builder lifetime
+PARENT = """
+import sys, time
+from effllm_helpers.models import embedded
+child = embedded.spawn_child([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_embedded_builder_child_dies_with_a_killed_parent():
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and child.is_running() \
+                and child.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.1)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if child.is_running():
+            child.kill()
