@@ -38,8 +38,37 @@ class ParamsError(ValueError):
     """A params file is invalid: the message names file, key path, bad value and what is allowed."""
 
 
+INT64_MAX = 2**63 - 1
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Unknown keys, ``inf``/``nan`` and integers past int64 are errors in every params block.
+
+    ``Field(ge=0)`` alone accepts ``inf`` (a weight, a sleep, a weight decay), and an integer
+    past int64 passes the schema only to overflow in torch or numpy minutes later.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, v: Any) -> Any:
+        _check_int64(v)
+        return v
+
+
+def _check_int64(v: Any, depth: int = 0) -> None:
+    if isinstance(v, bool) or depth > 64:  # deeper is refused when the YAML is read
+        return
+    if isinstance(v, int):
+        if not -INT64_MAX - 1 <= v <= INT64_MAX:
+            raise ValueError("integer out of range; allowed: -2**63 .. 2**63-1 (int64)")
+    elif isinstance(v, dict):
+        for x in v.values():
+            _check_int64(x, depth + 1)
+    elif isinstance(v, list | tuple):
+        for x in v:
+            _check_int64(x, depth + 1)
 
 
 # ---------------------------------------------------------------- shared blocks

@@ -137,3 +137,24 @@ def test_embedded_builder_child_dies_with_a_killed_parent():
     finally:
         if child.is_running():
             child.kill()
+
+
+# ---------------------------------------------------------------- 4. inf, nan, int64
+ARCH = "study: a\naxis: architecture\nnotebook: notebooks/01_architecture.ipynb\n"
+
+
+@pytest.mark.parametrize(("text", "where", "value"), [
+    (SMOKE + "grid: {n: [16]}\nweights: {al_s: .inf}\n", "weights.al_s", "Infinity"),
+    (SMOKE + "grid: {sleep_s: [.inf]}\n", "sleep_s", "Infinity"),
+    (SMOKE + "grid: {sleep_s: [.nan]}\n", "sleep_s", "NaN"),
+    (ARCH + "grid: {train.weight_decay: [.inf]}\n", "train.weight_decay", "Infinity"),
+    (SMOKE + "grid: {n: [9223372036854775808]}\n", "n", "9223372036854775808"),
+    (SMOKE + "grid: {n: [16]}\nseeds: [18446744073709551616]\n", "seeds",
+     "18446744073709551616"),
+], ids=["weight", "sleep_s", "sleep_nan", "weight_decay", "int64_param", "int64_seed"])
+def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, text, where, value):
+    with pytest.raises(config.ParamsError) as info:
+        config.expand(write(tmp_path, text), "ci")
+    msg = str(info.value)
+    assert where in msg and value in msg, msg
+    assert "finite number" in msg or "int64" in msg, msg
