@@ -40,12 +40,29 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _output_root(path: Path | None) -> Path:
-    """The output root (``-o`` or the default); an existing file there is an error."""
+def _output_root(path: Path | None, writable: bool = True, option: str = "--output-dir") -> Path:
+    """The output root (``-o`` or the default), checked before any work: an existing file there,
+    or a folder that cannot be created or written (under a file, in ``/proc``, read-only), is a
+    one-line error, not a traceback after the first run."""
     out = Path(path) if path else outputs_dir()
-    if out.exists() and not out.is_dir():
-        _fail(f"--output-dir: {str(out)!r} is an existing file, not a folder (give a folder for "
+    shown = config.short_text(repr(str(out)), 200)
+    try:
+        is_file = out.exists() and not out.is_dir()
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        _fail(f"{option}: unusable folder {shown} ({exc.strerror or type(exc).__name__})")
+    if is_file:
+        _fail(f"{option}: {shown} is an existing file, not a folder (give a folder for "
               "runs/, results/ and figures/)")
+    if writable:
+        import tempfile
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out, prefix=".effllm-probe-"):
+                pass
+        except OSError as exc:
+            _fail(f"{option}: cannot create or write folder {shown} "
+                  f"({exc.strerror or type(exc).__name__})")
     return out
 
 
@@ -103,7 +120,7 @@ def sweep(
     """
     from . import sweep as sw
 
-    out = _output_root(output_dir)
+    out = _output_root(output_dir, writable=False)
     try:
         config.check_timeout(timeout)
         overrides = config.parse_overrides(set_)
@@ -111,6 +128,8 @@ def sweep(
         runs = config.expand(study, preset, overrides, selected)
     except config.ParamsError as exc:
         _fail(str(exc))
+    if not dry_run:  # valid params first, so a typo does not leave an empty folder behind
+        _output_root(out)
     if dry_run:
         typer.echo(sw.dry_run_table(runs, out))
         typer.echo(f"{len(runs)} runs")
@@ -162,8 +181,8 @@ def report(
     """
     import papermill as pm
 
-    out = _output_root(output_dir)
-    dest = _output_root(output) if output else out
+    out = _output_root(output_dir, writable=output is None)
+    dest = _output_root(output, option="--output") if output else out
     src = _results_folder(results_dir or out / "runs")
     nb = config.REPO_ROOT / "notebooks" / "00_summary.ipynb"
     if not nb.is_file():

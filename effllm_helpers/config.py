@@ -304,7 +304,8 @@ class StudyFile(Strict):
     that are not a cartesian product (e.g. dense vs MoE at matched active or total params).
     """
 
-    study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$")]
+    # it names a folder: safe characters, and short enough for any filesystem
+    study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$", max_length=100)]
     axis: Literal["architecture", "finetuning", "inference", "cross_modal", "smoke"]
     notebook: str
     description: str = ""

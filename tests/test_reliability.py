@@ -4,6 +4,7 @@ intact records, never a hang, a traceback or a lost result."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,3 +159,37 @@ def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, text, where, 
     msg = str(info.value)
     assert where in msg and value in msg, msg
     assert "finite number" in msg or "int64" in msg, msg
+
+
+# ---------------------------------------------------------------- 5. output folders and names
+def _bad_outputs(tmp_path: Path) -> dict[str, Path]:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    return {"under a file": afile / "out", "in /proc": Path("/proc/effllm-out"),
+            "a file": afile, "name too long": tmp_path / ("o" * 300)}
+
+
+@pytest.mark.parametrize("case", ["under a file", "in /proc", "a file", "name too long"])
+@pytest.mark.parametrize("command", ["sweep", "collect"])
+def test_unusable_output_folder_is_a_one_line_message(tmp_path, case, command):
+    out = _bad_outputs(tmp_path)[case]
+    study = write(tmp_path, SMOKE + "grid: {n: [16]}\n")
+    args = [command, study, "-p", "ci"] if command == "sweep" else [command]
+    msg = one_line_refusal(cli(*args, "-o", out))
+    assert "--output-dir" in msg and len(msg.strip().splitlines()) == 1, msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permissions")
+def test_read_only_output_folder_is_a_one_line_message(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    study = write(tmp_path, SMOKE + "grid: {n: [16]}\n")
+    msg = one_line_refusal(cli("sweep", study, "-p", "ci", "-o", ro / "out"))
+    assert "cannot create or write" in msg
+
+
+def test_long_study_name_is_refused_by_the_cli(tmp_path):
+    study = write(tmp_path, SMOKE.replace("study: sm", "study: " + "s" * 300) + "grid: {n: [1]}\n")
+    msg = one_line_refusal(cli("sweep", study, "-p", "ci", "-o", tmp_path / "out"))
+    assert "study" in msg and "100 characters" in msg
+    assert not (tmp_path / "out").exists()
