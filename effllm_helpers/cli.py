@@ -22,6 +22,12 @@ PresetOpt = Annotated[str | None, typer.Option(
     "--preset", "-p",
     help="Size/budget preset overlaid on the study: ci, tiny, gpu or paper "
          "(params/presets/<name>.yaml). Omit for the schema defaults.")]
+PresetFileOpt = Annotated[Path | None, typer.Option(
+    "--preset-file", help="A preset of your own, as a YAML file laid out like "
+                          "params/presets/*.yaml (instead of --preset).")]
+TrustedOpt = Annotated[bool, typer.Option(
+    "--trusted-notebook", help="Allow a study whose notebook: is not one of the project's axis "
+                               "notebooks (it will be executed as code).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a params key for every run, KEY=VALUE with a dotted key and a "
                         "YAML value, e.g. --set train.steps=100 --set train.compile=false. "
@@ -66,6 +72,13 @@ def _output_root(path: Path | None, writable: bool = True, option: str = "--outp
     return out
 
 
+def _preset(name: str | None, path: Path | None) -> str | Path | None:
+    """``--preset NAME`` or ``--preset-file PATH``, not both."""
+    if name and path:
+        _fail("--preset and --preset-file: give one of them")
+    return path if path else name
+
+
 def _results_folder(path: Path) -> Path:
     """A folder to read records from; a missing one is an error, not an empty report."""
     if not Path(path).is_dir():
@@ -76,11 +89,12 @@ def _results_folder(path: Path) -> Path:
 
 @app.command()
 def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None,
-             only: OnlyOpt = None) -> None:
+             only: OnlyOpt = None, preset_file: PresetFileOpt = None,
+             trusted_notebook: TrustedOpt = False) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
     try:
-        runs = config.expand(study, preset, config.parse_overrides(set_),
-                             config.parse_only(only))
+        runs = config.expand(study, _preset(preset, preset_file), config.parse_overrides(set_),
+                             config.parse_only(only), trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
     typer.echo(f"{study}: ok, {len(runs)} runs")
@@ -112,6 +126,8 @@ def sweep(
         "--no-progress", help="Hide the progress bar (e.g. in logs).")] = False,
     set_: SetOpt = None,
     only: OnlyOpt = None,
+    preset_file: PresetFileOpt = None,
+    trusted_notebook: TrustedOpt = False,
 ) -> None:
     """Run every grid point of a study through its notebook (papermill), resuming where it left.
 
@@ -125,7 +141,8 @@ def sweep(
         config.check_timeout(timeout)
         overrides = config.parse_overrides(set_)
         selected = config.parse_only(only)
-        runs = config.expand(study, preset, overrides, selected)
+        preset = _preset(preset, preset_file)
+        runs = config.expand(study, preset, overrides, selected, trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
     if not dry_run:  # valid params first, so a typo does not leave an empty folder behind
@@ -137,7 +154,7 @@ def sweep(
     try:
         res = sw.sweep(study, preset, out, workers=workers, dask=dask,
                        retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress,
-                       overrides=overrides, only=selected)
+                       overrides=overrides, only=selected, trusted_notebook=trusted_notebook)
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
                     fg=typer.colors.YELLOW, err=True)

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -596,7 +597,16 @@ def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
 
 
 # ---------------------------------------------------------------- presets
-def preset_path(name: str) -> Path:
+PRESET_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+def preset_path(name: str | Path) -> Path:
+    """A preset is a name under ``params/presets/``; a ``Path`` (``--preset-file``) is itself."""
+    if isinstance(name, Path):
+        return name
+    if not PRESET_NAME.match(name):
+        raise ParamsError(f"--preset {quoted(name)}: a preset is a name, one of "
+                          f"{', '.join(available_presets())}; give a file with --preset-file")
     return PRESETS_DIR / f"{name}.yaml"
 
 
@@ -604,13 +614,18 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str | None, axis: str) -> dict[str, Any]:
-    """The overlay a preset gives one axis (``{}`` for no preset)."""
+def load_preset(name: str | Path | None, axis: str) -> dict[str, Any]:
+    """The overlay a preset gives one axis (``{}`` for no preset): a preset name, or a ``Path``
+    to a preset file given explicitly (``--preset-file``)."""
     if not name:
         return {}
     path = preset_path(name)
-    if not path.is_file():
-        raise ParamsError(f"unknown preset {name!r}; allowed: {', '.join(available_presets())}")
+    if isinstance(name, Path):
+        if not path.is_file():
+            raise ParamsError(f"--preset-file: no such file {quoted(str(path))}")
+    elif not path.is_file():
+        raise ParamsError(f"unknown preset {quoted(name)}; allowed: "
+                          f"{', '.join(available_presets())}")
     data = load_yaml(path)
     unknown = set(data) - set(AXES) - {"description"}
     if unknown:
@@ -656,7 +671,10 @@ def run_id_for(study: str, axis: str, notebook: str, params: dict[str, Any], see
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def load_study(path: str | Path) -> StudyFile:
+def load_study(path: str | Path, trusted_notebook: bool = False) -> StudyFile:
+    """Read and validate a study file. Its ``notebook`` must be one of the repo's axis notebooks
+    (``NOTEBOOK_AXES``): a sweep executes it, so a study file naming any path (a README, a file
+    in /etc) would run it as code. ``trusted_notebook`` allows a notebook of your own."""
     path = Path(path)
     data = load_yaml(path)
     try:
@@ -671,6 +689,12 @@ def load_study(path: str | Path) -> StudyFile:
         raise ParamsError(f"{path}: notebook: no such notebook {study.notebook!r} "
                           f"(looked at {nb})")
     expected = NOTEBOOK_AXES.get(_repo_relative(nb))
+    if expected is None and not trusted_notebook:
+        allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
+        raise ParamsError(f"{path}: notebook: {quoted(study.notebook)} is not one of the "
+                          f"project's notebooks; allowed for {study.axis}: "
+                          f"{', '.join(allowed) or '(none)'} (or pass --trusted-notebook to run "
+                          "a notebook of your own)")
     if expected is not None and expected != study.axis:
         allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
         raise ParamsError(f"{path}: notebook: {study.notebook!r} is the {expected} notebook, "
@@ -748,16 +772,17 @@ def select(runs: list[Run], only: dict[str, list[str]], grid: dict[str, list[Any
     return [r for r in runs if all(str(r.point[k]) in vs for k, vs in only.items())]
 
 
-def expand(path: str | Path, preset: str | None = None,
+def expand(path: str | Path, preset: str | Path | None = None,
            overrides: dict[str, Any] | None = None,
-           only: dict[str, list[str]] | None = None) -> list[Run]:
+           only: dict[str, list[str]] | None = None,
+           trusted_notebook: bool = False) -> list[Run]:
     """Validate a study file under a preset and expand its grid into runs (no compute).
 
     ``overrides`` (from ``--set``) apply last, over the grid point; ``only`` (from ``--only``)
     keeps the grid points that match it (see ``select``).
     """
     path = Path(path)
-    study = load_study(path)
+    study = load_study(path, trusted_notebook)
     schema = AXES[study.axis]
     for key, choices in study.grid.items():
         if all(isinstance(c, dict) for c in choices):

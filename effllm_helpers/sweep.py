@@ -405,14 +405,17 @@ def _cuda_count() -> int:
         return 0
 
 
-def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | Path | None = None,
+def sweep(study_path: str | Path, preset: str | Path | None = None,
+          output_dir: str | Path | None = None,
           workers: int = 1, dask: str | None = None, retry_failed: bool = False,
           timeout_s: float | None = None, progress: bool = True,
           on_outcome: Callable[[Outcome], None] | None = None,
           overrides: dict[str, Any] | None = None,
-          only: dict[str, list[str]] | None = None) -> SweepResult:
+          only: dict[str, list[str]] | None = None,
+          trusted_notebook: bool = False) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
-    runs = config.expand(study_path, preset, overrides, only)  # validation, before any compute
+    # validation, before any compute
+    runs = config.expand(study_path, preset, overrides, only, trusted_notebook)
     config.check_timeout(timeout_s)
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]

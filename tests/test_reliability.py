@@ -193,3 +193,38 @@ def test_long_study_name_is_refused_by_the_cli(tmp_path):
     msg = one_line_refusal(cli("sweep", study, "-p", "ci", "-o", tmp_path / "out"))
     assert "study" in msg and "100 characters" in msg
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 6. what may run as code
+@pytest.mark.parametrize("notebook", ["README.md", "/etc/hostname", "notebooks/../README.md"])
+def test_a_study_may_only_name_the_projects_notebooks(tmp_path, notebook):
+    text = SMOKE.replace("notebooks/smoke.ipynb", notebook) + "grid: {n: [16]}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(config.ParamsError, match="not one of the project's notebooks"):
+        config.expand(path, "ci")
+    msg = one_line_refusal(cli("sweep", path, "-p", "ci", "-o", tmp_path / "out"))
+    assert "--trusted-notebook" in msg and not (tmp_path / "out").exists()
+
+
+def test_trusted_notebook_flag_allows_a_notebook_of_your_own(tmp_path):
+    own = tmp_path / "mine.ipynb"
+    own.write_text("{}")
+    path = write(tmp_path, SMOKE.replace("notebooks/smoke.ipynb", str(own)) + "grid: {n: [1]}\n")
+    res = cli("validate", path, "--trusted-notebook")
+    assert res.exit_code == 0 and "ok, 1 runs" in res.output, res.output
+
+
+@pytest.mark.parametrize("preset", ["../../x", "/etc/hostname", "presets/ci", "ci.yaml"])
+def test_preset_is_a_name_not_a_path(tmp_path, preset):
+    path = write(tmp_path, SMOKE + "grid: {n: [16]}\n")
+    msg = one_line_refusal(cli("validate", path, "-p", preset))
+    assert "--preset-file" in msg and "ci" in msg
+
+
+def test_preset_file_gives_an_explicit_preset(tmp_path):
+    preset = write(tmp_path, "smoke: {steps: 3}\n", "mine.yaml")
+    path = write(tmp_path, SMOKE + "grid: {n: [16]}\n")
+    (run,) = config.expand(path, Path(preset))
+    assert run.params["steps"] == 3
+    assert cli("validate", path, "--preset-file", preset).exit_code == 0
+    one_line_refusal(cli("validate", path, "-p", "ci", "--preset-file", preset))
