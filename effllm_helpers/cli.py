@@ -79,6 +79,16 @@ def _preset(name: str | None, path: Path | None) -> str | Path | None:
     return path if path else name
 
 
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", help="Exit 1 if any record file was skipped (unreadable, malformed, another "
+                     "schema version, a duplicate run id).")]
+
+
+def _warn_skipped(problems: list[tuple[Path, str]]) -> None:
+    for path, reason in problems:
+        typer.secho(f"warning: skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
+
+
 def _results_folder(path: Path) -> Path:
     """A folder to read records from; a missing one is an error, not an empty report."""
     if not Path(path).is_dir():
@@ -172,14 +182,23 @@ def collect(
         "--results", "-r", help="Folder searched (recursively) for record.json files "
                                 "(default: <output-dir>/runs).")] = None,
     output_dir: OutOpt = None,
+    strict: StrictOpt = False,
 ) -> None:
-    """Gather every record into one tidy long table: results/results.{parquet,csv}."""
+    """Gather every record into one tidy long table: results/results.{parquet,csv}.
+
+    Invalid record files are skipped with a warning naming the file and the reason.
+    """
     out = _output_root(output_dir)
     src = _results_folder(results_dir or out / "runs")
-    df = results.collect(src)
+    problems: list[tuple[Path, str]] = []
+    df = results.collect(src, problems)
+    _warn_skipped(problems)
     pq, csv = results.write_tidy(df, out / "results")
     n_runs = df["run_id"].nunique() if len(df) else 0
-    typer.echo(f"{n_runs} runs, {len(df)} rows -> {pq} and {csv}")
+    typer.echo(f"{n_runs} runs, {len(df)} rows, {len(problems)} records skipped -> {pq} and "
+               f"{csv}")
+    if strict and problems:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -191,6 +210,7 @@ def report(
         "--output", help="Where figures/, results/ and leaderboard.html go "
                          "(default: the output dir).")] = None,
     output_dir: OutOpt = None,
+    strict: StrictOpt = False,
 ) -> None:
     """Execute notebooks/00_summary.ipynb: figures (PNG+PDF), rankings and the HTML leaderboard.
 
@@ -204,12 +224,18 @@ def report(
     nb = config.REPO_ROOT / "notebooks" / "00_summary.ipynb"
     if not nb.is_file():
         _fail(f"summary notebook missing: {nb}")
+    problems: list[tuple[Path, str]] = []
+    for _ in results.iter_records(src, problems):
+        pass
+    _warn_skipped(problems)
     dest.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(nb), str(dest / "summary.ipynb"), cwd=str(nb.parent),
                         parameters={"results_dir": str(Path(src).resolve()),
                                     "output_dir": str(Path(dest).resolve())},
                         progress_bar=False, kernel_name="python3")
-    typer.echo(f"report written under {dest}")
+    typer.echo(f"report written under {dest} ({len(problems)} records skipped)")
+    if strict and problems:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry

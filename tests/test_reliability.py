@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from effllm_helpers import config
+from effllm_helpers import config, results
 from effllm_helpers.cli import app
 
 SMOKE = "study: sm\naxis: smoke\nnotebook: notebooks/smoke.ipynb\n"
@@ -228,3 +228,57 @@ def test_preset_file_gives_an_explicit_preset(tmp_path):
     assert run.params["steps"] == 3
     assert cli("validate", path, "--preset-file", preset).exit_code == 0
     one_line_refusal(cli("validate", path, "-p", "ci", "--preset-file", preset))
+
+
+# ---------------------------------------------------------------- 7. malformed records
+def _good(run_id: str = "good0000") -> dict:
+    return results.new_record(run_id=run_id, study="s", axis="smoke", params={"n": 1},
+                              metrics={"al_s": results.metric(0.5, "s", "timer")})
+
+
+def _bad_records(root: Path) -> dict[str, str]:
+    """A folder of broken records; returns name -> the words its warning must contain."""
+    def put(name: str, text: str) -> None:
+        (root / name).mkdir(parents=True)
+        (root / name / "record.json").write_text(text)
+
+    put("a_good", json.dumps(_good()))
+    put("future", json.dumps(_good("fut") | {"schema_version": 99}))
+    put("status", json.dumps(_good("st") | {"status": "exploded"}))
+    put("z_dup", json.dumps(_good()))
+    put("bigint", json.dumps(_good("big")).replace("0.5", "1" + "0" * 400))
+    put("hugeint", json.dumps(_good("huge")).replace("0.5", "1" + "0" * 5000))
+    put("prov", json.dumps(_good("prov") | {"provenance": "laptop"}))
+    put("deep", '{"a": ' * 100_000 + "1" + "}" * 100_000)
+    put("inf", json.dumps(_good("inf")).replace("0.5", "Infinity"))
+    put("garbage", "{not json")
+    put("list", "[1, 2]")
+    (root / "fifo").mkdir()
+    os.mkfifo(root / "fifo" / "record.json")
+    (root / "adir" / "record.json").mkdir(parents=True)
+    return {"future": "schema_version", "status": "status", "z_dup": "duplicate run_id",
+            "bigint": "finite", "hugeint": "JSON", "prov": "provenance", "deep": "nested",
+            "inf": "Infinity", "garbage": "JSON", "list": "object", "fifo": "regular file",
+            "adir": "regular file"}
+
+
+def test_collect_skips_malformed_records_with_a_warning_each(tmp_path):
+    expected = _bad_records(tmp_path / "runs")
+    problems: list = []
+    t0 = time.monotonic()
+    df = results.collect(tmp_path / "runs", problems)
+    assert time.monotonic() - t0 < 30  # the FIFO is not opened for reading
+    assert set(df.run_id) == {"good0000"} and len(df) == 1
+    why = {p.parent.name: reason for p, reason in problems}
+    assert set(why) == set(expected), why
+    for name, words in expected.items():
+        assert words in why[name], (name, why[name])
+
+
+def test_collect_cli_counts_skips_and_fails_under_strict(tmp_path):
+    _bad_records(tmp_path / "runs")
+    res = cli("collect", "-o", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "1 runs, 1 rows, 12 records skipped" in res.output
+    assert res.output.count("warning: skipped") == 12 and "Traceback" not in res.output
+    assert cli("collect", "-o", tmp_path, "--strict").exit_code == 1
