@@ -148,6 +148,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; records are read by other users' reports
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
             fh.flush()
@@ -346,6 +347,23 @@ def collect(root: str | os.PathLike[str],
     return df
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(df):  # -> pandas.DataFrame
+    """Text cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``...) get a
+    leading ``'``; a model name or a reason from a record must not execute when the CSV opens.
+    Numbers stay numbers; the parquet table keeps the raw text."""
+    from pandas.api.types import is_numeric_dtype
+
+    out = df.copy()
+    for col in out.columns:
+        if not is_numeric_dtype(out[col]):
+            out[col] = out[col].map(lambda v: "'" + v if isinstance(v, str)
+                                    and v.startswith(FORMULA_START) else v)
+    return out
+
+
 def run_counts(df):  # -> pandas.DataFrame
     """Runs per (axis, study, status): what a summary shows first."""
     if df.empty:
@@ -370,7 +388,7 @@ def write_tidy(df, out_dir: str | os.PathLike[str], name: str = "results") -> tu
         if ext == "parquet":
             df2.to_parquet(tmp, index=False)
         else:
-            df2.to_csv(tmp, index=False)
+            csv_safe(df2).to_csv(tmp, index=False)
         os.replace(tmp, final)
         paths.append(final)
     return paths[0], paths[1]

@@ -172,7 +172,8 @@ def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> 
     if concurrent is not None:
         os.environ[CONCURRENT_ENV] = str(concurrent)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115

@@ -282,3 +282,38 @@ def test_collect_cli_counts_skips_and_fails_under_strict(tmp_path):
     assert "1 runs, 1 rows, 12 records skipped" in res.output
     assert res.output.count("warning: skipped") == 12 and "Traceback" not in res.output
     assert cli("collect", "-o", tmp_path, "--strict").exit_code == 1
+
+
+# ---------------------------------------------------------------- 8. small ones
+def test_yaml_merge_keys_are_accepted_and_duplicates_still_refused(tmp_path):
+    text = SMOKE + "x-base: &b {n: 16, steps: 3}\nbase: {<<: *b, steps: 4}\ngrid: {n: [16]}\n"
+    loaded = config.load_yaml(write(tmp_path, text))
+    assert loaded["base"] == {"n": 16, "steps": 4}
+    with pytest.raises(config.ParamsError, match="duplicate key"):
+        config.load_yaml(write(tmp_path, SMOKE + "base: {<<: {n: 1}, m: 1, m: 2}\n", "d.yaml"))
+
+
+@pytest.mark.parametrize(("ename", "evalue"), [
+    ("RuntimeError", "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                     "can't allocate memory: you tried to allocate 1099511627776 bytes."),
+    ("MemoryError", ""),
+])
+def test_cpu_out_of_memory_is_classified_oom(ename, evalue):
+    from effllm_helpers.run import classify_failure
+
+    assert classify_failure(ename, evalue) == "oom"
+
+
+def test_records_are_world_readable(tmp_path):
+    path = results.write_record(tmp_path, _good())
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_csv_export_neutralises_formulas_but_parquet_keeps_the_text(tmp_path):
+    import pandas as pd
+
+    rec = _good() | {"params": {"model": "=HYPERLINK(\"http://x\")", "n": -3}}
+    pq, csv = results.write_tidy(pd.DataFrame(results.tidy_rows(rec)), tmp_path)
+    text = csv.read_text()
+    assert "'=HYPERLINK" in text and ",-3," in text
+    assert pd.read_parquet(pq)["p.model"].iloc[0].startswith("=HYPERLINK")
