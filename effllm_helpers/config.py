@@ -314,7 +314,7 @@ class StudyFile(Strict):
     grid: dict[str, list[Any]] = {}
     seeds: list[NonNegInt] = [0]
     weights: dict[str, Annotated[float, Field(ge=0)]] = {}
-    timeout_s: PosFloat | None = 1800
+    timeout_s: Annotated[float, Field(gt=0, le=30 * 86400, allow_inf_nan=False)] | None = 1800
 
     @field_validator("grid")
     @classmethod
@@ -687,9 +687,14 @@ def load_study(path: str | Path, trusted_notebook: bool = False) -> StudyFile:
             msg += f"\n  (allowed top-level keys: {', '.join(_allowed_keys(StudyFile))})"
         raise ParamsError(msg) from None
     nb = notebook_path(study.notebook)
-    if not nb.is_file():
-        raise ParamsError(f"{path}: notebook: no such notebook {study.notebook!r} "
-                          f"(looked at {nb})")
+    try:
+        found = nb.is_file()
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        raise ParamsError(f"{path}: notebook: unusable path {quoted(study.notebook)} "
+                          f"({exc.strerror or exc})") from None
+    if not found:
+        raise ParamsError(f"{path}: notebook: no such notebook {quoted(study.notebook)} "
+                          f"(looked at {short_text(str(nb))})")
     expected = NOTEBOOK_AXES.get(_repo_relative(nb))
     if expected is None and not trusted_notebook:
         allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
@@ -847,6 +852,7 @@ def expand(path: str | Path, preset: str | Path | None = None,
 
 def check_timeout(value: float | None, source: str = "--timeout") -> float | None:
     """A per-run limit must be a finite number of seconds > 0 (``inf``/``nan`` are rejected)."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ParamsError(f"{source}: must be a finite number of seconds > 0 (got {value})")
+    if value is not None and not (math.isfinite(value) and 0 < value <= 30 * 86400):
+        raise ParamsError(f"{source}: must be a finite number of seconds > 0 and at most 30 "
+                          f"days (got {value})")
     return value

@@ -317,3 +317,13 @@ def test_csv_export_neutralises_formulas_but_parquet_keeps_the_text(tmp_path):
     text = csv.read_text()
     assert "'=HYPERLINK" in text and ",-3," in text
     assert pd.read_parquet(pq)["p.model"].iloc[0].startswith("=HYPERLINK")
+
+
+def test_timeout_past_what_a_wait_accepts_and_overlong_notebook_path_are_refused(tmp_path):
+    big = write(tmp_path, SMOKE + "grid: {n: [16]}\ntimeout_s: 1.0e+21\n")
+    with pytest.raises(config.ParamsError, match="timeout_s"):
+        config.expand(big, "ci")
+    long_nb = write(tmp_path, SMOKE.replace("notebooks/smoke.ipynb", "x" * 5000)
+                    + "grid: {n: [16]}\n", "nb.yaml")
+    with pytest.raises(config.ParamsError, match="notebook"):
+        config.expand(long_nb, "ci")
