@@ -22,6 +22,12 @@ PresetOpt = Annotated[str | None, typer.Option(
     "--preset", "-p",
     help="Size/budget preset overlaid on the study: ci, tiny, gpu or paper "
          "(params/presets/<name>.yaml). Omit for the schema defaults.")]
+PresetFileOpt = Annotated[Path | None, typer.Option(
+    "--preset-file", help="A preset of your own, as a YAML file laid out like "
+                          "params/presets/*.yaml (instead of --preset).")]
+TrustedOpt = Annotated[bool, typer.Option(
+    "--trusted-notebook", help="Allow a study whose notebook: is not one of the project's axis "
+                               "notebooks (it will be executed as code).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a params key for every run, KEY=VALUE with a dotted key and a "
                         "YAML value, e.g. --set train.steps=100 --set train.compile=false. "
@@ -40,13 +46,47 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _output_root(path: Path | None) -> Path:
-    """The output root (``-o`` or the default); an existing file there is an error."""
+def _output_root(path: Path | None, writable: bool = True, option: str = "--output-dir") -> Path:
+    """The output root (``-o`` or the default), checked before any work: an existing file there,
+    or a folder that cannot be created or written (under a file, in ``/proc``, read-only), is a
+    one-line error, not a traceback after the first run."""
     out = Path(path) if path else outputs_dir()
-    if out.exists() and not out.is_dir():
-        _fail(f"--output-dir: {str(out)!r} is an existing file, not a folder (give a folder for "
+    shown = config.short_text(repr(str(out)), 200)
+    try:
+        is_file = out.exists() and not out.is_dir()
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        _fail(f"{option}: unusable folder {shown} ({exc.strerror or type(exc).__name__})")
+    if is_file:
+        _fail(f"{option}: {shown} is an existing file, not a folder (give a folder for "
               "runs/, results/ and figures/)")
+    if writable:
+        import tempfile
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out, prefix=".effllm-probe-"):
+                pass
+        except OSError as exc:
+            _fail(f"{option}: cannot create or write folder {shown} "
+                  f"({exc.strerror or type(exc).__name__})")
     return out
+
+
+def _preset(name: str | None, path: Path | None) -> str | Path | None:
+    """``--preset NAME`` or ``--preset-file PATH``, not both."""
+    if name and path:
+        _fail("--preset and --preset-file: give one of them")
+    return path if path else name
+
+
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", help="Exit 1 if any record file was skipped (unreadable, malformed, another "
+                     "schema version, a duplicate run id).")]
+
+
+def _warn_skipped(problems: list[tuple[Path, str]]) -> None:
+    for path, reason in problems:
+        typer.secho(f"warning: skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
 
 
 def _results_folder(path: Path) -> Path:
@@ -59,11 +99,12 @@ def _results_folder(path: Path) -> Path:
 
 @app.command()
 def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None,
-             only: OnlyOpt = None) -> None:
+             only: OnlyOpt = None, preset_file: PresetFileOpt = None,
+             trusted_notebook: TrustedOpt = False) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
     try:
-        runs = config.expand(study, preset, config.parse_overrides(set_),
-                             config.parse_only(only))
+        runs = config.expand(study, _preset(preset, preset_file), config.parse_overrides(set_),
+                             config.parse_only(only), trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
     typer.echo(f"{study}: ok, {len(runs)} runs")
@@ -95,6 +136,8 @@ def sweep(
         "--no-progress", help="Hide the progress bar (e.g. in logs).")] = False,
     set_: SetOpt = None,
     only: OnlyOpt = None,
+    preset_file: PresetFileOpt = None,
+    trusted_notebook: TrustedOpt = False,
 ) -> None:
     """Run every grid point of a study through its notebook (papermill), resuming where it left.
 
@@ -103,14 +146,17 @@ def sweep(
     """
     from . import sweep as sw
 
-    out = _output_root(output_dir)
+    out = _output_root(output_dir, writable=False)
     try:
         config.check_timeout(timeout)
         overrides = config.parse_overrides(set_)
         selected = config.parse_only(only)
-        runs = config.expand(study, preset, overrides, selected)
+        preset = _preset(preset, preset_file)
+        runs = config.expand(study, preset, overrides, selected, trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
+    if not dry_run:  # valid params first, so a typo does not leave an empty folder behind
+        _output_root(out)
     if dry_run:
         typer.echo(sw.dry_run_table(runs, out))
         typer.echo(f"{len(runs)} runs")
@@ -118,7 +164,7 @@ def sweep(
     try:
         res = sw.sweep(study, preset, out, workers=workers, dask=dask,
                        retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress,
-                       overrides=overrides, only=selected)
+                       overrides=overrides, only=selected, trusted_notebook=trusted_notebook)
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
                     fg=typer.colors.YELLOW, err=True)
@@ -136,14 +182,23 @@ def collect(
         "--results", "-r", help="Folder searched (recursively) for record.json files "
                                 "(default: <output-dir>/runs).")] = None,
     output_dir: OutOpt = None,
+    strict: StrictOpt = False,
 ) -> None:
-    """Gather every record into one tidy long table: results/results.{parquet,csv}."""
+    """Gather every record into one tidy long table: results/results.{parquet,csv}.
+
+    Invalid record files are skipped with a warning naming the file and the reason.
+    """
     out = _output_root(output_dir)
     src = _results_folder(results_dir or out / "runs")
-    df = results.collect(src)
+    problems: list[tuple[Path, str]] = []
+    df = results.collect(src, problems)
+    _warn_skipped(problems)
     pq, csv = results.write_tidy(df, out / "results")
     n_runs = df["run_id"].nunique() if len(df) else 0
-    typer.echo(f"{n_runs} runs, {len(df)} rows -> {pq} and {csv}")
+    typer.echo(f"{n_runs} runs, {len(df)} rows, {len(problems)} records skipped -> {pq} and "
+               f"{csv}")
+    if strict and problems:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -155,6 +210,7 @@ def report(
         "--output", help="Where figures/, results/ and leaderboard.html go "
                          "(default: the output dir).")] = None,
     output_dir: OutOpt = None,
+    strict: StrictOpt = False,
 ) -> None:
     """Execute notebooks/00_summary.ipynb: figures (PNG+PDF), rankings and the HTML leaderboard.
 
@@ -162,18 +218,24 @@ def report(
     """
     import papermill as pm
 
-    out = _output_root(output_dir)
-    dest = _output_root(output) if output else out
+    out = _output_root(output_dir, writable=output is None)
+    dest = _output_root(output, option="--output") if output else out
     src = _results_folder(results_dir or out / "runs")
     nb = config.REPO_ROOT / "notebooks" / "00_summary.ipynb"
     if not nb.is_file():
         _fail(f"summary notebook missing: {nb}")
+    problems: list[tuple[Path, str]] = []
+    for _ in results.iter_records(src, problems):
+        pass
+    _warn_skipped(problems)
     dest.mkdir(parents=True, exist_ok=True)
     pm.execute_notebook(str(nb), str(dest / "summary.ipynb"), cwd=str(nb.parent),
                         parameters={"results_dir": str(Path(src).resolve()),
                                     "output_dir": str(Path(dest).resolve())},
                         progress_bar=False, kernel_name="python3")
-    typer.echo(f"report written under {dest}")
+    typer.echo(f"report written under {dest} ({len(problems)} records skipped)")
+    if strict and problems:
+        raise typer.Exit(1)
 
 
 AxisOpt = Annotated[str, typer.Option(

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,8 +39,37 @@ class ParamsError(ValueError):
     """A params file is invalid: the message names file, key path, bad value and what is allowed."""
 
 
+INT64_MAX = 2**63 - 1
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Unknown keys, ``inf``/``nan`` and integers past int64 are errors in every params block.
+
+    ``Field(ge=0)`` alone accepts ``inf`` (a weight, a sleep, a weight decay), and an integer
+    past int64 passes the schema only to overflow in torch or numpy minutes later.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, v: Any) -> Any:
+        _check_int64(v)
+        return v
+
+
+def _check_int64(v: Any, depth: int = 0) -> None:
+    if isinstance(v, bool) or depth > 64:  # deeper is refused when the YAML is read
+        return
+    if isinstance(v, int):
+        if not -INT64_MAX - 1 <= v <= INT64_MAX:
+            raise ValueError("integer out of range; allowed: -2**63 .. 2**63-1 (int64)")
+    elif isinstance(v, dict):
+        for x in v.values():
+            _check_int64(x, depth + 1)
+    elif isinstance(v, list | tuple):
+        for x in v:
+            _check_int64(x, depth + 1)
 
 
 # ---------------------------------------------------------------- shared blocks
@@ -281,7 +311,8 @@ class StudyFile(Strict):
     that are not a cartesian product (e.g. dense vs MoE at matched active or total params).
     """
 
-    study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$")]
+    # it names a folder: safe characters, and short enough for any filesystem
+    study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$", max_length=100)]
     axis: Literal["architecture", "finetuning", "inference", "cross_modal", "smoke"]
     notebook: str
     description: str = ""
@@ -289,7 +320,7 @@ class StudyFile(Strict):
     grid: dict[str, list[Any]] = {}
     seeds: list[NonNegInt] = [0]
     weights: dict[str, Annotated[float, Field(ge=0)]] = {}
-    timeout_s: PosFloat | None = 1800
+    timeout_s: Annotated[float, Field(gt=0, le=30 * 86400, allow_inf_nan=False)] | None = 1800
 
     @field_validator("grid")
     @classmethod
@@ -341,15 +372,108 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: merged by flatten_mapping
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+                None, None, f"duplicate key {quoted(key, 80)}", key_node.start_mark)
         seen[key] = True
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# a params file is a few hundred nodes; aliases can make a 400-byte file expand to a billion
+# (the "billion laughs"), which every later walk (merge, validation, messages) would pay for
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def _check_expansion(node: yaml.Node, source: str) -> None:
+    """Refuse a composed document whose alias-expanded size or depth passes the limits.
+
+    Sizes are memoised per node, so a document of nested aliases is measured in time linear in
+    its text, before anything expands it.
+    """
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    active: set[int] = set()
+
+    def walk(n: yaml.Node, level: int) -> tuple[int, int]:
+        key = id(n)
+        if key in sizes:
+            return sizes[key], depths[key]
+        if level > MAX_YAML_DEPTH:
+            raise ParamsError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels; "
+                              "a params file needs a few")
+        if key in active:
+            raise ParamsError(f"{source}: an alias refers to itself (recursive structure)")
+        active.add(key)
+        size, depth = 1, 0
+        if isinstance(n, yaml.SequenceNode):
+            children = list(n.value)
+        elif isinstance(n, yaml.MappingNode):
+            children = [c for pair in n.value for c in pair]
+        else:
+            children = []
+        for child in children:
+            s, d = walk(child, level + 1)
+            size += s
+            depth = max(depth, d + 1)
+            if size > MAX_YAML_NODES:
+                raise ParamsError(f"{source}: expands to more than {MAX_YAML_NODES} values "
+                                  "(nested aliases?); refused")
+        active.discard(key)
+        sizes[key], depths[key] = size, depth
+        return size, depth
+
+    walk(node, 0)
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """``value`` as JSON-like text of at most ``limit`` characters, built lazily.
+
+    Error messages echo the bad value; rendering a 1 MB value (or a structure of shared
+    references) in full to then cut it would cost what the message should not.
+    """
+    out: list[str] = []
+    size = 0
+
+    def emit(text: str) -> bool:
+        nonlocal size
+        out.append(text)
+        size += len(text)
+        return size <= limit
+
+    def render(v: Any, level: int) -> bool:
+        if level > 8:
+            return emit("...")
+        if isinstance(v, dict):
+            if not emit("{"):
+                return False
+            for i, (k, x) in enumerate(v.items()):
+                if (i and not emit(", ")) or not render(k, level + 1) or not emit(": ") \
+                        or not render(x, level + 1):
+                    return False
+            return emit("}")
+        if isinstance(v, list | tuple):
+            if not emit("["):
+                return False
+            for i, x in enumerate(v):
+                if (i and not emit(", ")) or not render(x, level + 1):
+                    return False
+            return emit("]")
+        if isinstance(v, str):
+            return emit(json.dumps(v[: limit + 1]))
+        try:
+            return emit(json.dumps(v)[: limit + 1])
+        except (TypeError, ValueError):
+            return emit(str(v)[: limit + 1])
+
+    render(value, 0)
+    text = "".join(out)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -363,10 +487,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read params file: {exc.strerror or exc}") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe subclass
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, str(path))
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: malformed YAML: {exc}") from None
+        raise ParamsError(f"{path}: malformed YAML: {short_text(str(exc), 600)}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to read") from None
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -390,9 +522,28 @@ def format_validation_error(source: str, exc: ValidationError, prefix: str = "")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         bad = err.get("input")
-        bad_s = "" if err["type"] in ("missing",) else f" (got {json.dumps(bad, default=str)[:80]})"
-        lines.append(f"{source}: {loc}: {msg}{bad_s}")
+        bad_s = "" if err["type"] in ("missing",) else f" (got {short(bad, 80)})"
+        lines.append(f"{source}: {short_text(loc, 200)}: {short_text(msg, 300)}{bad_s}")
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES] + [f"{source}: ... and {len(lines) - MAX_ERROR_LINES} "
+                                           "more problems"]
     return "\n".join(lines)
+
+
+MAX_ERROR_LINES = 20
+
+
+def quoted(value: Any, limit: int = 200) -> str:
+    """``repr`` of a string (as the messages always quoted keys), cut to ``limit``; else short."""
+    if isinstance(value, str):
+        return repr(value[:limit]) + ("..." if len(value) > limit else "")
+    return short(value, limit)
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (an echoed key or value never floods a message)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
@@ -416,7 +567,7 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     for p in parts[:-1]:
         nxt = cur.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ParamsError(f"grid key {key!r}: {p!r} is not a section")
+            raise ParamsError(f"grid key {quoted(key)}: {quoted(p)} is not a section")
         cur = nxt
     cur[parts[-1]] = value
 
@@ -444,7 +595,8 @@ def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
             return
         if part not in fields:
             where = ".".join(key.split(".")[:i]) or "<top>"
-            raise ParamsError(f"{source}: grid.{key}: unknown key {part!r} under {where}; "
+            raise ParamsError(f"{source}: grid.{short_text(key)}: unknown key {quoted(part)} under "
+                              f"{short_text(where)}; "
                               f"allowed: {', '.join(sorted(fields))}")
         ann = fields[part].annotation
         cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
@@ -453,7 +605,16 @@ def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
 
 
 # ---------------------------------------------------------------- presets
-def preset_path(name: str) -> Path:
+PRESET_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+def preset_path(name: str | Path) -> Path:
+    """A preset is a name under ``params/presets/``; a ``Path`` (``--preset-file``) is itself."""
+    if isinstance(name, Path):
+        return name
+    if not PRESET_NAME.match(name):
+        raise ParamsError(f"--preset {quoted(name)}: a preset is a name, one of "
+                          f"{', '.join(available_presets())}; give a file with --preset-file")
     return PRESETS_DIR / f"{name}.yaml"
 
 
@@ -461,13 +622,18 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def load_preset(name: str | None, axis: str) -> dict[str, Any]:
-    """The overlay a preset gives one axis (``{}`` for no preset)."""
+def load_preset(name: str | Path | None, axis: str) -> dict[str, Any]:
+    """The overlay a preset gives one axis (``{}`` for no preset): a preset name, or a ``Path``
+    to a preset file given explicitly (``--preset-file``)."""
     if not name:
         return {}
     path = preset_path(name)
-    if not path.is_file():
-        raise ParamsError(f"unknown preset {name!r}; allowed: {', '.join(available_presets())}")
+    if isinstance(name, Path):
+        if not path.is_file():
+            raise ParamsError(f"--preset-file: no such file {quoted(str(path))}")
+    elif not path.is_file():
+        raise ParamsError(f"unknown preset {quoted(name)}; allowed: "
+                          f"{', '.join(available_presets())}")
     data = load_yaml(path)
     unknown = set(data) - set(AXES) - {"description"}
     if unknown:
@@ -513,7 +679,10 @@ def run_id_for(study: str, axis: str, notebook: str, params: dict[str, Any], see
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def load_study(path: str | Path) -> StudyFile:
+def load_study(path: str | Path, trusted_notebook: bool = False) -> StudyFile:
+    """Read and validate a study file. Its ``notebook`` must be one of the repo's axis notebooks
+    (``NOTEBOOK_AXES``): a sweep executes it, so a study file naming any path (a README, a file
+    in /etc) would run it as code. ``trusted_notebook`` allows a notebook of your own."""
     path = Path(path)
     data = load_yaml(path)
     try:
@@ -524,10 +693,21 @@ def load_study(path: str | Path) -> StudyFile:
             msg += f"\n  (allowed top-level keys: {', '.join(_allowed_keys(StudyFile))})"
         raise ParamsError(msg) from None
     nb = notebook_path(study.notebook)
-    if not nb.is_file():
-        raise ParamsError(f"{path}: notebook: no such notebook {study.notebook!r} "
-                          f"(looked at {nb})")
+    try:
+        found = nb.is_file()
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        raise ParamsError(f"{path}: notebook: unusable path {quoted(study.notebook)} "
+                          f"({exc.strerror or exc})") from None
+    if not found:
+        raise ParamsError(f"{path}: notebook: no such notebook {quoted(study.notebook)} "
+                          f"(looked at {short_text(str(nb))})")
     expected = NOTEBOOK_AXES.get(_repo_relative(nb))
+    if expected is None and not trusted_notebook:
+        allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
+        raise ParamsError(f"{path}: notebook: {quoted(study.notebook)} is not one of the "
+                          f"project's notebooks; allowed for {study.axis}: "
+                          f"{', '.join(allowed) or '(none)'} (or pass --trusted-notebook to run "
+                          "a notebook of your own)")
     if expected is not None and expected != study.axis:
         allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
         raise ParamsError(f"{path}: notebook: {study.notebook!r} is the {expected} notebook, "
@@ -563,11 +743,12 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.steps=100")
+            raise ParamsError(f"--set {quoted(item)}: expected KEY=VALUE, e.g. train.steps=100")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ParamsError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+            raise ParamsError(f"--set {quoted(item)}: value is not valid YAML: "
+                              f"{short_text(str(exc), 400)}") from None
         set_dotted(layer, key.strip(), value)
     return layer
 
@@ -579,7 +760,7 @@ def parse_only(items: list[str] | None) -> dict[str, list[str]]:
         key, sep, raw = item.partition("=")
         values = [v.strip() for v in raw.split(",") if v.strip()]
         if not sep or not key.strip() or not values:
-            raise ParamsError(f"--only {item!r}: expected GRIDKEY=VALUE[,VALUE...], "
+            raise ParamsError(f"--only {quoted(item)}: expected GRIDKEY=VALUE[,VALUE...], "
                               "e.g. --only precision=int8,int4-nf4")
         only.setdefault(key.strip(), []).extend(values)
     return only
@@ -599,21 +780,22 @@ def select(runs: list[Run], only: dict[str, list[str]], grid: dict[str, list[Any
                    else str(c) for c in grid[key]]
         for v in values:
             if v not in allowed:
-                raise ParamsError(f"--only {key}={v!r}: not in the grid; allowed: "
-                                  f"{', '.join(allowed)}")
+                raise ParamsError(f"--only {short_text(key)}={quoted(v)}: not in the grid; "
+                                  f"allowed: {', '.join(allowed)}")
     return [r for r in runs if all(str(r.point[k]) in vs for k, vs in only.items())]
 
 
-def expand(path: str | Path, preset: str | None = None,
+def expand(path: str | Path, preset: str | Path | None = None,
            overrides: dict[str, Any] | None = None,
-           only: dict[str, list[str]] | None = None) -> list[Run]:
+           only: dict[str, list[str]] | None = None,
+           trusted_notebook: bool = False) -> list[Run]:
     """Validate a study file under a preset and expand its grid into runs (no compute).
 
     ``overrides`` (from ``--set``) apply last, over the grid point; ``only`` (from ``--only``)
     keeps the grid points that match it (see ``select``).
     """
     path = Path(path)
-    study = load_study(path)
+    study = load_study(path, trusted_notebook)
     schema = AXES[study.axis]
     for key, choices in study.grid.items():
         if all(isinstance(c, dict) for c in choices):
@@ -652,7 +834,8 @@ def expand(path: str | Path, preset: str | None = None,
             v = _get_dotted(overrides or {}, k)
             if v is not _MISSING:
                 point[k] = v
-        label = ", ".join(f"{k}={v}" for k, v in point.items())
+        label = short_text(", ".join(f"{short_text(k, 60)}={short(v, 60)}"
+                                     for k, v in point.items()), 300)
         params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
                                 source=f"{path} [grid point {label}]")
         for seed in study.seeds:
@@ -675,6 +858,7 @@ def expand(path: str | Path, preset: str | None = None,
 
 def check_timeout(value: float | None, source: str = "--timeout") -> float | None:
     """A per-run limit must be a finite number of seconds > 0 (``inf``/``nan`` are rejected)."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise ParamsError(f"{source}: must be a finite number of seconds > 0 (got {value})")
+    if value is not None and not (math.isfinite(value) and 0 < value <= 30 * 86400):
+        raise ParamsError(f"{source}: must be a finite number of seconds > 0 and at most 30 "
+                          f"days (got {value})")
     return value

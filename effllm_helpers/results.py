@@ -12,7 +12,9 @@ import datetime as _dt
 import json
 import math
 import os
+import stat
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +53,17 @@ def validate_metric(name: str, obj: Any) -> None:
         raise ValueError(f"metric {name!r} is null without a reason")
     if obj["value"] is not None and not obj.get("method"):
         raise ValueError(f"metric {name!r} has a value but no method")
+    v = obj["value"]
+    if v is not None:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"metric {name!r} value must be a number or null, "
+                             f"got {type(v).__name__}")
+        try:
+            finite = math.isfinite(float(v))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise ValueError(f"metric {name!r} value is not a finite float")
 
 
 # ---------------------------------------------------------------- record
@@ -101,15 +114,32 @@ def validate_record(rec: Mapping[str, Any]) -> None:
     for key in ("schema_version", "run_id", "study", "status", "params", "metrics", "quality"):
         if key not in rec:
             raise ValueError(f"record lacks {key!r}")
-    if rec["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"record schema_version {rec['schema_version']} != {SCHEMA_VERSION}")
+    version = rec["schema_version"]
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise ValueError(f"record schema_version {_short(version)} != {SCHEMA_VERSION}")
     if rec["status"] not in ("ok", "failed", "skipped"):
-        raise ValueError(f"record status {rec['status']!r} not in ok|failed|skipped")
+        raise ValueError(f"record status {_short(rec['status'])} not in ok|failed|skipped")
+    for key in ("run_id", "study"):
+        if not isinstance(rec[key], str) or not rec[key]:
+            raise ValueError(f"record {key} must be a non-empty string, got {_short(rec[key])}")
+    for key in ("params", "metrics", "quality", "curves", "model", "provenance", "extra",
+                "error"):
+        val = rec.get(key)
+        if not (isinstance(val, Mapping) or (val is None and key not in REQUIRED_MAPPINGS)):
+            raise ValueError(f"record {key} must be a mapping, got {type(val).__name__}")
     if rec["status"] != "ok" and not (rec.get("error") or {}).get("reason"):
         raise ValueError(f"a {rec['status']} record needs error.reason")
     for section in ("metrics", "quality"):
         for name, val in rec[section].items():
             validate_metric(f"{section}.{name}", val)
+
+
+REQUIRED_MAPPINGS = ("params", "metrics", "quality")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -118,6 +148,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; records are read by other users' reports
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=1, sort_keys=False, default=_json_default)
             fh.flush()
@@ -147,24 +178,91 @@ def write_record(output_dir: str | os.PathLike[str], rec: Mapping[str, Any]) -> 
     return atomic_write_json(Path(output_dir) / RECORD_NAME, rec)
 
 
+MAX_RECORD_BYTES = 64 * 2**20  # a record is kilobytes; curves make it at most a few MB
+
+
+class RecordError(ValueError):
+    """A record file that cannot be used: the message says why."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise RecordError(f"non-finite number {name} (JSON has no such value)")
+
+
+def load_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in a record file, or RecordError saying why not.
+
+    Only a regular file is opened for reading (a FIFO named record.json would block forever),
+    ``NaN``/``Infinity`` (which Python's json writes and reads, unlike JSON) are refused, and so
+    are oversized or too deeply nested documents.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RecordError(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RecordError("not a regular file")
+        if st.st_size > MAX_RECORD_BYTES:
+            raise RecordError(f"{st.st_size} bytes, more than {MAX_RECORD_BYTES}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(MAX_RECORD_BYTES + 1)
+    except OSError as exc:
+        raise RecordError(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        rec = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise RecordError("not UTF-8") from None
+    except RecursionError:
+        raise RecordError("nested too deeply") from None
+    except RecordError:
+        raise
+    except ValueError as exc:  # malformed JSON, or an integer too long to parse
+        raise RecordError(f"not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(rec, dict):  # e.g. a list or a bare number: not a record
+        raise RecordError(f"not a JSON object but {type(rec).__name__}")
+    return rec
+
+
 def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The record at ``path`` (a file or a run folder), or None if absent or unreadable."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORD_NAME
     try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return load_record(path)
+    except RecordError:
         return None
-    return rec if isinstance(rec, dict) else None  # e.g. a list or a bare number: not a record
 
 
-def iter_records(root: str | os.PathLike[str]) -> Iterable[tuple[Path, dict[str, Any]]]:
-    """Every readable record under ``root``, in a stable order."""
+def iter_records(root: str | os.PathLike[str],
+                 problems: list[tuple[Path, str]] | None = None,
+                 ) -> Iterable[tuple[Path, dict[str, Any]]]:
+    """Every valid record under ``root``, in a stable order.
+
+    A file that is unreadable, malformed, of another schema version, or a second record of a
+    run id already seen is skipped; ``(path, reason)`` is appended to ``problems`` for it.
+    """
+    seen: dict[str, Path] = {}
     for path in sorted(Path(root).rglob(RECORD_NAME)):
-        rec = read_record(path)
-        if rec is not None:
-            yield path, rec
+        try:
+            rec = load_record(path)
+            validate_record(rec)
+        except RecursionError:
+            reason = "nested too deeply"
+        except (RecordError, ValueError, TypeError) as exc:
+            reason = str(exc)[:300]
+        else:
+            first = seen.setdefault(rec["run_id"], path)
+            if first == path:
+                yield path, rec
+                continue
+            reason = f"duplicate run_id {rec['run_id']!r} (kept {first})"
+        if problems is not None:
+            problems.append((path, reason))
 
 
 # ---------------------------------------------------------------- tidy table
@@ -228,16 +326,42 @@ def tidy_rows(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def collect(root: str | os.PathLike[str]):  # -> pandas.DataFrame
-    """All records under ``root`` as one tidy long DataFrame (one row per run and metric)."""
+def collect(root: str | os.PathLike[str],
+            problems: list[tuple[Path, str]] | None = None):  # -> pandas.DataFrame
+    """All valid records under ``root`` as one tidy long DataFrame (one row per run and metric).
+
+    Skipped files go to ``problems`` when given, else each is a warning naming file and reason.
+    """
     import pandas as pd
 
-    rows = [row for _, rec in iter_records(root) for row in tidy_rows(rec)]
+    own = problems is None
+    problems = [] if own else problems
+    rows = [row for _, rec in iter_records(root, problems) for row in tidy_rows(rec)]
+    if own:
+        for path, reason in problems:
+            warnings.warn(f"skipped record {path}: {reason}", stacklevel=2)
     df = pd.DataFrame(rows)
     if df.empty:
         df = pd.DataFrame(columns=["run_id", "study", "axis", "status", "device", "section",
                                    "metric", "value", "unit", "method", "reason"])
     return df
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(df):  # -> pandas.DataFrame
+    """Text cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``...) get a
+    leading ``'``; a model name or a reason from a record must not execute when the CSV opens.
+    Numbers stay numbers; the parquet table keeps the raw text."""
+    from pandas.api.types import is_numeric_dtype
+
+    out = df.copy()
+    for col in out.columns:
+        if not is_numeric_dtype(out[col]):
+            out[col] = out[col].map(lambda v: "'" + v if isinstance(v, str)
+                                    and v.startswith(FORMULA_START) else v)
+    return out
 
 
 def run_counts(df):  # -> pandas.DataFrame
@@ -264,7 +388,7 @@ def write_tidy(df, out_dir: str | os.PathLike[str], name: str = "results") -> tu
         if ext == "parquet":
             df2.to_parquet(tmp, index=False)
         else:
-            df2.to_csv(tmp, index=False)
+            csv_safe(df2).to_csv(tmp, index=False)
         os.replace(tmp, final)
         paths.append(final)
     return paths[0], paths[1]

@@ -49,7 +49,7 @@ def classify_failure(ename: str, evalue: str = "") -> str:
     if ename in FAILURE_KINDS:
         return FAILURE_KINDS[ename]
     text = f"{ename} {evalue}".lower()
-    if "out of memory" in text:
+    if "out of memory" in text or "can't allocate memory" in text:  # torch's CPU allocator
         return "oom"
     return "exception"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import multiprocessing
 import os
@@ -31,8 +32,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +45,14 @@ from .run import THREADS_ENV, classify_failure, failure_record
 
 RUN_SPEC = "run.json"
 RUN_NOTEBOOK = "run.ipynb"
+RUN_LOCK = ".lock"  # flock'ed by the sweep that executes the run, for the run's whole life
+ELSEWHERE = "running elsewhere: another sweep holds this run's lock"
 
 
 @dataclass
 class Outcome:
     run: config.Run
-    status: str  # ok | failed | skipped | cached | cached-failed
+    status: str  # ok | failed | skipped | cached | cached-failed | elsewhere
     seconds: float = 0.0
     reason: str | None = None
     busy: str | None = None  # the record's busy-machine warning (measured under contention)
@@ -79,6 +83,7 @@ def plan(runs: list[config.Run], output_dir: Path,
     todo: list[config.Run] = []
     settled: list[Outcome] = []
     for run in runs:
+        _clean_stale_temps(run_dir_for(output_dir, run))
         rec = results.read_record(run_dir_for(output_dir, run))
         if rec and rec.get("run_id") == run.run_id and rec.get("status") == "ok":
             settled.append(Outcome(run, "cached", busy=record_busy(rec)))
@@ -90,6 +95,45 @@ def plan(runs: list[config.Run], output_dir: Path,
         else:
             todo.append(run)
     return todo, settled
+
+
+@contextmanager
+def run_lock(rdir: Path) -> Iterator[bool]:
+    """Try to own a run folder: yields True while this process holds ``<rdir>/.lock``.
+
+    Two sweeps on one output folder would otherwise both execute every run, and the second
+    runner would delete the first one's finished record. The lock is an ``flock``, so the kernel
+    drops it when its holder dies (a SIGKILLed sweep never leaves a stale lock behind).
+    """
+    rdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(rdir / RUN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _clean_stale_temps(rdir: Path) -> None:
+    """Remove half-written ``.record.json.*.tmp`` left by a killed writer, if no one runs here."""
+    if not rdir.is_dir():
+        return
+    temps = list(rdir.glob(f".{results.RECORD_NAME}.*.tmp"))
+    if not temps:
+        return
+    with run_lock(rdir) as mine:
+        if mine:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+
+
+def _has_ok_record(rdir: Path, run_id: str) -> bool:
+    rec = results.read_record(rdir)
+    return bool(rec and rec.get("run_id") == run_id and rec.get("status") == "ok")
 
 
 # ---------------------------------------------------------------- one run (parent side)
@@ -159,7 +203,8 @@ def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> 
         os.environ[CONCURRENT_ENV] = str(concurrent)
     os.environ.update(run_thread_env(concurrent))
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
@@ -229,7 +274,16 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
     """
     run = config.Run.model_validate(run_dict)
     rdir = Path(run_dir).resolve()
-    rdir.mkdir(parents=True, exist_ok=True)
+    with run_lock(rdir) as mine:
+        if not mine:
+            return {"status": "elsewhere", "seconds": 0.0, "reason": ELSEWHERE}
+        if _has_ok_record(rdir, run.run_id):  # finished by another sweep since we planned
+            return {"status": "cached", "seconds": 0.0, "reason": None}
+        return _execute_locked(run, rdir, gpu, concurrent)
+
+
+def _execute_locked(run: config.Run, rdir: Path, gpu: str | None,
+                    concurrent: int | None) -> dict[str, Any]:
     results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
     t0 = time.monotonic()
     proc = _start_runner(rdir, gpu, concurrent)
@@ -310,6 +364,8 @@ def runner_main(run_dir: str) -> int:
     rdir = Path(run_dir).resolve()
     spec = json.loads((rdir / RUN_SPEC).read_text())
     run = config.Run.model_validate(spec)
+    if _has_ok_record(rdir, run.run_id):  # never redo (nor delete) a finished run
+        return 0
     (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
     started = results.now_iso()
     nb = config.notebook_path(run.notebook)
@@ -382,14 +438,17 @@ def _cuda_count() -> int:
         return 0
 
 
-def sweep(study_path: str | Path, preset: str | None = None, output_dir: str | Path | None = None,
+def sweep(study_path: str | Path, preset: str | Path | None = None,
+          output_dir: str | Path | None = None,
           workers: int = 1, dask: str | None = None, retry_failed: bool = False,
           timeout_s: float | None = None, progress: bool = True,
           on_outcome: Callable[[Outcome], None] | None = None,
           overrides: dict[str, Any] | None = None,
-          only: dict[str, list[str]] | None = None) -> SweepResult:
+          only: dict[str, list[str]] | None = None,
+          trusted_notebook: bool = False) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
-    runs = config.expand(study_path, preset, overrides, only)  # validation, before any compute
+    # validation, before any compute
+    runs = config.expand(study_path, preset, overrides, only, trusted_notebook)
     config.check_timeout(timeout_s)
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
@@ -482,6 +541,8 @@ def _sweep_side_failure(out: Path, run: config.Run, exc: BaseException,
     import traceback
 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if _has_ok_record(run_dir_for(out, run), run.run_id):  # someone else finished it
+        return Outcome(run, "cached")
     rec = failure_record(run.model_dump(), "exception", f"{what}: {type(exc).__name__}: {exc}",
                          tb)
     results.write_record(run_dir_for(out, run), rec)

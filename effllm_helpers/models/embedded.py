@@ -122,7 +122,6 @@ def _build_in_child(stage: str, profile: str, out: Path, base: Path | None,
     """
     import collections
     import os
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "effllm_helpers.models.embedded", stage, profile, str(out)]
@@ -134,7 +133,7 @@ def _build_in_child(stage: str, profile: str, out: Path, base: Path | None,
     root = str(Path(__file__).resolve().parents[2])  # importable even from notebooks/ as cwd
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = spawn_child(cmd, env)
     assert proc.stdout is not None
     for chunk in iter(lambda: proc.stdout.read1(4096), b""):
         text = chunk.decode(errors="replace")
@@ -145,6 +144,41 @@ def _build_in_child(stage: str, profile: str, out: Path, base: Path | None,
     if proc.wait() != 0:
         raise RuntimeError(f"building the embedded {profile!r} {stage!r} model failed (exit "
                            f"{proc.returncode}); its output ends:\n{''.join(tail)[-3000:]}")
+
+
+def spawn_child(cmd: list[str], env: dict[str, str] | None = None):  # -> subprocess.Popen
+    """Start ``cmd`` with its output piped to us, as a child that dies with this process.
+
+    A build takes minutes; if the run that asked for it is killed (a SIGKILLed sweep, a timeout),
+    the child would otherwise train on for tens of seconds, holding the CPU/GPU the next run
+    measures. Linux's parent-death signal kills it the moment we go.
+    """
+    import os
+    import subprocess
+
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=_die_with(os.getpid()))
+
+
+def _die_with(parent: int):
+    """A pre-exec hook: SIGKILL this child when ``parent`` dies (also if it died already)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+    except OSError:
+        libc = None
+
+    def hook() -> None:
+        if libc is not None:
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent went before the signal was armed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 def _pretrain(arch: Any, out: Path, progress: bool) -> None:
