@@ -6,7 +6,8 @@ ratio lower. We count every parameter and buffer storage once (tied weights shar
 the tensors bitsandbytes keeps beside packed weights (``quant_state``: absmax, code, nested
 state2; int8 ``SCB``), and we record the nominal bit-ratio version beside it. A torchao weight is a
 tensor subclass with no storage of its own: we count the plain tensors it is made of (packed
-int4 data with its scales and zeros, int8 or float8 data with its scales), in ``params``.
+int4 data with its scales and zeros, int8 data with scales and zero points, float8 data with
+its scales), in ``params``.
 """
 
 from __future__ import annotations
