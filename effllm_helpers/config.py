@@ -231,7 +231,8 @@ class FinetuneParams(Strict):
         raise ValueError("must be 'arithmetic', 'docname', 'hf:<dataset>' or 'jsonl:<path>'")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4", "int8-wo", "int4-wo",
+              "fp8-e4m3")
 
 
 class InferenceParams(Strict):
@@ -239,7 +240,8 @@ class InferenceParams(Strict):
 
     model: str = "embedded@sft"  # the embedded model after axis-2 fine-tuning, or HF id/path
     embedded_profile: EmbeddedProfile = "tiny"
-    precision: Literal["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4", "int8-wo",
+                       "int4-wo", "fp8-e4m3"] = "bf16"
     double_quant: bool = False
     # int8/int4 only: dtype of the matmul inputs and of the modules bnb leaves alone; None = the
     # kernel's own (LLM.int8 on CUDA: fp16, which it casts to anyway; else bf16)

@@ -56,7 +56,12 @@ DEFAULT_UNIT = {
 ATTENTION_ORDER = ["mha", "mqa", "gqa", "mla", "nsa"]
 POSITIONAL_ORDER = ["rope", "sinusoidal", "learned", "relative", "none"]
 METHOD_ORDER = ["lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full"]
-PRECISION_ORDER = ["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4"]
+PRECISION_ORDER = ["fp32", "bf16", "fp16", "fp8-e4m3", "int8", "int8-wo", "int4-nf4", "int4-fp4",
+                   "int4-wo"]
+# panel titles name the library, since int8 and int4 come from both bitsandbytes and torchao
+PRECISION_LABEL = {"int8": "int8 (bnb LLM.int8)", "int4-nf4": "int4 NF4 (bnb)",
+                   "int4-fp4": "int4 FP4 (bnb)", "int8-wo": "int8 weight-only (torchao)",
+                   "int4-wo": "int4 weight-only (torchao)", "fp8-e4m3": "fp8 e4m3 (torchao)"}
 NORM_LABEL = "normalised (0.1-1, higher = better)"
 # reference of each architecture setting held fixed while another varies (None: the default,
 # i.e. runs that leave it unset, else the most common value)
@@ -689,7 +694,7 @@ def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,
         ax.set_yticks([])
         ax.spines["polar"].set_visible(False)
         ax.grid(False)
-        ax.set_title(p, fontsize=11, pad=14, fontweight="bold")
+        ax.set_title(PRECISION_LABEL.get(p, p), fontsize=11, pad=14, fontweight="bold")
     qs = sorted(set(norm["perf_metric"]) - {""})
     handles = [Patch(color=pal[r], label=RING_LABEL[r] + (f" ({'/'.join(qs)})" if r == "perf"
                                                             and qs else "")) for r in POLAR_RINGS]

@@ -74,3 +74,23 @@ def test_compression_metrics_without_baseline() -> None:
     out = compression_metrics(400, 0.45, None, None, "int4")
     assert out["size_bytes"]["value"] == 400
     assert out["mcr"]["value"] is None and "baseline" in out["mcr"]["reason"]
+
+
+def test_mcr_nominal_bits_of_torchao_precisions() -> None:
+    assert mcr_nominal("int8-wo", 0.5, 0.5)["value"] == pytest.approx(2.0)
+    assert mcr_nominal("int4-wo", 0.5, 0.5)["value"] == pytest.approx(4.0)
+    assert mcr_nominal("fp8-e4m3", 0.5, 0.5)["bits_comp"] == 8
+
+
+def test_weight_bytes_of_a_torchao_int8_layer_counts_its_inner_tensors() -> None:
+    """A torchao weight owns no storage: the bytes are its int8 data, fp32 row scales and int8
+    row zero points."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    layer = nn.Linear(64, 32, bias=False)
+    quantize_(layer, Int8WeightOnlyConfig())
+    w = layer.weight
+    assert type(w).__name__ == "Int8Tensor" and w.qdata.dtype == torch.int8
+    expected = sum(t.numel() * t.element_size() for t in (w.qdata, w.scale, w.zero_point))
+    assert weight_bytes(layer)["params"] == expected == 64 * 32 + 32 * 4 + 32

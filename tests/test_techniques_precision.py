@@ -167,3 +167,99 @@ def test_int8_defaults_to_fp16_compute_on_cuda_and_bf16_elsewhere() -> None:
     assert pr.natural_compute_dtype("int8", "cuda") == "fp16"
     assert pr.natural_compute_dtype("int8", "cpu") == "bf16"
     assert pr.natural_compute_dtype("int4-nf4", "cuda") == "bf16"
+
+
+# ---------------------------------------------------------------- torchao precisions
+TORCHAO = ["int8-wo", "int4-wo", "fp8-e4m3"]
+
+
+@pytest.mark.parametrize("precision", TORCHAO)
+def test_torchao_precision_runs_or_is_a_skip_with_its_reason(base, ids, precision: str) -> None:
+    reason = pr.check_supported(precision, "cpu")
+    if reason is None:
+        loaded = load(base, precision)
+        with torch.no_grad():
+            assert bool(torch.isfinite(loaded.model(input_ids=ids).logits.float()).all())
+        assert any(k.startswith("torchao.") for k in loaded.kernels)
+    else:
+        assert "CUDA" in reason and precision in reason  # says why: the kernel is CUDA-only
+        with pytest.raises(UnsupportedTechnique, match=precision):
+            load(base, precision)
+
+
+def test_int8_wo_runs_on_cpu_close_to_fp32(base, ids) -> None:
+    """torchao's int8 weight-only path has no CUDA-only op: it must run here, and be accurate."""
+    assert pr.check_supported("int8-wo", "cpu") is None
+    loaded = load(base, "int8-wo", compute_dtype="fp32")
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        out = loaded.model(input_ids=ids).logits
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max().item() < 0.03 * ref.abs().max().item()
+
+
+def test_int8_wo_records_the_kernel_of_every_linear(base) -> None:
+    loaded = load(base, "int8-wo")
+    # 2 layers x 7 projections quantised; the LM head stays bf16, as bitsandbytes leaves it
+    assert loaded.kernels == {"torchao.Int8Tensor": 14, "torch.nn.Linear(bf16)": 1}
+    assert type(loaded.model.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert pr.is_quantized(loaded.model)
+
+
+def test_kernels_recorded_for_float_and_bitsandbytes(base) -> None:
+    assert load(base, "fp32").kernels == {"torch.nn.Linear(fp32)": 15}
+    nf4 = load_or_skip(base, "int4-nf4")
+    assert nf4.kernels == {"bitsandbytes.Linear4bit(nf4)": 14, "torch.nn.Linear(bf16)": 1}
+
+
+def test_int8_wo_weight_bytes_are_a_quarter_of_fp32_linears(base) -> None:
+    loaded = load(base, "int8-wo", compute_dtype="fp32")
+    quantised = [m for m in loaded.model.modules()
+                 if isinstance(m, torch.nn.Linear) and pr.linear_kernel(m).startswith("torchao")]
+    q_bytes = sum(pr.weight_bytes(m) for m in quantised)
+    fp32_bytes = sum(m.weight.numel() * 4 for m in quantised)
+    # int8 data plus, per output row, an fp32 scale and an int8 zero point (5 B per >= 64 B row)
+    assert 0.25 <= q_bytes / fp32_bytes <= 0.25 * (1 + 5 / 64) + 1e-9
+    assert loaded.weight_bytes < load(base, "bf16").weight_bytes
+
+
+def test_torchao_model_cannot_be_cast_back(base) -> None:
+    loaded = load(base, "int8-wo")
+    with pytest.raises(ValueError, match="quantised"):
+        pr.load_for_inference(loaded.model, InferenceParams(precision="fp32"), "cpu")
+
+
+def test_int4_group_size_fits_the_model() -> None:
+    assert pr.int4_group_size([256, 512]) == 128
+    assert pr.int4_group_size([64, 128]) == 64
+    assert pr.int4_group_size([96, 160]) == 32
+    assert pr.int4_group_size([128, 128, 96]) == 32  # the size that quantises the most layers
+    assert pr.int4_group_size([100, 128]) == 128  # a tie: the largest
+
+
+def test_torchao_import_failure_becomes_unsupported(base, monkeypatch) -> None:
+    def broken() -> None:
+        raise ImportError("No module named 'torchao'")
+
+    pr.probe_torchao.cache_clear()
+    monkeypatch.setattr(pr, "import_torchao", broken)
+    try:
+        reason = pr.check_supported("int8-wo", "cpu")
+        assert reason is not None and "torchao cannot be imported" in reason
+        with pytest.raises(UnsupportedTechnique, match="torchao cannot be imported"):
+            load(base, "int8-wo")
+    finally:
+        pr.probe_torchao.cache_clear()
+
+
+def test_fp8_on_a_gpu_before_ada_has_a_reason(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    pr.probe_torchao.cache_clear()
+    try:
+        reason = pr.check_supported("fp8-e4m3", "cuda")
+    finally:
+        pr.probe_torchao.cache_clear()
+    assert reason is not None and "A100" in reason and "8.0 < 8.9" in reason

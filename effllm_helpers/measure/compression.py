@@ -4,7 +4,10 @@ Why real bytes: the paper's int4 rows use the nominal 16/4 = 4.0, but embeddings
 layers left unquantised, plus the quantisation constants (absmax, codebooks), make the true size
 ratio lower. We count every parameter and buffer storage once (tied weights share storage) and
 the tensors bitsandbytes keeps beside packed weights (``quant_state``: absmax, code, nested
-state2; int8 ``SCB``), and we record the nominal bit-ratio version beside it.
+state2; int8 ``SCB``), and we record the nominal bit-ratio version beside it. A torchao weight is a
+tensor subclass with no storage of its own: we count the plain tensors it is made of (packed
+int4 data with its scales and zeros, int8 data with scales and zero points, float8 data with
+its scales), in ``params``.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from effllm_helpers.results import metric, missing
 
 BASELINE_DTYPE = "bf16"
 BITS = {"fp32": 32, "tf32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "nf4": 4, "fp4": 4,
-        "int4": 4, "int4-nf4": 4, "int4-fp4": 4}
+        "int4": 4, "int4-nf4": 4, "int4-fp4": 4, "int8-wo": 8, "int4-wo": 4, "fp8-e4m3": 8}
 
 
 def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
@@ -45,20 +49,35 @@ def _storage_key_and_bytes(t: torch.Tensor) -> tuple[tuple[Any, ...], int]:
         return ("obj", id(t)), t.numel() * t.element_size()
 
 
+def _plain_tensors(t: torch.Tensor, depth: int = 0) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or a wrapper subclass's inner tensors.
+
+    Wrapper subclasses (torchao's quantised weights) report their logical shape and dtype but own
+    no storage; ``__tensor_flatten__`` names the tensors that really hold the bytes.
+    """
+    if depth > 4 or not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = [getattr(t, n, None) for n in names]
+    return [x for i in inner if isinstance(i, torch.Tensor) for x in _plain_tensors(i, depth + 1)]
+
+
 def weight_bytes(model: torch.nn.Module, include_buffers: bool = True) -> dict[str, int]:
     """Bytes the model's weights really occupy: {"total", "params", "buffers", "quant_state"}.
 
-    Each underlying storage is counted once, so tied embeddings and views are not doubled.
+    Each underlying storage is counted once, so tied embeddings and views are not doubled;
+    tensor subclasses count the storages of their inner tensors.
     """
     seen: set[tuple[Any, ...]] = set()
     out = {"params": 0, "buffers": 0, "quant_state": 0}
 
     def add(t: torch.Tensor, bucket: str) -> None:
-        key, nbytes = _storage_key_and_bytes(t)
-        if key in seen:
-            return
-        seen.add(key)
-        out[bucket] += nbytes
+        for plain in _plain_tensors(t):
+            key, nbytes = _storage_key_and_bytes(plain)
+            if key in seen:
+                continue
+            seen.add(key)
+            out[bucket] += nbytes
 
     for p in model.parameters():
         add(p, "params")

@@ -1,4 +1,4 @@
-"""Inference precision registry: fp32 / bf16 / fp16 casts and bitsandbytes int8 / int4 quantisation.
+"""Inference precision registry: float casts, bitsandbytes int8 / int4 and torchao quantisation.
 
 The inference axis compares one model at several precisions, so every precision goes through the
 same door (``load_for_inference``) and reports the same facts: the model, the *real* bytes its
@@ -10,24 +10,35 @@ the notebook records as a skip rather than a failure.
 bitsandbytes quantises at load time (``from_pretrained(..., quantization_config=...)``); an
 in-memory model is quantised by saving it to a temporary directory and loading it back, which works
 for any ``PreTrainedModel`` subclass, our registered custom decoders included.
+
+torchao precisions (``int8-wo``, ``int4-wo``, ``fp8-e4m3``) are what practitioners reach for when
+decode speed matters: they swap each linear's weight for a tensor subclass whose matmul dispatches
+to a quantised kernel (tinygemm int4, ``torch._scaled_mm`` float8), applied in memory with
+``torchao.quantization.quantize_``. Which kernel really ran is recorded per linear
+(``Loaded.kernels``), since torchao leaves a weight unquantised when its shape does not fit.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from effllm_helpers.config import PRECISIONS, InferenceParams
 from effllm_helpers.techniques import UnsupportedTechnique
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,7 @@ class PrecisionSpec:
     """One registry entry: how a precision name is realised."""
 
     name: str
-    kind: Literal["float", "bnb8", "bnb4"]
+    kind: Literal["float", "bnb8", "bnb4", "torchao"]
     dtype: torch.dtype | None = None  # float kinds: the cast dtype
     quant_type: str | None = None  # bnb4: 'nf4' | 'fp4'
     bits: int = 16
@@ -53,18 +64,35 @@ REGISTRY: dict[str, PrecisionSpec] = {
                               description="bitsandbytes 4-bit NormalFloat (load_in_4bit)"),
     "int4-fp4": PrecisionSpec("int4-fp4", "bnb4", quant_type="fp4", bits=4,
                               description="bitsandbytes 4-bit float (load_in_4bit)"),
+    "int8-wo": PrecisionSpec("int8-wo", "torchao", bits=8,
+                             description="torchao Int8WeightOnlyConfig: int8 weights with one "
+                                         "scale per output row, matmul in the activation dtype"),
+    "int4-wo": PrecisionSpec("int4-wo", "torchao", bits=4,
+                             description="torchao Int4WeightOnlyConfig, tile_packed_to_4d: "
+                                         "asymmetric int4 groups, tinygemm _weight_int4pack_mm "
+                                         "(CUDA sm80+), bf16 activations"),
+    "fp8-e4m3": PrecisionSpec("fp8-e4m3", "torchao", bits=8,
+                              description="torchao Float8DynamicActivationFloat8WeightConfig: "
+                                          "e4m3 weights and dynamically quantised e4m3 "
+                                          "activations, per-row scales, torch._scaled_mm "
+                                          "(CUDA sm89+)"),
 }
 assert set(REGISTRY) == set(PRECISIONS), "precision registry out of sync with config.PRECISIONS"
 
 
 @dataclass
 class Loaded:
-    """A model ready for inference at one precision, with its real weight bytes."""
+    """A model ready for inference at one precision, with its real weight bytes.
+
+    ``kernels`` counts the linear layers by the implementation their matmul dispatches to
+    (``linear_kernels``), so a record shows what was timed, not only what was asked for.
+    """
 
     model: nn.Module
     precision: str
     weight_bytes: int
     notes: list[str] = field(default_factory=list)
+    kernels: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- devices and support
@@ -162,6 +190,173 @@ def probe_bnb(kind: Literal["bnb8", "bnb4"], device: str, backward: bool = False
     return None
 
 
+# ---------------------------------------------------------------- torchao
+# Why a torchao precision cannot run off its hardware, prefixed to the probe's own error.
+TORCHAO_HINTS: dict[str, str] = {
+    "int4-wo": ("torchao's int4 weight-only kernels are CUDA-only (tile_packed_to_4d runs "
+                "tinygemm _weight_int4pack_mm on sm80+; plain/preshuffled need the mslk CUDA "
+                "package); there is no CPU int4 packing in this torchao"),
+    "fp8-e4m3": ("float8 e4m3 matmuls (torch._scaled_mm with dynamic activation scales) need CUDA "
+                 "compute capability >= 8.9 (Ada, Hopper or later) or MI300"),
+}
+TORCHAO_MIN_CAPABILITY: dict[str, tuple[int, int]] = {"int4-wo": (8, 0), "fp8-e4m3": (8, 9)}
+
+
+def import_torchao() -> Any:
+    """Import torchao without its log noise: on a CPU torch it warns once per CUDA extension
+    (``_C_cutlass_90a``, ``_C_mxfp8``) it cannot load, which none of our precisions use."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao
+        import torchao.quantization  # noqa: F401 - the configs and quantize_
+    finally:
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
+    return torchao
+
+
+def torchao_config(precision: str, group_size: int = 128) -> Any:
+    """The torchao config object for a torchao precision.
+
+    ``set_inductor_config=False``: torchao would otherwise change process-wide inductor settings,
+    which would leak into every later run of the same sweep process.
+    """
+    import_torchao()
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    if precision == "int8-wo":
+        return Int8WeightOnlyConfig(granularity=PerRow(), set_inductor_config=False)
+    if precision == "int4-wo":
+        # tinygemm's packing needs no extra package (plain int4 would need mslk)
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                    set_inductor_config=False)
+    if precision == "fp8-e4m3":
+        return Float8DynamicActivationFloat8WeightConfig(
+            activation_dtype=torch.float8_e4m3fn, weight_dtype=torch.float8_e4m3fn,
+            granularity=PerRow(), set_inductor_config=False)
+    raise ValueError(f"{precision!r} is not a torchao precision")
+
+
+def int4_group_size(in_features: Iterable[int]) -> int:
+    """The int4 group size (128, 64 or 32) that fits the most input widths, the largest on ties.
+
+    torchao leaves a weight whose input width the group size does not divide unquantised.
+    """
+    dims = list(in_features)
+    return max((128, 64, 32), key=lambda g: (sum(d % g == 0 for d in dims), g))
+
+
+@functools.lru_cache(maxsize=32)
+def probe_torchao(precision: str, device: str) -> str | None:
+    """Quantise and run one small bf16 linear with torchao on ``device``; why it fails, or None.
+
+    As with bitsandbytes, running beats version tables; the probe also catches torchao silently
+    leaving the weight unquantised (it does so when no kernel fits a shape).
+    """
+    try:
+        torchao = import_torchao()
+        from torchao.quantization import quantize_
+    except Exception as exc:  # ImportError, or a torchao built for another torch
+        return f"torchao cannot be imported: {type(exc).__name__}: {str(exc)[:300]}"
+    dev = torch.device(device)
+    hint = TORCHAO_HINTS.get(precision)
+    need = TORCHAO_MIN_CAPABILITY.get(precision)
+    if dev.type == "cuda" and need is not None:
+        cap = tuple(torch.cuda.get_device_capability(dev))
+        if cap < need:
+            return (f"{torch.cuda.get_device_name(dev)} has compute capability "
+                    f"{cap[0]}.{cap[1]} < {need[0]}.{need[1]}: {hint}")
+    ver = getattr(torchao, "__version__", "?")
+    try:
+        with torch.random.fork_rng(devices=[]):  # must not shift the caller's random stream
+            ref = nn.Linear(256, 64, bias=False)
+            with torch.no_grad():
+                ref.weight.copy_(torch.linspace(-3, 3, 64 * 256).sin().reshape(64, 256) * 0.1)
+        ref = ref.to(device=dev, dtype=torch.bfloat16)
+        layer = copy.deepcopy(ref)
+        quantize_(layer, torchao_config(precision, group_size=128))
+        if not is_traceable_wrapper_subclass(layer.weight):
+            raise RuntimeError("the weight was left unquantised")
+        x = torch.linspace(-1, 1, 512, device=dev).reshape(2, 256).to(torch.bfloat16)
+        with torch.no_grad():
+            y, r = layer(x).float(), ref(x).float()
+        if not bool(torch.isfinite(y).all()):
+            raise RuntimeError("non-finite output")
+        rel = ((y - r).norm() / r.norm()).item()
+        if rel > 0.2:
+            raise RuntimeError(f"wrong output (relative error {rel:.3g})")
+    except Exception as exc:  # the probe's whole point is to turn any failure into a reason
+        msg = (f"torchao {ver} cannot run {precision} on {dev}: {type(exc).__name__}: "
+               f"{str(exc)[:300]}")
+        return f"{hint}; {msg}" if hint else msg
+    return None
+
+
+def torchao_quantize(model: nn.Module, precision: str) -> tuple[nn.Module, list[str]]:
+    """Quantise ``model``'s linears in place with torchao; returns it and notes on what was done.
+
+    The LM head (output embeddings) stays in the model's dtype, as transformers does for
+    bitsandbytes, so the two families quantise the same layers (and a tied head stays tied).
+    """
+    import_torchao()
+    from torchao.quantization import quantize_
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and module is not head
+
+    dims = [m.in_features for n, m in model.named_modules() if keep(m, n)]
+    notes = ["LM head (output embeddings) not quantised, as with bitsandbytes"]
+    group = 128
+    if precision == "int4-wo":
+        group = int4_group_size(dims)
+        notes.append(f"int4 group size {group}; tinygemm pads each weight's input width to a "
+                     "multiple of 1024 and its output width to 8 (padding counted in weight_bytes)")
+    quantize_(model, torchao_config(precision, group_size=group), filter_fn=keep)
+    if precision == "int8-wo":
+        notes.append("int8 weight-only in eager mode casts the int8 weight to the activation "
+                     "dtype at every matmul; it gains speed only when compiled (static_cache)")
+    if precision == "fp8-e4m3":
+        from torchao.utils import _is_mslk_available
+
+        notes.append("float8 rowwise matmul: " + ("mslk kernels (installed)" if
+                                                  _is_mslk_available() else
+                                                  "torch._scaled_mm (mslk not installed)"))
+    return model, notes
+
+
+def linear_kernel(module: nn.Linear) -> str:
+    """A name for the implementation a linear layer's matmul dispatches to."""
+    cls, w = type(module), module.weight
+    if cls.__module__.split(".")[0] == "bitsandbytes":
+        qt = getattr(w, "quant_type", None)
+        return f"bitsandbytes.{cls.__name__}" + (f"({qt})" if isinstance(qt, str) else "")
+    if is_traceable_wrapper_subclass(w):  # torchao & co: the weight's class picks the kernel
+        return f"{type(w).__module__.split('.')[0]}.{type(w).__name__}"
+    owner = "torch.nn.Linear" if cls is nn.Linear else f"{cls.__module__}.{cls.__name__}"
+    return f"{owner}({DTYPE_NAMES.get(w.dtype, str(w.dtype).removeprefix('torch.'))})"
+
+
+def linear_kernels(model: nn.Module) -> dict[str, int]:
+    """How many linear layers run on each implementation (quantised or not), sorted by name."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            name = linear_kernel(module)
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def check_supported(precision: str, device: str | torch.device) -> str | None:
     """None if ``precision`` can run on ``device`` here, else a one-line reason (a skip)."""
     if precision not in REGISTRY:
@@ -176,6 +371,8 @@ def check_supported(precision: str, device: str | torch.device) -> str | None:
             name = torch.cuda.get_device_name(dev)
             return f"bf16 is not natively supported on {name} (torch.cuda.is_bf16_supported)"
         return _probe_float(precision, str(dev))
+    if spec.kind == "torchao":
+        return probe_torchao(precision, str(dev))
     return probe_bnb(spec.kind, str(dev))
 
 
@@ -208,9 +405,11 @@ def bnb_config(precision: str, double_quant: bool = False, compute_dtype: str = 
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether a model was loaded with bitsandbytes (so it must not be cast or re-quantised)."""
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit",
-                                                                       False))
+    """Whether a model was quantised by bitsandbytes or torchao (so it must not be cast or
+    re-quantised)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    return any(is_traceable_wrapper_subclass(p) for p in model.parameters())
 
 
 def quantize_in_memory(model: nn.Module, quantization_config: Any, device: str | torch.device,
@@ -222,7 +421,7 @@ def quantize_in_memory(model: nn.Module, quantization_config: Any, device: str |
     (embeddings, norms, LM head); default: the model's current floating dtype.
     """
     if is_quantized(model):
-        raise ValueError("model is already bitsandbytes-quantised; load the float weights instead")
+        raise ValueError("model is already quantised; load the float weights instead")
     if not hasattr(model, "save_pretrained") or not hasattr(type(model), "from_pretrained"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel")
     if type(model).__module__.startswith("peft"):
@@ -242,7 +441,7 @@ def natural_compute_dtype(precision: str, device: str | torch.device) -> str:
 
     LLM.int8's CUDA kernels take fp16 inputs: with bf16 activations bitsandbytes casts (and warns)
     at every matmul, which the latency would then include. Elsewhere bf16 (the 4-bit kernels
-    accept it; bnb's CPU backend runs int8 with it).
+    accept it; bnb's CPU backend runs int8 with it; torchao's int4 and float8 paths need it).
     """
     if REGISTRY[precision].kind == "bnb8" and as_device(device).type == "cuda":
         return "fp16"
@@ -253,9 +452,10 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
                        device: str | torch.device) -> Loaded:
     """Load or convert a model at ``params.precision`` on ``device``.
 
-    A path/id is loaded with ``AutoModelForCausalLM``. An in-memory model is cast *in place* for the
-    float precisions (``nn.Module.to`` mutates; pass a fresh model) and copied through a temporary
-    save for int8/int4. Raises ``UnsupportedTechnique`` when this machine cannot run the precision.
+    A path/id is loaded with ``AutoModelForCausalLM``. An in-memory model is converted *in place*
+    for the float and torchao precisions (``nn.Module.to`` and ``quantize_`` mutate; pass a fresh
+    model) and copied through a temporary save for bitsandbytes. Raises ``UnsupportedTechnique``
+    when this machine cannot run the precision.
     """
     precision = params.precision
     spec = REGISTRY[precision]
@@ -267,7 +467,7 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
     if spec.kind == "float":
         if isinstance(model_or_path, nn.Module):
             if is_quantized(model_or_path):
-                raise ValueError("cannot cast a bitsandbytes-quantised model to a float precision")
+                raise ValueError("cannot cast a quantised model to a float precision")
             model = model_or_path.to(device=dev, dtype=spec.dtype)
         else:
             from transformers import AutoModelForCausalLM
@@ -276,6 +476,21 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
             model = model.to(dev)
         if dev.type == "cpu" and spec.dtype != torch.float32:
             note = cpu_half_note(spec.dtype)
+            if note:
+                notes.append(note)
+    elif spec.kind == "torchao":
+        compute_name = params.compute_dtype or natural_compute_dtype(precision, dev)
+        if precision != "int8-wo" and compute_name != "bf16":
+            raise UnsupportedTechnique(f"precision {precision} needs bf16 weights and activations "
+                                       f"(its kernels take bf16), not compute_dtype "
+                                       f"{compute_name}")
+        model = _float_model(model_or_path, dev, DTYPES[compute_name])
+        model, ao_notes = torchao_quantize(model, precision)
+        notes.append(f"activations and non-quantised modules in {compute_name}")
+        notes.extend(ao_notes)
+        if dev.type == "cpu":
+            notes.append("torchao on CPU: timings are not representative of CUDA kernels")
+            note = cpu_half_note(DTYPES[compute_name])
             if note:
                 notes.append(note)
     else:
@@ -303,10 +518,24 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
                 notes.append("weight_bytes taken at load; bnb repacks 4-bit weights for this CPU "
                              "at the first eval forward (bf16 absmax, double quant undone)")
     model.eval()
-    return Loaded(model=model, precision=precision, weight_bytes=weight_bytes(model), notes=notes)
+    return Loaded(model=model, precision=precision, weight_bytes=weight_bytes(model), notes=notes,
+                  kernels=linear_kernels(model))
 
 
-__all__ = ["DTYPES", "REGISTRY", "Loaded", "PrecisionSpec", "UnsupportedTechnique", "as_device",
-           "bnb_config", "check_supported", "cpu_half_note", "is_quantized", "load_for_inference",
-           "natural_compute_dtype",
-           "probe_bnb", "quantize_in_memory", "weight_bytes"]
+def _float_model(model_or_path: nn.Module | str | Path, dev: torch.device,
+                 dtype: torch.dtype) -> nn.Module:
+    """The model in ``dtype`` on ``dev``: an in-memory one is converted in place, a path loaded."""
+    if isinstance(model_or_path, nn.Module):
+        if is_quantized(model_or_path):
+            raise ValueError("model is already quantised; load the float weights instead")
+        return model_or_path.to(device=dev, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=dtype).to(dev)
+
+
+__all__ = ["DTYPES", "DTYPE_NAMES", "REGISTRY", "TORCHAO_HINTS", "Loaded", "PrecisionSpec",
+           "UnsupportedTechnique", "as_device", "bnb_config", "check_supported", "cpu_half_note",
+           "import_torchao", "int4_group_size", "is_quantized", "linear_kernel", "linear_kernels",
+           "load_for_inference", "natural_compute_dtype", "probe_bnb", "probe_torchao",
+           "quantize_in_memory", "torchao_config", "torchao_quantize", "weight_bytes"]
