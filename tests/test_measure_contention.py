@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import pytest
@@ -54,6 +55,7 @@ def test_meter_records_load_cpu_share_and_threads_with_units(quiet: None) -> Non
         for _ in range(5):
             x @ x
             m.step(tokens=1)
+        time.sleep(0.1)  # /proc/stat counts in 10 ms ticks: let the window hold some
     out = m.metrics()
     units = {k: out[k]["unit"] for k in ("load_1m", "cpu_share", "machine_cpu_busy",
                                          "torch_threads")}
