@@ -254,6 +254,10 @@ class InferenceParams(Strict):
     # how requests are served (effllm_helpers.decode): auto = static_graph on CUDA (static KV
     # cache, decode step replayed as a CUDA graph), hf_generate (HF generate) on a CPU
     engine: Literal["auto", "static_graph", "hf_generate"] = "auto"
+    # static_graph on CUDA: compile the one-token step (inductor fuses the small kernels that
+    # a plain graph replays one by one) and capture this many steps per CUDA graph
+    decode_compile: bool = True
+    decode_steps_per_graph: int = Field(16, ge=1, le=256)
     ppl_batches: PosInt = 4
     task_items: PosInt = 32
     lm_eval_tasks: list[str] = []

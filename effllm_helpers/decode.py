@@ -202,9 +202,21 @@ class StaticGraphDecoder:
                 self._capture()
             except Exception as exc:  # capture is an optimisation: the eager loop is exact
                 self.graphs = {}
-                self.fallback_reason = (f"CUDA graph capture failed, eager steps instead: "
-                                        f"{type(exc).__name__}: {exc}"[:400])
                 torch.cuda.synchronize()
+                why = f"{type(exc).__name__}: {exc}"[:300]
+                if self.compile_step:  # e.g. a quantised kernel inductor cannot trace
+                    self._step_forward = self._forward_one
+                    self.compile_step = False
+                    self.fallback_reason = f"compiled step failed, uncompiled graph: {why}"
+                    try:
+                        self._capture()
+                    except Exception as exc2:
+                        self.graphs = {}
+                        torch.cuda.synchronize()
+                        self.fallback_reason += (f"; CUDA graph capture failed too, eager "
+                                                 f"steps: {type(exc2).__name__}: {exc2}"[:300])
+                else:
+                    self.fallback_reason = f"CUDA graph capture failed, eager steps: {why}"
         elif not want_graph:
             self.fallback_reason = "CUDA graphs not asked for (use_graph=False)"
 

@@ -142,7 +142,10 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
     served: dict[str, Any] = {}
     if engine.name == "static_graph":
         with torch.inference_mode():  # cache, buffers and graph are built outside the meter
-            decoder = StaticGraphDecoder(model, batch, p.prompt_len, p.gen_tokens)
+            cuda = device.type == "cuda"
+            decoder = StaticGraphDecoder(
+                model, batch, p.prompt_len, p.gen_tokens, compile_step=cuda and p.decode_compile,
+                steps_per_graph=p.decode_steps_per_graph if cuda else 1)
         served = decoder.describe()
         timings = []
         with torch.inference_mode(), meter:
