@@ -130,6 +130,10 @@ class MeasureSpec(Strict):
     warmup_steps: NonNegInt = 2
     sample_interval_s: PosFloat = 0.1
     repeats: PosInt = 1
+    # inference: keep serving measured requests past ``repeats`` until the measured window is
+    # this long, so the energy counter (which advances in steps of tens of ms on H100/H200) and
+    # the sampled memory/utilisation see enough of it; a fast engine serves a request in ~30 ms
+    min_duration_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
 
 
 # ---------------------------------------------------------------- axis schemas

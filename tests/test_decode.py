@@ -200,3 +200,21 @@ def test_cache_kwarg_follows_the_installed_transformers_forward() -> None:
 
     assert _cache_kwargs(Old()) == ("past_key_values", True)
     assert _cache_kwargs(New()) == ("cache", False)
+
+
+def test_measured_requests_continue_until_the_window_is_long_enough(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from effllm_helpers.axes import inference
+
+    clock = SimpleNamespace(now=0.0)  # a fake host clock: each request takes 0.01 s
+    monkeypatch.setattr(inference, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    spec = config.MeasureSpec(warmup_steps=1, repeats=2, min_duration_s=0.05)
+    served = []
+    for i in inference._requests(spec):
+        served.append(i)
+        clock.now += 0.01
+    # the warm-up request, then measured ones until 0.05 s of them: 5 (the 2 repeats included)
+    assert served == [0, 1, 2, 3, 4, 5]
+    quick = config.MeasureSpec(warmup_steps=0, repeats=2, min_duration_s=0.0)
+    assert list(inference._requests(quick)) == [0, 1]

@@ -17,14 +17,16 @@ fp32 is the native format, so fp32 is used there and the record says so.
 from __future__ import annotations
 
 import gc
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .. import data, evaluate
-from ..config import DataSpec, InferenceParams
+from ..config import DataSpec, InferenceParams, MeasureSpec
 from ..decode import EngineChoice, StaticGraphDecoder, choose_engine, linear_kernels, timing_metrics
 from ..measure import Meter, generation_metrics, timed_generate
 from ..measure.compression import compression_metrics
@@ -123,6 +125,19 @@ def request_flops(config: Any, prompt_len: int, gen_tokens: int
     return gf["total"] / (prompt_len + gen_tokens), gf["method"]
 
 
+def _requests(spec: MeasureSpec, max_requests: int = 100_000) -> Iterator[int]:
+    """Request indices to serve: the warm-up ones, then measured ones until both ``repeats``
+    are done and the measured window has lasted ``min_duration_s`` (host clock; the device is
+    synchronised at every request's end by the engine's timing)."""
+    yield from range(spec.warmup_steps)
+    t0 = time.perf_counter()
+    n = 0
+    while n < spec.repeats or (time.perf_counter() - t0 < spec.min_duration_s
+                               and n < max_requests):
+        yield spec.warmup_steps + n
+        n += 1
+
+
 def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, batch: int,
                      device: torch.device, n_params: int, seed: int = 0,
                      engine: EngineChoice | None = None
@@ -149,7 +164,7 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
         served = decoder.describe()
         timings = []
         with torch.inference_mode(), meter:
-            for _ in range(p.measure.warmup_steps + p.measure.repeats):
+            for _ in _requests(p.measure):
                 out, timing = decoder.decode(prompts)
                 generated = int(out.shape[1]) * batch
                 meter.step(tokens=generated, samples=batch, generated_tokens=generated,
@@ -166,7 +181,7 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
             kwargs["cache_implementation"] = "static"
         timers = []
         with torch.inference_mode(), meter:
-            for _ in range(p.measure.warmup_steps + p.measure.repeats):
+            for _ in _requests(p.measure):
                 out, timer = timed_generate(model, **kwargs)
                 generated = int(out.shape[1] - prompts.shape[1]) * batch
                 meter.step(tokens=generated, samples=batch, generated_tokens=generated,

@@ -90,15 +90,18 @@ def gpu_window_energy(start_mj: list[int | None], end_mj: list[int | None],
     notes: list[str] = []
     for i, (a, b) in enumerate(zip(start_mj, end_mj, strict=True)):
         d = None if a is None or b is None else counter_delta(a, b)
-        if d is not None:
+        if d:  # a device in use always draws power: a zero delta means no tick yet
             total += d / 1000.0
             if "nvml_energy_counter" not in methods:
                 methods.append("nvml_energy_counter")
             continue
-        if a is not None and b is not None:
+        if d == 0:
+            notes.append(f"device {i}: energy counter did not advance in the window (shorter "
+                         "than its update period); used integrated power")
+        elif a is not None and b is not None:
             notes.append(f"device {i}: energy counter went backwards ({a} -> {b} mJ); "
                          "used integrated power")
-        elif a is None or b is None:
+        else:
             notes.append(f"device {i}: no energy counter; used integrated power")
         ts, ws = power[i] if i < len(power) else ([], [])
         j = integrate(ts, ws)
