@@ -48,24 +48,23 @@ def run_point(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) ->
     return launch(fn, (params, *args), kwargs, processes=processes, strategy=strategy)
 
 
-class _Rank:
+def _rank_entry(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                result: Path, strategy: str) -> Callable[[], None]:
     """What each launched process runs: the function, then rank 0 saves what it returned.
 
-    A failure on any rank propagates (the launcher raises), so the notebook fails as a whole."""
+    A failure on any rank propagates (the launcher raises), so the notebook fails as a whole.
+    A plain function: torch's elastic launcher names its workers after ``__qualname__``."""
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 result: Path, strategy: str) -> None:
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-        self.result, self.strategy = result, strategy
-
-    def __call__(self) -> None:
-        os.environ[STRATEGY_ENV] = self.strategy
-        out = self.fn(*self.args, **self.kwargs)
+    def effllm_point() -> None:
+        os.environ[STRATEGY_ENV] = strategy
+        out = fn(*args, **kwargs)
         if int(os.environ.get("RANK", "0")) == 0:
-            tmp = self.result.with_suffix(".tmp")
+            tmp = result.with_suffix(".tmp")
             with open(tmp, "wb") as f:
                 pickle.dump(out, f)
-            os.replace(tmp, self.result)
+            os.replace(tmp, result)
+
+    return effllm_point
 
 
 def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
@@ -81,7 +80,7 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str,
 
     with tempfile.TemporaryDirectory(prefix="effllm-launch-") as tmp:
         result = Path(tmp) / RESULT_NAME
-        notebook_launcher(_Rank(fn, args, kwargs or {}, result, strategy),
+        notebook_launcher(_rank_entry(fn, args, kwargs or {}, result, strategy),
                           num_processes=processes, use_port=str(free_port()))
         if not result.exists():
             raise RuntimeError(f"{processes} launched processes ended but rank 0 returned "

@@ -110,9 +110,11 @@ def make_accelerator(dtype: torch.dtype, strategy: str | None = None):
     AcceleratorState._reset_state(reset_partial_state=True)  # one notebook may train twice
     mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     strategy = strategy or launch_strategy()
+    # on a machine without CUDA, accelerate sees several launched processes (gloo) only with cpu
+    kw: dict[str, Any] = {} if torch.cuda.is_available() else {"cpu": True}
     if strategy == "fsdp":
-        return Accelerator(mixed_precision=mp, fsdp_plugin=fsdp_plugin(dtype))
-    return Accelerator(mixed_precision=mp)
+        kw["fsdp_plugin"] = fsdp_plugin(dtype)
+    return Accelerator(mixed_precision=mp, **kw)
 
 
 def default_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
