@@ -87,3 +87,28 @@ def test_two_gloo_processes_train_one_ddp_point_and_return_one_record():
     assert len(tp["per_device"]) == 2 and tp["world_size"] == 2
     assert out["tokens"] == 2 * 4 * BATCH * (SEQ - 1)  # the curves count every rank's tokens
     assert m["mfu"]["value"] is None or m["mfu"]["method"].startswith("sum_flops_over_ranks")
+
+
+def test_workers_pin_disjoint_groups_of_gpus_for_launched_runs(monkeypatch):
+    from effllm_helpers import sweep
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert sweep.gpu_slots(2, per_run=2) == ["0,1", "2,3"]
+    assert sweep.gpu_slots(3, per_run=2) == ["0,1", "2,3", "0,1"]
+    assert sweep.gpu_slots(2) == ["0", "1"]
+    with pytest.raises(ValueError, match="only 4 GPU"):
+        sweep.gpu_slots(1, per_run=8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.gpu_slots(2, per_run=2) == [None, None]
+
+
+def test_a_sweep_groups_by_the_most_processes_any_run_launches():
+    from effllm_helpers import sweep
+
+    def run(launch_params):
+        params = {"launch": launch_params} if launch_params else {}
+        return config.Run(run_id="r", study="s", axis="architecture", notebook="n", seed=0,
+                          point={}, params=params, weights={}, timeout_s=None)
+
+    assert sweep.launch_processes([run(None), run({"processes": 2, "strategy": "ddp"})]) == 2
+    assert sweep.launch_processes([run(None)]) == 1
