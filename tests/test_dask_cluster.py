@@ -27,7 +27,7 @@ HOST = "127.0.0.1"
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with open(log, "w") as f:  # own session: the finalizer kills the whole group
         return subprocess.Popen([DASK, *args], stdout=f, stderr=subprocess.STDOUT, env=env,
                                 cwd=REPO, start_new_session=True)
