@@ -26,6 +26,7 @@ for part in "$@"; do
     mfu-large) bench pretrain_mfu.py --size large --batch-size 32 --out "$dest/large" ;;
     mfu-paper) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --out "$dest/paper-small"
                bench pretrain_mfu.py --preset paper --size medium --batch-size 8 --out "$dest/paper-medium" ;;
+    multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     roofline) bench decode_roofline.py --sizes gpu:medium paper:small paper:medium paper:large --out "$dest" ;;
     inference|attention|finetuning_general|finetuning_qlora)
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
@@ -136,6 +144,27 @@ class MeasureSpec(Strict):
     min_duration_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
 
 
+class LaunchSpec(Strict):
+    """One study point on several processes (``effllm_helpers.launch``): one per GPU."""
+
+    processes: PosInt = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+class Launchable(Strict):
+    """Axes whose point can train on several processes. Without ``launch`` the params dump has
+    no such key, so one-process runs keep the run ids they had before the key existed."""
+
+    launch: LaunchSpec | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_launch(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("launch") is None:
+            out.pop("launch", None)
+        return out
+
+
 # ---------------------------------------------------------------- axis schemas
 Attention = Literal["mha", "mqa", "gqa", "mla", "nsa"]
 Positional = Literal["rope", "sinusoidal", "learned", "relative", "none"]
@@ -168,7 +197,7 @@ class ModelSpec(Strict):
         return self
 
 
-class ArchitectureParams(Strict):
+class ArchitectureParams(Launchable):
     """Axis 1: pretraining a decoder with one attention / positional / FFN / family choice."""
 
     model: ModelSpec = ModelSpec()
@@ -199,7 +228,7 @@ PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierf
               "hra", "vblora", "randlora", "c3a", "shira", "road", "miss")
 
 
-class FinetuneParams(Strict):
+class FinetuneParams(Launchable):
     """Axis 2: adapting a base model with one fine-tuning method on one task suite."""
 
     base_model: str = "embedded"  # 'embedded' = model pretrained by axis 1's code, or HF id/path

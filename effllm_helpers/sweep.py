@@ -16,8 +16,9 @@ How a run is executed, and why:
   a killed sweep loses only the runs in flight, which the next invocation redoes.
 
 Workers: ``--workers N`` runs N runners at once, each pinned to one GPU (``CUDA_VISIBLE_DEVICES``)
-when there are GPUs; ``--dask ADDRESS|local`` submits the same runner calls to a dask.distributed
-cluster (several machines, e.g. dask-jobqueue on SLURM; output_dir must be on a shared filesystem).
+when there are GPUs, or to a group of ``launch.processes`` GPUs when the runs launch several;
+``--dask ADDRESS|local`` submits the same runner calls to a dask.distributed cluster (several
+machines, e.g. dask-jobqueue on SLURM; output_dir must be on a shared filesystem).
 """
 
 from __future__ import annotations
@@ -413,16 +414,28 @@ def _strip_ansi(text: str) -> str:
 
 
 # ---------------------------------------------------------------- the sweep
-def gpu_slots(workers: int) -> list[str | None]:
-    """One slot per worker: a GPU index to pin to, or None on a machine without GPUs."""
+def gpu_slots(workers: int, per_run: int = 1) -> list[str | None]:
+    """One slot per worker: the GPU ids to pin it to (``CUDA_VISIBLE_DEVICES``), or None on a
+    machine without GPUs. ``per_run`` > 1 (a params ``launch.processes``) gives each slot a
+    disjoint group of that many GPUs, e.g. ``"0,1"`` and ``"2,3"``."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        gpus = [g for g in visible.split(",") if g.strip()]
+        gpus = [g.strip() for g in visible.split(",") if g.strip()]
     else:
         gpus = [str(i) for i in range(_cuda_count())]
     if not gpus:
         return [None] * workers
-    return [gpus[i % len(gpus)] for i in range(workers)]
+    per_run = max(1, int(per_run))
+    if per_run > len(gpus):
+        raise ValueError(f"a run launches {per_run} processes but only {len(gpus)} GPU(s) are "
+                         "visible")
+    groups = [",".join(gpus[i:i + per_run]) for i in range(0, len(gpus) - per_run + 1, per_run)]
+    return [groups[i % len(groups)] for i in range(workers)]
+
+
+def launch_processes(runs: Iterable[config.Run]) -> int:
+    """The most processes any of ``runs`` launches (params ``launch.processes``; 1 without)."""
+    return max([int((r.params.get("launch") or {}).get("processes", 1)) for r in runs] or [1])
 
 
 def _cuda_count() -> int:
@@ -505,7 +518,7 @@ def _record(result: SweepResult, outcome: Outcome, bar, on_outcome) -> None:
 
 def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepResult, bar,
                on_outcome) -> None:
-    slots = gpu_slots(max(1, workers))
+    slots = gpu_slots(max(1, workers), launch_processes(todo))
     free = list(range(len(slots)))
     pending: dict[Future, tuple[config.Run, int]] = {}
     queue = list(todo)
@@ -570,7 +583,8 @@ def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
                                    f"({type(exc).__name__}: {exc}); give tcp://host:port of a "
                                    "running scheduler, or 'local'") from None
     try:
-        slots = gpu_slots(max(1, workers)) if address == "local" else [None]
+        slots = (gpu_slots(max(1, workers), launch_processes(todo)) if address == "local"
+                 else [None])
         futures = {}
         for i, run in enumerate(todo):
             fut = client.submit(execute_run, run.model_dump(mode="json"),

@@ -24,6 +24,7 @@ What the training record counts (so TT, J/token and AL mean what they say):
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,14 +69,52 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def make_accelerator(dtype: torch.dtype):
-    """A fresh Accelerator; mixed precision for bf16/fp16, plain fp32 otherwise."""
+STRATEGY_ENV = "EFFLLM_LAUNCH_STRATEGY"  # set by effllm_helpers.launch in every process
+STRATEGIES = ("ddp", "fsdp")
+
+
+def launch_strategy() -> str:
+    """The data-parallel strategy this process was launched with (``ddp`` when unset)."""
+    s = os.environ.get(STRATEGY_ENV, "ddp")
+    if s not in STRATEGIES:
+        raise ValueError(f"${STRATEGY_ENV}={s!r}: must be one of {', '.join(STRATEGIES)}")
+    return s
+
+
+def fsdp_plugin(dtype: torch.dtype):
+    """FSDP FULL_SHARD (parameters, gradients and optimizer state sharded over the ranks);
+    mixed precision in the compute dtype, gradients reduced in fp32 so bf16 does not round them.
+    Original parameters are kept, so an optimizer built before ``prepare`` still holds them."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    mp = None
+    if dtype in (torch.bfloat16, torch.float16):
+        from torch.distributed.fsdp import MixedPrecision
+
+        mp = MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32, buffer_dtype=dtype)
+    return FullyShardedDataParallelPlugin(
+        sharding_strategy="FULL_SHARD", mixed_precision_policy=mp,
+        auto_wrap_policy="size_based_wrap", use_orig_params=True,
+        state_dict_type="FULL_STATE_DICT")
+
+
+def make_accelerator(dtype: torch.dtype, strategy: str | None = None):
+    """A fresh Accelerator; mixed precision for bf16/fp16, plain fp32 otherwise.
+
+    ``strategy`` (default: ``launch_strategy()``) is ``ddp`` or ``fsdp``; it only matters when
+    several processes run (accelerate picks DDP by itself, FSDP needs its plugin).
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one notebook may train twice
     mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    return Accelerator(mixed_precision=mp)
+    strategy = strategy or launch_strategy()
+    # on a machine without CUDA, accelerate sees several launched processes (gloo) only with cpu
+    kw: dict[str, Any] = {} if torch.cuda.is_available() else {"cpu": True}
+    if strategy == "fsdp":
+        kw["fsdp_plugin"] = fsdp_plugin(dtype)
+    return Accelerator(mixed_precision=mp, **kw)
 
 
 def default_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -186,8 +225,8 @@ def train(
                 allocate(step)
             sched.step()
             opt.zero_grad(set_to_none=True)
-            # the Meter measures this process' device(s): it gets this rank's counts, so its
-            # rates, MFU and J/token are per device; the curves count every rank's tokens
+            # the Meter measures this process' device(s) with this rank's counts; with several
+            # ranks the metrics are combined at the end (gather_rank_metrics)
             meter.step(tokens=step_tokens, samples=step_samples, flop_tokens=step_run)
             n_marks += 1
             if timing_compile:
@@ -256,8 +295,12 @@ def train(
                note="the first optimizer steps, compilation included; Meter warm-up, so not in "
                     "AL, rates, energy or MFU")
         if spec.compile else missing("s", "compile off", "perf_counter_first_steps"))
-    if world > 1:
-        metrics["duration_s"]["world_size"] = world
+    if world > 1:  # one record for the run: every rank's Meter combined (rank 0 writes it)
+        from .measure.meter import gather_rank_metrics, world_size_metric
+
+        strategy = launch_strategy()
+        metrics = gather_rank_metrics(metrics, strategy)
+        metrics["world_size"] = world_size_metric(world, strategy)
     if "tt" not in metrics:
         metrics["tt"] = missing("tokens/s/param", "meter gave no training throughput")
     return TrainResult(metrics=metrics, curves=curves, steps=spec.steps, tokens=tokens,

@@ -568,3 +568,149 @@ class Meter:
         else:
             out["j_per_token"] = missing("J/token", "no tokens counted", method)
         return out
+
+
+# ---------------------------------------------------------------- several processes
+# how each metric combines over ranks (one rank = one device): energy and counts add up, memory
+# is per device (max, with the sum beside it), a step ends when the slowest rank ends
+SUM_KEYS = ("energy_j",)
+MAX_KEYS = ("amu_gb", "peak_gb", "amu_frac", "amu_increment_gb", "peak_increment_gb",
+            "torch_max_allocated_gb", "torch_max_reserved_gb", "al_s", "duration_s")
+MEAN_KEYS = ("pcu",)
+RATES = {"tokens_per_s": "tokens/s", "samples_per_s": "samples/s", "it": "tokens/s"}
+
+
+def gather_rank_metrics(metrics: dict[str, dict[str, Any]],
+                        strategy: str = "ddp") -> dict[str, dict[str, Any]]:
+    """This rank's Meter metrics combined with every other rank's (``aggregate_ranks``).
+
+    Every rank must call it (it is a collective when ``torch.distributed`` is initialised with
+    more than one process); each gets the same combined dict. A single process gets its own
+    metrics back unchanged, so one-device records keep their shape.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return metrics
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, metrics)
+    return aggregate_ranks(per_rank, strategy)
+
+
+def aggregate_ranks(per_rank: list[dict[str, dict[str, Any]]],
+                    strategy: str = "ddp") -> dict[str, dict[str, Any]]:
+    """One record's metrics from the per-rank (per-device) Meter metrics of one run.
+
+    * energy: the sum of every rank's counter (each rank reads its own GPU), J/token and AEC
+      from that sum;
+    * memory: the largest device (value) with ``sum_gb`` over devices; AL and duration: the
+      slowest rank (ranks meet at every gradient all-reduce);
+    * tokens, samples, FLOPs: summed over ranks, rates over the longest duration, TT/ST per
+      parameter of the (whole) model;
+    * MFU = total FLOPs / duration / (world x per-device peak);
+    * PCU: the mean over devices; anything else: rank 0's value.
+
+    Each metric keeps ``per_device`` (rank order), ``world_size`` and ``strategy``; a metric
+    null on any rank is null here, with that rank's reason.
+    """
+    world = len(per_rank)
+    if world == 1:
+        return per_rank[0]
+    base = per_rank[0]
+    ctx = {"world_size": world, "strategy": strategy}
+    out: dict[str, dict[str, Any]] = {}
+
+    def null_reason(key: str) -> str | None:
+        for r, m in enumerate(per_rank):
+            if (m.get(key) or {}).get("value") is None:
+                return f"rank {r}: {(m.get(key) or {}).get('reason', 'not measured')}"
+        return None
+
+    def values(key: str) -> list[float | None]:
+        return [(m.get(key) or {}).get("value") for m in per_rank]
+
+    def combined(key: str, value: float | None, how: str, **extra: Any) -> dict[str, Any]:
+        src = base[key]
+        method = f"{how}_over_ranks({src.get('method')})"
+        reason = null_reason(key)
+        if reason or value is None:
+            out_m = missing(src["unit"], reason or "not measurable over ranks", method)
+            out_m.update(per_device=values(key), **ctx)
+            return out_m
+        return metric(value, src["unit"], method, per_device=values(key), **ctx, **extra)
+
+    for key in base:
+        vals = values(key)
+        ok = all(v is not None for v in vals)
+        if key in SUM_KEYS:
+            out[key] = combined(key, sum(vals) if ok else None, "sum")
+        elif key in MAX_KEYS:
+            extra = {"sum_gb": sum(vals)} if ok and base[key].get("unit") == "GB" else {}
+            out[key] = combined(key, max(vals) if ok else None, "max", **extra)
+        elif key in MEAN_KEYS:
+            out[key] = combined(key, sum(vals) / world if ok else None, "mean")
+        else:
+            m = dict(base[key])
+            m.update(per_device=vals, **ctx, aggregate="rank0")
+            out[key] = m
+    dur = out.get("duration_s", {}).get("value")
+    for key, unit in RATES.items():
+        if key not in base:
+            continue
+        counts = [(m.get(key) or {}).get("count") for m in per_rank]
+        if dur and all(c is not None for c in counts):
+            out[key] = metric(sum(counts) / dur, unit, "sum_count_over_ranks/max_duration",
+                              count=sum(counts), per_device=values(key), **ctx)
+        else:
+            out[key] = combined(key, None, "sum_count")
+    for key, rate in (("tt", "tokens_per_s"), ("st", "samples_per_s")):
+        n_params = (base.get(key) or {}).get("n_params")
+        if key in base and rate in out:
+            v = out[rate]["value"]
+            out[key] = (metric(v / n_params, base[key]["unit"], "sum_count_over_ranks/max_duration"
+                               "/params", n_params=n_params, per_device=values(key), **ctx)
+                        if v is not None and n_params else combined(key, None, "sum"))
+    energy = out.get("energy_j", {}).get("value")
+    if "aec_w" in base:
+        out["aec_w"] = (metric(energy / dur, "W", "sum_energy_over_ranks/max_duration",
+                               per_device=values("aec_w"), **ctx)
+                        if energy is not None and dur else combined("aec_w", None, "sum"))
+    if "j_per_token" in base:
+        count = (out.get("tokens_per_s") or {}).get("count") or (out.get("it") or {}).get("count")
+        out["j_per_token"] = (metric(energy / count, "J/token", "sum_energy/sum_tokens_over_ranks",
+                                     tokens=count, per_device=values("j_per_token"), **ctx)
+                              if energy is not None and count
+                              else combined("j_per_token", None, "sum"))
+    if "mfu" in base:
+        out["mfu"] = _mfu_over_ranks(per_rank, dur, ctx)
+    return out
+
+
+def _mfu_over_ranks(per_rank: list[dict[str, dict[str, Any]]], dur: float | None,
+                    ctx: dict[str, Any]) -> dict[str, Any]:
+    """MFU of the whole run: every rank's FLOPs (achieved FLOP/s x its duration) over the
+    longest duration and world x the per-device peak."""
+    base = per_rank[0]["mfu"]
+    method = f"sum_flops_over_ranks/(world*peak)({base.get('method')})"
+    flops, peaks = [], []
+    for r, m in enumerate(per_rank):
+        mf, d = m.get("mfu") or {}, (m.get("duration_s") or {}).get("value")
+        if mf.get("achieved_flops") is None or mf.get("peak_flops") is None or not d:
+            out = missing("fraction", f"rank {r}: {mf.get('reason', 'no achieved FLOP/s')}",
+                          method)
+            out.update(per_device=[(x.get("mfu") or {}).get("value") for x in per_rank], **ctx)
+            return out
+        flops.append(mf["achieved_flops"] * d)
+        peaks.append(mf["peak_flops"])
+    if not dur:
+        return missing("fraction", "no measured duration", method)
+    peak = peaks[0]
+    total = sum(flops)
+    return metric(total / dur / (len(per_rank) * peak), "fraction", method,
+                  total_flops=total, achieved_flops=total / dur, peak_flops_per_device=peak,
+                  per_device=[(x.get("mfu") or {}).get("value") for x in per_rank], **ctx)
+
+
+def world_size_metric(world: int, strategy: str) -> dict[str, Any]:
+    """The record's statement of how many processes (devices) one run used, and how."""
+    return metric(world, "processes", "torch.distributed.get_world_size", strategy=strategy)

@@ -1,0 +1,81 @@
+"""Two-GPU validation of one study point on several processes (run on an nvidia-h200-x2).
+
+1. DDP pretraining of the gpu preset's large size on 1 and 2 GPUs: scaling efficiency =
+   tokens/s(2) / (2 x tokens/s(1)) (goal >= 0.9);
+2. FSDP (FULL_SHARD, bf16) pretraining of the paper preset's 1.5 B size (``medium``) on 2 GPUs:
+   MFU per GPU (goal >= 0.35);
+3. energy: the record's sum over GPUs against its per-GPU counters.
+
+Each point runs through ``launch.run_point`` exactly as a notebook would, on the stdlib corpus
+(no hub on the GPU host). Nothing here may touch CUDA before a launch (the launcher forks).
+
+    python benchmarks/multigpu_check.py --out outputs/reference/nvidia-h200-x2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def point(preset: str, size: str, processes: int, strategy: str, steps: int) -> dict[str, Any]:
+    from effllm_helpers import config, launch
+    from effllm_helpers.axes import architecture
+
+    over = {"model": {"size": size}, "data": {"corpus": "stdlib"}, "save_model": False,
+            "train": {"steps": steps, "eval_every": 10 * steps},
+            "measure": {"warmup_steps": 5}}
+    if processes > 1:
+        over["launch"] = {"processes": processes, "strategy": strategy}
+    p = config.notebook_params("architecture", preset, over)
+    t0 = time.perf_counter()
+    res = launch.run_point(architecture.run, p, seed=0)
+    m = res.metrics
+
+    def v(k: str) -> Any:
+        return (m.get(k) or {}).get("value")
+
+    energy = m.get("energy_j") or {}
+    per = energy.get("per_device")
+    return {"preset": preset, "size": size, "processes": processes, "strategy": strategy,
+            "steps": steps, "wall_s": time.perf_counter() - t0,
+            "tokens_per_s": v("tokens_per_s"), "mfu": v("mfu"), "energy_j": v("energy_j"),
+            "energy_per_device_j": per,
+            "energy_sum_matches_per_device": (abs(sum(per) - energy["value"]) < 1e-6 * max(
+                1.0, energy["value"]) if per and energy.get("value") is not None else None),
+            "peak_gb": m.get("peak_gb"), "world_size": m.get("world_size"), "metrics": m}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="outputs/reference/nvidia-h200-x2")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--skip", default="", help="comma list of ddp1,ddp2,fsdp")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    out: dict[str, Any] = {}
+    for name, spec in (("ddp1", ("gpu", "large", 1, "ddp")), ("ddp2", ("gpu", "large", 2, "ddp")),
+                       ("fsdp", ("paper", "medium", 2, "fsdp"))):
+        if name in skip:
+            continue
+        try:
+            out[name] = point(*spec, steps=args.steps)
+        except Exception as exc:  # keep the other points; the JSON says what failed
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(name, {k: out[name].get(k) for k in ("tokens_per_s", "mfu", "energy_j", "error")},
+              flush=True)
+    t1 = (out.get("ddp1") or {}).get("tokens_per_s")
+    t2 = (out.get("ddp2") or {}).get("tokens_per_s")
+    out["ddp_scaling_efficiency"] = t2 / (2 * t1) if t1 and t2 else None
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "multigpu_check.json").write_text(json.dumps(out, indent=1, default=str))
+    print("scaling efficiency", out["ddp_scaling_efficiency"], "->", dest / "multigpu_check.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""One study point on several processes (GPUs), from inside the notebook that runs it.
+
+A params ``launch: {processes: N, strategy: ddp|fsdp}`` makes ``run_point`` start N processes
+with accelerate's ``notebook_launcher`` (it forks: nothing may have touched CUDA before), each
+running the axis function on its own device; ``train.make_accelerator`` reads the strategy from
+``$EFFLLM_LAUNCH_STRATEGY``. Every rank combines its Meter with the others' (the training
+record is one run, not N), and rank 0's return value comes back to the notebook through a
+pickle in a private temporary folder, since the launcher itself returns nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .train import STRATEGIES, STRATEGY_ENV
+
+RESULT_NAME = "rank0.pkl"
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now, for the ranks' rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_spec(params: Any) -> tuple[int, str]:
+    """``(processes, strategy)`` of a params object or dict; ``(1, "ddp")`` without ``launch``."""
+    spec = params.get("launch") if isinstance(params, dict) else getattr(params, "launch", None)
+    if spec is None:
+        return 1, "ddp"
+    if not isinstance(spec, dict):
+        spec = spec.model_dump()
+    return int(spec.get("processes", 1)), str(spec.get("strategy", "ddp"))
+
+
+def run_point(fn: Callable[..., Any], params: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(params, *args, **kwargs)``, on ``params.launch.processes`` processes when > 1."""
+    processes, strategy = launch_spec(params)
+    if processes <= 1:
+        return fn(params, *args, **kwargs)
+    return launch(fn, (params, *args), kwargs, processes=processes, strategy=strategy)
+
+
+def _rank_entry(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                result: Path, strategy: str) -> Callable[[], None]:
+    """What each launched process runs: the function, then rank 0 saves what it returned.
+
+    A failure on any rank propagates (the launcher raises), so the notebook fails as a whole.
+    A plain function: torch's elastic launcher names its workers after ``__qualname__``."""
+
+    def effllm_point() -> None:
+        os.environ[STRATEGY_ENV] = strategy
+        out = fn(*args, **kwargs)
+        if int(os.environ.get("RANK", "0")) == 0:
+            tmp = result.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(out, f)
+            os.replace(tmp, result)
+
+    return effllm_point
+
+
+def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+           *, processes: int, strategy: str = "ddp") -> Any:
+    """Run ``fn(*args, **kwargs)`` on ``processes`` ranks (one device each on GPU, gloo
+    processes on a CPU) and return rank 0's result."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"launch strategy {strategy!r}: must be one of {', '.join(STRATEGIES)}")
+    if processes < 1:
+        raise ValueError(f"launch processes must be >= 1, got {processes}")
+    _check_devices(processes)
+    from accelerate import notebook_launcher
+
+    with tempfile.TemporaryDirectory(prefix="effllm-launch-") as tmp:
+        result = Path(tmp) / RESULT_NAME
+        notebook_launcher(_rank_entry(fn, args, kwargs or {}, result, strategy),
+                          num_processes=processes, use_port=str(free_port()))
+        if not result.exists():
+            raise RuntimeError(f"{processes} launched processes ended but rank 0 returned "
+                               "nothing")
+        with open(result, "rb") as f:
+            return pickle.load(f)
+
+
+def _check_devices(processes: int) -> None:
+    """On a GPU machine one rank per GPU: more ranks than visible GPUs would share devices and
+    mix their energy and memory. Counted without initialising CUDA (the launcher forks)."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in this process before the launch: the "
+                           "launched processes are forked and cannot use it; launch before "
+                           "any cell touches the GPU")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    n = (len([g for g in visible.split(",") if g.strip()]) if visible is not None
+         else torch.cuda.device_count())
+    if n and processes > n:
+        raise ValueError(f"launch.processes={processes} but only {n} GPU(s) are visible")

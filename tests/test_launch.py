@@ -1,0 +1,114 @@
+"""One study point on several processes: the launch key, the strategy, one record per run."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from effllm_helpers import config, launch, train
+from effllm_helpers.config import MeasureSpec, TrainSpec
+from effllm_helpers.results import validate_metric
+
+VOCAB, SEQ, BATCH = 32, 16, 4
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.head = torch.nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids, labels=None, attention_mask=None):
+        logits = self.head(self.emb(input_ids))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def tiny_point(params: dict, steps: int = 4) -> dict:
+    """An axis function in miniature: train, return what the notebook records."""
+    torch.manual_seed(0)
+    blocks = torch.randint(0, VOCAB, (32, SEQ), generator=torch.Generator().manual_seed(0))
+    spec = TrainSpec(steps=steps, batch_size=BATCH, warmup_steps=1, dtype="fp32")
+    res = train.train(TinyLM(), train.block_batches(blocks, BATCH), spec,
+                      MeasureSpec(warmup_steps=1, sample_interval_s=0.05), n_params=1000,
+                      flops_per_token=6 * 1000, progress=False)
+    return {"metrics": res.metrics, "tokens": res.tokens, "rank": int(os.environ.get("RANK", 0)),
+            "strategy": os.environ.get(train.STRATEGY_ENV)}
+
+
+def test_without_launch_the_params_dump_has_no_launch_key():
+    # the run ids of every one-process run stay what they were before the key existed
+    assert "launch" not in config.resolve_params("architecture", {})
+    assert "launch" not in config.resolve_params("finetuning", {})
+
+
+def test_launch_key_validates_processes_and_strategy():
+    p = config.resolve_params("architecture", {"launch": {"processes": 2, "strategy": "fsdp"}})
+    assert p["launch"] == {"processes": 2, "strategy": "fsdp"}
+    with pytest.raises(config.ParamsError, match="strategy"):
+        config.resolve_params("finetuning", {"launch": {"processes": 2, "strategy": "zero3"}})
+    with pytest.raises(config.ParamsError, match="processes"):
+        config.resolve_params("architecture", {"launch": {"processes": 0}})
+
+
+def test_one_process_calls_the_function_in_place():
+    assert launch.run_point(lambda p, x: (p, x), {"a": 1}, 2) == ({"a": 1}, 2)
+    assert launch.launch_spec({"launch": {"processes": 3, "strategy": "fsdp"}}) == (3, "fsdp")
+
+
+def test_fsdp_plugin_is_full_shard_with_bf16_compute_and_fp32_reduce():
+    plugin = train.fsdp_plugin(torch.bfloat16)
+    assert "FULL_SHARD" in str(plugin.sharding_strategy)
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+
+
+def test_unknown_strategy_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv(train.STRATEGY_ENV, "zero3")
+    with pytest.raises(ValueError, match="zero3"):
+        train.launch_strategy()
+
+
+def test_two_gloo_processes_train_one_ddp_point_and_return_one_record():
+    params = {"launch": {"processes": 2, "strategy": "ddp"}}
+    out = launch.run_point(tiny_point, params)
+    assert out["rank"] == 0 and out["strategy"] == "ddp"
+    m = out["metrics"]
+    assert m["world_size"]["value"] == 2 and m["world_size"]["strategy"] == "ddp"
+    for name, value in m.items():
+        validate_metric(name, value)
+    tp = m["tokens_per_s"]
+    # 4 steps, 1 of them warm-up: 3 measured steps x BATCH x (SEQ-1) targets on each rank
+    assert tp["count"] == 2 * 3 * BATCH * (SEQ - 1)
+    assert len(tp["per_device"]) == 2 and tp["world_size"] == 2
+    assert out["tokens"] == 2 * 4 * BATCH * (SEQ - 1)  # the curves count every rank's tokens
+    assert m["mfu"]["value"] is None or m["mfu"]["method"].startswith("sum_flops_over_ranks")
+
+
+def test_workers_pin_disjoint_groups_of_gpus_for_launched_runs(monkeypatch):
+    from effllm_helpers import sweep
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert sweep.gpu_slots(2, per_run=2) == ["0,1", "2,3"]
+    assert sweep.gpu_slots(3, per_run=2) == ["0,1", "2,3", "0,1"]
+    assert sweep.gpu_slots(2) == ["0", "1"]
+    with pytest.raises(ValueError, match="only 4 GPU"):
+        sweep.gpu_slots(1, per_run=8)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.gpu_slots(2, per_run=2) == [None, None]
+
+
+def test_a_sweep_groups_by_the_most_processes_any_run_launches():
+    from effllm_helpers import sweep
+
+    def run(launch_params):
+        params = {"launch": launch_params} if launch_params else {}
+        return config.Run(run_id="r", study="s", axis="architecture", notebook="n", seed=0,
+                          point={}, params=params, weights={}, timeout_s=None)
+
+    assert sweep.launch_processes([run(None), run({"processes": 2, "strategy": "ddp"})]) == 2
+    assert sweep.launch_processes([run(None)]) == 1
