@@ -228,6 +228,12 @@ PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierf
               "hra", "vblora", "randlora", "c3a", "shira", "road", "miss")
 
 
+class FinetuneTrainSpec(TrainSpec):
+    """Fine-tuning's train spec: ``lr`` unset (None) means each method's literature default."""
+
+    lr: PosFloat | None = None  # type: ignore[assignment]
+
+
 class FinetuneParams(Launchable):
     """Axis 2: adapting a base model with one fine-tuning method on one task suite."""
 
@@ -245,7 +251,10 @@ class FinetuneParams(Launchable):
     max_len: PosInt = 128
     n_train: PosInt = 512
     n_eval: PosInt = 64
-    train: TrainSpec = TrainSpec(steps=40, batch_size=8, lr=1e-3, warmup_steps=4)
+    # learning rate: lr_by_method[method] if set, else train.lr if set, else the method's default
+    # from its literature (techniques.finetuning.METHOD_LR); the record names which
+    lr_by_method: dict[str, PosFloat] = {}
+    train: FinetuneTrainSpec = FinetuneTrainSpec(steps=40, batch_size=8, warmup_steps=4)
     measure: MeasureSpec = MeasureSpec()
 
     @field_validator("method")
@@ -359,6 +368,8 @@ class StudyFile(Strict):
     grid: dict[str, list[Any]] = {}
     seeds: list[NonNegInt] = [0]
     weights: dict[str, Annotated[float, Field(ge=0)]] = {}
+    # the one metric the axis's quality is ranked on (scores and rank tables read it)
+    quality: Annotated[str, Field(pattern=r"^[a-z_]+$", max_length=40)] | None = None
     timeout_s: Annotated[float, Field(gt=0, le=30 * 86400, allow_inf_nan=False)] | None = 1800
 
     @field_validator("grid")
@@ -386,6 +397,16 @@ class StudyFile(Strict):
                 raise ValueError(f"unknown metric {k!r} in weights; "
                                  f"allowed: {', '.join(WEIGHTABLE)}")
         return v
+
+    @model_validator(mode="after")
+    def _quality_of_axis(self) -> StudyFile:
+        from .measure.efficiency import QUALITY_CHOICES
+
+        allowed = QUALITY_CHOICES.get(self.axis)
+        if self.quality is not None and allowed and self.quality not in allowed:
+            raise ValueError(f"quality {self.quality!r} is not a quality metric of the "
+                             f"{self.axis} axis; allowed: {', '.join(allowed)}")
+        return self
 
 
 class Run(BaseModel):

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from .results import metric, missing
@@ -18,6 +19,49 @@ from .results import metric, missing
 # ci preset (~41k tokens), ~58 % of it at tiny (~113k), where scoring all of it would add about
 # 2-3 s per run to a study that must stay in its CPU budget; large corpora are capped the same way
 PPL_MAX_TOKENS = 65_536
+
+# bootstrap over items: enough resamples for a stable 2.5/97.5 percentile, seeded so a record is
+# reproducible bit for bit
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_ci(values: Iterable[float], weights: Iterable[float] | None = None,
+                 n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 ) -> tuple[float, float] | None:
+    """95 % percentile interval of a (weighted) mean, resampling items with replacement.
+
+    Why items, not repeats: one run scores a fixed item set once, so the spread that decides
+    whether two techniques differ is the sampling error of that set. With ``weights`` the
+    statistic is ``sum(w*v)/sum(w)`` per resample (token-weighted loss: ``values`` are per-item
+    mean losses and ``weights`` their token counts). None for fewer than two items.
+    """
+    v = np.asarray(list(values), dtype=float)
+    w = np.ones_like(v) if weights is None else np.asarray(list(weights), dtype=float)
+    if len(v) < 2 or len(w) != len(v):
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(v), size=(n_resamples, len(v)))
+    ws = w[idx]
+    stats = (ws * v[idx]).sum(axis=1) / np.where(ws.sum(axis=1) > 0, ws.sum(axis=1), np.nan)
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def ci_fields(point: float, interval: tuple[float, float] | None, n: int,
+              unit_of_resampling: str) -> dict[str, Any]:
+    """Extra metric fields for a bootstrap interval.
+
+    ``interval`` is ``[lo, hi]`` (bootstrap percentiles, may be asymmetric); ``ci95`` is the
+    larger distance from the point to either end, the half-width every consumer of ``ci95``
+    (figures' error bars, ties in ranks, recommend) already reads.
+    """
+    if interval is None:
+        return {"ci_method": "bootstrap_items", "ci95_reason": f"fewer than 2 {unit_of_resampling}"}
+    lo, hi = interval
+    return {"ci95": max(point - lo, hi - point, 0.0), "interval": [lo, hi],
+            "ci_method": "bootstrap_items", "ci_items": n, "ci_unit": unit_of_resampling,
+            "ci_resamples": BOOTSTRAP_RESAMPLES, "ci_seed": BOOTSTRAP_SEED}
 
 
 def spread_blocks(blocks: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
@@ -53,24 +97,56 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    per_block: list[float] = []  # summed loss of each block: the bootstrap's items
+    vocab = None
     for i, start in enumerate(range(0, blocks.shape[0], batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         ids = blocks[start:start + batch_size].to(device)
         logits = model(input_ids=ids).logits.float()
+        vocab = logits.shape[-1]
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+            reduction="none").view(ids.shape[0], -1).sum(dim=1)
+        per_block.extend(float(x) for x in loss)
+        total += float(loss.sum())
         count += ids[:, 1:].numel()
     model.train(was_training)
     mean = total / count
+    block_tokens = blocks.shape[1] - 1
+    loss_ci = bootstrap_ci([b / block_tokens for b in per_block])  # equal-length blocks:
+    # token weights are all equal, so the token-weighted mean is the mean of block means
     scope = {"n": count, "n_tokens": count, "heldout_tokens": available,
              "selection": "all" if count == available else
              ("first_batches" if max_batches is not None else "evenly_spaced_blocks")}
-    ppl = (metric(math.exp(mean), "", "exp(heldout_cross_entropy)", **scope) if mean < 700
-           else missing("", f"perplexity overflows a float (loss {mean:.1f} nats/token)",
-                        "exp(heldout_cross_entropy)"))
-    return {"loss": metric(mean, "nats/token", "heldout_cross_entropy", **scope), "ppl": ppl}
+    n_blocks = len(per_block)
+    ppl_ci = None if loss_ci is None or loss_ci[1] >= 700 else \
+        (math.exp(loss_ci[0]), math.exp(loss_ci[1]))
+    if mean < 700:
+        ppl = metric(math.exp(mean), "", "exp(heldout_cross_entropy)", **scope,
+                     **ci_fields(math.exp(mean), ppl_ci, n_blocks, "blocks"),
+                     **uniform_flag(math.exp(mean), vocab))
+    else:
+        ppl = missing("", f"perplexity overflows a float (loss {mean:.1f} nats/token)",
+                      "exp(heldout_cross_entropy)")
+    out = {"loss": metric(mean, "nats/token", "heldout_cross_entropy", **scope,
+                          **ci_fields(mean, loss_ci, n_blocks, "blocks")), "ppl": ppl}
+    if vocab:
+        out["uniform_ppl"] = metric(vocab, "", "vocab_size (perplexity of a uniform guess)")
+    return out
+
+
+def uniform_flag(ppl: float, vocab: int | None) -> dict[str, Any]:
+    """A ``flag`` when ``ppl`` is worse than guessing uniformly over the vocabulary.
+
+    Why: such a model has learned less than nothing about the text (it is confidently wrong);
+    ranking it on quality against others would rank noise, so scores leave it out on quality.
+    """
+    if vocab and ppl > vocab:
+        return {"flag": "worse_than_uniform",
+                "note": f"perplexity {ppl:.0f} > vocabulary size {vocab} (uniform guess): "
+                        "not ranked on quality"}
+    return {}
 
 
 @torch.no_grad()
@@ -104,7 +180,9 @@ def accuracy(predictions: Iterable[str], items: Iterable[dict[str, Any]],
     hits = [bool(scorer(p, it)) for p, it in zip(predictions, items, strict=True)]
     if not hits:
         return missing("fraction", "no evaluation items")
-    return metric(sum(hits) / len(hits), "fraction", "exact_match", n=len(hits))
+    acc = sum(hits) / len(hits)
+    return metric(acc, "fraction", "exact_match", n=len(hits),
+                  **ci_fields(acc, bootstrap_ci([float(h) for h in hits]), len(hits), "items"))
 
 
 # ---------------------------------------------------------------- KV cache, measured

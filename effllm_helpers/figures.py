@@ -24,6 +24,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg", force=False)
+import matplotlib.text  # noqa: E402,I001
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -114,8 +115,20 @@ def _ax_no_data(ax: Axes, why: str) -> None:
     ax.set_yticks([])
 
 
+def plain_text(fig: Figure) -> Figure:
+    """Turn mathtext off on every text of ``fig``: labels are data (model names, techniques).
+
+    Why: a ``$`` in a model name (``my$x$model``) would otherwise be parsed as TeX and either
+    render wrongly or raise while drawing. Our figures draw no math, so none is lost.
+    """
+    for t in fig.findobj(matplotlib.text.Text):
+        t.set_parse_math(False)
+    return fig
+
+
 def save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     """Write ``name``.png (150 dpi) and ``name``.pdf into ``out_dir``; return both paths."""
+    plain_text(fig)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -199,9 +212,23 @@ def repeat_summary(wide: pd.DataFrame, metrics: Sequence[str],
     return pd.DataFrame(rows)
 
 
+def _agg_ci(agg: pd.DataFrame, metrics: Sequence[str]) -> dict[str, pd.Series]:
+    """The ``<m>_ci95`` columns of a :func:`repeat_summary` as ``normalise``'s ``ci``."""
+    return {m: agg[f"{m}_ci95"] for m in metrics if f"{m}_ci95" in agg}
+
+
+def spread_note(agg: pd.DataFrame, metric: str) -> str:
+    """"no difference" when the whole spread of ``metric`` is inside its 95 % intervals.
+
+    Why: min-max scaling stretches a 0.9 % spread to full scale; a reader must see that it is
+    noise, not a ranking. Empty otherwise.
+    """
+    return "no difference" if E.no_difference(agg, metric, _agg_ci(agg, [metric])) else ""
+
+
 def _scaled(agg: pd.DataFrame, metrics: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Normalised means and their CIs scaled by the same factor (so error bars stay honest)."""
-    norm = E.normalise(agg, metrics)
+    norm = E.normalise(agg, metrics, ci=_agg_ci(agg, metrics))
     ci = pd.DataFrame(index=agg.index)
     for m in metrics:
         x = pd.to_numeric(agg[m], errors="coerce")
@@ -335,8 +362,11 @@ def fig2_rank_table(tidy_df: pd.DataFrame, out_dir: str | Path,
         for j, c in enumerate(cols):
             t = _tier(row[c], int(row["n_techniques"]))
             colour[i, j] = matplotlib.colors.to_rgb(TIER_COLOURS[t])
-            ax.text(j, i, "–" if pd.isna(row[c]) else str(int(row[c])), ha="center",
-                    va="center", fontsize=9)
+            tied = c in str(row.get("ties", "")).split(",")
+            txt = "–" if pd.isna(row[c]) else f"{'=' if tied else ''}{int(row[c])}"
+            if c == "Perf" and row.get("flag"):
+                txt = "✗"  # quality flagged (e.g. perplexity worse than uniform): not ranked
+            ax.text(j, i, txt, ha="center", va="center", fontsize=9)
         sc = row["score"]
         colour[i, -1] = matplotlib.colors.to_rgb("#d9e6f2" if pd.notna(sc) else "#eeeeee")
         ax.text(len(cols), i, "–" if pd.isna(sc) else f"{sc:.2f}", ha="center", va="center",
@@ -364,8 +394,9 @@ def fig2_rank_table(tidy_df: pd.DataFrame, out_dir: str | Path,
     fig.suptitle(title, fontsize=12)
     note = "; ".join(f"{a}: Perf = {p}" for a, p in perf.items() if p)
     ax.set_xlabel(f"{note}.\nRanks from metrics scaled within each comparison set, averaged "
-                  "over sets; '–' = not measured for that axis.\nEff. score = mean "
-                  "efficiency score (0.1-1).", fontsize=8)
+                  "over sets; '–' = not measured for that axis; '=k' = tied (difference "
+                  "inside the 95 % intervals);\n'✗' = quality not ranked (perplexity worse "
+                  "than uniform). Eff. score = mean efficiency score (0.1-1).", fontsize=8)
     return _done(name, fig, out_dir)
 
 
@@ -392,7 +423,7 @@ def fig3a_attention_radar(tidy_df: pd.DataFrame, out_dir: str | Path,
         if agg.empty or not present:
             _ax_no_data(ax, f"no metrics for size {size}")
             continue
-        norm = E.normalise(agg, RADAR_METRICS)
+        norm = E.normalise(agg, RADAR_METRICS, ci=_agg_ci(agg, RADAR_METRICS))
         for i, a in enumerate(agg["p.model.attention"]):
             vals = norm.iloc[i].to_numpy(float)  # NaN (not measured) leaves a gap
             ang = np.r_[angles, angles[0]]
@@ -405,7 +436,8 @@ def fig3a_attention_radar(tidy_df: pd.DataFrame, out_dir: str | Path,
             x = agg[m].dropna()
             rng = f"{_fmt(x.min())}-{_fmt(x.max())} {unit(tidy_df, m)}" if len(x) \
                 else "not measured"
-            labels.append(f"{LABEL[m]}\n{rng}")
+            nd = spread_note(agg, m)
+            labels.append(f"{LABEL[m]}\n{rng}" + (f"\n({nd})" if nd else ""))
         ax.set_xticks(angles, labels, fontsize=8)
         ax.tick_params(axis="x", pad=14)
         ax.set_ylim(0, 1.05)
@@ -878,7 +910,7 @@ def show(fig: Figure, dpi: int = 110) -> Any:
     from IPython.display import Image
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    plain_text(fig).savefig(buf, format="png", dpi=dpi)
     return Image(data=buf.getvalue(), format="png")
 
 

@@ -116,8 +116,12 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
     quality = {
         "val_loss": ppl["loss"],
         "val_ppl": ppl["ppl"],
+        "uniform_ppl": ppl.get("uniform_ppl") or missing("", "no logits scored"),
+        # reported, not scored: untrained for recall, it sits at chance for every variant
         "probe_acc": metric(acc, "fraction", "mqar_probe_greedy", n=int(probe.targets.numel()),
-                            chance=probe.chance),
+                            chance=probe.chance, scored=False,
+                            note="not in the efficiency score: the MQAR probe is not trained "
+                                 "for and reads at chance for every attention variant"),
         "train_loss": metric(res.final_loss, "nats/token", "last_train_step"),
     }
     metrics = dict(res.metrics)

@@ -108,7 +108,8 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     except UnsupportedTechnique as exc:
         raise SkipRun(str(exc)) from exc
     model = prepared.model
-    opt = prepared.make_optimizer(p.train.lr, p.train.weight_decay)
+    # the method's LR (literature default unless the params set one): recorded in method_config
+    opt = prepared.make_optimizer(prepared.config["lr"], p.train.weight_decay)
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return {"eval_loss": eval_loss(m, eval_t, p.train.batch_size, p.train.eval_batches)}

@@ -78,7 +78,8 @@ def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len
     prompts = [data.format_prompt(it["prompt"]) for it in task.eval]
     max_new = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval) + 4
     preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new)
-    out = {"ppl": ppl["ppl"], "val_loss": ppl["loss"],
+    out = {"ppl": ppl["ppl"], "val_loss": ppl["loss"], **({"uniform_ppl": ppl["uniform_ppl"]}
+                                                          if "uniform_ppl" in ppl else {}),
            "task_acc": evaluate.accuracy(preds, task.eval, task.scorer)}
     if p.lm_eval_tasks:
         from ..lm_eval_bridge import evaluate_tasks

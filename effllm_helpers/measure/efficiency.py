@@ -26,6 +26,7 @@ differ from the paper:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -44,13 +45,26 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "pcu": True, "mcr": True, "accuracy": True, "probe_acc": True, "task_acc": True,
 }
 
-# quality metric candidates per axis, preferred first (see :func:`quality_metric`)
-QUALITY_CANDIDATES: dict[str, tuple[str, ...]] = {
-    "architecture": ("val_ppl", "probe_acc"),
-    "finetuning": ("eval_loss", "accuracy"),
-    "inference": ("task_acc", "ppl"),
-    "cross_modal": ("fid", "val_loss"),
+# the one quality metric of each axis, unless its study file names another (``quality:``); a
+# fixed choice, so a ranking never rests on whichever column happens to vary (1 vs 2 items of 32)
+QUALITY_METRIC: dict[str, str] = {
+    "architecture": "val_ppl",
+    "finetuning": "eval_loss",
+    "inference": "ppl",
+    "cross_modal": "val_loss",
 }
+# quality metrics a study file may name per axis (the metrics that axis records)
+QUALITY_CHOICES: dict[str, tuple[str, ...]] = {
+    "architecture": ("val_ppl", "val_loss", "probe_acc"),
+    "finetuning": ("eval_loss", "accuracy"),
+    "inference": ("ppl", "val_loss", "task_acc"),
+    "cross_modal": ("val_loss", "fid"),
+}
+# kept for callers that list candidates: the fixed metric only
+QUALITY_CANDIDATES: dict[str, tuple[str, ...]] = {k: (v,) for k, v in QUALITY_METRIC.items()}
+# perplexities that are compared with a uniform guess over the vocabulary (``uniform_ppl``)
+PPL_METRICS = ("val_ppl", "ppl")
+WORSE_THAN_UNIFORM = "worse than uniform (ppl > vocabulary size): not ranked on quality"
 
 # efficiency metrics of the default score per axis (the paper's figure axes for that axis)
 EFFICIENCY_METRICS: dict[str, tuple[str, ...]] = {
@@ -176,17 +190,63 @@ def technique_labels(wide: pd.DataFrame) -> pd.Series:
     return labels
 
 
-def quality_metric(wide: pd.DataFrame, axis: str) -> str | None:
-    """The axis's quality metric for this set: the first candidate that separates runs.
+@lru_cache(maxsize=1)
+def _study_quality_names() -> dict[str, str]:
+    """study name -> the quality metric its study file names (``quality:``), from ``params/``."""
+    import yaml
 
-    Why: on tiny runs a task accuracy may be null or all zero; then perplexity/loss is the only
-    quality signal that tells runs apart. Prefer a non-constant column, else any non-null one.
+    from ..paths import REPO_ROOT
+
+    out: dict[str, str] = {}
+    for path in sorted((REPO_ROOT / "params").glob("**/*.yaml")):
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("study"), str) \
+                and isinstance(doc.get("quality"), str):
+            out[doc["study"]] = doc["quality"]
+    return out
+
+
+def quality_metric(wide: pd.DataFrame, axis: str, study: str | None = None) -> str | None:
+    """The axis's one quality metric: the study file's ``quality:``, else :data:`QUALITY_METRIC`.
+
+    Why fixed: picking "the first column that varies" let a ranking rest on 1 vs 2 correct
+    items out of 32 while perplexity was ignored. None when the rows do not record it.
     """
-    cands = [c for c in QUALITY_CANDIDATES.get(axis, ()) if c in wide and wide[c].notna().any()]
-    for c in cands:
-        if pd.to_numeric(wide[c], errors="coerce").nunique(dropna=True) > 1:
-            return c
-    return cands[0] if cands else None
+    if study is None and "study" in wide and wide["study"].nunique(dropna=True) == 1:
+        study = str(wide["study"].dropna().iloc[0])
+    name = _study_quality_names().get(study or "") or QUALITY_METRIC.get(axis)
+    if name and name in wide and wide[name].notna().any():
+        return name
+    return None
+
+
+def quality_flags(wide: pd.DataFrame, quality: str | None) -> pd.Series:
+    """True for rows whose perplexity is worse than uniform over the vocabulary.
+
+    The vocabulary size is the recorded ``uniform_ppl`` (or the model's ``vocab_size``).
+    """
+    flags = pd.Series(False, index=wide.index)
+    if quality not in PPL_METRICS or quality not in wide:
+        return flags
+    ref_col = next((c for c in ("uniform_ppl", "vocab_size") if c in wide), None)
+    if ref_col is None:
+        return flags
+    q = pd.to_numeric(wide[quality], errors="coerce")
+    ref = pd.to_numeric(wide[ref_col], errors="coerce")
+    return (q > ref).fillna(False).astype(bool)
+
+
+def _unflagged(wide: pd.DataFrame, quality: str | None) -> tuple[pd.DataFrame, pd.Series]:
+    """``wide`` with flagged rows' quality set to NaN (so they are not ranked on it), the flags."""
+    flags = quality_flags(wide, quality)
+    if not flags.any():
+        return wide, flags
+    out = wide.copy()
+    out.loc[flags, quality] = np.nan
+    return out, flags
 
 
 def default_metrics(wide: pd.DataFrame, axis: str, include_quality: bool = True) -> list[str]:
@@ -205,11 +265,41 @@ def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool
     return table[metric]
 
 
+def _ci_of(df: pd.DataFrame, metric: str,
+           ci: Mapping[str, pd.Series] | None) -> pd.Series | None:
+    """The 95 % CI half-width of ``metric`` per row: given, or the ``<metric>.ci95`` column."""
+    if ci is not None and metric in ci:
+        return pd.to_numeric(ci[metric], errors="coerce").reindex(df.index)
+    if f"{metric}.ci95" in df:
+        return pd.to_numeric(df[f"{metric}.ci95"], errors="coerce")
+    return None
+
+
+def tie_with_best(x: pd.Series, ci: pd.Series | None) -> pd.Series:
+    """Oriented values (higher is better) with every value inside the interval of the best raised
+    to the best.
+
+    Why: a difference smaller than the measurement's uncertainty is not a difference. Two runs
+    tie when their gap is at most the sum of their 95 % half-widths (a missing CI counts as 0,
+    so identical values still tie and others stay exact). Only ties with the best are merged:
+    the rule is transitive-safe and never reorders the rest.
+    """
+    if ci is None or x.notna().sum() < 2:
+        return x
+    c = ci.fillna(0.0).clip(lower=0.0)
+    best = x.idxmax()
+    tied = (x[best] - x) <= (c + c[best])
+    return x.where(~tied | x.isna(), x[best])
+
+
 def normalise(df: pd.DataFrame, metrics: Sequence[str],
-              higher_is_better: Mapping[str, bool] | None = None) -> pd.DataFrame:
+              higher_is_better: Mapping[str, bool] | None = None,
+              ci: Mapping[str, pd.Series] | None = None) -> pd.DataFrame:
     """Scale each metric column to [0.1, 1], oriented so that 1 is the best run of the set.
 
-    NaN stays NaN; a constant column (or a single non-null value) becomes 1.0.
+    NaN stays NaN; a constant column (or a single non-null value) becomes 1.0. Values whose
+    95 % interval overlaps the best's (``ci`` or ``<metric>.ci95`` columns) get the best's 1.0
+    (:func:`tie_with_best`); when every value does, the column is constant: no difference.
     """
     out = pd.DataFrame(index=df.index)
     for m in metrics:
@@ -217,12 +307,33 @@ def normalise(df: pd.DataFrame, metrics: Sequence[str],
             pd.Series(np.nan, index=df.index)
         if not _direction(m, higher_is_better):
             x = -x
+        x = tie_with_best(x, _ci_of(df, m, ci))
         lo, hi = x.min(skipna=True), x.max(skipna=True)
         if pd.isna(lo) or hi == lo:
             out[m] = x.where(x.isna(), 1.0)
         else:
             out[m] = FLOOR + (1.0 - FLOOR) * (x - lo) / (hi - lo)
     return out
+
+
+def no_difference(df: pd.DataFrame, metric: str,
+                  ci: Mapping[str, pd.Series] | None = None) -> bool:
+    """Whether the whole spread of ``metric`` over ``df``'s rows is inside the interval.
+
+    Figures say "no difference" for such a metric instead of stretching it to full scale.
+    """
+    if metric not in df:
+        return False
+    x = pd.to_numeric(df[metric], errors="coerce").astype(float)
+    if x.notna().sum() < 2:
+        return False
+    if x.max() == x.min():
+        return True
+    c = _ci_of(df, metric, ci)
+    if c is None:
+        return False
+    return bool(tie_with_best(x, c).nunique(dropna=True) == 1 and
+                tie_with_best(-x, c).nunique(dropna=True) == 1)
 
 
 def resolve_weights(metrics: Sequence[str], weights: Mapping[str, float] | None,
@@ -248,10 +359,13 @@ def score_frame(wide_df: pd.DataFrame, metrics: Sequence[str],
                 quality: str | None = None) -> pd.DataFrame:
     """Score of every row as one comparison set, with how many metrics it used and which not.
 
-    Columns: ``score`` (weighted harmonic mean of the scaled metrics), ``n_metrics`` and
-    ``excluded`` ("" or "aec_w: null; ..." listing metrics left out of that row).
+    Columns: ``score`` (weighted harmonic mean of the scaled metrics), ``n_metrics``,
+    ``excluded`` ("" or "aec_w: null; ..." listing metrics left out of that row) and ``flag``
+    (why a row's quality was not scored, e.g. perplexity worse than uniform). Differences inside
+    the recorded 95 % intervals (``<metric>.ci95`` columns) are ties: see :func:`normalise`.
     """
     metrics = list(metrics)
+    wide_df, flags = _unflagged(wide_df, quality)
     w = resolve_weights(metrics, weights, quality)
     used = [m for m in metrics if w[m] > 0]
     scaled = normalise(wide_df, used, higher_is_better)
@@ -268,8 +382,16 @@ def score_frame(wide_df: pd.DataFrame, metrics: Sequence[str],
         score = pd.Series(np.nan, index=wide_df.index)
         n_used = pd.Series(0, index=wide_df.index)
         excluded = pd.Series("no metric with weight > 0", index=wide_df.index)
+    if flags.any() and quality in used:
+        note = f"{quality}: {WORSE_THAN_UNIFORM}"
+        excluded = excluded.astype(object).copy()
+        for i in flags[flags].index:
+            rest = [e for e in str(excluded[i]).split("; ") if e and e != f"{quality}: null"]
+            excluded[i] = "; ".join([note, *rest])
+    flag = pd.Series(np.where(flags, WORSE_THAN_UNIFORM, ""), index=wide_df.index, dtype=object)
     return pd.DataFrame({"score": score.astype(float), "n_metrics": n_used.astype(int),
-                         "excluded": excluded.astype(object)}, index=wide_df.index)
+                         "excluded": excluded.astype(object), "flag": flag},
+                        index=wide_df.index)
 
 
 def efficiency_scores(wide_df: pd.DataFrame | Iterable[Mapping[str, Any]],
@@ -308,14 +430,14 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
                   by: Iterable[str] | None = None) -> pd.DataFrame:
     """Score every ok run within its comparison set (:data:`COMPARISON_KEYS`) of ``axis``.
 
-    Returns a frame indexed like ``wide`` with ``score``, ``n_metrics``, ``excluded``,
+    Returns a frame indexed like ``wide`` with ``score``, ``n_metrics``, ``excluded``, ``flag``,
     ``metrics`` (those scored, comma-separated) and ``set`` (a label of the comparison set).
     Failed runs get NaN and ``excluded = "run failed"``.
     """
     out = pd.DataFrame({"score": np.nan, "n_metrics": 0, "excluded": "run failed",
-                        "metrics": "", "set": ""}, index=wide.index)
+                        "metrics": "", "set": "", "flag": ""}, index=wide.index)
     out = out.astype({"score": float, "n_metrics": int, "excluded": object, "metrics": object,
-                      "set": object})
+                      "set": object, "flag": object})
     ok = ok_rows(wide)
     if ok.empty:
         return out
@@ -331,6 +453,7 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
         out.loc[idx, "score"] = sf["score"]
         out.loc[idx, "n_metrics"] = sf["n_metrics"]
         out.loc[idx, "excluded"] = sf["excluded"]
+        out.loc[idx, "flag"] = sf["flag"]
         out.loc[idx, "metrics"] = ",".join(ms)
         out.loc[idx, "set"] = label
     return out
@@ -341,6 +464,7 @@ def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
     """Ranks of the techniques of one study: normalise per comparison set, average, rank."""
     ok = ok_rows(wide)
     q = quality_metric(ok, axis)
+    ok, flags = _unflagged(ok, q)
     cols = {k: (q if v is None else v) for k, v in RANK_COLUMNS.items()}
     metrics = [m for m in dict.fromkeys(v for v in cols.values() if v)
                if m in ok and ok[m].notna().any()]
@@ -363,6 +487,12 @@ def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
     block["score"] = score.reindex(mean.index)
     block["n_techniques"] = len(mean)
     block["perf_metric"] = q or ""
+    flagged = flags.groupby(ok["technique"]).any().reindex(mean.index).fillna(False)
+    block["flag"] = np.where(flagged, WORSE_THAN_UNIFORM, "")
+    # columns where this technique shares its rank (a tie within the 95 % intervals)
+    block["ties"] = [",".join(c for c in RANK_COLUMNS if pd.notna(block.at[t, c])
+                              and int((block[c] == block.at[t, c]).sum()) > 1)
+                     for t in block.index]
     return block.reset_index()
 
 
@@ -373,9 +503,12 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
     model and device), so each metric is first scaled per set (units and scales differ between
     sets), averaged over sets per technique, then ranked within the study. Columns Perf, AMU,
     PCU, AL, TT, ST, IT, AEC, MCR hold ``<NA>`` where the axis does not measure the metric. Also
-    ``score`` (mean efficiency score), ``n_techniques`` and ``perf_metric``.
+    ``score`` (mean efficiency score), ``n_techniques``, ``perf_metric``, ``flag`` (quality not
+    ranked, e.g. perplexity worse than uniform) and ``ties`` (columns whose rank the technique
+    shares). Differences inside the recorded 95 % intervals are ties (:func:`tie_with_best`).
     """
-    cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "n_techniques", "perf_metric"]
+    cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "n_techniques", "perf_metric",
+            "flag", "ties"]
     if tidy_df is None or tidy_df.empty:
         return pd.DataFrame(columns=cols)
     axes = list(axes) if axes is not None else [a for a in ("architecture", "finetuning",
@@ -383,7 +516,7 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
                                                 if a in set(tidy_df["axis"].dropna())]
     blocks = []
     for axis in axes:
-        wide = wide_table(tidy_df, axis)
+        wide = wide_table(tidy_df, axis, with_ci=True)
         if wide.empty:
             continue
         for study, sub in wide.groupby("study", dropna=False):
@@ -409,5 +542,6 @@ def units_of(tidy_df: pd.DataFrame) -> dict[str, str]:
 __all__: list[Any] = [
     "FLOOR", "HIGHER_IS_BETTER", "RANK_COLUMNS", "COMPARISON_KEYS", "wide_table", "normalise",
     "efficiency_scores", "score_frame", "scores_by_set", "rank_table", "quality_metric",
-    "default_metrics", "technique_labels", "resolve_weights", "units_of",
+    "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
+    "quality_flags", "tie_with_best", "no_difference",
 ]

@@ -350,6 +350,37 @@ def _keep_bnb_cpu_layout(model: nn.Module, notes: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- the door
+# default learning rate per method, from the method's own paper or the recipe it was published
+# with (AdamW, adapter-scale updates vs whole-weight updates). Used when the params set neither
+# ``lr_by_method[method]`` nor ``train.lr``. (rate, source)
+METHOD_LR: dict[str, tuple[float, str]] = {
+    "lora": (2e-4, "QLoRA (Dettmers et al. 2023) LoRA adapters, lr 2e-4"),
+    "rslora": (2e-4, "rsLoRA (Kalajdzievski 2023) keeps LoRA's recipe, lr 2e-4"),
+    "pissa": (2e-4, "LoRA's 2e-4 (PiSSA, Meng et al. 2024, compares at LoRA's settings)"),
+    "lora_plus": (2e-4, "LoRA+ (Hayou et al. 2024): base lr 2e-4 on A, B at lora_plus_ratio x"),
+    "dora": (1e-4, "DoRA (Liu et al. 2024) commonsense recipe, lr 1e-4 (half of LoRA's)"),
+    "full": (2e-5, "full fine-tuning recipe of Alpaca (Taori et al. 2023), lr 2e-5"),
+    "freeze": (5e-5, "partial (last-layers) fine-tuning: full-FT scale, upper end 5e-5"),
+}
+ADAPTER_LR = (2e-4, "no method-specific default: LoRA's 2e-4 (QLoRA, Dettmers et al. 2023)")
+
+
+def method_lr(params: FinetuneParams) -> tuple[float, str]:
+    """The learning rate this run uses and where it comes from.
+
+    Order, first set wins: ``lr_by_method[method]`` (explicit for this method), ``train.lr``
+    (explicit for every method), the method's literature default (:data:`METHOD_LR`). Why per
+    method: one rate cannot suit both whole-weight updates (full FT diverges at adapter rates)
+    and low-rank adapters (which barely move at full-FT rates).
+    """
+    if params.method in params.lr_by_method:
+        return float(params.lr_by_method[params.method]), "params: lr_by_method"
+    if params.train.lr is not None:
+        return float(params.train.lr), "params: train.lr"
+    lr, source = METHOD_LR.get(params.method, ADAPTER_LR)
+    return lr, f"method default: {source}"
+
+
 def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = True) -> Prepared:
     """Set ``model`` up for ``params.method`` (and ``params.quant``); return a ``Prepared``.
 
@@ -366,6 +397,7 @@ def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = Tr
     spec = method_spec(params.method)
     notes: list[str] = [spec.description]
     resolved: dict[str, Any] = {"method": spec.name, "kind": spec.kind, "quant": params.quant}
+    resolved["lr"], resolved["lr_source"] = method_lr(params)
 
     if spec.kind in ("freeze", "full"):
         if params.quant != "none":
