@@ -229,7 +229,7 @@ def check_model_source(name: str) -> str:
                 m["stage"] and m["stage"] not in stages):
             raise ValueError(f"bad embedded model {quoted(name)}: embedded[:profile][@stage] "
                              f"with profile in {', '.join(profiles)} and stage in "
-                             f"{', '.join(stages)}")
+                             f"{', '.join(stages)}; {MODEL_SOURCES_HELP}")
         return name
     if name.startswith("gguf:"):
         path = Path(name[len("gguf:"):]).expanduser()
