@@ -171,7 +171,7 @@ def sweep(
         raise typer.Exit(130) from None
     except (config.ParamsError, sw.DaskConnectError) as exc:
         _fail(str(exc))
-    typer.echo(sw.summary_table(res))
+    typer.echo(sw.summary_table(res, out))
     typer.echo(f"records under {out / 'runs' / res.study}")
     raise typer.Exit(res.exit_code)
 

@@ -20,7 +20,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -228,6 +228,79 @@ PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierf
               "hra", "vblora", "randlora", "c3a", "shira", "road", "miss")
 
 
+PromptFormat = Literal["auto", "chat", "plain"]
+# a hub id: owner/name, each part letters, digits, '-', '_', '.' (no leading '.' or '-')
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+EMBEDDED_NAME = re.compile(r"^embedded(?::(?P<profile>[^@]*))?(?:@(?P<stage>.*))?$")
+MODEL_SOURCES_HELP = ("allowed: a local folder with a config.json, a hub id 'owner/name', "
+                      "'embedded[:ci|tiny|gpu][@base|sft]' or 'gguf:<path to a .gguf file>'")
+
+
+def canonical_model_key(data: Any) -> Any:
+    """Fine-tuning params with ``model`` renamed to ``base_model`` (both given: an error unless
+    they agree)."""
+    if not isinstance(data, dict) or "model" not in data:
+        return data
+    data = dict(data)
+    alias = data.pop("model")
+    if "base_model" in data and data["base_model"] != alias:
+        raise ValueError(f"both model ({alias!r}) and base_model ({data['base_model']!r}) are "
+                         "given; model is an alias of base_model, give one")
+    data["base_model"] = alias
+    return data
+
+
+def check_model_source(name: str) -> str:
+    """Refuse a model name that could only fail later, before any compute: a missing local
+    folder, a malformed hub id, a bad ``embedded`` spec or a missing GGUF file."""
+    if not name.strip():
+        raise ValueError(f"empty model name; {MODEL_SOURCES_HELP}")
+    if name == "embedded" or name.startswith(("embedded:", "embedded@")):
+        m = EMBEDDED_NAME.match(name)
+        profiles, stages = get_args(EmbeddedProfile), ("base", "sft")
+        if not m or (m["profile"] and m["profile"] not in profiles) or (
+                m["stage"] and m["stage"] not in stages):
+            raise ValueError(f"bad embedded model {quoted(name)}: embedded[:profile][@stage] "
+                             f"with profile in {', '.join(profiles)} and stage in "
+                             f"{', '.join(stages)}; {MODEL_SOURCES_HELP}")
+        return name
+    if name.startswith("gguf:"):
+        path = Path(name[len("gguf:"):]).expanduser()
+        if not path.is_file():
+            raise ValueError(f"gguf: no such file {quoted(str(path))}; {MODEL_SOURCES_HELP}")
+        return name
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            raise ValueError(f"no such model folder {quoted(name)} (and not a hub id "
+                             f"'owner/name'); {MODEL_SOURCES_HELP}")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {quoted(name)} has no config.json; "
+                             f"{MODEL_SOURCES_HELP}")
+        return name
+    if not HUB_ID.match(name) or ".." in name or name.endswith((".", "-")):
+        raise ValueError(f"malformed hub id {quoted(name)}: owner/name of letters, digits, "
+                         f"'-', '_', '.'; {MODEL_SOURCES_HELP}")
+    return name
+
+
+MODEL_KEYS = {"finetuning": "base_model", "inference": "model"}
+
+
+def check_params_model(axis: str, params: dict[str, Any], source: str) -> None:
+    """The model a run will load can be found (no compute, no network): see
+    :func:`check_model_source`. Run by ``expand``, so ``validate`` and ``sweep`` refuse a missing
+    model before any run starts rather than each run failing a minute in."""
+    key = MODEL_KEYS.get(axis)
+    if key is None or not isinstance(params.get(key), str):
+        return
+    try:
+        check_model_source(params[key])
+    except ValueError as exc:
+        raise ParamsError(f"{source}: {key}: {exc}") from None
+
+
 class FinetuneTrainSpec(TrainSpec):
     """Fine-tuning's train spec: ``lr`` unset (None) means each method's literature default."""
 
@@ -256,6 +329,16 @@ class FinetuneParams(Launchable):
     lr_by_method: dict[str, PosFloat] = {}
     train: FinetuneTrainSpec = FinetuneTrainSpec(steps=40, batch_size=8, warmup_steps=4)
     measure: MeasureSpec = MeasureSpec()
+    # 'chat' = the tokenizer's chat template, 'plain' = our ### Question/### Answer format,
+    # 'auto' = chat when the tokenizer has a template
+    prompt_format: PromptFormat = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_alias(cls, data: Any) -> Any:
+        """``model`` (inference's key) is accepted for ``base_model``; params keep the canonical
+        name, so a run id never depends on which of the two was written."""
+        return canonical_model_key(data)
 
     @field_validator("method")
     @classmethod
@@ -304,6 +387,7 @@ class InferenceParams(Strict):
     task_items: PosInt = 32
     lm_eval_tasks: list[str] = []
     measure: MeasureSpec = MeasureSpec(warmup_steps=1, repeats=3)
+    prompt_format: PromptFormat = "auto"  # as FinetuneParams.prompt_format, for the task score
 
     @field_validator("batch_sizes")
     @classmethod
@@ -646,6 +730,8 @@ def _get_dotted(d: dict[str, Any], key: str) -> Any:
 
 def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
     """A grid key must name a field of the axis schema (nested through sub-models)."""
+    if model is FinetuneParams and key == "model":
+        key = "base_model"  # the alias inference uses
     cur: Any = model
     for i, part in enumerate(key.split(".")):
         fields = getattr(cur, "model_fields", None)
@@ -710,6 +796,11 @@ def resolve_params(axis: str, *layers: dict[str, Any], source: str = "<params>")
     if axis not in AXES:
         raise ParamsError(f"{source}: axis {axis!r} unknown; allowed: {', '.join(AXES)}")
     merged: dict[str, Any] = {}
+    if axis == "finetuning":  # each layer's 'model' alias is renamed before the layers merge
+        try:
+            layers = tuple(canonical_model_key(layer) for layer in layers)
+        except ValueError as exc:
+            raise ParamsError(f"{source}: {exc}") from None
     for layer in layers:
         merged = deep_merge(merged, layer or {})
     try:
@@ -898,6 +989,7 @@ def expand(path: str | Path, preset: str | Path | None = None,
                                      for k, v in point.items()), 300)
         params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
                                 source=f"{path} [grid point {label}]")
+        check_params_model(study.axis, params, f"{path} [grid point {label}]")
         for seed in study.seeds:
             rid = run_id_for(study.study, study.axis, study.notebook, params, seed)
             if rid in seen:

@@ -295,8 +295,7 @@ def _execute_locked(run: config.Run, rdir: Path, gpu: str | None,
         if proc.is_alive():
             _kill_group(proc)
             if not _INTERRUPTED.is_set():
-                rec = failure_record(run.model_dump(), "timeout",
-                                     f"run exceeded its {run.timeout_s:g} s limit")
+                rec = failure_record(run.model_dump(), "timeout", timeout_message(run.timeout_s))
                 results.write_record(rdir, rec)
     except BaseException:  # interrupted sweep: take the run down with us, record nothing
         _kill_group(proc)
@@ -608,17 +607,67 @@ def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
 
 
 # ---------------------------------------------------------------- reporting
-def summary_table(result: SweepResult) -> str:
-    """A plain-text table: one line per run, then the counts."""
-    rows = [("run_id", "point", "status", "secs", "reason")]
+def timeout_message(limit_s: float | None) -> str:
+    """Why a run was killed, and how to give it more time (the default limit is not obvious)."""
+    return (f"run exceeded its {limit_s:g} s limit; raise it with --timeout SECONDS on the "
+            "command line or timeout_s: SECONDS in the study file (a real model's fine-tuning "
+            "on a CPU can take longer than the 1800 s default)")
+
+
+# what the closing summary shows of a record, first found wins in each column
+HEADLINE_COLUMNS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("quality", (("quality", "accuracy"), ("quality", "task_acc"), ("quality", "ppl"),
+                 ("quality", "val_ppl"), ("quality", "eval_loss"), ("quality", "val_loss"))),
+    ("amu_gb", (("metrics", "amu_gb"),)),
+    ("tpot/step_s", (("metrics", "tpot_s"), ("metrics", "al_s"))),
+    ("energy", (("metrics", "j_per_token"), ("metrics", "aec_w"))),
+)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def record_headline(rec: dict[str, Any] | None) -> dict[str, str]:
+    """The headline cells of a record: quality, memory, TPOT or step time, energy.
+
+    Each cell is ``value unit`` with the metric's name where the column can hold several
+    (``acc 0.42``, ``tpot_s 0.012 s``); ``-`` when the record has none with a value.
+    """
+    out: dict[str, str] = {}
+    for col, keys in HEADLINE_COLUMNS:
+        cell = "-"
+        for section, key in keys:
+            m = ((rec or {}).get(section) or {}).get(key)
+            if isinstance(m, dict) and isinstance(m.get("value"), int | float) \
+                    and not isinstance(m.get("value"), bool):
+                unit = m.get("unit") or ""
+                cell = f"{key}={_fmt(float(m['value']))}" + (f" {unit}" if unit else "")
+                break
+        out[col] = cell
+    return out
+
+
+def summary_table(result: SweepResult, output_dir: Path | None = None) -> str:
+    """A plain-text table: one line per run with its headline metrics, then the counts.
+
+    The headline cells (quality, AMU, TPOT or step time, energy) come from the runs' records
+    under ``output_dir``; without it (or for a run with no record) they are ``-``.
+    """
+    heads = [col for col, _ in HEADLINE_COLUMNS]
+    rows = [("run_id", "point", "status", "secs", *heads, "reason")]
     for o in result.outcomes:
         point = ", ".join(f"{k}={v}" for k, v in o.run.point.items())
         if o.run.seed:
             point += f" seed={o.run.seed}"
+        rec = results.read_record(run_dir_for(output_dir, o.run)) if output_dir else None
+        head = record_headline(rec) if rec and rec.get("status") == "ok" else {}
         rows.append((o.run.run_id, point, o.status, f"{o.seconds:.1f}" if o.seconds else "-",
-                     (o.reason or "")[:70]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+                     *(head.get(c, "-") for c in heads), (o.reason or "")[:70]))
+    n = len(rows[0]) - 1
+    widths = [max(len(r[i]) for r in rows) for i in range(n)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(n)).rstrip() + "  " + r[n]
+             for r in rows]
     counts: dict[str, int] = {}
     for o in result.outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1

@@ -205,3 +205,44 @@ def test_jsonl_task_line_that_is_not_an_object_is_rejected(tmp_path):
     path.write_text('"just a string"\n')
     with pytest.raises(ValueError, match=r"t\.jsonl:1: expected a JSON object.*got str"):
         load_task(f"jsonl:{path}", n_train=1, n_eval=1)
+
+
+# ---------------------------------------------------------------- chat templates
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+
+
+@pytest.fixture()
+def chat_tok(tok: PreTrainedTokenizerFast, tmp_path: Path) -> PreTrainedTokenizerFast:
+    """The test tokenizer saved to a folder with a chat template added, reloaded from there."""
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return PreTrainedTokenizerFast.from_pretrained(tmp_path)
+
+
+def test_prompt_style_is_chat_when_the_tokenizer_has_a_template(tok, chat_tok) -> None:
+    assert tasks.prompt_style(chat_tok, "auto") == "chat"
+    assert tasks.prompt_style(tok, "auto") == "plain"
+    assert tasks.prompt_style(chat_tok, "plain") == "plain"
+    with pytest.raises(ValueError, match="no chat_template"):
+        tasks.prompt_style(tok, "chat")
+
+
+def test_chat_prompt_is_the_user_turn_and_generation_prompt(chat_tok) -> None:
+    text = format_prompt("What is 2 + 2?", chat_tok, "chat")
+    assert text == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
+    assert "### Question" not in text
+
+
+def test_chat_sft_target_is_the_assistant_turn(chat_tok) -> None:
+    item = {"prompt": "What is 2 + 2?", "response": "Answer: 4", "answer": "4"}
+    out = sft_tensors([item], chat_tok, max_len=128, style="chat")
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    prompt_text = chat_tok.decode(ids[labels == -100], skip_special_tokens=False)
+    target_text = chat_tok.decode(ids[labels != -100], skip_special_tokens=False)
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+    assert target_text.startswith("Answer: 4") and target_text.rstrip().endswith("<|im_end|>")
+    assert extract_answer(target_text) == "4"  # the turn's end is a stop string

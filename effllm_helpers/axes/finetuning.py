@@ -23,6 +23,27 @@ from ..run import SkipRun
 from ..techniques import UnsupportedTechnique
 from ..techniques import finetuning as ft
 
+# an exact merge moves fp32 logits by ~1e-5; beyond this the merged model is not the one trained
+# (e.g. a QLoRA adapter merged onto the dequantised base moved them by 14-17)
+MERGE_TOLERANCE = 0.05
+
+
+def merge_record(merge: ft.MergeCheck, tolerance: float = MERGE_TOLERANCE
+                 ) -> tuple[dict[str, Any], str | None]:
+    """``metrics.merge_max_abs_diff`` for a merge check, and a note when the merge moved the
+    logits beyond ``tolerance`` (the metric then carries a ``flag`` saying so)."""
+    if merge.max_abs_diff is None:
+        return missing("logit", merge.reason or "not mergeable"), None
+    rec = metric(merge.max_abs_diff, "logit", "merge_and_unload_vs_adapter",
+                 tolerance=tolerance)
+    if merge.max_abs_diff <= tolerance:
+        return rec, None
+    rec["flag"] = f"merge changes logits beyond tolerance {tolerance:g}"
+    note = (f"merging the adapter changed logits by up to {merge.max_abs_diff:.4g} (tolerance "
+            f"{tolerance:g}): the merged model is not the trained one; serve the adapter "
+            "unmerged (a 4-bit base merges onto its dequantised weights)")
+    return rec, note
+
 
 @dataclass
 class FinetuneResult:
@@ -74,11 +95,15 @@ def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_si
 
 
 def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: data.TaskData,
-                  max_new_tokens: int) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """Greedy generations on the eval items, exact-match scored; with a few examples."""
-    prompts = [data.format_prompt(it["prompt"]) for it in task.eval]
+                  max_new_tokens: int, style: str = "plain"
+                  ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Greedy generations on the eval items, exact-match scored; with a few examples.
+    ``style`` is the prompt format (``chat`` or ``plain``), recorded in the metric."""
+    prompts = [data.format_prompt(it["prompt"], tokenizer, style) for it in task.eval]
     preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     acc = evaluate.accuracy(preds, task.eval, task.scorer)
+    if acc.get("value") is not None:
+        acc["prompt_format"] = style
     examples = [{"prompt": it["prompt"], "answer": it["answer"], "generated": p}
                 for it, p in list(zip(task.eval, preds, strict=True))[:3]]
     return acc, examples
@@ -91,16 +116,18 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     mark_baseline()
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_base(p.base_model, device, p.embedded_profile, progress)
+    path = embedded.resolve(p.base_model, profile=p.embedded_profile, progress=progress)
+    model, tokenizer = load_base(path, device, p.embedded_profile, progress)
+    style = data.prompt_style(tokenizer, p.prompt_format)
     task = data.load_task(p.task, p.n_train, p.n_eval, seed=seed)
-    train_t = data.sft_tensors(task.train, tokenizer, p.max_len)
-    eval_t = data.sft_tensors(task.eval, tokenizer, p.max_len)
+    train_t = data.sft_tensors(task.train, tokenizer, p.max_len, style=style)
+    eval_t = data.sft_tensors(task.eval, tokenizer, p.max_len, style=style)
     answer_len = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval[:16]) + 4
     max_new = min(p.max_len, answer_len)
 
     acc_before = None
     if evaluate_tasks:
-        acc_before, _ = task_accuracy(model, tokenizer, task, max_new)
+        acc_before, _ = task_accuracy(model, tokenizer, task, max_new, style)
     loss_before = eval_loss(model, eval_t, p.train.batch_size)
 
     try:
@@ -128,23 +155,24 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     }
     examples: list[dict[str, str]] = []
     if evaluate_tasks:
-        quality["accuracy"], examples = task_accuracy(model, tokenizer, task, max_new)
+        quality["accuracy"], examples = task_accuracy(model, tokenizer, task, max_new, style)
         quality["accuracy_before"] = acc_before
     metrics = dict(res.metrics)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes = ft.adapter_size_bytes(prepared, tmp)
     metrics["adapter_bytes"] = metric(adapter_bytes, "B", "save_pretrained_file_bytes")
-    merge = ft.merge_check(prepared, eval_t["input_ids"][:2])
-    if merge.max_abs_diff is None:
-        metrics["merge_max_abs_diff"] = missing("logit", merge.reason or "not mergeable")
-    else:
-        metrics["merge_max_abs_diff"] = metric(merge.max_abs_diff, "logit",
-                                               "merge_and_unload_vs_adapter")
+    notes = list(prepared.notes)
+    metrics["merge_max_abs_diff"], merge_note = merge_record(
+        ft.merge_check(prepared, eval_t["input_ids"][:2]))
+    if merge_note:
+        notes.append(merge_note)
     facts = {
         "params_total": prepared.total_params,
         "params_trainable": prepared.trainable_params,
         "trainable_fraction": prepared.trainable_params / prepared.total_params,
         "base_model": p.base_model,
+        "model_path": path,
+        "prompt_format": style,
         "method_config": prepared.config,
         "train_tokens": res.tokens,
         "train_samples": res.samples,
@@ -154,7 +182,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         out.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
     return FinetuneResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
-                          notes=prepared.notes, examples=examples)
+                          notes=notes, examples=examples)
 
 
 def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared,

