@@ -62,6 +62,15 @@ def metrics_table(record_or_result: Any, axis: str | None = None) -> pd.DataFram
     return frame.set_index("name")
 
 
+def show(frame: pd.DataFrame) -> Any:
+    """``frame`` as notebook HTML with nulls written as "null" and reasons never cut short
+    (pandas shortens long cells to 50 characters, which hides the reason for a null)."""
+    from IPython.display import HTML
+
+    with pd.option_context("display.max_colwidth", None):
+        return HTML(frame.to_html(na_rep="null", float_format=lambda v: f"{v:.6g}"))
+
+
 # ---------------------------------------------------------------- parameters cell
 def with_knobs(params: dict[str, Any] | None, knobs: Mapping[str, Any]) -> dict[str, Any] | None:
     """``params`` with the notebook's plain-variable knobs (dotted keys) layered on top.

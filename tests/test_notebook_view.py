@@ -94,3 +94,10 @@ def test_per_batch_plot_draws_ttft_tpot_it_for_run_and_baseline() -> None:
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["TTFT (s)", "TPOT (s)", "IT (tokens/s)"]
     assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
+
+
+def test_show_writes_nulls_and_whole_reasons() -> None:
+    long = "no RAPL: /sys/class/powercap does not exist on this machine, so no energy"
+    rec = {"axis": "inference", "metrics": {"aec_w": missing("W", long)}, "quality": {}}
+    page = V.show(V.metrics_table(rec)).data
+    assert long in page and "<td>null</td>" in page and "<th>reason</th>" in page

@@ -58,7 +58,7 @@ ctx.params.model
 print(view.describe("architecture", ctx.params), flush=True)
 save_dir = outputs_dir("models", ctx.run_id) if ctx.params.save_model else None
 result = architecture.run(ctx.params, seed=ctx.seed, save_dir=save_dir)
-view.metrics_table(result, "architecture")
+view.show(view.metrics_table(result, "architecture"))
 
 # %%
 figures.show(figures.run_curves(

@@ -63,7 +63,7 @@ if note:
     print(note, flush=True)
 print(view.describe("finetuning", ctx.params), flush=True)
 result = ctx.attempt(finetuning.run, ctx.params, seed=ctx.seed)
-view.metrics_table(result, "finetuning")
+view.show(view.metrics_table(result, "finetuning"))
 
 # %%
 pd.DataFrame(result.examples)

@@ -64,7 +64,7 @@ if note:
     print(note, flush=True)
 print(view.describe("inference", ctx.params), flush=True)
 result = ctx.attempt(inference.run, ctx.params, seed=ctx.seed)
-view.metrics_table(result, "inference")
+view.show(view.metrics_table(result, "inference"))
 
 # %% [markdown]
 # ## Per batch size, against the baseline precision
