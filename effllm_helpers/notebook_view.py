@@ -67,8 +67,13 @@ def show(frame: pd.DataFrame) -> Any:
     (pandas shortens long cells to 50 characters, which hides the reason for a null)."""
     from IPython.display import HTML
 
+    def cell(v: Any) -> Any:
+        if v is None or (isinstance(v, float) and v != v):
+            return "null"
+        return f"{v:.6g}" if isinstance(v, float) else v
+
     with pd.option_context("display.max_colwidth", None):
-        return HTML(frame.to_html(na_rep="null", float_format=lambda v: f"{v:.6g}"))
+        return HTML(frame.map(cell).to_html())
 
 
 # ---------------------------------------------------------------- parameters cell
