@@ -151,9 +151,14 @@ def describe(axis: str, p: Any) -> str:
         return (f"fine-tuning {p.base_model} with {p.method} (rank {p.rank}){quant} on "
                 f"'{p.task}' for {p.train.steps} steps; the train bar shows progress …")
     if axis == "inference":
+        import torch
+
+        base = p.baseline_precision
+        if base == "bf16" and not torch.cuda.is_available():
+            base = "fp32 (bf16 is emulated on a CPU)"
         return (f"serving {p.model} at {p.precision}: decode benchmark at batch sizes "
                 f"{list(p.batch_sizes)} ({p.gen_tokens} tokens after a {p.prompt_len}-token "
-                f"prompt), then quality and MCR against {p.baseline_precision} …")
+                f"prompt), then quality and MCR against {base} …")
     return f"running {axis} …"
 
 
@@ -196,6 +201,7 @@ def per_batch_plot(rows: Sequence[Mapping[str, Any]], label: str,
                 ax.plot([b for b, _ in pts], [v for _, v in pts], style, label=lab)
         ax.set_title(title)
         ax.set_xlabel("batch size")
+        ax.set_xticks(sorted({r["batch_size"] for r in [*rows, *baseline]}))
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
