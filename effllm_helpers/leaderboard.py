@@ -2,9 +2,13 @@
 
 Why: the summary must be browsable without a notebook server or network, so the HTML page
 carries its own CSS and JS (no external assets): click a header to sort, pick an axis, size
-or device to filter. Scores are computed within comparison sets
-(:data:`effllm_helpers.measure.efficiency.COMPARISON_KEYS`): a rank is "among runs of the same
-study, device and model size / base model / model", never across unlike runs.
+or device to filter. One axis is shown at a time by default, with only its own metric columns
+(the board is otherwise ~30 columns wide and mostly empty); every header says in a tooltip what
+it measures, its unit, which direction is better and how it was measured; the per-axis CSVs are
+linked; the current view exports as a LaTeX or Markdown table for a paper. Scores are computed
+within comparison sets (:data:`effllm_helpers.measure.efficiency.COMPARISON_KEYS`): a rank is
+"among runs of the same study, device and model size / base model / model", never across unlike
+runs.
 """
 
 from __future__ import annotations
@@ -36,8 +40,63 @@ DEFAULT_UNITS = {"val_ppl": "ppl", "ppl": "ppl", "eval_loss": "nats", "amu_gb": 
                  "aec_w": "W", "energy_j": "J", "j_per_token": "J/token", "mcr": "ratio",
                  "pcu": "fraction", "mfu": "fraction", "accuracy": "fraction",
                  "task_acc": "fraction", "probe_acc": "fraction"}
+# one line per metric, for header tooltips (units come from the records, directions from
+# efficiency.HIGHER_IS_BETTER, methods from the records)
+DEFINITIONS = {
+    "val_ppl": "held-out perplexity of the pretrained model",
+    "probe_acc": "associative-recall probe accuracy (MQAR)",
+    "eval_loss": "fine-tuning eval loss on the task's held-out items",
+    "accuracy": "exact-match accuracy on the fine-tuning task",
+    "task_acc": "exact-match accuracy on the built-in task, served at this precision",
+    "ppl": "held-out perplexity, served at this precision",
+    "amu_gb": "AMU: average memory used over the measured window",
+    "pcu": "PCU: peak compute utilisation (achieved / peak FLOP/s)",
+    "mfu": "MFU: model FLOP utilisation (model FLOPs / peak FLOP/s)",
+    "al_s": "AL: average latency per step or request",
+    "ttft_s": "time to first token (prefill + first decode step)",
+    "tpot_s": "time per output token after the first",
+    "tt": "TT: pretraining token throughput per parameter",
+    "st": "ST: fine-tuning sample throughput per parameter",
+    "it": "IT: inference tokens generated per second",
+    "tokens_per_s": "tokens processed per second (not normalised by parameters)",
+    "aec_w": "AEC: average power drawn over the measured window",
+    "energy_j": "energy over the measured window",
+    "j_per_token": "energy per generated or trained token",
+    "mcr": "MCR: model compression rate (size ratio scaled by quality kept) vs the baseline",
+}
+ID_TIPS = {
+    "axis": "study axis: architecture pretraining, fine-tuning or inference",
+    "study": "study file the run belongs to",
+    "technique": "the technique choice(s) that vary within the study",
+    "size": "model size (architecture), base model (fine-tuning) or model (inference)",
+    "device": "device the run measured on",
+    "rank": "rank by efficiency score within the comparison set (1 = best)",
+    "score": "efficiency score in [0.1, 1], higher is better (see the note above)",
+    "status": "ok, failed or skipped",
+}
 ID_COLUMNS = ["axis", "study", "rank", "technique", "size", "device", "status", "score",
               "n_metrics", "score_metrics", "excluded", "comparison_set", "run_id"]
+
+
+def methods_of(tidy_df: pd.DataFrame | None) -> dict[str, str]:
+    """Metric name -> the distinct measurement methods the records name for it."""
+    if tidy_df is None or tidy_df.empty or "method" not in tidy_df:
+        return {}
+    m = tidy_df.dropna(subset=["method"])
+    return {k: ", ".join(sorted({str(v).split("/")[0] for v in g})[:4])
+            for k, g in m.groupby("metric")["method"]}
+
+
+def tooltip(name: str, unit: str = "", method: str = "") -> str:
+    """Header tooltip of one metric: definition, unit, direction, method."""
+    parts = [f"{name}: {DEFINITIONS.get(name, name)}"]
+    if unit:
+        parts.append(f"unit: {unit}")
+    if name in E.HIGHER_IS_BETTER:
+        parts.append("higher is better" if E.HIGHER_IS_BETTER[name] else "lower is better")
+    if method:
+        parts.append(f"method: {method}")
+    return "; ".join(parts)
 
 
 def _unit(units: Mapping[str, str], m: str) -> str:
@@ -124,10 +183,13 @@ td.s,th.s{text-align:left} th{background:#f3f5f8;cursor:pointer;position:sticky;
 user-select:none} th:hover{background:#e2e8f0} th[aria-sort=ascending]::after{content:' \\25B2'}
 th[aria-sort=descending]::after{content:' \\25BC'} tr.failed td{color:#999;font-style:italic}
 td.score{font-weight:600} tr:hover td{background:#fafbe6} span.u{color:#777;font-weight:400}
-#count{color:#555}
+#count{color:#555} th[title]{text-decoration:underline dotted #999}
+.links,.export{font-size:.85rem;margin:.4rem 0} .links a{margin-right:.8rem}
+.export textarea{width:100%;max-width:70rem;height:8rem;font-family:monospace;font-size:.75rem}
+.export textarea:placeholder-shown{height:1.8rem}
 """
 
-_JS = """
+_JS = r"""
 (function(){
   const table=document.getElementById('board');
   const body=table.tBodies[0];
@@ -152,44 +214,100 @@ _JS = """
       const ok=filters.every(f=>f.value===''||r.dataset[f.dataset.filter]===f.value);
       r.hidden=!ok;if(ok)shown++;});
     document.getElementById('count').textContent=shown+' of '+body.rows.length+' runs shown';
+    const axis=document.getElementById('f-axis').value;
     heads.forEach((th,i)=>{if(th.dataset.metric!=='1')return;
-      const any=Array.from(body.rows).some(r=>!r.hidden&&r.cells[i].dataset.sort!=='');
+      const mine=axis===''||(th.dataset.axes||'').split(' ').includes(axis);
+      const any=mine&&Array.from(body.rows).some(r=>!r.hidden&&r.cells[i].dataset.sort!=='');
       th.hidden=!any;Array.from(body.rows).forEach(r=>{r.cells[i].hidden=!any;});});
   }
   filters.forEach(f=>f.addEventListener('change',apply));
-  window.effllmBoard={sortBy:sortBy,apply:apply};
+  function view(){
+    const cols=heads.map((h,i)=>i).filter(i=>!heads[i].hidden&&heads[i].dataset.export!=='0');
+    const rows=Array.from(body.rows).filter(r=>!r.hidden);
+    return {head:cols.map(i=>heads[i].dataset.label),
+            rows:rows.map(r=>cols.map(i=>r.cells[i].textContent.trim()))};
+  }
+  function latex(){
+    const esc=t=>t.replace(/\\/g,'\\textbackslash{}').replace(/([&%$#_{}])/g,'\\$1')
+      .replace(/–/g,'--');
+    const v=view();
+    const spec=v.head.map((h,i)=>heads.find(t=>t.dataset.label===h).dataset.type==='num'?'r':'l');
+    const line=cells=>cells.map(esc).join(' & ')+' \\\\';
+    return ['\\begin{tabular}{'+spec.join('')+'}','\\toprule',line(v.head),'\\midrule',
+      ...v.rows.map(line),'\\bottomrule','\\end{tabular}'].join('\n')+'\n';
+  }
+  function markdown(){
+    const esc=t=>t.replace(/\|/g,'\\|');
+    const v=view();
+    const line=cells=>'| '+cells.map(esc).join(' | ')+' |';
+    return [line(v.head),'|'+v.head.map(()=>' --- ').join('|')+'|',...v.rows.map(line)]
+      .join('\n')+'\n';
+  }
+  function exportAs(kind){
+    const text=kind==='latex'?latex():markdown();
+    const box=document.getElementById('export-text');box.value=text;
+    const a=document.getElementById('export-dl');
+    if(a.href&&a.href.startsWith('blob:'))URL.revokeObjectURL(a.href);
+    a.href=URL.createObjectURL(new Blob([text],{type:'text/plain'}));
+    a.download='leaderboard.'+(kind==='latex'?'tex':'md');a.hidden=false;
+    return text;
+  }
+  document.getElementById('export-latex').addEventListener('click',()=>exportAs('latex'));
+  document.getElementById('export-md').addEventListener('click',()=>exportAs('markdown'));
+  window.effllmBoard={sortBy:sortBy,apply:apply,exportAs:exportAs};
   apply();
 })();
 """
 
 
-def _options(values: Sequence[Any]) -> str:
+def _options(values: Sequence[Any], selected: str | None = None) -> str:
     """Filter options: the distinct non-null values, written as the rows' data-* attributes are
     (with :func:`_fmt`), so that picking one matches its rows."""
     vals = sorted({_fmt(v)[0] for v in values if v is None or not pd.isna(v)} - {"–"})
-    return "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in vals)
+    return "".join(f'<option value="{html.escape(v)}"{" selected" if v == selected else ""}>'
+                   f"{html.escape(v)}</option>" for v in vals)
 
 
 def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
-                title: str = "effllm leaderboard") -> str:
-    """The leaderboard as one HTML string with inline CSS and JS."""
+                title: str = "effllm leaderboard", methods: Mapping[str, str] | None = None,
+                csv_links: Mapping[str, str] | None = None,
+                default_axis: str | None = None) -> str:
+    """The leaderboard as one HTML string with inline CSS and JS.
+
+    ``methods``: metric -> measurement methods, for the header tooltips. ``csv_links``: link
+    text -> href (relative to the page). ``default_axis``: the axis shown first (default: the
+    first present), so a reader meets one axis's columns, not the union of all three.
+    """
     units = dict(units or {})
+    methods = dict(methods or {})
+    present = [a for a in AXES if "axis" in board and (board["axis"] == a).any()]
+    if default_axis is None and present:
+        default_axis = present[0]
     shown_id = [("axis", "axis", "str"), ("study", "study", "str"),
                 ("technique", "technique", "str"), ("size", "size / model", "str"),
                 ("device", "device", "str"), ("rank", "rank in set", "num"),
                 ("score", "efficiency score", "num"), ("status", "status", "str")]
     metric_cols = [c for c in board.columns if c not in ID_COLUMNS]
     head = []
-    for _, label, typ in shown_id:
+    for col, label, typ in shown_id:
         cls = ' class="s"' if typ == "str" else ""
-        head.append(f'<th data-type="{typ}"{cls}>{html.escape(label)}</th>')
+        head.append(f'<th data-type="{typ}"{cls} data-label="{html.escape(label)}" '
+                    f'title="{html.escape(ID_TIPS.get(col, label))}">{html.escape(label)}</th>')
     for c in metric_cols:
         name, _, u = c.partition(" [")
         u = u.rstrip("]")
         lab = html.escape(name) + (f' <span class="u">({html.escape(u)})</span>' if u else "")
-        head.append(f'<th data-type="num" data-metric="1">{lab}</th>')
-    head += ['<th data-type="str" class="s">score note</th>',
-             '<th data-type="str" class="s">run</th>']
+        filled = board[board[c].notna()]["axis"] if "axis" in board else pd.Series([])
+        axes = " ".join(sorted({str(a) for a in filled}))
+        label = f"{name} ({u})" if u else name
+        head.append(f'<th data-type="num" data-metric="1" data-axes="{html.escape(axes)}" '
+                    f'data-label="{html.escape(label)}" '
+                    f'title="{html.escape(tooltip(name, u, methods.get(name, "")))}">{lab}</th>')
+    head += ['<th data-type="str" class="s" data-export="0" data-label="score note" '
+             'title="metrics the score is over, and those left out (null) with why">'
+             'score note</th>',
+             '<th data-type="str" class="s" data-export="0" data-label="run" '
+             'title="run id: outputs/runs/&lt;study&gt;/&lt;run_id&gt;/record.json">run</th>']
     rows = []
     for d in board.to_dict("records"):
         cells = []
@@ -214,8 +332,18 @@ def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
         rows.append(f"<tr{cls} {attrs}>{''.join(cells)}</tr>")
     filters = "".join(
         f'<label>{lab} <select id="f-{k}" data-filter="{k}"><option value="">all</option>'
-        f"{_options(board[k]) if k in board else ''}</select></label>"
+        f"{_options(board[k], default_axis if k == 'axis' else None) if k in board else ''}"
+        "</select></label>"
         for k, lab in (("axis", "axis"), ("size", "size / model"), ("device", "device")))
+    links = "".join(f'<a href="{html.escape(href)}" download>{html.escape(text)}</a>'
+                    for text, href in (csv_links or {}).items())
+    links = f'<div class="links">CSV: {links}</div>' if links else ""
+    export = ('<div class="export">Export the current view (filters, visible columns and row '
+              'order) as <button id="export-latex" type="button">LaTeX</button> '
+              '<button id="export-md" type="button">Markdown</button> '
+              '<a id="export-dl" hidden>download</a><br>'
+              '<textarea id="export-text" readonly placeholder="the table text appears here, '
+              'ready to copy"></textarea></div>')
     when = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     note = ("Efficiency score: each metric min-max scaled to [0.1, 1] (higher = better) within a "
             "comparison set (same study, device and model size / base model / model), then a "
@@ -227,10 +355,10 @@ def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class=\"note\">{html.escape(note)} "
         f"Generated {when}; {len(board)} runs.</p>"
-        f'<div class="filters">{filters}<span id="count"></span></div>'
+        f'<div class="filters">{filters}<span id="count"></span></div>{links}'
         f'<div class="wrap"><table id="board"><thead><tr>{"".join(head)}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
-        f"<script>{_JS}</script>"
+        f"{export}<script>{_JS}</script>"
         f"<script type=\"application/json\" id=\"meta\">"
         f"{html.escape(json.dumps({'runs': len(board)}))}</script>"
         "</body></html>\n"
@@ -249,6 +377,9 @@ def write_leaderboard(tidy_df: pd.DataFrame,
     csvs = write_csvs(board, out_csv_dir)
     out_html.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_html.with_name(f".{out_html.name}.tmp")
-    tmp.write_text(render_html(board, E.units_of(tidy_df)), encoding="utf-8")
+    links = {p.stem.removeprefix("leaderboard_"): Path(os.path.relpath(p, out_html.parent))
+             .as_posix() for p in csvs}
+    tmp.write_text(render_html(board, E.units_of(tidy_df), methods=methods_of(tidy_df),
+                               csv_links=links), encoding="utf-8")
     os.replace(tmp, out_html)
     return out_html, csvs

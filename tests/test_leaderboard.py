@@ -88,3 +88,43 @@ def test_filter_options_skip_nulls_and_match_row_attributes() -> None:
     page = L.render_html(board)
     attr = re.search(r'<tr[^>]*data-size="([^"]*)"', page).group(1)
     assert f'<option value="{attr}">' in page
+
+
+def test_headers_carry_definition_unit_direction_and_method_tooltips(written) -> None:
+    page = written[0].read_text()
+    tip = re.search(r'<th[^>]*data-label="amu_gb \(GB\)"[^>]*title="([^"]*)"', page).group(1)
+    assert "average memory" in tip and "unit: GB" in tip and "lower is better" in tip
+    assert "method: " in tip
+    it = re.search(r'<th[^>]*data-label="it \(tokens/s\)"[^>]*title="([^"]*)"', page).group(1)
+    assert "higher is better" in it
+    assert 'title="rank by efficiency score' in page
+
+
+def test_metric_headers_name_the_axes_they_belong_to(written) -> None:
+    page = written[0].read_text()
+    axes = {name: ax for ax, name in re.findall(r'data-axes="([^"]*)" data-label="(\w+)', page)}
+    assert axes["tt"] == "architecture" and axes["it"] == "inference"
+    assert axes["st"] == "finetuning"
+
+
+def test_one_axis_is_selected_by_default() -> None:
+    board = L.leaderboard_frame(pd.DataFrame(
+        [row for rec in all_records() for row in R.tidy_rows(rec)]))
+    page = L.render_html(board)
+    assert '<option value="architecture" selected>' in page
+    page = L.render_html(board, default_axis="inference")
+    assert '<option value="inference" selected>' in page
+
+
+def test_page_links_the_per_axis_csvs_relative_to_itself(written) -> None:
+    page = written[0].read_text()
+    hrefs = re.findall(r'<a href="([^"]+\.csv)" download>', page)
+    assert hrefs == ["results/leaderboard_architecture.csv", "results/leaderboard_finetuning.csv",
+                     "results/leaderboard_inference.csv"]
+    assert all((written[0].parent / h).is_file() for h in hrefs)
+
+
+def test_page_offers_latex_and_markdown_export(written) -> None:
+    page = written[0].read_text()
+    assert 'id="export-latex"' in page and 'id="export-md"' in page
+    assert 'id="export-text"' in page and "\\begin{tabular}" in page

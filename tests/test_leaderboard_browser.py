@@ -79,3 +79,42 @@ def test_filter_shows_only_matching_rows(page) -> None:
     page.select_option("#f-size", "")
     page.select_option("#f-axis", "")
     assert len(_column(page, "axis")) == 58
+
+
+def _visible_headers(pg) -> list[str]:
+    return pg.evaluate("""() => Array.from(document.querySelectorAll('#board thead th'))
+        .filter(h => !h.hidden).map(h => h.dataset.label)""")
+
+
+def test_headers_show_tooltips(page) -> None:
+    tip = page.get_attribute("#board thead th[data-label='tpot_s (s)']", "title")
+    assert "time per output token" in tip and "unit: s" in tip and "lower is better" in tip
+
+
+def test_axis_filter_hides_other_axes_columns(page) -> None:
+    page.select_option("#f-size", "")
+    page.select_option("#f-axis", "inference")
+    shown = _visible_headers(page)
+    assert "it (tokens/s)" in shown and "ttft_s (s)" in shown
+    assert not any(h.startswith(("tt ", "st ", "val_ppl", "eval_loss")) for h in shown)
+    page.select_option("#f-axis", "architecture")
+    shown = _visible_headers(page)
+    assert any(h.startswith("tt ") for h in shown) and "it (tokens/s)" not in shown
+    page.select_option("#f-axis", "")
+
+
+def test_export_writes_the_current_view_as_latex_and_markdown(page) -> None:
+    page.select_option("#f-axis", "inference")
+    page.select_option("#f-size", "gpt2")
+    page.click("#export-latex")
+    tex = page.input_value("#export-text")
+    assert tex.startswith("\\begin{tabular}{") and tex.rstrip().endswith("\\end{tabular}")
+    body = tex.split("\\midrule", 1)[1].split("\\bottomrule", 1)[0]
+    assert body.count("\\\\") == 6  # the 6 rows shown, nothing else
+    assert "it (tokens/s)" in tex and "tt (" not in tex
+    page.click("#export-md")
+    md = page.input_value("#export-text").splitlines()
+    assert md[0].startswith("| axis |") and set(md[1]) <= set("|- ") and len(md) == 2 + 6
+    assert page.get_attribute("#export-dl", "download") == "leaderboard.md"
+    page.select_option("#f-size", "")
+    page.select_option("#f-axis", "")

@@ -43,8 +43,16 @@ def test_each_axis_notebook_writes_an_ok_or_skipped_record(out):
     for nb in out.rglob("run.ipynb"):
         cells = json.loads(nb.read_text())["cells"]
         assert any(c.get("outputs") for c in cells if c["cell_type"] == "code")
-        axis = json.loads((nb.parent / "record.json").read_text())["axis"]
-        if axis in ("architecture", "finetuning"):  # the run's curves are shown, as a picture
+        rec = json.loads((nb.parent / "record.json").read_text())
+        axis = rec["axis"]
+        tables = [o["data"]["text/html"] for c in cells if c["cell_type"] == "code"
+                  for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+        if rec["status"] == "ok":  # the metrics table: unit, method, reason; only this axis's
+            table = "".join("".join(t) for t in tables)
+            assert "<th>reason</th>" in table and "<th>method</th>" in table, nb
+            assert ("<th>tt</th>" in table) == (axis == "architecture"), nb
+        if axis in ("architecture", "finetuning") or rec["status"] == "ok":
+            # the run's curves (training) or per-batch TTFT/TPOT/IT (inference), as a picture
             assert any("image/png" in o.get("data", {}) for c in cells
                        if c["cell_type"] == "code" for o in c.get("outputs", [])), nb
 

@@ -49,10 +49,12 @@ def test_notebook_is_stored_clean_with_a_parameters_cell(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[n.name for n in NOTEBOOKS])
 def test_notebook_is_in_sync_with_its_percent_script(nb):
-    """The .py twin (jupytext percent format) is what diffs show; it must say the same thing."""
+    """The .py twin (jupytext percent format, in notebooks/py/ so the file browser shows one
+    notebook per study) is what diffs show; it must say the same thing."""
     import jupytext
 
-    script = jupytext.read(nb.with_suffix(".py"))
+    assert not nb.with_suffix(".py").exists()  # no twin beside the notebook
+    script = jupytext.read(nb.parent / "py" / f"{nb.stem}.py")
     stored = json.loads(nb.read_text())
     assert [c.source for c in script.cells] == ["".join(c["source"]) if isinstance(
         c["source"], list) else c["source"] for c in stored["cells"]]

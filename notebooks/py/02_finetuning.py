@@ -2,7 +2,7 @@
 # jupyter:
 #   jupytext:
 #     cell_metadata_filter: tags,-all
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -23,6 +23,13 @@
 # Fig. 4). Run by hand it fine-tunes the embedded tiny model (built on first use) with LoRA.
 
 # %% tags=["parameters"]
+# the main knobs; None = the preset's value (a sweep injects `params` and leaves these at None)
+method = None        # e.g. "lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full"
+rank = None          # adapter rank, e.g. 16
+quant = None         # "none", or "nf4"/"fp4" for a 4-bit QLoRA base (needs CUDA)
+base_model = None    # "embedded", a hub id like "HuggingFaceTB/SmolLM2-135M-Instruct", or a folder
+steps = None         # fine-tuning steps, e.g. 100
+# every other param, as a (partial) dict, e.g. {"task": "docname", "train": {"lr": 2e-4}}
 params = None        # resolved params (a sweep injects them); None = defaults under `preset`
 preset = "tiny"      # ci | tiny | gpu | paper, used when params is None
 study = None
@@ -35,9 +42,12 @@ point = None
 import pandas as pd
 
 from effllm_helpers import figures
+from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import finetuning
 from effllm_helpers.run import start_run
 
+params = view.with_knobs(params, {"method": method, "rank": rank, "quant": quant,
+                                  "base_model": base_model, "train.steps": steps})
 ctx = start_run("finetuning", params=params, preset=preset, study=study, run_id=run_id,
                 seed=seed, output_dir=output_dir, point=point)
 ctx.params
@@ -48,8 +58,12 @@ ctx.params
 # skip with its reason.
 
 # %%
+note = view.embedded_build_note(ctx.params.base_model, ctx.params.embedded_profile)
+if note:
+    print(note, flush=True)
+print(view.describe("finetuning", ctx.params), flush=True)
 result = ctx.attempt(finetuning.run, ctx.params, seed=ctx.seed)
-pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
+view.show(view.metrics_table(result, "finetuning"))
 
 # %%
 pd.DataFrame(result.examples)

@@ -2,7 +2,7 @@
 # jupyter:
 #   jupytext:
 #     cell_metadata_filter: tags,-all
-#     formats: ipynb,py:percent
+#     formats: ipynb,py//py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -23,6 +23,13 @@
 # hand, the defaults train the tiny GQA model on the built-in `stdlib` corpus.
 
 # %% tags=["parameters"]
+# the main knobs; None = the preset's value (a sweep injects `params` and leaves these at None)
+attention = None     # e.g. "mha", "mqa", "gqa", "mla", "nsa"
+positional = None    # "rope", "sinusoidal", "learned", "relative", "none"
+ffn = None           # "dense" or "moe"
+size = None          # e.g. "small", "medium" (the preset's `sizes`)
+steps = None         # pretraining steps, e.g. 100
+# every other param, as a (partial) dict, e.g. {"model": {"family": "mamba"}, "train": {"lr": 3e-4}}
 params = None        # resolved params (a sweep injects them); None = defaults under `preset`
 preset = "tiny"      # ci | tiny | gpu | paper, used when params is None
 study = None
@@ -32,13 +39,14 @@ output_dir = None    # None = outputs/runs/interactive/architecture/<run_id>
 point = None
 
 # %%
-import pandas as pd
-
 from effllm_helpers import figures
+from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import architecture
 from effllm_helpers.paths import outputs_dir
 from effllm_helpers.run import start_run
 
+params = view.with_knobs(params, {"model.attention": attention, "model.positional": positional,
+                                  "model.ffn": ffn, "model.size": size, "train.steps": steps})
 ctx = start_run("architecture", params=params, preset=preset, study=study, run_id=run_id,
                 seed=seed, output_dir=output_dir, point=point)
 ctx.params.model
@@ -47,9 +55,10 @@ ctx.params.model
 # ## Train and measure
 
 # %%
+print(view.describe("architecture", ctx.params), flush=True)
 save_dir = outputs_dir("models", ctx.run_id) if ctx.params.save_model else None
 result = architecture.run(ctx.params, seed=ctx.seed, save_dir=save_dir)
-pd.DataFrame({**result.metrics, **result.quality}).T[["value", "unit", "method"]]
+view.show(view.metrics_table(result, "architecture"))
 
 # %%
 figures.show(figures.run_curves(
