@@ -42,6 +42,7 @@ point = None
 from effllm_helpers import figures
 from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import architecture
+from effllm_helpers.launch import run_point
 from effllm_helpers.paths import outputs_dir
 from effllm_helpers.run import start_run
 
@@ -57,7 +58,8 @@ ctx.params.model
 # %%
 print(view.describe("architecture", ctx.params), flush=True)
 save_dir = outputs_dir("models", ctx.run_id) if ctx.params.save_model else None
-result = architecture.run(ctx.params, seed=ctx.seed, save_dir=save_dir)
+# launch: {processes: N, strategy: ddp|fsdp} in params runs this point on N GPUs (DDP/FSDP)
+result = run_point(architecture.run, ctx.params, seed=ctx.seed, save_dir=save_dir)
 view.show(view.metrics_table(result, "architecture"))
 
 # %%

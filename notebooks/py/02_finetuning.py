@@ -44,6 +44,7 @@ import pandas as pd
 from effllm_helpers import figures
 from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import finetuning
+from effllm_helpers.launch import run_point
 from effllm_helpers.run import start_run
 
 params = view.with_knobs(params, {"method": method, "rank": rank, "quant": quant,
@@ -62,7 +63,8 @@ note = view.embedded_build_note(ctx.params.base_model, ctx.params.embedded_profi
 if note:
     print(note, flush=True)
 print(view.describe("finetuning", ctx.params), flush=True)
-result = ctx.attempt(finetuning.run, ctx.params, seed=ctx.seed)
+# launch: {processes: N, strategy: ddp|fsdp} in params runs this point on N GPUs (DDP/FSDP)
+result = ctx.attempt(run_point, finetuning.run, ctx.params, seed=ctx.seed)
 view.show(view.metrics_table(result, "finetuning"))
 
 # %%
