@@ -42,7 +42,7 @@ from typing import Any
 
 from . import config, results
 from .paths import outputs_dir
-from .run import THREADS_ENV, classify_failure, failure_record
+from .run import BATCH_ENV, THREADS_ENV, classify_failure, failure_record
 
 RUN_SPEC = "run.json"
 RUN_NOTEBOOK = "run.ipynb"
@@ -203,6 +203,7 @@ def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> 
     if concurrent is not None:
         os.environ[CONCURRENT_ENV] = str(concurrent)
     os.environ.update(run_thread_env(concurrent))
+    os.environ[BATCH_ENV] = "1"  # text progress in the executed notebook, not a dead widget
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     fd = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                  0o644)

@@ -161,9 +161,8 @@ def train(
     measured window; intermediate calls inside it are left out of AL, and ``duration_s`` notes
     how many and how long (the rates, the energy and MFU still include them).
     """
-    from tqdm.auto import tqdm
-
     from .measure import Meter
+    from .run import progress_bar
 
     # reading the loss back syncs the device: do it for about 50 curve points, not every step
     log_every = log_every or max(1, spec.steps // 50)
@@ -193,8 +192,8 @@ def train(
     eval_lat_idx: list[int] = []  # indices into meter.latencies_s() that are evaluations
     first_steps_s: list[float] = []  # wall time of the compiling (warm-up) steps
     last_loss = float("nan")
-    bar = tqdm(total=spec.steps, desc="train", unit="step", disable=not progress or rank != 0,
-               leave=False)
+    bar = progress_bar(total=spec.steps, desc="train", unit="step",
+                       disable=not progress or rank != 0, leave=False)
     with Meter(device, n_params=n_params, flops_per_token=flops_per_token,
                dtype=DTYPE_NAMES.get(dtype, "fp32"), warmup_steps=meter_warmup,
                sample_interval_s=measure.sample_interval_s) as meter:

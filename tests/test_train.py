@@ -113,3 +113,17 @@ def test_compiling_steps_are_warm_up_and_timed_as_compile_s(monkeypatch):
     # the compiling steps are the Meter's warm-up: AL and the rates start after them
     assert res.metrics["al_s"]["n"] == 6 - train.COMPILE_WARMUP_STEPS
     assert res.metrics["tokens_per_s"]["count"] == (6 - 2) * BATCH * (SEQ - 1)
+
+
+def test_sweep_executed_notebooks_get_a_text_progress_bar(monkeypatch) -> None:
+    # papermill saves no widget state: a batch run must not draw its progress as a widget
+    import tqdm as tqdm_mod
+
+    from effllm_helpers.run import BATCH_ENV, progress_bar
+
+    monkeypatch.setenv(BATCH_ENV, "1")
+    import io
+
+    bar = progress_bar(total=3, file=io.StringIO())
+    assert type(bar) is tqdm_mod.std.tqdm and bar.mininterval == 30.0
+    bar.close()
