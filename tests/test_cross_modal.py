@@ -207,3 +207,37 @@ def test_one_ci_dit_run_measures_training_and_sampling() -> None:
     q = r.quality["frechet_classifier_distance"]
     assert q["value"] >= 0 and "not_fid" in q["method"]
     assert 0 <= r.quality["sample_class_accuracy"]["value"] <= 1
+
+
+def _record(run_id: str, params: dict, metrics: dict, quality: dict) -> dict:
+    from effllm_helpers.results import metric, new_record
+
+    full = CrossModalParams(**params).model_dump(mode="json")
+    return new_record(run_id=run_id, study=f"xm_{params['experiment']}", axis="cross_modal",
+                      params=full, metrics={k: metric(v, "u", "test") for k, v in metrics.items()},
+                      quality={k: metric(v, "u", "test") for k, v in quality.items()})
+
+
+def test_figures_draw_the_dit_and_peft_comparisons_from_the_tidy_table(tmp_path) -> None:
+    import pandas as pd
+
+    from effllm_helpers import figures_cross_modal as fx
+    from effllm_helpers.figures import NO_DATA, figure_texts
+    from effllm_helpers.results import tidy_rows
+
+    recs = [_record(f"d{i}", {"experiment": "dit", "attention": a, "ffn": f},
+                    {"al_s": 0.1 + i, "amu_gb": 1.0, "aec_w": 5.0, "sample_images_per_s": 9.0},
+                    {"frechet_classifier_distance": 10.0 + i, "sample_class_accuracy": 0.5})
+            for i, (a, f) in enumerate([("mha", "dense"), ("gqa", "moe")])]
+    recs += [_record(f"p{i}", {"experiment": "peft", "target": t, "method": m},
+                     {"al_s": 0.1}, {"eval_loss": 1.0 + i, "eval_loss_before": 2.0,
+                                     **({"accuracy": 0.5} if t != "dit" else {})})
+             for i, (t, m) in enumerate([("vit", "lora"), ("vlm", "full"), ("dit", "loha")])]
+    tidy = pd.DataFrame([row for r in recs for row in tidy_rows(r)])
+    drawn = fx.draw_all(tidy, tmp_path)
+    assert [d.name for d in drawn] == ["fig6a_dit_attention", "fig6b_peft_transfer"]
+    for d in drawn:
+        assert {p.suffix for p in d.paths} == {".png", ".pdf"}
+        assert all(p.stat().st_size > 0 for p in d.paths)
+    no_data = [[t for t in figure_texts(d.figure) if t.startswith(NO_DATA)] for d in drawn]
+    assert no_data == [[], [f"{NO_DATA}: no accuracy for dit"]]  # the DiT has no accuracy
