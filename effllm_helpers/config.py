@@ -398,17 +398,76 @@ class InferenceParams(Strict):
 
 
 class CrossModalParams(Strict):
-    """Axis 4: the same techniques on a small vision transformer (DiT-style)."""
+    """Axis 4: the text techniques on images - a class-conditional DiT (attention, MoE) and PEFT
+    transfer to a ViT classifier, a tiny LLaVA-style VLM and the DiT."""
 
-    attention: Attention = "gqa"
-    ffn: Literal["dense", "moe"] = "dense"
+    experiment: Literal["dit", "peft"] = "dit"
+    data: str = "digits"  # digits (sklearn, offline) | folder:<path> | hf:<name or path>
     image_size: PosInt = 16
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    # the DiT (and the ViT/VLM vision tower share d_model / n_layers / n_heads / patch)
+    attention: Literal["mha", "mqa", "gqa", "mla"] = "mha"
+    n_kv_heads: PosInt = 2  # gqa groups; mqa = 1, mha = n_heads
+    mla_latent_ratio: PosInt = 4  # MLA latent KV dim = d_model / ratio
+    ffn: Literal["dense", "moe"] = "dense"
+    n_experts: PosInt = 4
+    top_k: PosInt = 2
     patch: PosInt = 4
     d_model: PosInt = 64
     n_layers: PosInt = 2
     n_heads: PosInt = 4
-    train: TrainSpec = TrainSpec(steps=20)
+    diffusion_steps: PosInt = 100  # DDPM training timesteps
+    sample_steps: PosInt = 10  # denoising steps when sampling (DDIM-style spacing)
+    n_samples: PosInt = 100  # generated images for quality and the sampling metrics
+    sample_batch: PosInt = 50
+    quality_backend: Literal["classifier", "fid"] = "classifier"
+    classifier_steps: PosInt = 300  # the feature CNN, trained once per source and cached
+    # PEFT transfer: target model, method (the fine-tuning registry's names), the shifted task
+    target: Literal["vit", "vlm", "dit"] = "vit"
+    method: str = "lora"
+    rank: PosInt = 4
+    alpha: PosFloat = 8
+    dropout: Fraction = 0.0
+    target_modules: str | list[str] = "all-linear"
+    freeze_last_k: PosInt = 1
+    shift: Literal["invert", "rotate"] = "invert"  # the adaptation task: inverted/rotated images
+    pretrain_steps: PosInt = 60  # the base, trained on the plain images before adaptation
+    n_eval: PosInt = 100
+    train: TrainSpec = TrainSpec(steps=20, lr=2e-3, weight_decay=0.0, warmup_steps=2)
     measure: MeasureSpec = MeasureSpec()
+
+    @field_validator("data")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        kind, sep, arg = v.partition(":")
+        if v == "digits" or (sep and kind in ("folder", "hf") and arg.strip()):
+            return v
+        raise ValueError("must be 'digits', 'folder:<path>' or 'hf:<name or path>'")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v in FT_METHODS or v in PEFT_EXTRA:
+            return v
+        raise ValueError(f"unknown fine-tuning method; allowed: {', '.join(FT_METHODS)} "
+                         f"or a peft method ({', '.join(PEFT_EXTRA)})")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> CrossModalParams:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads "
+                             f"{self.n_kv_heads}")
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch "
+                             f"{self.patch}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds n_experts {self.n_experts}")
+        if self.d_model % self.mla_latent_ratio:
+            raise ValueError(f"d_model {self.d_model} is not divisible by mla_latent_ratio "
+                             f"{self.mla_latent_ratio}")
+        return self
 
 
 class SmokeParams(Strict):
@@ -872,6 +931,7 @@ NOTEBOOK_AXES = {
     "notebooks/01_architecture.ipynb": "architecture",
     "notebooks/02_finetuning.ipynb": "finetuning",
     "notebooks/03_inference.ipynb": "inference",
+    "notebooks/04_cross_modal.ipynb": "cross_modal",
     "notebooks/smoke.ipynb": "smoke",
 }
 

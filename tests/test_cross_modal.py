@@ -1,0 +1,243 @@
+"""Axis 4 (cross-modal): attention variants, the quality yardstick, PEFT counts, image sources."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from effllm_helpers.axes import cross_modal as xm
+from effllm_helpers.config import CrossModalParams, notebook_params
+from effllm_helpers.data.images import load_images
+
+SIX = ("amu_gb", "pcu", "mfu", "al_s", "tt", "st", "aec_w", "mcr")
+
+
+def _params(**over) -> CrossModalParams:
+    return CrossModalParams(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, image_size=8,
+                            patch=2, **over)
+
+
+def _reference_attention(attn, x: torch.Tensor, kv: int, latent: bool) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V written out, each K/V head repeated for its query heads."""
+    b, n, _ = x.shape
+    h = attn.heads
+    q = attn.to_q(x)
+    src = attn.to_kv_latent(x) if latent else x
+    k, v = attn.to_k(src), attn.to_v(src)
+    d = q.shape[-1] // h
+    q = q.view(b, n, h, d).transpose(1, 2)
+    k = k.view(b, n, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
+    v = v.view(b, n, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = (w @ v).transpose(1, 2).reshape(b, n, h * d)
+    return attn.to_out[0](out)
+
+
+@pytest.mark.parametrize(("attention", "kv"), [("mha", 4), ("mqa", 1), ("gqa", 2), ("mla", 4)])
+def test_dit_attention_equals_explicit_softmax_reference(attention: str, kv: int) -> None:
+    """Same conditions as the text models' attention tests: fp32, eval, atol/rtol 1e-5."""
+    torch.manual_seed(0)
+    p = _params(attention=attention)
+    dit = xm.build_dit(p, channels=1, n_classes=10).eval()
+    attn = dit.transformer_blocks[0].attn1
+    assert xm.kv_heads(p) == kv
+    assert attn.to_k.out_features == kv * (p.d_model // p.n_heads) or attention == "mla"
+    x = torch.randn(2, 16, p.d_model)
+    with torch.no_grad():
+        got = attn(x)
+        ref = _reference_attention(attn, x, kv, latent=attention == "mla")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mla_projects_keys_and_values_from_a_shared_low_rank_latent() -> None:
+    p = _params(attention="mla", mla_latent_ratio=4)
+    attn = xm.build_dit(p, 1, 10).transformer_blocks[0].attn1
+    assert attn.to_kv_latent.out_features == p.d_model // 4
+    assert attn.to_k.in_features == attn.to_v.in_features == p.d_model // 4
+
+
+def test_moe_ffn_runs_top_k_experts_and_counts_active_params() -> None:
+    torch.manual_seed(0)
+    p = _params(ffn="moe", n_experts=4, top_k=1)
+    dit = xm.build_dit(p, 1, 10).eval()
+    moe = dit.transformer_blocks[0].ff
+    assert isinstance(moe, xm.MoEFeedForward)
+    x = torch.randn(3, 5, p.d_model)
+    with torch.no_grad():  # top-1: each token's output is its one expert's output
+        e = moe.router(x.reshape(-1, p.d_model)).argmax(-1)
+        ref = torch.stack([moe.experts[int(i)](t) for t, i in zip(x.reshape(-1, p.d_model), e,
+                                                                     strict=True)])
+        torch.testing.assert_close(moe(x).reshape(-1, p.d_model), ref, atol=1e-5, rtol=1e-5)
+    per_expert = sum(q.numel() for q in moe.experts[0].parameters())
+    total = sum(q.numel() for q in dit.parameters())
+    assert xm.active_params(dit) == total - 3 * per_expert
+
+
+def test_classifier_frechet_is_zero_for_identical_sets_and_grows_with_noise() -> None:
+    torch.manual_seed(0)
+    clf = xm.FeatureCNN(1, 10).eval()
+    real = torch.rand(64, 1, 16, 16) * 2 - 1
+    assert xm.classifier_frechet(clf, real, real) == pytest.approx(0.0, abs=1e-6)
+    d = [xm.classifier_frechet(clf, real, (real + s * torch.randn_like(real)).clamp(-1, 1))
+         for s in (0.1, 0.5, 1.5)]
+    assert 0 < d[0] < d[1] < d[2]
+
+
+def test_frechet_distance_matches_the_gaussian_formula_for_shifted_means() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 3))
+    assert xm.frechet_distance(a, a + 2.0) == pytest.approx(3 * 4.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "freeze", "full"])
+def test_vlm_trainable_params_equal_peft_count(method: str) -> None:
+    from effllm_helpers.techniques import finetuning as ft
+
+    p = _params(method=method)
+    vlm = xm.build_vlm(p, channels=1, classes=[str(i) for i in range(10)])
+    prepared = ft.prepare(vlm, xm.finetune_params(p))
+    ours, total = ft.count_params(prepared.model)
+    assert prepared.trainable_params == ours > 0
+    if method in ("freeze", "full"):
+        assert ours == sum(q.numel() for q in vlm.parameters() if q.requires_grad)
+        assert (ours == total) == (method == "full")
+    else:
+        assert (ours, total) == tuple(prepared.model.get_nb_trainable_parameters())
+
+
+def test_vit_and_dit_adapters_count_like_peft() -> None:
+    for build in (lambda p: xm.build_vit(p, 1, 10), lambda p: xm.build_dit(p, 1, 10)):
+        p = _params(method="lora")
+        model, _ = xm.attach_method(build(p), p)
+        from effllm_helpers.techniques import finetuning as ft
+
+        assert ft.count_params(model) == tuple(model.get_nb_trainable_parameters())
+
+
+def test_vqa_task_takes_loss_only_on_the_answer_and_eos() -> None:
+    x = torch.zeros(3, 1, 8, 8)
+    task = xm.vqa_task(x, torch.tensor([0, 7, 9]), [str(i) for i in range(10)], n_image_tokens=16)
+    assert (task.labels != -100).sum(1).tolist() == [2, 2, 2]
+    assert task.input_ids[:, task.prompt_len].tolist() == task.answers.tolist()
+
+
+def test_digits_source_is_16px_in_unit_range_with_a_deterministic_split() -> None:
+    a, b = load_images("digits", 16, seed=0), load_images("digits", 16, seed=0)
+    assert a.train_x.shape[1:] == (1, 16, 16) and a.n_classes == 10
+    assert a.train_x.shape[0] + a.val_x.shape[0] == 1797
+    assert a.train_x.min() >= -1 and a.train_x.max() <= 1
+    assert torch.equal(a.val_y, b.val_y) and a.fingerprint == b.fingerprint
+
+
+def test_folder_source_reads_class_subfolders_of_pngs(tmp_path) -> None:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((10, 10), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    d = load_images(f"folder:{tmp_path}", 8, val_fraction=0.34)
+    assert d.classes == ["cat", "dog"]
+    assert d.train_x.shape[1:] == (1, 8, 8)
+    assert d.train_x.shape[0] + d.val_x.shape[0] == 6
+    assert sorted(torch.cat([d.train_y, d.val_y]).tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_hf_source_reads_a_saved_dataset_with_image_and_label_columns(tmp_path) -> None:
+    import datasets
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((12, 12, 3), 20 * i, np.uint8)) for i in range(4)]
+    ds = datasets.Dataset.from_dict(
+        {"image": imgs, "label": [0, 1, 0, 1]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "label": datasets.ClassLabel(names=["a", "b"])}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    d = load_images(f"hf:{tmp_path / 'ds'}", 8, val_fraction=0.25)
+    assert d.classes == ["a", "b"] and d.channels == 3
+    assert d.train_x.shape == (3, 3, 8, 8)
+
+
+def test_unknown_source_and_attention_are_rejected() -> None:
+    with pytest.raises(ValueError, match="digits"):
+        load_images("mnist", 16)
+    with pytest.raises(ValueError):
+        CrossModalParams(attention="nsa")
+    with pytest.raises(ValueError):
+        CrossModalParams(data="nowhere")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", ["params/cross_modal/dit_attention.yaml",
+                                   "params/cross_modal/peft.yaml"])
+def test_ci_sweep_gives_ok_records_with_six_metrics_and_quality(study, tmp_path) -> None:
+    """Every grid point at the ci preset is an ok record with the six metrics (a value or null
+    with a reason) and its quality score."""
+    from typer.testing import CliRunner
+
+    from effllm_helpers.cli import app
+
+    res = CliRunner().invoke(app, ["sweep", study, "--preset", "ci", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(f.read_text()) for f in tmp_path.rglob("record.json")]
+    expected = 8 if "dit" in study else 18
+    assert len(recs) == expected
+    for rec in recs:
+        assert rec["status"] == "ok", rec.get("error")
+        for k in SIX:
+            m = rec["metrics"][k]
+            assert m["value"] is not None or m["reason"]
+        q = rec["quality"]
+        assert ("frechet_classifier_distance" in q) if "dit" in study else ("eval_loss" in q)
+
+
+def test_one_ci_dit_run_measures_training_and_sampling() -> None:
+    p = notebook_params("cross_modal", "ci", {"attention": "gqa", "n_samples": 10,
+                                              "sample_batch": 10, "sample_steps": 2})
+    r = xm.run(p, progress=False)
+    for k in ("sample_images_per_s", "sample_s_per_image"):
+        assert r.metrics[k]["value"] > 0
+    assert r.metrics["sample_j_per_image"]["unit"] == "J/image"
+    assert r.metrics["sample_s_per_image"]["value"] == pytest.approx(
+        1 / r.metrics["sample_images_per_s"]["value"])
+    q = r.quality["frechet_classifier_distance"]
+    assert q["value"] >= 0 and "not_fid" in q["method"]
+    assert 0 <= r.quality["sample_class_accuracy"]["value"] <= 1
+
+
+def _record(run_id: str, params: dict, metrics: dict, quality: dict) -> dict:
+    from effllm_helpers.results import metric, new_record
+
+    full = CrossModalParams(**params).model_dump(mode="json")
+    return new_record(run_id=run_id, study=f"xm_{params['experiment']}", axis="cross_modal",
+                      params=full, metrics={k: metric(v, "u", "test") for k, v in metrics.items()},
+                      quality={k: metric(v, "u", "test") for k, v in quality.items()})
+
+
+def test_figures_draw_the_dit_and_peft_comparisons_from_the_tidy_table(tmp_path) -> None:
+    import pandas as pd
+
+    from effllm_helpers import figures_cross_modal as fx
+    from effllm_helpers.figures import NO_DATA, figure_texts
+    from effllm_helpers.results import tidy_rows
+
+    recs = [_record(f"d{i}", {"experiment": "dit", "attention": a, "ffn": f},
+                    {"al_s": 0.1 + i, "amu_gb": 1.0, "aec_w": 5.0, "sample_images_per_s": 9.0},
+                    {"frechet_classifier_distance": 10.0 + i, "sample_class_accuracy": 0.5})
+            for i, (a, f) in enumerate([("mha", "dense"), ("gqa", "moe")])]
+    recs += [_record(f"p{i}", {"experiment": "peft", "target": t, "method": m},
+                     {"al_s": 0.1}, {"eval_loss": 1.0 + i, "eval_loss_before": 2.0,
+                                     **({"accuracy": 0.5} if t != "dit" else {})})
+             for i, (t, m) in enumerate([("vit", "lora"), ("vlm", "full"), ("dit", "loha")])]
+    tidy = pd.DataFrame([row for r in recs for row in tidy_rows(r)])
+    drawn = fx.draw_all(tidy, tmp_path)
+    assert [d.name for d in drawn] == ["fig6a_dit_attention", "fig6b_peft_transfer"]
+    for d in drawn:
+        assert {p.suffix for p in d.paths} == {".png", ".pdf"}
+        assert all(p.stat().st_size > 0 for p in d.paths)
+    no_data = [[t for t in figure_texts(d.figure) if t.startswith(NO_DATA)] for d in drawn]
+    assert no_data == [[], [f"{NO_DATA}: no accuracy for dit"]]  # the DiT has no accuracy
