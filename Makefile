@@ -13,6 +13,10 @@ STUDIES ?= params/architecture/attention.yaml params/architecture/positional.yam
            params/architecture/moe.yaml params/architecture/attention_free.yaml \
            params/finetuning/general.yaml params/finetuning/domain.yaml \
            params/finetuning/qlora.yaml params/inference.yaml
+# axis 4 at the tiny preset, trimmed to fit make study's 20 minutes on 2 cores (its full grids:
+# `effllm sweep params/cross_modal/<study>.yaml`): MHA/GQA/MLA DiTs, LoRA vs full on ViT and VLM
+CROSS_MODAL ?= "params/cross_modal/dit_attention.yaml --only attention=mha,gqa,mla --only ffn=dense" \
+               "params/cross_modal/peft.yaml --only target=vit,vlm --only method=lora,full"
 
 .PHONY: setup study test lint clean-runs help
 
@@ -32,6 +36,10 @@ setup: $(STAMP)
 
 study: $(STAMP)
 	@status=0; for s in $(STUDIES); do \
+	  echo "== $$s ($(PRESET))"; \
+	  $(BIN)/effllm sweep $$s --preset $(PRESET) --output-dir $(OUT) || status=1; \
+	done; \
+	for s in $(CROSS_MODAL); do \
 	  echo "== $$s ($(PRESET))"; \
 	  $(BIN)/effllm sweep $$s --preset $(PRESET) --output-dir $(OUT) || status=1; \
 	done; \
