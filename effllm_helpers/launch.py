@@ -77,7 +77,12 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str,
         raise ValueError(f"launch processes must be >= 1, got {processes}")
     _check_devices(processes)
     from accelerate import notebook_launcher
+    from accelerate.state import AcceleratorState
 
+    # an Accelerator made earlier in this process (a previous single-process run in the same
+    # kernel) leaves shared state the launcher refuses to fork over; the ranks build their own,
+    # and CUDA itself was checked untouched above
+    AcceleratorState._reset_state(reset_partial_state=True)
     with tempfile.TemporaryDirectory(prefix="effllm-launch-") as tmp:
         result = Path(tmp) / RESULT_NAME
         notebook_launcher(_rank_entry(fn, args, kwargs or {}, result, strategy),

@@ -112,3 +112,21 @@ def test_a_sweep_groups_by_the_most_processes_any_run_launches():
 
     assert sweep.launch_processes([run(None), run({"processes": 2, "strategy": "ddp"})]) == 2
     assert sweep.launch_processes([run(None)]) == 1
+
+
+def _rank_value() -> int:
+    return int(os.environ.get("RANK", "-1"))
+
+
+def test_a_launch_after_a_single_process_run_in_the_same_kernel_is_not_refused() -> None:
+    # notebook_launcher refuses to fork while an Accelerator's shared state exists; a notebook
+    # that trained once in-process and then launches N ranks must still work
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from effllm_helpers import launch
+
+    Accelerator(cpu=True)
+    assert AcceleratorState._shared_state
+    out = launch.launch(_rank_value, (), {}, processes=2, strategy="ddp")
+    assert out == 0
