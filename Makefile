@@ -14,11 +14,12 @@ STUDIES ?= params/architecture/attention.yaml params/architecture/positional.yam
            params/finetuning/general.yaml params/finetuning/domain.yaml \
            params/finetuning/qlora.yaml params/inference.yaml
 
-.PHONY: setup study test lint clean-runs help
+.PHONY: setup study test test-quick lint clean-runs help
 
 help:
 	@echo "make study   set up .venv, run every study at PRESET=$(PRESET), collect, report"
-	@echo "make test    set up .venv and run the test suite"
+	@echo "make test    set up .venv and run the test suite (what CI runs)"
+	@echo "make test-quick  the suite without the slow end-to-end tests (-m 'not slow')"
 	@echo "make lint    ruff"
 
 $(STAMP): pyproject.toml
@@ -41,6 +42,10 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the suite without the end-to-end notebook/sweep tests marked slow: minutes, not ten
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

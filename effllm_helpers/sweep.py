@@ -41,7 +41,13 @@ from typing import Any
 
 from . import config, results
 from .paths import outputs_dir
-from .run import THREADS_ENV, classify_failure, failure_record
+from .run import (
+    NOTEBOOK_SAVED,
+    SWEEP_RUN_ENV,
+    THREADS_ENV,
+    classify_failure,
+    failure_record,
+)
 
 RUN_SPEC = "run.json"
 RUN_NOTEBOOK = "run.ipynb"
@@ -132,8 +138,43 @@ def _clean_stale_temps(rdir: Path) -> None:
 
 
 def _has_ok_record(rdir: Path, run_id: str) -> bool:
+    """A finished ok run: its record says ok and does not say its notebook went unsaved (a runner
+    killed between the notebook's last cell and papermill's save leaves ``notebook_saved:
+    false``; records from before the flag have none and stay finished)."""
     rec = results.read_record(rdir)
-    return bool(rec and rec.get("run_id") == run_id and rec.get("status") == "ok")
+    return bool(rec and rec.get("run_id") == run_id and rec.get("status") == "ok"
+                and rec.get(NOTEBOOK_SAVED) is not False)
+
+
+def notebook_state(path: Path) -> str | None:
+    """None when ``path`` is a saved, finished papermill notebook, else why not (absent,
+    unreadable, or a cell still marked running/pending as an unsaved notebook shows)."""
+    try:
+        nb = json.loads(path.read_text())
+        cells = nb["cells"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"notebook unreadable: {type(exc).__name__}"
+    for i, cell in enumerate(cells):
+        status = ((cell.get("metadata") or {}).get("papermill") or {}).get("status")
+        if status in ("running", "pending"):
+            return f"cell {i} still {status}"
+    return None
+
+
+def seal_record(rdir: Path, run_id: str) -> dict[str, Any] | None:
+    """After papermill has returned (so it has saved ``run.ipynb``), rewrite the run's record
+    atomically with ``notebook_saved``: true only if the saved notebook shows no cell still
+    running. The notebook writes its record in its last cell, before papermill saves, so only
+    the runner can say the two agree."""
+    rec = results.read_record(rdir)
+    if rec is None or rec.get("run_id") != run_id:
+        return rec
+    why = notebook_state(rdir / RUN_NOTEBOOK)
+    rec = {**rec, NOTEBOOK_SAVED: why is None}
+    if why is not None:
+        rec["notebook_problem"] = why
+    results.write_record(rdir, rec)
+    return rec
 
 
 # ---------------------------------------------------------------- one run (parent side)
@@ -368,6 +409,7 @@ def runner_main(run_dir: str) -> int:
         return 0
     (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
     started = results.now_iso()
+    os.environ[SWEEP_RUN_ENV] = run.run_id  # the kernel inherits it: see run.SWEEP_RUN_ENV
     nb = config.notebook_path(run.notebook)
     parameters = {"params": run.params, "preset": None, "study": run.study,
                   "run_id": run.run_id, "seed": run.seed, "output_dir": str(rdir),
@@ -396,7 +438,7 @@ def runner_main(run_dir: str) -> int:
         results.write_record(rdir, failure_record(spec, kind, f"{type(exc).__name__}: {exc}",
                                                   traceback.format_exc(), started))
         return 1
-    rec = results.read_record(rdir)
+    rec = seal_record(rdir, run.run_id)
     if rec is None:
         results.write_record(rdir, failure_record(spec, "exception",
                                                   "the notebook finished without writing its "

@@ -202,3 +202,35 @@ def test_relative_output_dir_lands_where_the_sweep_looks(tmp_path, monkeypatch):
     res = sweep.sweep(path, "ci", Path("rel_out"), progress=False)
     assert [o.status for o in res.outcomes] == ["ok"]
     assert len(records(tmp_path / "rel_out")) == 1
+
+
+def test_ok_record_is_sealed_after_papermill_saved_the_notebook(tmp_path):
+    path = study(tmp_path, "n: [16]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    (rid, rec), = records(tmp_path / "out").items()
+    assert res.outcomes[0].status == "ok" and rec["notebook_saved"] is True
+    nb = json.loads((tmp_path / "out" / "runs" / "sm" / rid / "run.ipynb").read_text())
+    states = {c["metadata"]["papermill"]["status"] for c in nb["cells"]}
+    assert states == {"completed"}  # the last cell (the record's writer) is saved as finished
+
+
+def test_a_record_whose_notebook_was_never_saved_is_redone(tmp_path):
+    path = study(tmp_path, "n: [16]")
+    sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    (rid, rec), = records(tmp_path / "out").items()
+    rdir = tmp_path / "out" / "runs" / "sm" / rid
+    results.write_record(rdir, {**rec, "notebook_saved": False})  # killed before the save
+    again = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    assert [o.status for o in again.outcomes] == ["ok"]
+    assert records(tmp_path / "out")[rid]["notebook_saved"] is True
+
+
+def test_seal_flags_a_notebook_left_running(tmp_path):
+    rec = results.new_record(run_id="r", study="s", axis="smoke", params={}, metrics={})
+    results.write_record(tmp_path, {**rec, "notebook_saved": False})
+    cell = {"cell_type": "code", "metadata": {"papermill": {"status": "running"}}}
+    (tmp_path / sweep.RUN_NOTEBOOK).write_text(json.dumps({"cells": [cell]}))
+    sealed = sweep.seal_record(tmp_path, "r")
+    assert sealed is not None and sealed["notebook_saved"] is False
+    assert "cell 0 still running" in sealed["notebook_problem"]
+    assert not sweep._has_ok_record(tmp_path, "r")
