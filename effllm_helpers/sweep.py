@@ -91,7 +91,7 @@ def plan(runs: list[config.Run], output_dir: Path,
     for run in runs:
         _clean_stale_temps(run_dir_for(output_dir, run))
         rec = results.read_record(run_dir_for(output_dir, run))
-        if rec and rec.get("run_id") == run.run_id and rec.get("status") == "ok":
+        if finished_ok(rec, run.run_id):
             settled.append(Outcome(run, "cached", busy=record_busy(rec)))
         elif rec and rec.get("status") == "skipped" and not retry_failed:
             settled.append(Outcome(run, "skipped", reason=(rec.get("error") or {}).get("reason")))
@@ -137,13 +137,16 @@ def _clean_stale_temps(rdir: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _has_ok_record(rdir: Path, run_id: str) -> bool:
+def finished_ok(rec: dict[str, Any] | None, run_id: str) -> bool:
     """A finished ok run: its record says ok and does not say its notebook went unsaved (a runner
     killed between the notebook's last cell and papermill's save leaves ``notebook_saved:
     false``; records from before the flag have none and stay finished)."""
-    rec = results.read_record(rdir)
     return bool(rec and rec.get("run_id") == run_id and rec.get("status") == "ok"
                 and rec.get(NOTEBOOK_SAVED) is not False)
+
+
+def _has_ok_record(rdir: Path, run_id: str) -> bool:
+    return finished_ok(results.read_record(rdir), run_id)
 
 
 def notebook_state(path: Path) -> str | None:
