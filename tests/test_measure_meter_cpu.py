@@ -161,11 +161,20 @@ def test_pcu_integrates_known_cpu_seconds() -> None:
     assert i["pcu"]["value"] * i["duration_s"]["value"] * ncpu < 0.05
 
 
+def wait_for_samples(m: Meter, n: int, timeout_s: float = 30.0) -> None:
+    """Block until the Meter's sampler has taken ``n`` more samples (bounded, not timed)."""
+    assert m.sampler is not None
+    target = len(m.sampler.times) + n
+    deadline = time.monotonic() + timeout_s
+    while len(m.sampler.times) < target and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_amu_sees_a_held_allocation() -> None:
     base = mem.ProcessTree().rss_bytes()
     with Meter("cpu", sample_interval_s=0.01) as m:
         block = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, touched
-        time.sleep(0.15)
+        wait_for_samples(m, 2)  # not a fixed sleep: a loaded machine may delay the sampler
         m.step()
         del block
     out = m.metrics()
@@ -292,7 +301,11 @@ def test_memory_metrics_use_only_the_measured_window(monkeypatch: pytest.MonkeyP
     with Meter("cpu", warmup_steps=1, sample_interval_s=0.01) as m:
         time.sleep(0.1)  # ~10 samples at the warm-up level
         level["rss"] = 1e9
-        time.sleep(0.05)  # let any in-flight sample of the old level land before the mark
+        # any in-flight sample of the old level lands before the sampler's first of the new one
+        # (one thread, in order): wait for that, not for a fixed time a loaded machine may exceed
+        deadline = time.monotonic() + 30
+        while m.sampler.series["rss"][-1] != 1e9 and time.monotonic() < deadline:
+            time.sleep(0.005)
         m.step()  # warm-up ends: the measured window [ts0, ts1] starts here
         time.sleep(0.1)
         m.step()
