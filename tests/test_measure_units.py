@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,10 @@ def test_device_facts_cpu() -> None:
 def test_device_slug() -> None:
     assert dev.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert dev.device_slug("") == "unknown"
+
+
+def test_the_test_session_calibrates_in_a_temp_folder_on_a_small_budget() -> None:
+    # tests/conftest.py: never the user's per-machine cache, never its 4 s budget
+    assert comp.calib_dir() != Path.home() / ".cache" / "effllm"
+    assert comp.calib_dir().name.startswith("effllm-test-calib-")
+    assert comp._calib_budget(None) <= 0.5
