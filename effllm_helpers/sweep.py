@@ -13,7 +13,10 @@ How a run is executed, and why:
 * the notebook writes an ``ok`` record as its very last step, atomically; the runner writes a
   ``failed`` record (reason + traceback tail) if the notebook raised or wrote nothing; the parent
   writes one on timeout. A record that says ``ok`` therefore always belongs to a finished run, and
-  a killed sweep loses only the runs in flight, which the next invocation redoes.
+  a killed sweep loses only the runs in flight, which the next invocation redoes;
+* papermill saves ``run.ipynb`` only after that last cell, so in a sweep the record first says
+  ``notebook_saved: false`` and the runner rewrites it true once papermill has returned and the
+  saved notebook shows no cell still running; a record left false is redone, not cached.
 
 Workers: ``--workers N`` runs N runners at once, each pinned to one GPU (``CUDA_VISIBLE_DEVICES``)
 when there are GPUs; ``--dask ADDRESS|local`` submits the same runner calls to a dask.distributed
