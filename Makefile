@@ -18,11 +18,12 @@ STUDIES ?= params/architecture/attention.yaml params/architecture/positional.yam
 CROSS_MODAL ?= "params/cross_modal/dit_attention.yaml --only attention=mha,gqa,mla --only ffn=dense" \
                "params/cross_modal/peft.yaml --only target=vit,vlm --only method=lora,full"
 
-.PHONY: setup study test lint clean-runs help
+.PHONY: setup study test test-quick lint clean-runs help
 
 help:
 	@echo "make study   set up .venv, run every study at PRESET=$(PRESET), collect, report"
-	@echo "make test    set up .venv and run the test suite"
+	@echo "make test    set up .venv and run the test suite (what CI runs)"
+	@echo "make test-quick  the suite without the slow end-to-end tests (-m 'not slow')"
 	@echo "make lint    ruff"
 
 $(STAMP): pyproject.toml
@@ -49,6 +50,10 @@ study: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the suite without the end-to-end notebook/sweep tests marked slow: minutes, not ten
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

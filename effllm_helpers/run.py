@@ -94,6 +94,13 @@ def _concurrency() -> dict[str, int]:
         return {}
 
 
+# A sweep's runner sets this to the run id it executes: the notebook's record then says
+# ``notebook_saved: false`` until the runner, after papermill has saved run.ipynb, rewrites it
+# true (``sweep.seal_record``). A record left false means the run was killed between the two.
+SWEEP_RUN_ENV = "EFFLLM_SWEEP_RUN_ID"
+NOTEBOOK_SAVED = "notebook_saved"
+
+
 @dataclass
 class RunContext:
     """What a notebook knows about the run it is: ids, validated params, where to write."""
@@ -121,6 +128,8 @@ class RunContext:
             provenance=provenance(), started_at=self.started_at,
             extra={"seed": self.seed, "point": self.point, **_concurrency(), **(extra or {})},
         )
+        if os.environ.get(SWEEP_RUN_ENV) == self.run_id:  # papermill saves the notebook after us
+            rec[NOTEBOOK_SAVED] = False
         return results.write_record(self.output_dir, rec)
 
     def attempt(self, fn, *args, **kwargs):

@@ -13,7 +13,10 @@ How a run is executed, and why:
 * the notebook writes an ``ok`` record as its very last step, atomically; the runner writes a
   ``failed`` record (reason + traceback tail) if the notebook raised or wrote nothing; the parent
   writes one on timeout. A record that says ``ok`` therefore always belongs to a finished run, and
-  a killed sweep loses only the runs in flight, which the next invocation redoes.
+  a killed sweep loses only the runs in flight, which the next invocation redoes;
+* papermill saves ``run.ipynb`` only after that last cell, so in a sweep the record first says
+  ``notebook_saved: false`` and the runner rewrites it true once papermill has returned and the
+  saved notebook shows no cell still running; a record left false is redone, not cached.
 
 Workers: ``--workers N`` runs N runners at once, each pinned to one GPU (``CUDA_VISIBLE_DEVICES``)
 when there are GPUs, or to a group of ``launch.processes`` GPUs when the runs launch several;
@@ -42,7 +45,14 @@ from typing import Any
 
 from . import config, results
 from .paths import outputs_dir
-from .run import BATCH_ENV, THREADS_ENV, classify_failure, failure_record
+from .run import (
+    BATCH_ENV,
+    NOTEBOOK_SAVED,
+    SWEEP_RUN_ENV,
+    THREADS_ENV,
+    classify_failure,
+    failure_record,
+)
 
 RUN_SPEC = "run.json"
 RUN_NOTEBOOK = "run.ipynb"
@@ -86,7 +96,7 @@ def plan(runs: list[config.Run], output_dir: Path,
     for run in runs:
         _clean_stale_temps(run_dir_for(output_dir, run))
         rec = results.read_record(run_dir_for(output_dir, run))
-        if rec and rec.get("run_id") == run.run_id and rec.get("status") == "ok":
+        if finished_ok(rec, run.run_id):
             settled.append(Outcome(run, "cached", busy=record_busy(rec)))
         elif rec and rec.get("status") == "skipped" and not retry_failed:
             settled.append(Outcome(run, "skipped", reason=(rec.get("error") or {}).get("reason")))
@@ -132,9 +142,47 @@ def _clean_stale_temps(rdir: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def finished_ok(rec: dict[str, Any] | None, run_id: str) -> bool:
+    """A finished ok run: its record says ok and does not say its notebook went unsaved (a runner
+    killed between the notebook's last cell and papermill's save leaves ``notebook_saved:
+    false``; records from before the flag have none and stay finished)."""
+    return bool(rec and rec.get("run_id") == run_id and rec.get("status") == "ok"
+                and rec.get(NOTEBOOK_SAVED) is not False)
+
+
 def _has_ok_record(rdir: Path, run_id: str) -> bool:
+    return finished_ok(results.read_record(rdir), run_id)
+
+
+def notebook_state(path: Path) -> str | None:
+    """None when ``path`` is a saved, finished papermill notebook, else why not (absent,
+    unreadable, or a cell still marked running/pending as an unsaved notebook shows)."""
+    try:
+        nb = json.loads(path.read_text())
+        cells = nb["cells"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"notebook unreadable: {type(exc).__name__}"
+    for i, cell in enumerate(cells):
+        status = ((cell.get("metadata") or {}).get("papermill") or {}).get("status")
+        if status in ("running", "pending"):
+            return f"cell {i} still {status}"
+    return None
+
+
+def seal_record(rdir: Path, run_id: str) -> dict[str, Any] | None:
+    """After papermill has returned (so it has saved ``run.ipynb``), rewrite the run's record
+    atomically with ``notebook_saved``: true only if the saved notebook shows no cell still
+    running. The notebook writes its record in its last cell, before papermill saves, so only
+    the runner can say the two agree."""
     rec = results.read_record(rdir)
-    return bool(rec and rec.get("run_id") == run_id and rec.get("status") == "ok")
+    if rec is None or rec.get("run_id") != run_id:
+        return rec
+    why = notebook_state(rdir / RUN_NOTEBOOK)
+    rec = {**rec, NOTEBOOK_SAVED: why is None}
+    if why is not None:
+        rec["notebook_problem"] = why
+    results.write_record(rdir, rec)
+    return rec
 
 
 # ---------------------------------------------------------------- one run (parent side)
@@ -369,6 +417,7 @@ def runner_main(run_dir: str) -> int:
         return 0
     (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
     started = results.now_iso()
+    os.environ[SWEEP_RUN_ENV] = run.run_id  # the kernel inherits it: see run.SWEEP_RUN_ENV
     nb = config.notebook_path(run.notebook)
     parameters = {"params": run.params, "preset": None, "study": run.study,
                   "run_id": run.run_id, "seed": run.seed, "output_dir": str(rdir),
@@ -397,7 +446,7 @@ def runner_main(run_dir: str) -> int:
         results.write_record(rdir, failure_record(spec, kind, f"{type(exc).__name__}: {exc}",
                                                   traceback.format_exc(), started))
         return 1
-    rec = results.read_record(rdir)
+    rec = seal_record(rdir, run.run_id)
     if rec is None:
         results.write_record(rdir, failure_record(spec, "exception",
                                                   "the notebook finished without writing its "

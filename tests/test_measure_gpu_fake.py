@@ -120,26 +120,34 @@ def test_counter_decrease_falls_back_to_integrated_power(fake_gpu: FakeNvml) -> 
     g = fake_gpu.gpus[0]
     g.energy_mj = 10_000_000
     g.power_mw = 200_000
+    t_out = time.perf_counter()
     with Meter("cuda:0", sample_interval_s=0.01) as m:
         time.sleep(0.1)
         m.step(tokens=1)
         g.energy_mj = 5_000  # driver reload: counter restarted
+    t_out = time.perf_counter() - t_out
     out = m.metrics()
     assert out["energy_j"]["method"] == "nvml_power_integrated"
     assert "backwards" in out["energy_j"]["notes"]
-    assert out["aec_w"]["value"] == pytest.approx(200.0, rel=0.1)
+    # 200 W over the sampled span, which holds the measured window and lies inside the block
+    # (a loaded machine widens the gap between them, so bound it by wall time, not by 10%)
+    dur = out["duration_s"]["value"]
+    assert 200.0 * dur * (1 - 1e-9) <= out["energy_j"]["value"] <= 200.0 * t_out
 
 
 def test_missing_counter_uses_integrated_power(fake_gpu: FakeNvml) -> None:
     g = fake_gpu.gpus[0]
     g.energy_supported = False
     g.power_mw = 250_000
+    t_out = time.perf_counter()
     with Meter("cuda:0", sample_interval_s=0.01) as m:
         time.sleep(0.1)
         m.step(tokens=10)
+    t_out = time.perf_counter() - t_out
     out = m.metrics()
     assert out["energy_j"]["method"] == "nvml_power_integrated"
-    assert out["energy_j"]["value"] == pytest.approx(250.0 * out["duration_s"]["value"], rel=0.1)
+    dur = out["duration_s"]["value"]  # sampled span: the window and the marks' reads around it
+    assert 250.0 * dur * (1 - 1e-9) <= out["energy_j"]["value"] <= 250.0 * t_out
 
 
 def test_several_gpus_sum_over_visible_devices_only(fake_gpu: FakeNvml,

@@ -15,7 +15,10 @@ def test_held_allocation_after_the_baseline_shows_in_the_increment() -> None:
     marked = mem.mark_baseline()
     with Meter("cpu", sample_interval_s=0.01) as m:
         block = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, touched
-        time.sleep(0.15)
+        target = len(m.sampler.times) + 2  # samples while it is held, however loaded the machine
+        deadline = time.monotonic() + 30
+        while len(m.sampler.times) < target and time.monotonic() < deadline:
+            time.sleep(0.005)
         m.step()
         del block
     out = m.metrics()

@@ -121,6 +121,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_embedded_builder_child_dies_with_a_killed_parent():
     import psutil
 

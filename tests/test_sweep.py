@@ -30,6 +30,12 @@ def records(out: Path, name: str = "sm") -> dict[str, dict]:
             for p in sorted((out / "runs" / name).glob("*/record.json"))}
 
 
+def sealed(out: Path, name: str = "sm") -> dict[str, dict]:
+    """Records of finished runs: the runner has sealed them after papermill saved the notebook."""
+    return {rid: rec for rid, rec in records(out, name).items()
+            if rec.get("notebook_saved") is not False}
+
+
 def test_sweep_writes_ok_records_then_skips_them(tmp_path):
     path = study(tmp_path, "n: [16, 24]")
     res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
@@ -163,9 +169,9 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig):
                             start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not records(out):
+    while time.monotonic() < deadline and not sealed(out):
         time.sleep(0.1)
-    first = records(out)
+    first = sealed(out)
     assert first, "no run finished before the deadline"
     time.sleep(0.5)  # land somewhere inside the next run
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
@@ -175,12 +181,14 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig):
     for rid, rec in mid.items():  # an ok record always belongs to a finished run
         assert rec["status"] == "ok" and rec["metrics"]["al_s"]["value"] > 0, rid
     assert len(mid) < 5, "the kill came too late to test anything"
-    mtimes = {rid: (out / "runs" / "sm" / rid / "record.json").stat().st_mtime for rid in mid}
+    # a run killed between its notebook's record and papermill's save is unsealed: redone below
+    mtimes = {rid: (out / "runs" / "sm" / rid / "record.json").stat().st_mtime
+              for rid in sealed(out)}
     res = sweep.sweep(path, "ci", out, progress=False)
     final = records(out)
     expected = {r.run_id for r in config.expand(path, "ci")}
     assert set(final) == expected
-    assert all(r["status"] == "ok" for r in final.values())
+    assert all(r["status"] == "ok" and r["notebook_saved"] for r in final.values())
     for rid, mtime in mtimes.items():  # finished runs were not redone
         assert (out / "runs" / "sm" / rid / "record.json").stat().st_mtime == mtime
     assert sum(o.status == "cached" for o in res.outcomes) == len(mid)
@@ -202,3 +210,35 @@ def test_relative_output_dir_lands_where_the_sweep_looks(tmp_path, monkeypatch):
     res = sweep.sweep(path, "ci", Path("rel_out"), progress=False)
     assert [o.status for o in res.outcomes] == ["ok"]
     assert len(records(tmp_path / "rel_out")) == 1
+
+
+def test_ok_record_is_sealed_after_papermill_saved_the_notebook(tmp_path):
+    path = study(tmp_path, "n: [16]")
+    res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    (rid, rec), = records(tmp_path / "out").items()
+    assert res.outcomes[0].status == "ok" and rec["notebook_saved"] is True
+    nb = json.loads((tmp_path / "out" / "runs" / "sm" / rid / "run.ipynb").read_text())
+    states = {c["metadata"]["papermill"]["status"] for c in nb["cells"]}
+    assert states == {"completed"}  # the last cell (the record's writer) is saved as finished
+
+
+def test_a_record_whose_notebook_was_never_saved_is_redone(tmp_path):
+    path = study(tmp_path, "n: [16]")
+    sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    (rid, rec), = records(tmp_path / "out").items()
+    rdir = tmp_path / "out" / "runs" / "sm" / rid
+    results.write_record(rdir, {**rec, "notebook_saved": False})  # killed before the save
+    again = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
+    assert [o.status for o in again.outcomes] == ["ok"]
+    assert records(tmp_path / "out")[rid]["notebook_saved"] is True
+
+
+def test_seal_flags_a_notebook_left_running(tmp_path):
+    rec = results.new_record(run_id="r", study="s", axis="smoke", params={}, metrics={})
+    results.write_record(tmp_path, {**rec, "notebook_saved": False})
+    cell = {"cell_type": "code", "metadata": {"papermill": {"status": "running"}}}
+    (tmp_path / sweep.RUN_NOTEBOOK).write_text(json.dumps({"cells": [cell]}))
+    sealed = sweep.seal_record(tmp_path, "r")
+    assert sealed is not None and sealed["notebook_saved"] is False
+    assert "cell 0 still running" in sealed["notebook_problem"]
+    assert not sweep._has_ok_record(tmp_path, "r")

@@ -195,6 +195,7 @@ def test_pissa_uses_fast_svd_for_large_weights() -> None:
     assert ft.pissa_init_name(big) == f"pissa_niter_{ft.PISSA_NITER}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "rslora", "dora", "pissa"])
 def test_merge_check_after_training(method: str, make_model, ids) -> None:
     base = make_model().eval()
@@ -252,6 +253,7 @@ def test_quant_with_freeze_or_full_is_rejected(make_model) -> None:
 
 
 # ---------------------------------------------------------------- QLoRA
+@pytest.mark.slow
 def test_qlora_outcome_on_this_machine(make_model, ids) -> None:
     """QLoRA either works (4-bit base, same adapter size) or raises UnsupportedTechnique."""
     reason = probe_bnb("bnb4", "cpu", backward=True)
