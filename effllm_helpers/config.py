@@ -732,22 +732,18 @@ def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
     """A grid key must name a field of the axis schema (nested through sub-models)."""
     if model is FinetuneParams and key == "model":
         key = "base_model"  # the alias inference uses
-    cur: Any = model
+    cur: type[BaseModel] = model
     for i, part in enumerate(key.split(".")):
-        fields = getattr(cur, "model_fields", None)
-        if fields is None:
-            if i > 0 and isinstance(cur, type) is False:
-                return  # a dict-valued field (e.g. sizes.<name>): keys are free-form
-            return
+        fields = cur.model_fields
         if part not in fields:
             where = ".".join(key.split(".")[:i]) or "<top>"
             raise ParamsError(f"{source}: grid.{short_text(key)}: unknown key {quoted(part)} under "
                               f"{short_text(where)}; "
                               f"allowed: {', '.join(sorted(fields))}")
         ann = fields[part].annotation
-        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if cur is None:
-            return
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return  # a leaf or a dict-valued field (e.g. sizes.<name>): deeper keys are free-form
+        cur = ann
 
 
 # ---------------------------------------------------------------- presets

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from effllm_helpers.config import PEFT_EXTRA, FinetuneParams
-from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.techniques import finetuning as ft
 from effllm_helpers.techniques.precision import probe_bnb
 

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from effllm_helpers.config import PRECISIONS, InferenceParams
-from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.techniques import precision as pr
 
 warnings.filterwarnings("ignore", category=UserWarning)

@@ -176,11 +176,13 @@ def _is_expert_param(name: str) -> bool:
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Total, active-per-token and trainable parameter counts.
+    """Total, active-per-token and trainable parameter counts: the one count every axis uses.
 
     ``active`` counts every parameter except routed experts, of which only ``top_k / n_experts``
     of each MoE layer's expert weights are used per token (the router and any shared expert are
-    always active). Dense models: active == total.
+    always active). Dense models: active == total. Shared tensors count once, and a bitsandbytes
+    4-bit weight (``Params4bit``, packed two values per byte) counts its unpacked values, as
+    ``PeftModel.get_nb_trainable_parameters`` does, so peft and non-peft methods count alike.
     """
     cfg = getattr(model, "config", None)
     n_exp = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts", None)
@@ -193,6 +195,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(id(p))
         n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
         if n_exp and top_k and _is_expert_param(name):

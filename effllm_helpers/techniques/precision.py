@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from effllm_helpers.config import PRECISIONS, InferenceParams
-from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers.errors import UnsupportedTechnique
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
@@ -398,10 +398,17 @@ def bnb_config(precision: str, double_quant: bool = False, compute_dtype: str = 
     if spec.kind == "bnb8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if spec.kind == "bnb4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                                  bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=DTYPES[compute_dtype])
+        return bnb4_config(spec.quant_type or "nf4", DTYPES[compute_dtype], double_quant)
     return None
+
+
+def bnb4_config(quant_type: str, compute: torch.dtype, double_quant: bool = False) -> Any:
+    """The one bitsandbytes 4-bit config (int4 inference and the QLoRA base alike)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def is_quantized(model: nn.Module) -> bool:
