@@ -16,11 +16,8 @@ from typing import Any
 from . import config, results
 from .errors import SkipRun
 from .paths import outputs_dir
-from .progress import BATCH_ENV  # noqa: F401 - the sweep sets it for the notebooks it runs
 from .provenance import provenance
-
-THREADS_ENV = "EFFLLM_THREADS"  # torch threads for this run, set by the sweep
-
+from .runenv import THREADS_ENV
 
 FAILURE_KINDS = {
     "DivergedError": "diverged",

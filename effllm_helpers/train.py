@@ -171,7 +171,7 @@ def train(
     how many and how long (the rates, the energy and MFU still include them).
     """
     from .measure import Meter
-    from .progress import progress_bar
+    from .runenv import progress_bar
 
     # reading the loss back syncs the device: do it for about 50 curve points, not every step
     log_every = log_every or max(1, spec.steps // 50)

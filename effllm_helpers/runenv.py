@@ -1,10 +1,15 @@
-"""Progress bars for long loops, quiet enough for a notebook a sweep executes unwatched."""
+"""What the sweep tells a run through its environment, and the progress bar that listens.
+
+Import-light and at the bottom of the import graph: the measurement layer records the thread
+count, the training loop draws the bar, the notebook side and the sweep set both.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+THREADS_ENV = "EFFLLM_THREADS"  # torch threads for this run, set by the sweep
 BATCH_ENV = "EFFLLM_BATCH_RUN"  # set by the sweep's runner: nobody watches this notebook live
 
 
@@ -21,4 +26,4 @@ def progress_bar(**kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
-__all__ = ["BATCH_ENV", "progress_bar"]
+__all__ = ["BATCH_ENV", "THREADS_ENV", "progress_bar"]
