@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from effllm_helpers.config import PRECISIONS, InferenceParams
+from effllm_helpers.catalog import PRECISIONS
+from effllm_helpers.config import InferenceParams
 from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.techniques import precision as pr
 

@@ -24,7 +24,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from effllm_helpers.config import FT_METHODS, PEFT_EXTRA, FinetuneParams
+from effllm_helpers import catalog
+from effllm_helpers.config import FinetuneParams
 from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.models.zoo import count_params
 from effllm_helpers.techniques.precision import (
@@ -118,7 +119,7 @@ REGISTRY: dict[str, MethodSpec] = {
     "freeze": MethodSpec("freeze", "freeze", "train only the last k blocks and the LM head"),
     "full": MethodSpec("full", "full", "train every parameter"),
 }
-assert tuple(REGISTRY) == FT_METHODS, "fine-tuning registry out of sync with config.FT_METHODS"
+assert set(REGISTRY) <= set(catalog.FINETUNE_METHODS), "a registry method is not in the catalog"
 
 
 def _peft_config_classes() -> dict[str, type]:
@@ -129,13 +130,13 @@ def _peft_config_classes() -> dict[str, type]:
 
 def known_methods() -> list[str]:
     """The paper's methods plus every peft method name this peft installation knows."""
-    return list(FT_METHODS) + sorted(set(_peft_config_classes()) - {"lora"})
+    return list(catalog.FINETUNE_METHODS) + sorted(set(_peft_config_classes()) - {"lora"})
 
 
 def _unknown(method: str) -> ValueError:
     extra = ""
-    if method in PEFT_EXTRA:
-        extra = f" (config.PEFT_EXTRA lists it, but peft {_peft_version()} does not provide it)"
+    if method in catalog.PEFT_NAMED:
+        extra = f" (catalog.PEFT_NAMED lists it, but peft {_peft_version()} does not provide it)"
     return ValueError(f"unknown fine-tuning method {method!r}{extra}; known: "
                       f"{', '.join(known_methods())}")
 
@@ -151,7 +152,8 @@ def _peft_version() -> str:
 _R_IS_NOT_A_RANK = frozenset({"oft"})
 
 
-def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> Any:
+def _generic_config(method: str, params: FinetuneParams, notes: list[str],
+                    options: dict[str, Any] | None = None) -> Any:
     """Build any other peft method's config from our shared knobs, by its own field names.
 
     rank -> ``r``; alpha -> ``lora_alpha``/``alpha``/``<method>_alpha``; dropout ->
@@ -187,13 +189,18 @@ def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> An
         kw["target_r"] = max(1, params.rank // 2)
         notes.append(f"{method}: init_r={params.rank} -> target_r={kw['target_r']} over "
                      f"total_step={params.train.steps} (update_and_allocate every step)")
-    return cls(**kw)
+    return cls(**{**kw, **(options or {})})  # peft's own __post_init__ checks the options
 
 
 def method_spec(method: str) -> MethodSpec:
     """The registry entry for ``method``; other peft methods get a generic one; unknown -> error."""
     if method in REGISTRY:
         return REGISTRY[method]
+    entry = catalog.FINETUNE_METHODS.get(method)
+    if entry is not None and entry.peft_type:  # a catalog method built on a peft tuner
+        return MethodSpec(method, "peft", entry.label,
+                          lambda p, m: _generic_config(entry.peft_type, p, [],
+                                                       dict(entry.options)))
     if method not in _peft_config_classes():
         raise _unknown(method)
     return MethodSpec(method, "peft", f"peft {method} with peft's defaults for other knobs")
@@ -377,7 +384,7 @@ def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = Tr
         else:
             _freeze_all_but_last(model, params.freeze_last_k, notes, resolved)
     else:
-        if spec.name in REGISTRY:
+        if spec.config is not None:
             peft_config = spec.config(params, model)  # type: ignore[misc]
         else:
             peft_config = _generic_config(spec.name, params, notes)
