@@ -129,7 +129,7 @@ def check(precision: str, base: Any, ids: Any, ref: Any, args: argparse.Namespac
     import torch
 
     from effllm_helpers.config import InferenceParams
-    from effllm_helpers.techniques import UnsupportedTechnique
+    from effllm_helpers.errors import UnsupportedTechnique
     from effllm_helpers.techniques import precision as pr
 
     t0 = time.perf_counter()

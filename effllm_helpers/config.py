@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -32,6 +33,9 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+from . import catalog
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
@@ -166,8 +170,22 @@ class Launchable(Strict):
 
 
 # ---------------------------------------------------------------- axis schemas
-Attention = Literal["mha", "mqa", "gqa", "mla", "nsa"]
-Positional = Literal["rope", "sinusoidal", "learned", "relative", "none"]
+def _catalog_name(table: dict[str, Any]) -> AfterValidator:
+    """Validate a name against a catalog table as it is at validation time (entries registered
+    later count); an unknown one gets pydantic's literal-style error listing the known names."""
+
+    def check(v: str) -> str:
+        if v in table:
+            return v
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": ", ".join(repr(k) for k in table)})
+
+    return AfterValidator(check)
+
+
+Attention = Annotated[str, _catalog_name(catalog.ATTENTION)]
+Positional = Annotated[str, _catalog_name(catalog.POSITIONAL)]
+PrecisionName = Annotated[str, _catalog_name(catalog.PRECISIONS)]
 Family = Literal["transformer", "mamba", "rwkv", "pythia"]
 
 
@@ -222,10 +240,6 @@ class ArchitectureParams(Launchable):
 
 
 EmbeddedProfile = Literal["ci", "tiny", "gpu"]
-FT_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full")
-# other peft methods accepted by name (peft's own registry decides at run time)
-PEFT_EXTRA = ("loha", "lokr", "vera", "ia3", "adalora", "boft", "oft", "fourierft", "ln_tuning",
-              "hra", "vblora", "randlora", "c3a", "shira", "road", "miss")
 
 
 PromptFormat = Literal["auto", "chat", "plain"]
@@ -301,6 +315,15 @@ def check_params_model(axis: str, params: dict[str, Any], source: str) -> None:
         raise ParamsError(f"{source}: {key}: {exc}") from None
 
 
+def check_method(v: str) -> str:
+    """A fine-tuning method the catalog or peft's own registry knows, else the list of both."""
+    if v in catalog.FINETUNE_METHODS or v in catalog.PEFT_NAMED or v in peft_method_names():
+        return v
+    raise ValueError(f"unknown fine-tuning method; allowed: "
+                     f"{', '.join(catalog.FINETUNE_METHODS)} or a peft method "
+                     f"({', '.join(sorted(set(catalog.PEFT_NAMED) | peft_method_names()))})")
+
+
 class FinetuneTrainSpec(TrainSpec):
     """Fine-tuning's train spec: ``lr`` unset (None) means each method's literature default."""
 
@@ -343,10 +366,7 @@ class FinetuneParams(Launchable):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v in FT_METHODS or v in PEFT_EXTRA:
-            return v
-        raise ValueError(f"unknown fine-tuning method; allowed: {', '.join(FT_METHODS)} "
-                         f"or a peft method ({', '.join(PEFT_EXTRA)})")
+        return check_method(v)
 
     @field_validator("task")
     @classmethod
@@ -356,8 +376,14 @@ class FinetuneParams(Launchable):
         raise ValueError("must be 'arithmetic', 'docname', 'hf:<dataset>' or 'jsonl:<path>'")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4", "int8-wo", "int4-wo",
-              "fp8-e4m3")
+def peft_method_names() -> set[str]:
+    """Every tuner name the installed peft registers (lower-case ``PeftType`` values); empty
+    without peft. Imported on demand: only a method outside the catalog needs it."""
+    try:
+        from peft import PeftType
+    except ImportError:
+        return set()
+    return {str(t.value).lower() for t in PeftType}
 
 
 class InferenceParams(Strict):
@@ -365,8 +391,7 @@ class InferenceParams(Strict):
 
     model: str = "embedded@sft"  # the embedded model after axis-2 fine-tuning, or HF id/path
     embedded_profile: EmbeddedProfile = "tiny"
-    precision: Literal["fp32", "bf16", "fp16", "int8", "int4-nf4", "int4-fp4", "int8-wo",
-                       "int4-wo", "fp8-e4m3"] = "bf16"
+    precision: PrecisionName = "bf16"
     double_quant: bool = False
     # int8/int4 only: dtype of the matmul inputs and of the modules bnb leaves alone; None = the
     # kernel's own (LLM.int8 on CUDA: fp16, which it casts to anyway; else bf16)
@@ -447,10 +472,7 @@ class CrossModalParams(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v in FT_METHODS or v in PEFT_EXTRA:
-            return v
-        raise ValueError(f"unknown fine-tuning method; allowed: {', '.join(FT_METHODS)} "
-                         f"or a peft method ({', '.join(PEFT_EXTRA)})")
+        return check_method(v)
 
     @model_validator(mode="after")
     def _shapes(self) -> CrossModalParams:
@@ -791,22 +813,18 @@ def _check_dotted_key(model: type[BaseModel], key: str, source: str) -> None:
     """A grid key must name a field of the axis schema (nested through sub-models)."""
     if model is FinetuneParams and key == "model":
         key = "base_model"  # the alias inference uses
-    cur: Any = model
+    cur: type[BaseModel] = model
     for i, part in enumerate(key.split(".")):
-        fields = getattr(cur, "model_fields", None)
-        if fields is None:
-            if i > 0 and isinstance(cur, type) is False:
-                return  # a dict-valued field (e.g. sizes.<name>): keys are free-form
-            return
+        fields = cur.model_fields
         if part not in fields:
             where = ".".join(key.split(".")[:i]) or "<top>"
             raise ParamsError(f"{source}: grid.{short_text(key)}: unknown key {quoted(part)} under "
                               f"{short_text(where)}; "
                               f"allowed: {', '.join(sorted(fields))}")
         ann = fields[part].annotation
-        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if cur is None:
-            return
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return  # a leaf or a dict-valued field (e.g. sizes.<name>): deeper keys are free-form
+        cur = ann
 
 
 # ---------------------------------------------------------------- presets

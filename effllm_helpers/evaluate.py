@@ -237,3 +237,28 @@ def measured_kv_bytes_per_token(model: torch.nn.Module, vocab_size: int, t1: int
     per_token = (sizes[1] - sizes[0]) / (t2 - t1)
     return metric(per_token, "B/token", "cache_tensor_bytes_slope", constant_bytes=sizes[0]
                   - per_token * t1, dtype=str(next(model.parameters()).dtype).split(".")[-1])
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
+              max_batches: int | None = None) -> float:
+    """Mean response-token loss over SFT tensors (labels -100 elsewhere), token-weighted."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = tensors["input_ids"].shape[0]
+    for i, start in enumerate(range(0, n, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v[start:start + batch_size].to(device) for k, v in tensors.items()}
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+            reduction="sum")
+        total += float(loss)
+        count += int((labels != -100).sum())
+    model.train(was)
+    return total / max(1, count)

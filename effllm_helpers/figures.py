@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,36 +33,23 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from effllm_helpers import catalog  # noqa: E402
 from effllm_helpers import results as R  # noqa: E402
 from effllm_helpers.measure import efficiency as E  # noqa: E402
 from effllm_helpers.measure.stats import summarize  # noqa: E402
 
 DPI = 150
+
+
 NO_DATA = "no data"
 
-LABEL = {
-    "val_ppl": "PPL", "ppl": "PPL", "eval_loss": "Loss", "accuracy": "Acc", "task_acc": "Task acc",
-    "probe_acc": "Probe acc", "amu_gb": "AMU", "pcu": "PCU", "mfu": "MFU", "al_s": "AL",
-    "tt": "TT", "st": "ST", "it": "IT", "aec_w": "AEC", "mcr": "MCR", "energy_j": "Energy",
-    "j_per_token": "Energy/token", "tokens_per_s": "Throughput", "ttft_s": "TTFT",
-    "tpot_s": "TPOT", "peak_gb": "Peak mem",
-}
-DEFAULT_UNIT = {
-    "val_ppl": "ppl", "ppl": "ppl", "eval_loss": "nats", "accuracy": "fraction",
-    "task_acc": "fraction", "probe_acc": "fraction", "amu_gb": "GB", "pcu": "fraction",
-    "mfu": "fraction", "al_s": "s", "tt": "tokens/s/param", "st": "samples/s/param",
-    "it": "tokens/s", "aec_w": "W", "mcr": "ratio", "energy_j": "J", "j_per_token": "J/token",
-    "tokens_per_s": "tokens/s", "ttft_s": "s", "tpot_s": "s", "peak_gb": "GB",
-}
-ATTENTION_ORDER = ["mha", "mqa", "gqa", "mla", "nsa"]
-POSITIONAL_ORDER = ["rope", "sinusoidal", "learned", "relative", "none"]
-METHOD_ORDER = ["lora", "lora_plus", "rslora", "dora", "pissa", "freeze", "full"]
-PRECISION_ORDER = ["fp32", "bf16", "fp16", "fp8-e4m3", "int8", "int8-wo", "int4-nf4", "int4-fp4",
-                   "int4-wo"]
-# panel titles name the library, since int8 and int4 come from both bitsandbytes and torchao
-PRECISION_LABEL = {"int8": "int8 (bnb LLM.int8)", "int4-nf4": "int4 NF4 (bnb)",
-                   "int4-fp4": "int4 FP4 (bnb)", "int8-wo": "int8 weight-only (torchao)",
-                   "int4-wo": "int4 weight-only (torchao)", "fp8-e4m3": "fp8 e4m3 (torchao)"}
+# labels, units and orders are the catalog's (the orders are live: a registered entry shows)
+LABEL = {k: m.label for k, m in catalog.METRICS.items() if m.label}
+DEFAULT_UNIT = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
+ATTENTION_ORDER = catalog.ATTENTION  # orders are registration orders
+POSITIONAL_ORDER = catalog.POSITIONAL
+METHOD_ORDER = catalog.FINETUNE_METHODS
+PRECISION_ORDER = catalog.PRECISION_ORDER
 NORM_LABEL = "normalised (0.1-1, higher = better)"
 # reference of each architecture setting held fixed while another varies (None: the default,
 # i.e. runs that leave it unset, else the most common value)
@@ -167,7 +154,8 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _order(values: Sequence[Any], pref: Sequence[str]) -> list[Any]:
+def _order(values: Sequence[Any], pref: Iterable[str]) -> list[Any]:
+    pref = list(pref)
     vals = list(dict.fromkeys(v for v in values if v is not None and v == v))
     return sorted(vals, key=lambda v: (pref.index(v) if v in pref else len(pref), str(v)))
 
@@ -726,7 +714,7 @@ def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,
         ax.set_yticks([])
         ax.spines["polar"].set_visible(False)
         ax.grid(False)
-        ax.set_title(PRECISION_LABEL.get(p, p), fontsize=11, pad=14, fontweight="bold")
+        ax.set_title(catalog.precision_label(p), fontsize=11, pad=14, fontweight="bold")
     qs = sorted(set(norm["perf_metric"]) - {""})
     handles = [Patch(color=pal[r], label=RING_LABEL[r] + (f" ({'/'.join(qs)})" if r == "perf"
                                                             and qs else "")) for r in POLAR_RINGS]

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from effllm_helpers import catalog
 from effllm_helpers.measure import efficiency as E
 from effllm_helpers.paths import outputs_dir
 
@@ -34,12 +35,7 @@ KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl
                "aec_w", "energy_j", "j_per_token", "mcr")
 SIZE_COLUMN = {"architecture": "p.model.size", "finetuning": "p.base_model",
                "inference": "p.model"}
-DEFAULT_UNITS = {"val_ppl": "ppl", "ppl": "ppl", "eval_loss": "nats", "amu_gb": "GB",
-                 "al_s": "s", "ttft_s": "s", "tpot_s": "s", "tt": "tokens/s/param",
-                 "st": "samples/s/param", "it": "tokens/s", "tokens_per_s": "tokens/s",
-                 "aec_w": "W", "energy_j": "J", "j_per_token": "J/token", "mcr": "ratio",
-                 "pcu": "fraction", "mfu": "fraction", "accuracy": "fraction",
-                 "task_acc": "fraction", "probe_acc": "fraction"}
+DEFAULT_UNITS = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
 # one line per metric, for header tooltips (units come from the records, directions from
 # efficiency.HIGHER_IS_BETTER, methods from the records)
 DEFINITIONS = {

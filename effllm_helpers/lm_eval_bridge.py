@@ -1,10 +1,10 @@
 """lm-evaluation-harness bridge: score an in-memory HF model on lm-eval tasks, offline.
 
 Why this exists: the paper's inference "quality" is the mean of the six Open LLM Leaderboard v2
-tasks run through lm-evaluation-harness (PAPER.md, "Inference"). The models here are built in
-memory (never pushed to or pulled from the Hub), so they go to lm-eval as objects through
-``HFLM(pretrained=<model>, tokenizer=<tokenizer>)``, and every task result comes back as one of
-our metric values (``results.metric`` / ``results.missing``).
+tasks run through lm-evaluation-harness (EfficientLLM, arXiv 2505.13840, inference section).
+The models here are built in memory (never pushed to or pulled from the Hub), so they go to
+lm-eval as objects through ``HFLM(pretrained=<model>, tokenizer=<tokenizer>)``, and every task
+result comes back as one of our metric values (``results.metric`` / ``results.missing``).
 
 Each task runs in its own ``simple_evaluate`` call so that one task whose dataset is not in the
 local cache (offline machines, gated sets such as GPQA) or whose extra dependencies are missing

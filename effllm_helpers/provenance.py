@@ -1,7 +1,7 @@
 """Provenance of a run: code version, packages, interpreter, device and host.
 
 A number in a record is only worth what we know about where it came from, so every record carries
-this block (DESIGN.md, "Runs, sweeps and records").
+this block (written by ``results.new_record``).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def new_record(
     started_at: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a record in the versioned layout (see DESIGN.md, "Runs, sweeps and records")."""
+    """Assemble a record in the versioned layout (``SCHEMA_VERSION``, checked by ``validate``)."""
     rec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,

@@ -8,54 +8,23 @@ classified here so both sides agree on the words.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import config, results
+from .errors import SkipRun
 from .paths import outputs_dir
 from .provenance import provenance
-
-THREADS_ENV = "EFFLLM_THREADS"  # torch threads for this run, set by the sweep
-
-
-class DivergedError(RuntimeError):
-    """Training produced a non-finite loss; the run is recorded as failed ('diverged')."""
-
-
-class SkipRun(RuntimeError):
-    """This technique cannot run here (e.g. int4 kernels on a CPU): recorded as skipped."""
-
-
-BATCH_ENV = "EFFLLM_BATCH_RUN"  # set by the sweep's runner: nobody watches this notebook live
-
-
-def progress_bar(**kwargs: Any) -> Any:
-    """A tqdm bar for long loops: a live widget in JupyterLab; in a sweep-executed notebook a
-    plain text bar that prints every 30 s (papermill saves no widget state, and a bar that
-    redraws every step fills the saved notebook with carriage returns)."""
-    if os.environ.get(BATCH_ENV):
-        from tqdm import tqdm
-
-        return tqdm(mininterval=30.0, **kwargs)
-    from tqdm.auto import tqdm
-
-    return tqdm(**kwargs)
-
-
-def check_finite(loss: float, step: int) -> None:
-    """Raise DivergedError on a NaN or infinite loss, so a sweep records it and moves on."""
-    if not math.isfinite(loss):
-        raise DivergedError(f"loss is {loss} at step {step}")
-
+from .runenv import THREADS_ENV
 
 FAILURE_KINDS = {
     "DivergedError": "diverged",
     "OutOfMemoryError": "oom",
     "MemoryError": "oom",
     "SkipRun": "skipped",
+    "UnsupportedTechnique": "skipped",
     "TimeoutError": "timeout",
 }
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .config import SmokeParams
-from .run import check_finite
+from .errors import check_finite
 
 
 def matmul_workload(p: SmokeParams, device: str = "cpu") -> dict[str, Any]:

@@ -45,14 +45,8 @@ from typing import Any
 
 from . import config, results
 from .paths import outputs_dir
-from .run import (
-    BATCH_ENV,
-    NOTEBOOK_SAVED,
-    SWEEP_RUN_ENV,
-    THREADS_ENV,
-    classify_failure,
-    failure_record,
-)
+from .run import NOTEBOOK_SAVED, SWEEP_RUN_ENV, classify_failure, failure_record
+from .runenv import BATCH_ENV, THREADS_ENV
 
 RUN_SPEC = "run.json"
 RUN_NOTEBOOK = "run.ipynb"

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from .config import MeasureSpec, TrainSpec
+from .errors import check_finite
 from .measure.latency import latency_metric
 from .results import metric, missing
-from .run import check_finite
 
 Batch = dict[str, torch.Tensor]
 
@@ -117,9 +117,18 @@ def make_accelerator(dtype: torch.dtype, strategy: str | None = None):
     return Accelerator(mixed_precision=mp, **kw)
 
 
-def default_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                      device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with decay on matrices only (not norms, biases or gains); fused kernels on CUDA."""
+# AdamW betas. Pre-training from scratch uses beta2 = 0.95 (the GPT-3 / LLaMA recipe): a shorter
+# second-moment memory keeps updates stable at a high LR while early gradients shift fast.
+# Fine-tuning keeps torch's default 0.999 (what peft's and the HF Trainer's recipes use): the
+# gradients of a trained model move slowly and the smoother estimate is the better one.
+PRETRAIN_BETAS = (0.9, 0.95)
+FINETUNE_BETAS = (0.9, 0.999)
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
+          betas: tuple[float, float] = PRETRAIN_BETAS) -> torch.optim.Optimizer:
+    """The one optimizer builder: AdamW over the trainable parameters, decay on matrices only
+    (biases, norms, gains and vectors such as DoRA magnitudes undecayed), fused on CUDA."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -127,7 +136,7 @@ def default_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -162,14 +171,14 @@ def train(
     how many and how long (the rates, the energy and MFU still include them).
     """
     from .measure import Meter
-    from .run import progress_bar
+    from .runenv import progress_bar
 
     # reading the loss back syncs the device: do it for about 50 curve points, not every step
     log_every = log_every or max(1, spec.steps // 50)
     dtype = resolve_dtype(spec.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     acc = make_accelerator(dtype)
     device = acc.device
-    opt = optimizer or default_optimizer(model, spec.lr, spec.weight_decay, device)
+    opt = optimizer or adamw(model, spec.lr, spec.weight_decay, device)
     model, opt = acc.prepare(model, opt)
     # not prepared: accelerate would step it once per process per step, so warm-up and cosine
     # would end num_processes times early (spec.steps counts steps per process)

@@ -12,7 +12,8 @@ import torch
 from effllm_helpers import config, sweep
 from effllm_helpers.measure import contention as cont
 from effllm_helpers.measure.meter import Meter
-from effllm_helpers.run import THREADS_ENV, _apply_threads
+from effllm_helpers.run import _apply_threads
+from effllm_helpers.runenv import THREADS_ENV
 
 
 @pytest.mark.parametrize(("workers", "cores", "threads"),

@@ -104,7 +104,8 @@ def test_write_tidy_writes_parquet_and_csv(tmp_path):
 
 
 def test_attempt_records_a_skip_before_reraising(tmp_path):
-    from effllm_helpers.run import SkipRun, start_run
+    from effllm_helpers.errors import SkipRun
+    from effllm_helpers.run import start_run
 
     ctx = start_run("smoke", preset="ci", output_dir=tmp_path)
 

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from effllm_helpers.config import PEFT_EXTRA, FinetuneParams
-from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers.catalog import PEFT_NAMED
+from effllm_helpers.config import FinetuneParams
+from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.techniques import finetuning as ft
 from effllm_helpers.techniques.precision import probe_bnb
 
@@ -239,8 +240,7 @@ def test_unknown_method_lists_known_ones(make_model) -> None:
 
 def test_method_named_in_config_but_missing_from_peft(make_model, monkeypatch) -> None:
     # a name config accepts (e.g. a tuner a newer peft renamed) gets a clear error, not a KeyError
-    monkeypatch.setattr("effllm_helpers.config.PEFT_EXTRA", (*PEFT_EXTRA, "gone"))
-    monkeypatch.setattr(ft, "PEFT_EXTRA", (*PEFT_EXTRA, "gone"))
+    monkeypatch.setattr("effllm_helpers.catalog.PEFT_NAMED", [*PEFT_NAMED, "gone"])
     p = params("lora").model_copy(update={"method": "gone"})
     with pytest.raises(ValueError, match="does not provide it"):
         ft.prepare(make_model(), p)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from effllm_helpers.config import PRECISIONS, InferenceParams
-from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers.catalog import PRECISIONS
+from effllm_helpers.config import InferenceParams
+from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.techniques import precision as pr
 
 warnings.filterwarnings("ignore", category=UserWarning)

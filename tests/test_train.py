@@ -119,7 +119,7 @@ def test_sweep_executed_notebooks_get_a_text_progress_bar(monkeypatch) -> None:
     # papermill saves no widget state: a batch run must not draw its progress as a widget
     import tqdm as tqdm_mod
 
-    from effllm_helpers.run import BATCH_ENV, progress_bar
+    from effllm_helpers.runenv import BATCH_ENV, progress_bar
 
     monkeypatch.setenv(BATCH_ENV, "1")
     import io

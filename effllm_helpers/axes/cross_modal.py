@@ -37,8 +37,8 @@ from transformers.utils import ModelOutput
 from .. import train
 from ..config import CrossModalParams, FinetuneParams
 from ..data.images import ImageData, load_images
+from ..models.zoo import count_params
 from ..results import metric, missing
-from ..run import SkipRun
 
 CLASSIFIER_VERSION = 1  # bump when the feature CNN or its training changes (new cache entry)
 
@@ -675,7 +675,6 @@ def attach_method(model: nn.Module, p: CrossModalParams) -> tuple[nn.Module, dic
 def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> CrossModalResult:
     """Pretrain the target on the plain images (unmeasured), then adapt it with ``p.method`` to
     the shifted images under the Meter; quality before and after on the shifted val split."""
-    from ..techniques import UnsupportedTechnique
     from ..techniques import finetuning as ft
 
     device = _device()
@@ -686,40 +685,38 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> Cross
     tokens = n_patches(p)
     pre_bs = max(p.train.batch_size, 16)
     notes: list[str] = []
-    try:
-        if p.target == "vit":
-            base = build_vit(p, data.channels, data.n_classes).to(device)
-            _pretrain(ViTClassifier(base), image_batches(data.train_x, ty, pre_bs, tokens + 1,
-                                                         seed), p.pretrain_steps, 3e-3)
-            acc0, loss0 = vit_quality(base, vx, vy)
-            model, info = attach_method(base, p)
-            wrapped: nn.Module = ViTClassifier(model)
-            batches = image_batches(tx, ty, p.train.batch_size, tokens + 1, seed)
-        elif p.target == "vlm":
-            base = build_vlm(p, data.channels, data.classes).to(device)
-            plain = vqa_task(data.train_x, ty, data.classes, tokens)
-            _pretrain(base, vlm_batches(plain, pre_bs, seed), p.pretrain_steps, 3e-3)
-            task_val = vqa_task(vx, vy, data.classes, tokens)
-            acc0, loss0 = vlm_quality(base, task_val)
-            prepared = ft.prepare(base, finetune_params(p))
-            model = wrapped = prepared.model
-            info = prepared.config
-            notes += prepared.notes
-            batches = vlm_batches(vqa_task(tx, ty, data.classes, tokens), p.train.batch_size,
-                                  seed)
-        else:  # dit
-            dit = build_dit(p, data.channels, data.n_classes)
-            base = Diffusion(dit, p.diffusion_steps).to(device)
-            _pretrain(base, image_batches(data.train_x, ty, pre_bs, tokens, seed),
-                      p.pretrain_steps, 2e-3)
-            acc0, loss0 = None, diffusion_eval_loss(base, vx, vy)
-            model, info = attach_method(dit, p)
-            base.dit = model
-            wrapped = base
-            batches = image_batches(tx, ty, p.train.batch_size, tokens, seed)
-    except UnsupportedTechnique as exc:
-        raise SkipRun(str(exc)) from exc
-    trainable, total = ft.count_params(wrapped)
+    if p.target == "vit":
+        base = build_vit(p, data.channels, data.n_classes).to(device)
+        _pretrain(ViTClassifier(base), image_batches(data.train_x, ty, pre_bs, tokens + 1,
+                                                     seed), p.pretrain_steps, 3e-3)
+        acc0, loss0 = vit_quality(base, vx, vy)
+        model, info = attach_method(base, p)
+        wrapped: nn.Module = ViTClassifier(model)
+        batches = image_batches(tx, ty, p.train.batch_size, tokens + 1, seed)
+    elif p.target == "vlm":
+        base = build_vlm(p, data.channels, data.classes).to(device)
+        plain = vqa_task(data.train_x, ty, data.classes, tokens)
+        _pretrain(base, vlm_batches(plain, pre_bs, seed), p.pretrain_steps, 3e-3)
+        task_val = vqa_task(vx, vy, data.classes, tokens)
+        acc0, loss0 = vlm_quality(base, task_val)
+        prepared = ft.prepare(base, finetune_params(p))
+        model = wrapped = prepared.model
+        info = prepared.config
+        notes += prepared.notes
+        batches = vlm_batches(vqa_task(tx, ty, data.classes, tokens), p.train.batch_size,
+                              seed)
+    else:  # dit
+        dit = build_dit(p, data.channels, data.n_classes)
+        base = Diffusion(dit, p.diffusion_steps).to(device)
+        _pretrain(base, image_batches(data.train_x, ty, pre_bs, tokens, seed),
+                  p.pretrain_steps, 2e-3)
+        acc0, loss0 = None, diffusion_eval_loss(base, vx, vy)
+        model, info = attach_method(dit, p)
+        base.dit = model
+        wrapped = base
+        batches = image_batches(tx, ty, p.train.batch_size, tokens, seed)
+    counts = count_params(wrapped)  # a technique that cannot run here raised SkipRun above
+    trainable, total = counts["trainable"], counts["total"]
     res = train.train(wrapped, batches, p.train, p.measure, n_params=total, progress=progress)
     wrapped.eval()
     if p.target == "vit":

@@ -19,8 +19,6 @@ from .. import data, evaluate, train
 from ..config import FinetuneParams
 from ..models import embedded
 from ..results import metric, missing
-from ..run import SkipRun
-from ..techniques import UnsupportedTechnique
 from ..techniques import finetuning as ft
 
 # an exact merge moves fp32 logits by ~1e-5; beyond this the merged model is not the one trained
@@ -69,31 +67,6 @@ def load_base(name: str, device: torch.device, profile: str = "tiny", progress: 
     return model, tokenizer
 
 
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
-              max_batches: int | None = None) -> float:
-    """Mean response-token loss over SFT tensors (labels -100 elsewhere), token-weighted."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    n = tensors["input_ids"].shape[0]
-    for i, start in enumerate(range(0, n, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch = {k: v[start:start + batch_size].to(device) for k, v in tensors.items()}
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-            reduction="sum")
-        total += float(loss)
-        count += int((labels != -100).sum())
-    model.train(was)
-    return total / max(1, count)
-
-
 def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: data.TaskData,
                   max_new_tokens: int, style: str = "plain"
                   ) -> tuple[dict[str, Any], list[dict[str, str]]]:
@@ -128,18 +101,16 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     acc_before = None
     if evaluate_tasks:
         acc_before, _ = task_accuracy(model, tokenizer, task, max_new, style)
-    loss_before = eval_loss(model, eval_t, p.train.batch_size)
+    loss_before = evaluate.eval_loss(model, eval_t, p.train.batch_size)
 
-    try:
-        prepared = ft.prepare(model, p)
-    except UnsupportedTechnique as exc:
-        raise SkipRun(str(exc)) from exc
+    prepared = ft.prepare(model, p)  # UnsupportedTechnique is a SkipRun: recorded as a skip
     model = prepared.model
     # the method's LR (literature default unless the params set one): recorded in method_config
     opt = prepared.make_optimizer(prepared.config["lr"], p.train.weight_decay)
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        return {"eval_loss": eval_loss(m, eval_t, p.train.batch_size, p.train.eval_batches)}
+        return {"eval_loss": evaluate.eval_loss(m, eval_t, p.train.batch_size,
+                                                p.train.eval_batches)}
 
     res = train.train(model, train.dict_batches(train_t, p.train.batch_size, seed), p.train,
                       p.measure, n_params=prepared.total_params, optimizer=opt,
@@ -147,8 +118,8 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
                       flops_per_token=_flops_per_token(model, prepared, p))
     model.eval()
     quality: dict[str, Any] = {
-        "eval_loss": metric(eval_loss(model, eval_t, p.train.batch_size), "nats/token",
-                            "response_token_cross_entropy", n=len(task.eval)),
+        "eval_loss": metric(evaluate.eval_loss(model, eval_t, p.train.batch_size),
+                            "nats/token", "response_token_cross_entropy", n=len(task.eval)),
         "eval_loss_before": metric(loss_before, "nats/token", "response_token_cross_entropy",
                                    n=len(task.eval)),
         "train_loss": metric(res.final_loss, "nats/token", "last_train_step"),

@@ -28,13 +28,11 @@ import torch
 from .. import data, evaluate
 from ..config import DataSpec, InferenceParams, MeasureSpec
 from ..decode import EngineChoice, StaticGraphDecoder, choose_engine, linear_kernels, timing_metrics
+from ..errors import SkipRun
 from ..measure import Meter, generation_metrics, timed_generate
 from ..measure.compression import compression_metrics
-from ..models import embedded, flops
+from ..models import count_params, embedded, flops
 from ..results import metric, missing
-from ..run import SkipRun
-from ..techniques import UnsupportedTechnique
-from ..techniques import finetuning as ft
 from ..techniques import precision as prec
 
 
@@ -216,12 +214,9 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    try:
-        loaded = prec.load_for_inference(path, p, device)
-    except UnsupportedTechnique as exc:
-        raise SkipRun(str(exc)) from exc
+    loaded = prec.load_for_inference(path, p, device)  # UnsupportedTechnique is a SkipRun
     model = loaded.model
-    n_params = ft.count_params(model)[1]  # counts a packed 4-bit tensor's two values per byte
+    n_params = count_params(model)["total"]  # a packed 4-bit tensor counts two values per byte
     seq_len = min(256, getattr(model.config, "max_position_embeddings", 256) or 256)
 
     engine = choose_engine(p.engine, model, device)

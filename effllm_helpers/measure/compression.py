@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from effllm_helpers import catalog
 from effllm_helpers.results import metric, missing
 
 BASELINE_DTYPE = "bf16"
-BITS = {"fp32": 32, "tf32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "nf4": 4, "fp4": 4,
-        "int4": 4, "int4-nf4": 4, "int4-fp4": 4, "int8-wo": 8, "int4-wo": 4, "fp8-e4m3": 8}
 
 
 def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
@@ -121,8 +120,8 @@ def mcr(size_orig: float, size_comp: float, perf_orig: float | None, perf_comp: 
 def mcr_nominal(bits_comp: int | str, perf_orig: float | None, perf_comp: float | None,
                 bits_orig: int | str = BASELINE_DTYPE) -> dict[str, Any]:
     """The paper's version: size ratio = bits_orig / bits_comp (e.g. 16/4 = 4.0)."""
-    bo = BITS[bits_orig] if isinstance(bits_orig, str) else int(bits_orig)
-    bc = BITS[bits_comp] if isinstance(bits_comp, str) else int(bits_comp)
+    bo = catalog.bits(bits_orig) if isinstance(bits_orig, str) else int(bits_orig)
+    bc = catalog.bits(bits_comp) if isinstance(bits_comp, str) else int(bits_comp)
     return _ratio(bo / bc, perf_orig, perf_comp, "nominal_bits", "", bits_orig=bo,
                   bits_comp=bc)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from effllm_helpers.run import THREADS_ENV  # noqa: F401 - the Meter records it beside the count
+from effllm_helpers.runenv import THREADS_ENV  # noqa: F401 - the Meter records it beside the count
 
 
 def machine_cores() -> int:

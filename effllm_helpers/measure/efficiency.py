@@ -1,6 +1,6 @@
 """Efficiency score: min-max scaling to [0.1, 1] and a weighted harmonic mean, plus rank tables.
 
-Why this form (DESIGN.md, "Efficiency score"; PAPER.md): the EfficientLLM paper (arXiv 2505.13840,
+Why this form: the EfficientLLM paper (arXiv 2505.13840,
 Appendix Eqs. 10-12) says metrics are min-max normalised within each comparison so that higher is
 better, and its figures bottom out at 0.1, which fits scaling to [0.1, 1] before a weighted harmonic
 mean. The exact formula and weights are not public, so we define our own and say where it may
@@ -32,18 +32,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from effllm_helpers import catalog
+
 FLOOR = 0.1  # the bottom of the scaled range, as in the paper's figures
 
 # direction per metric name: True = higher is better
-HIGHER_IS_BETTER: dict[str, bool] = {
-    # lower is better
-    "amu_gb": False, "amu_frac": False, "peak_gb": False, "al_s": False, "aec_w": False,
-    "energy_j": False, "j_per_token": False, "ppl": False, "val_ppl": False, "eval_loss": False,
-    "ttft_s": False, "tpot_s": False, "size_bytes": False, "duration_s": False,
-    # higher is better
-    "tt": True, "st": True, "it": True, "tokens_per_s": True, "samples_per_s": True, "mfu": True,
-    "pcu": True, "mcr": True, "accuracy": True, "probe_acc": True, "task_acc": True,
-}
+HIGHER_IS_BETTER: dict[str, bool] = {k: m.higher_is_better for k, m in catalog.METRICS.items()}
 
 # the one quality metric of each axis, unless its study file names another (``quality:``); a
 # fixed choice, so a ranking never rests on whichever column happens to vary (1 vs 2 items of 32)

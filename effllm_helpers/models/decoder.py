@@ -44,12 +44,19 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .. import catalog
 from .nsa import NativeSparseAttention
 
-__all__ = ["EffllmConfig", "EffllmModel", "EffllmDecoderForCausalLM", "POSITIONALS", "ATTENTIONS"]
+__all__ = ["EffllmConfig", "EffllmModel", "EffllmDecoderForCausalLM", "POSITIONALS", "is_nsa"]
 
-POSITIONALS = ("rope", "sinusoidal", "learned", "relative", "none")
-ATTENTIONS = ("mha", "mqa", "gqa", "nsa")
+POSITIONALS = catalog.POSITIONAL  # names this decoder implements: every catalog entry
+# the catalog's attention variants with a dense or NSA FLOP rule run here (MLA is DeepSeek's)
+DECODER_FLOP_RULES = ("dense", "nsa")
+
+
+def is_nsa(attention: str) -> bool:
+    """Whether a catalog attention variant runs the NSA branches (unknown names raise)."""
+    return catalog.attention(attention).flops == "nsa"
 
 # transformers renamed the output's cache field from ``past_key_values`` to ``cache`` after 5.17
 _CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
@@ -94,10 +101,10 @@ class EffllmConfig(PreTrainedConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.positional not in POSITIONALS:
-            raise ValueError(f"positional {self.positional!r} not in {POSITIONALS}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention {self.attention!r} not in {ATTENTIONS}")
-        if self.attention == "nsa" and self.positional == "relative":
+            raise ValueError(f"positional {self.positional!r} not in {tuple(POSITIONALS)}")
+        if catalog.attention(self.attention).flops not in DECODER_FLOP_RULES:
+            raise ValueError(f"attention {self.attention!r} is not built by this decoder")
+        if is_nsa(self.attention) and self.positional == "relative":
             raise ValueError("NSA with ALiBi (positional='relative') is not implemented")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
@@ -186,7 +193,7 @@ class EffllmAttention(nn.Module):
                                           stride=config.nsa_stride,
                                           n_selected=config.nsa_selected,
                                           window=config.nsa_window)
-                    if config.attention == "nsa" else None)
+                    if is_nsa(config.attention) else None)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 attn_mask: torch.Tensor | None, is_causal: bool, q_pos: torch.Tensor,
@@ -266,7 +273,7 @@ class EffllmModel(EffllmPreTrainedModel):
         cfg = self.config
         q_len = q_pos.shape[0]
         padded = attention_mask is not None and not bool(attention_mask.all())
-        if padded and cfg.attention == "nsa":
+        if padded and is_nsa(cfg.attention):
             raise NotImplementedError("NSA does not support padded batches (attention_mask zeros)")
         if not padded and cfg.positional != "relative":
             if q_len == s_len and q_len > 1:

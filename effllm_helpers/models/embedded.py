@@ -1,4 +1,4 @@
-"""The embedded default models: tiny models trained here by axes 1–2's own code, cached.
+"""The embedded default models: tiny models trained by axes 1–2's own code, cached.
 
 There is no model hub at run time, so "the default model" of fine-tuning and inference is one we
 train ourselves on first use: a GQA + RoPE Llama pretrained on the ``stdlib`` corpus
@@ -6,6 +6,9 @@ train ourselves on first use: a GQA + RoPE Llama pretrained on the ``stdlib`` co
 ``sft``), which gives inference a model that can score on a task. Both are ordinary
 ``save_pretrained`` folders (with their tokenizer) under ``cache_dir("models")``, keyed by the
 params that made them, and built under a file lock so parallel sweep workers build once.
+
+This module only names the models and their recipes; the training itself runs in a child process
+(``python -m effllm_helpers.axes.build_embedded``), so models never import the study axes.
 
 Profiles name the preset whose ``small`` architecture size is used: ``ci`` (seconds to build, for
 tests), ``tiny`` (the default; about a minute on a 2-core CPU), ``gpu`` (about 100M params).
@@ -24,6 +27,7 @@ from typing import Any
 from ..paths import cache_dir
 
 STAGES = ("base", "sft")
+BUILDER = "effllm_helpers.axes.build_embedded"  # the child's module: it trains with the axes' code
 # extra pretraining steps over the preset's budget: the base model should have learned something
 BASE_STEPS = {"tiny": 300, "ci": 30, "gpu": 800}
 SFT_STEPS = {"tiny": 120, "ci": 10, "gpu": 200}
@@ -129,7 +133,7 @@ def _build_in_child(stage: str, profile: str, out: Path, base: Path | None,
     import os
     import sys
 
-    cmd = [sys.executable, "-m", "effllm_helpers.models.embedded", stage, profile, str(out)]
+    cmd = [sys.executable, "-m", BUILDER, stage, profile, str(out)]
     if base is not None:
         cmd += ["--base", str(base)]
     if progress:
@@ -186,12 +190,6 @@ def _die_with(parent: int):
     return hook
 
 
-def _pretrain(arch: Any, out: Path, progress: bool) -> None:
-    from ..axes import architecture
-
-    architecture.run(arch, seed=0, save_dir=out, progress=progress)
-
-
 def _sft_params(base: Path, profile: str) -> Any:
     from ..config import load_preset, notebook_params
 
@@ -200,35 +198,3 @@ def _sft_params(base: Path, profile: str) -> Any:
                "embedded_profile": profile,
                "train": {**overlay.get("train", {}), "steps": SFT_STEPS[profile]}}
     return notebook_params("finetuning", None, overlay)
-
-
-def _finetune(base: Path, profile: str, out: Path, progress: bool) -> None:
-    from ..axes import finetuning
-
-    finetuning.run(_sft_params(base, profile), seed=0, save_dir=out, progress=progress,
-                   evaluate_tasks=False)
-
-
-def _main(argv: list[str] | None = None) -> int:
-    """Child entry point of ``_build_in_child`` (internal)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m effllm_helpers.models.embedded",
-                                 description="internal: train one embedded-model stage into OUT")
-    ap.add_argument("stage", choices=STAGES)
-    ap.add_argument("profile", choices=list(BASE_STEPS))
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--base", type=Path, default=None, help="the base stage's folder (sft only)")
-    ap.add_argument("--progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.stage == "base":
-        _pretrain(_arch_params(args.profile), args.out, args.progress)
-    else:
-        if args.base is None:
-            ap.error("the sft stage needs --base")
-        _finetune(args.base, args.profile, args.out, args.progress)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

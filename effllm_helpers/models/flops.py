@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import catalog
+
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "flops_breakdown",
@@ -183,7 +185,11 @@ def _body_flops(config: Any, mt: str) -> dict[str, float]:
 
 
 def _is_nsa(config: Any, mt: str) -> bool:
-    return mt == "effllm_decoder" and getattr(config, "attention", None) == "nsa"
+    """Our decoder's attention rule comes from the catalog: an unknown variant raises instead of
+    being counted as dense attention."""
+    if mt != "effllm_decoder":
+        return False
+    return catalog.attention(getattr(config, "attention", "gqa")).flops == "nsa"
 
 
 def _attention_flops(config: Any, mt: str, keys: float) -> float:

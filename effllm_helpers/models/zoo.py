@@ -67,6 +67,7 @@ from transformers import (
     RwkvForCausalLM,
 )
 
+from .. import catalog
 from ..config import ModelSpec, SizeSpec
 from .decoder import EffllmConfig, EffllmDecoderForCausalLM
 
@@ -81,7 +82,9 @@ def _rope(theta: float = ROPE_THETA) -> dict[str, Any]:
 
 
 def _kv_heads(attention: str, size: SizeSpec) -> int:
-    return {"mha": size.n_heads, "mqa": 1}.get(attention, size.n_kv_heads)
+    """K/V heads by the catalog's rule for the variant; an unknown variant raises."""
+    rule = catalog.attention(attention).kv_heads
+    return {"all": size.n_heads, "one": 1, "grouped": size.n_kv_heads}[rule]
 
 
 def _common(size: SizeSpec, vocab_size: int, max_seq_len: int) -> dict[str, Any]:
@@ -96,7 +99,8 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
                  max_seq_len: int) -> PreTrainedModel:
     common = _common(size, vocab_size, max_seq_len)
     head_dim = size.d_model // size.n_heads
-    if spec.attention == "mla":
+    variant = catalog.attention(spec.attention)
+    if variant.builder == "deepseek_v3":
         if spec.positional != "rope":
             raise ValueError("MLA is DeepSeek's decoupled-RoPE attention; only positional='rope' "
                              f"is supported (got {spec.positional!r})")
@@ -117,7 +121,7 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
             return DeepseekV3ForCausalLM(cfg)
 
     if spec.ffn == "moe":
-        if spec.attention == "nsa" or spec.positional != "rope":
+        if variant.builder != "llama" or spec.positional != "rope":
             raise ValueError("MoE is built on Mixtral (RoPE, dense attention); got attention="
                              f"{spec.attention!r}, positional={spec.positional!r}")
         cfg = MixtralConfig(**common, intermediate_size=size.d_ff,
@@ -128,7 +132,7 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
                             router_aux_loss_coef=MOE_AUX_LOSS_COEF)
         return MixtralForCausalLM(cfg)
 
-    if spec.attention != "nsa" and spec.positional == "rope":
+    if variant.builder == "llama" and spec.positional == "rope":
         cfg = LlamaConfig(**common, intermediate_size=size.d_ff,
                           num_key_value_heads=_kv_heads(spec.attention, size),
                           rope_parameters=_rope(), rms_norm_eps=1e-6)
@@ -176,11 +180,13 @@ def _is_expert_param(name: str) -> bool:
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
-    """Total, active-per-token and trainable parameter counts.
+    """Total, active-per-token and trainable parameter counts: the one count every axis uses.
 
     ``active`` counts every parameter except routed experts, of which only ``top_k / n_experts``
     of each MoE layer's expert weights are used per token (the router and any shared expert are
-    always active). Dense models: active == total.
+    always active). Dense models: active == total. Shared tensors count once, and a bitsandbytes
+    4-bit weight (``Params4bit``, packed two values per byte) counts its unpacked values, as
+    ``PeftModel.get_nb_trainable_parameters`` does, so peft and non-peft methods count alike.
     """
     cfg = getattr(model, "config", None)
     n_exp = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts", None)
@@ -193,6 +199,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(id(p))
         n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
         if n_exp and top_k and _is_expert_param(name):

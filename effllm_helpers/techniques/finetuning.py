@@ -24,9 +24,17 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
-from effllm_helpers.config import FT_METHODS, PEFT_EXTRA, FinetuneParams
-from effllm_helpers.techniques import UnsupportedTechnique
-from effllm_helpers.techniques.precision import as_device, probe_bnb, quantize_in_memory
+from effllm_helpers import catalog
+from effllm_helpers.config import FinetuneParams
+from effllm_helpers.errors import UnsupportedTechnique
+from effllm_helpers.models.zoo import count_params
+from effllm_helpers.techniques.precision import (
+    as_device,
+    bnb4_config,
+    probe_bnb,
+    quantize_in_memory,
+)
+from effllm_helpers.train import FINETUNE_BETAS, adamw
 
 # largest weight dimension up to which PiSSA uses an exact SVD; above it peft's fast randomized
 # SVD ("pissa_niter_<n>"), which peft's docs call about as good as SVD at niter=16
@@ -111,7 +119,7 @@ REGISTRY: dict[str, MethodSpec] = {
     "freeze": MethodSpec("freeze", "freeze", "train only the last k blocks and the LM head"),
     "full": MethodSpec("full", "full", "train every parameter"),
 }
-assert tuple(REGISTRY) == FT_METHODS, "fine-tuning registry out of sync with config.FT_METHODS"
+assert set(REGISTRY) <= set(catalog.FINETUNE_METHODS), "a registry method is not in the catalog"
 
 
 def _peft_config_classes() -> dict[str, type]:
@@ -122,13 +130,13 @@ def _peft_config_classes() -> dict[str, type]:
 
 def known_methods() -> list[str]:
     """The paper's methods plus every peft method name this peft installation knows."""
-    return list(FT_METHODS) + sorted(set(_peft_config_classes()) - {"lora"})
+    return list(catalog.FINETUNE_METHODS) + sorted(set(_peft_config_classes()) - {"lora"})
 
 
 def _unknown(method: str) -> ValueError:
     extra = ""
-    if method in PEFT_EXTRA:
-        extra = f" (config.PEFT_EXTRA lists it, but peft {_peft_version()} does not provide it)"
+    if method in catalog.PEFT_NAMED:
+        extra = f" (catalog.PEFT_NAMED lists it, but peft {_peft_version()} does not provide it)"
     return ValueError(f"unknown fine-tuning method {method!r}{extra}; known: "
                       f"{', '.join(known_methods())}")
 
@@ -144,7 +152,8 @@ def _peft_version() -> str:
 _R_IS_NOT_A_RANK = frozenset({"oft"})
 
 
-def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> Any:
+def _generic_config(method: str, params: FinetuneParams, notes: list[str],
+                    options: dict[str, Any] | None = None) -> Any:
     """Build any other peft method's config from our shared knobs, by its own field names.
 
     rank -> ``r``; alpha -> ``lora_alpha``/``alpha``/``<method>_alpha``; dropout ->
@@ -180,36 +189,24 @@ def _generic_config(method: str, params: FinetuneParams, notes: list[str]) -> An
         kw["target_r"] = max(1, params.rank // 2)
         notes.append(f"{method}: init_r={params.rank} -> target_r={kw['target_r']} over "
                      f"total_step={params.train.steps} (update_and_allocate every step)")
-    return cls(**kw)
+    return cls(**{**kw, **(options or {})})  # peft's own __post_init__ checks the options
 
 
 def method_spec(method: str) -> MethodSpec:
     """The registry entry for ``method``; other peft methods get a generic one; unknown -> error."""
     if method in REGISTRY:
         return REGISTRY[method]
+    entry = catalog.FINETUNE_METHODS.get(method)
+    if entry is not None and entry.peft_type:  # a catalog method built on a peft tuner
+        return MethodSpec(method, "peft", entry.label,
+                          lambda p, m: _generic_config(entry.peft_type, p, [],
+                                                       dict(entry.options)))
     if method not in _peft_config_classes():
         raise _unknown(method)
     return MethodSpec(method, "peft", f"peft {method} with peft's defaults for other knobs")
 
 
 # ---------------------------------------------------------------- helpers
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, shared tensors once, 4-bit packed weights unpacked.
-
-    Mirrors ``PeftModel.get_nb_trainable_parameters`` so peft and non-peft methods are counted
-    alike (a bnb ``Params4bit`` stores two weights per byte, so its numel is doubled).
-    """
-    trainable = total = 0
-    for _, p in model.named_parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2 * p.element_size()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The transformer/SSM block list: the ``nn.ModuleList`` holding the most parameters.
 
@@ -237,27 +234,13 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _adamw(params_groups: list[dict[str, Any]], lr: float, device: torch.device,
-           **kw: Any) -> torch.optim.Optimizer:
-    if device.type == "cuda":
-        kw["fused"] = True
-    return torch.optim.AdamW(params_groups, lr=lr, **kw)
-
-
-def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only; biases, norms and vectors (DoRA magnitudes, IA3) undecayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-
-
 def _optimizer_factory(model: nn.Module, spec: MethodSpec,
                        params: FinetuneParams) -> Callable[[float, float], torch.optim.Optimizer]:
     device = _device_of(model)
 
     def make_optimizer(lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters (fused on CUDA); LoRA+ groups for lora_plus."""
+        """:func:`~effllm_helpers.train.adamw` with the fine-tuning betas; LoRA+ groups (peft's
+        builder, torch's default betas, the same 0.999) for lora_plus."""
         if spec.optimizer == "loraplus":
             from peft.optimizers import create_loraplus_optimizer
 
@@ -267,17 +250,9 @@ def _optimizer_factory(model: nn.Module, spec: MethodSpec,
             return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr,
                                              loraplus_lr_ratio=params.lora_plus_ratio,
                                              loraplus_weight_decay=weight_decay, **kw)
-        return _adamw(_decay_groups(model, weight_decay), lr, device)
+        return adamw(model, lr, weight_decay, device, betas=FINETUNE_BETAS)
 
     return make_optimizer
-
-
-def _bnb4_config(quant: str, compute: torch.dtype, double_quant: bool) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
-                              bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute)
 
 
 def _attach_quantized(model: nn.Module, peft_config: Any, spec: MethodSpec, params: FinetuneParams,
@@ -298,7 +273,7 @@ def _attach_quantized(model: nn.Module, peft_config: Any, spec: MethodSpec, para
     # master weights, which would make bnb pick its fp32 kernels
     compute = (torch.bfloat16 if device.type == "cuda" and params.train.dtype in ("bf16", "auto")
                else _float_dtype(model))
-    qc = _bnb4_config(params.quant, compute, double_quant)
+    qc = bnb4_config(params.quant, compute, double_quant)
     adapter_state = None
     if spec.name == "pissa":
         # peft refuses PiSSA on a quantised weight; the PiSSA recipe (QPiSSA) is to factor the
@@ -409,7 +384,7 @@ def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = Tr
         else:
             _freeze_all_but_last(model, params.freeze_last_k, notes, resolved)
     else:
-        if spec.name in REGISTRY:
+        if spec.config is not None:
             peft_config = spec.config(params, model)  # type: ignore[misc]
         else:
             peft_config = _generic_config(spec.name, params, notes)
@@ -426,7 +401,8 @@ def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = Tr
         if spec.optimizer == "loraplus":
             resolved["lora_plus_ratio"] = params.lora_plus_ratio
 
-    trainable, total = count_params(model)
+    counts = count_params(model)
+    trainable, total = counts["trainable"], counts["total"]
     if trainable == 0:
         raise ValueError(f"method {spec.name!r} left no trainable parameters "
                          f"(target_modules={params.target_modules!r})")
@@ -516,5 +492,5 @@ def merge_check(prepared: Prepared, input_ids: torch.Tensor) -> MergeCheck:
 
 
 __all__ = ["REGISTRY", "MergeCheck", "MethodSpec", "Prepared", "UnsupportedTechnique",
-           "adapter_size_bytes", "count_params", "find_blocks", "known_methods", "merge_check",
+           "adapter_size_bytes", "find_blocks", "known_methods", "merge_check",
            "method_spec", "pissa_init_name", "prepare"]

@@ -2,10 +2,10 @@
 
 The inference axis compares one model at several precisions, so every precision goes through the
 same door (``load_for_inference``) and reports the same facts: the model, the *real* bytes its
-weights occupy (packed 4-bit storage and quantisation constants included, not a nominal bit ratio,
-see PAPER.md on MCR), and notes on anything that makes timings unrepresentative. A precision this
-machine cannot run raises ``UnsupportedTechnique`` with the reason ``check_supported`` found, which
-the notebook records as a skip rather than a failure.
+weights occupy (packed 4-bit storage and quantisation constants included, not a nominal bit ratio;
+the MCR of ``measure/compression.py``), and notes on anything that makes timings unrepresentative.
+A precision this machine cannot run raises ``UnsupportedTechnique`` with the reason
+``check_supported`` found, which the notebook records as a skip rather than a failure.
 
 bitsandbytes quantises at load time (``from_pretrained(..., quantization_config=...)``); an
 in-memory model is quantised by saving it to a temporary directory and loading it back, which works
@@ -24,7 +24,7 @@ import copy
 import functools
 import logging
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from effllm_helpers.config import PRECISIONS, InferenceParams
-from effllm_helpers.techniques import UnsupportedTechnique
+from effllm_helpers import catalog
+from effllm_helpers.config import InferenceParams
+from effllm_helpers.errors import UnsupportedTechnique
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                  "fp16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in catalog.DTYPES.items()}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
@@ -53,31 +53,23 @@ class PrecisionSpec:
     description: str = ""
 
 
-REGISTRY: dict[str, PrecisionSpec] = {
-    "fp32": PrecisionSpec("fp32", "float", torch.float32, bits=32, description="model.to(float32)"),
-    "bf16": PrecisionSpec("bf16", "float", torch.bfloat16, bits=16,
-                          description="model.to(bfloat16)"),
-    "fp16": PrecisionSpec("fp16", "float", torch.float16, bits=16, description="model.to(float16)"),
-    "int8": PrecisionSpec("int8", "bnb8", bits=8,
-                          description="bitsandbytes LLM.int8 (load_in_8bit), outliers in fp16"),
-    "int4-nf4": PrecisionSpec("int4-nf4", "bnb4", quant_type="nf4", bits=4,
-                              description="bitsandbytes 4-bit NormalFloat (load_in_4bit)"),
-    "int4-fp4": PrecisionSpec("int4-fp4", "bnb4", quant_type="fp4", bits=4,
-                              description="bitsandbytes 4-bit float (load_in_4bit)"),
-    "int8-wo": PrecisionSpec("int8-wo", "torchao", bits=8,
-                             description="torchao Int8WeightOnlyConfig: int8 weights with one "
-                                         "scale per output row, matmul in the activation dtype"),
-    "int4-wo": PrecisionSpec("int4-wo", "torchao", bits=4,
-                             description="torchao Int4WeightOnlyConfig, tile_packed_to_4d: "
-                                         "asymmetric int4 groups, tinygemm _weight_int4pack_mm "
-                                         "(CUDA sm80+), bf16 activations"),
-    "fp8-e4m3": PrecisionSpec("fp8-e4m3", "torchao", bits=8,
-                              description="torchao Float8DynamicActivationFloat8WeightConfig: "
-                                          "e4m3 weights and dynamically quantised e4m3 "
-                                          "activations, per-row scales, torch._scaled_mm "
-                                          "(CUDA sm89+)"),
-}
-assert set(REGISTRY) == set(PRECISIONS), "precision registry out of sync with config.PRECISIONS"
+class _Registry(Mapping[str, PrecisionSpec]):
+    """The precisions of :data:`effllm_helpers.catalog.PRECISIONS`, realised as specs when looked
+    up, so a precision registered in the catalog is loadable with no edit here."""
+
+    def __getitem__(self, name: str) -> PrecisionSpec:
+        c = catalog.PRECISIONS[name]
+        return PrecisionSpec(c.name, c.kind, DTYPES[c.dtype] if c.dtype else None,
+                             quant_type=c.quant_type, bits=c.bits, description=c.description)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(catalog.PRECISIONS))
+
+    def __len__(self) -> int:
+        return len(catalog.PRECISIONS)
+
+
+REGISTRY: Mapping[str, PrecisionSpec] = _Registry()
 
 
 @dataclass
@@ -398,10 +390,17 @@ def bnb_config(precision: str, double_quant: bool = False, compute_dtype: str = 
     if spec.kind == "bnb8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if spec.kind == "bnb4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                                  bnb_4bit_use_double_quant=double_quant,
-                                  bnb_4bit_compute_dtype=DTYPES[compute_dtype])
+        return bnb4_config(spec.quant_type or "nf4", DTYPES[compute_dtype], double_quant)
     return None
+
+
+def bnb4_config(quant_type: str, compute: torch.dtype, double_quant: bool = False) -> Any:
+    """The one bitsandbytes 4-bit config (int4 inference and the QLoRA base alike)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -1,0 +1,29 @@
+"""What the sweep tells a run through its environment, and the progress bar that listens.
+
+Import-light and at the bottom of the import graph: the measurement layer records the thread
+count, the training loop draws the bar, the notebook side and the sweep set both.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+THREADS_ENV = "EFFLLM_THREADS"  # torch threads for this run, set by the sweep
+BATCH_ENV = "EFFLLM_BATCH_RUN"  # set by the sweep's runner: nobody watches this notebook live
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar for long loops: a live widget in JupyterLab; in a sweep-executed notebook a
+    plain text bar that prints every 30 s (papermill saves no widget state, and a bar that
+    redraws every step fills the saved notebook with carriage returns)."""
+    if os.environ.get(BATCH_ENV):
+        from tqdm import tqdm
+
+        return tqdm(mininterval=30.0, **kwargs)
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
+
+__all__ = ["BATCH_ENV", "THREADS_ENV", "progress_bar"]
