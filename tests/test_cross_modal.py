@@ -12,6 +12,7 @@ import torch
 from effllm_helpers.axes import cross_modal as xm
 from effllm_helpers.config import CrossModalParams, notebook_params
 from effllm_helpers.data.images import load_images
+from effllm_helpers.models.zoo import count_params
 
 SIX = ("amu_gb", "pcu", "mfu", "al_s", "tt", "st", "aec_w", "mcr")
 
@@ -100,7 +101,8 @@ def test_vlm_trainable_params_equal_peft_count(method: str) -> None:
     p = _params(method=method)
     vlm = xm.build_vlm(p, channels=1, classes=[str(i) for i in range(10)])
     prepared = ft.prepare(vlm, xm.finetune_params(p))
-    ours, total = ft.count_params(prepared.model)
+    counts = count_params(prepared.model)
+    ours, total = counts["trainable"], counts["total"]
     assert prepared.trainable_params == ours > 0
     if method in ("freeze", "full"):
         assert ours == sum(q.numel() for q in vlm.parameters() if q.requires_grad)
@@ -113,9 +115,9 @@ def test_vit_and_dit_adapters_count_like_peft() -> None:
     for build in (lambda p: xm.build_vit(p, 1, 10), lambda p: xm.build_dit(p, 1, 10)):
         p = _params(method="lora")
         model, _ = xm.attach_method(build(p), p)
-        from effllm_helpers.techniques import finetuning as ft
-
-        assert ft.count_params(model) == tuple(model.get_nb_trainable_parameters())
+        counts = count_params(model)
+        assert (counts["trainable"], counts["total"]) == tuple(
+            model.get_nb_trainable_parameters())
 
 
 def test_vqa_task_takes_loss_only_on_the_answer_and_eos() -> None:

@@ -627,7 +627,7 @@ def finetune_params(p: CrossModalParams) -> FinetuneParams:
     """The registry's knobs from this axis' params (the registry takes axis-2 params)."""
     return FinetuneParams(method=p.method, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
                           target_modules=p.target_modules, freeze_last_k=p.freeze_last_k,
-                          train=p.train)
+                          train=p.train.model_dump())
 
 
 def attach_method(model: nn.Module, p: CrossModalParams) -> tuple[nn.Module, dict[str, Any]]:
