@@ -195,6 +195,12 @@ for _name, _hib, _label, _unit in (
     ("tpot_s", False, "TPOT", "s"), ("peak_gb", False, "Peak mem", "GB"),
     ("amu_frac", False, None, None), ("size_bytes", False, None, None),
     ("duration_s", False, None, None), ("samples_per_s", True, None, None),
+    # axis 4 (cross-modal): sample quality and the sampling phase
+    ("frechet_classifier_distance", False, "FD (CNN)", "frechet"),
+    ("sample_class_accuracy", True, "Sample acc", "fraction"), ("val_loss", False, "Loss", "nats"),
+    ("fid", False, "FID", "fid"), ("sample_images_per_s", True, "Images/s", "images/s"),
+    ("sample_s_per_image", False, "s/image", "s/image"),
+    ("sample_j_per_image", False, "J/image", "J/image"),
 ):
     register_metric(Metric(_name, _hib, _label, _unit))
 

@@ -960,6 +960,22 @@ def fig_repeat_error_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
 
 
 # ---------------------------------------------------------------- all
+def fig6a_dit_attention(tidy: pd.DataFrame, out_dir: str | Path,
+                        records_root: str | Path | None = None) -> Drawn:
+    """Axis 4's DiT attention/MoE figure (``figures_cross_modal``, imported when drawn)."""
+    from .figures_cross_modal import fig6a_dit_attention as draw
+
+    return draw(tidy, out_dir)
+
+
+def fig6b_peft_transfer(tidy: pd.DataFrame, out_dir: str | Path,
+                        records_root: str | Path | None = None) -> Drawn:
+    """Axis 4's PEFT-transfer figure (``figures_cross_modal``, imported when drawn)."""
+    from .figures_cross_modal import fig6b_peft_transfer as draw
+
+    return draw(tidy, out_dir)
+
+
 FIGURES: dict[str, Callable[..., Drawn]] = {
     "fig2_rank_table": fig2_rank_table,
     "fig3a_attention_radar": fig3a_attention_radar,
@@ -968,6 +984,8 @@ FIGURES: dict[str, Callable[..., Drawn]] = {
     "fig4a_peft_score_loss": fig4a_peft_score_loss,
     "fig4b_peft_area_loss": fig4b_peft_area_loss,
     "fig5_precision_polar": fig5_precision_polar,
+    "fig6a_dit_attention": fig6a_dit_attention,
+    "fig6b_peft_transfer": fig6b_peft_transfer,
     "pareto_fronts": fig_pareto_fronts,
     "loss_curves": fig_loss_curves,
     "repeat_error_bars": fig_repeat_error_bars,

@@ -93,7 +93,15 @@ def fig6b_peft_transfer(tidy: pd.DataFrame | None, out_dir: str | Path) -> F.Dra
                                         ("eval_loss", "eval loss after ↓"))):
             ax = axs[i, j]
             if m not in a or a[m].isna().all():
-                F._ax_no_data(ax, f"no {m} for {t}")
+                # a DiT has no class to score: its quality is the loss row alone
+                if t == "dit":
+                    ax.text(0.5, 0.5, "not scored:\na generator has no class accuracy",
+                            transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                            color="0.35")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                else:
+                    F._ax_no_data(ax, f"no {m} for {t}")
             else:
                 ax.bar(range(len(methods)), a[m].to_numpy(dtype=float),
                        color=[pal[x] for x in methods])

@@ -28,13 +28,14 @@ from effllm_helpers import catalog
 from effllm_helpers.measure import efficiency as E
 from effllm_helpers.paths import outputs_dir
 
-AXES = ("architecture", "finetuning", "inference")
+AXES = ("architecture", "finetuning", "inference", "cross_modal")
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
-KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl", "amu_gb",
+KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl",
+               "frechet_classifier_distance", "sample_class_accuracy", "amu_gb",
                "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
                "aec_w", "energy_j", "j_per_token", "mcr")
 SIZE_COLUMN = {"architecture": "p.model.size", "finetuning": "p.base_model",
-               "inference": "p.model"}
+               "inference": "p.model", "cross_modal": "p.target"}
 DEFAULT_UNITS = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
 # one line per metric, for header tooltips (units come from the records, directions from
 # efficiency.HIGHER_IS_BETTER, methods from the records)
@@ -45,6 +46,9 @@ DEFINITIONS = {
     "accuracy": "exact-match accuracy on the fine-tuning task",
     "task_acc": "exact-match accuracy on the built-in task, served at this precision",
     "ppl": "held-out perplexity, served at this precision",
+    "frechet_classifier_distance": ("Frechet distance of generated vs real images in a small "
+                                    "CNN classifier's feature space (not FID)"),
+    "sample_class_accuracy": "that classifier's accuracy on generated images (conditioning)",
     "amu_gb": "AMU: average memory used over the measured window",
     "pcu": "PCU: peak compute utilisation (achieved / peak FLOP/s)",
     "mfu": "MFU: model FLOP utilisation (model FLOPs / peak FLOP/s)",
@@ -61,10 +65,11 @@ DEFINITIONS = {
     "mcr": "MCR: model compression rate (size ratio scaled by quality kept) vs the baseline",
 }
 ID_TIPS = {
-    "axis": "study axis: architecture pretraining, fine-tuning or inference",
+    "axis": "study axis: architecture pretraining, fine-tuning, inference or cross-modal",
     "study": "study file the run belongs to",
     "technique": "the technique choice(s) that vary within the study",
-    "size": "model size (architecture), base model (fine-tuning) or model (inference)",
+    "size": ("model size (architecture), base model (fine-tuning), model (inference) or "
+             "target model (cross-modal)"),
     "device": "device the run measured on",
     "rank": "rank by efficiency score within the comparison set (1 = best)",
     "score": "efficiency score in [0.1, 1], higher is better (see the note above)",

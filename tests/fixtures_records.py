@@ -1,4 +1,4 @@
-"""Synthetic run records for all three axes, built with ``results.new_record``.
+"""Synthetic run records for all four axes, built with ``results.new_record``.
 
 Why: figures, scores and the leaderboard must be tested on records shaped exactly like the
 notebooks' (nulls with reasons, failed runs, repeats over seeds, curves) without running a model.
@@ -163,10 +163,49 @@ def inference_records(rng: np.random.Generator) -> list[dict]:
     return recs
 
 
+XM_ATTN = {"mha": 1.00, "gqa": 0.92, "mla": 0.96}
+XM_METHODS = {"lora": 1.0, "dora": 1.3, "full": 1.6}
+
+
+def cross_modal_records(rng: np.random.Generator) -> list[dict]:
+    """Axis 4: DiT attention x FFN, and three methods on a ViT and a DiT."""
+    recs = []
+    for att, c in XM_ATTN.items():
+        for ffn, f in (("dense", 1.0), ("moe", 1.4)):
+            fd = 120.0 * c * (0.9 if ffn == "moe" else 1.0) * (1 + rng.normal(0, 0.02))
+            recs.append(R.new_record(
+                run_id=f"x-dit-{att}-{ffn}", study="cross_modal_dit_attention",
+                axis="cross_modal",
+                params={"experiment": "dit", "data": "digits", "attention": att, "ffn": ffn,
+                        "seed": 0},
+                metrics={"amu_gb": _m(0.5 * c * f, "GB"), "al_s": _m(0.05 * c * f, "s"),
+                         "tt": _m(2e-3 / (c * f), "tokens/s/param"), "aec_w": _m(40.0 * c, "W"),
+                         "sample_images_per_s": _m(90.0 / (c * f), "images/s")},
+                quality={"frechet_classifier_distance": _m(fd, "frechet"),
+                         "sample_class_accuracy": _m(0.9 / c, "fraction"),
+                         "val_loss": _m(0.3 * c, "nats")},
+                provenance=_prov()))
+    for target in ("vit", "dit"):
+        for meth, c in XM_METHODS.items():
+            loss = 0.8 / c ** 0.3 * (1 + rng.normal(0, 0.02))
+            quality = {"eval_loss": _m(loss, "nats"), "eval_loss_before": _m(1.5, "nats")}
+            if target == "vit":
+                quality["accuracy"] = _m(0.7 / loss, "fraction")
+            recs.append(R.new_record(
+                run_id=f"x-peft-{target}-{meth}", study="cross_modal_peft", axis="cross_modal",
+                params={"experiment": "peft", "data": "digits", "target": target,
+                        "method": meth, "seed": 0},
+                metrics={"amu_gb": _m(0.3 * c, "GB"), "al_s": _m(0.02 * c, "s"),
+                         "st": _m(50.0 / c / 1e6, "samples/s/param"), "aec_w": _m(None, "W")},
+                quality=quality, model={"params_trainable": 1e3 if meth != "full" else 1e5},
+                provenance=_prov()))
+    return recs
+
+
 def all_records(seed: int = 0, aec_null: bool = False) -> list[dict]:
     rng = np.random.default_rng(seed)
     return (architecture_records(rng, aec_null) + finetuning_records(rng)
-            + inference_records(rng))
+            + inference_records(rng) + cross_modal_records(rng))
 
 
 def write_all(root: Path, seed: int = 0) -> Path:

@@ -46,8 +46,8 @@ def test_html_is_self_contained_with_sort_and_filter_js(written) -> None:
 
 def test_csv_per_axis_with_score_rank_and_units(written) -> None:
     names = sorted(p.name for p in written[1])
-    assert names == ["leaderboard_architecture.csv", "leaderboard_finetuning.csv",
-                     "leaderboard_inference.csv"]
+    assert names == ["leaderboard_architecture.csv", "leaderboard_cross_modal.csv",
+                     "leaderboard_finetuning.csv", "leaderboard_inference.csv"]
     ft = pd.read_csv(written[1][names.index("leaderboard_finetuning.csv")])
     for col in ("rank", "technique", "size", "device", "score", "excluded", "run_id",
                 "amu_gb [GB]", "eval_loss [nats]", "st [samples/s/param]"):
@@ -103,8 +103,9 @@ def test_headers_carry_definition_unit_direction_and_method_tooltips(written) ->
 def test_metric_headers_name_the_axes_they_belong_to(written) -> None:
     page = written[0].read_text()
     axes = {name: ax for ax, name in re.findall(r'data-axes="([^"]*)" data-label="(\w+)', page)}
-    assert axes["tt"] == "architecture" and axes["it"] == "inference"
-    assert axes["st"] == "finetuning"
+    assert axes["tt"] == "architecture cross_modal" and axes["it"] == "inference"
+    assert axes["st"] == "cross_modal finetuning"
+    assert axes["frechet_classifier_distance"] == "cross_modal"
 
 
 def test_one_axis_is_selected_by_default() -> None:
@@ -119,8 +120,8 @@ def test_one_axis_is_selected_by_default() -> None:
 def test_page_links_the_per_axis_csvs_relative_to_itself(written) -> None:
     page = written[0].read_text()
     hrefs = re.findall(r'<a href="([^"]+\.csv)" download>', page)
-    assert hrefs == ["results/leaderboard_architecture.csv", "results/leaderboard_finetuning.csv",
-                     "results/leaderboard_inference.csv"]
+    assert hrefs == ["results/leaderboard_architecture.csv", "results/leaderboard_cross_modal.csv",
+                     "results/leaderboard_finetuning.csv", "results/leaderboard_inference.csv"]
     assert all((written[0].parent / h).is_file() for h in hrefs)
 
 

@@ -75,10 +75,10 @@ def test_filter_shows_only_matching_rows(page) -> None:
     assert len(axes) == 18
     page.select_option("#f-size", "gpt2")
     assert set(_column(page, "size / model")) == {"gpt2"}
-    assert "6 of 58 runs shown" in page.inner_text("#count")
+    assert "6 of 70 runs shown" in page.inner_text("#count")
     page.select_option("#f-size", "")
     page.select_option("#f-axis", "")
-    assert len(_column(page, "axis")) == 58
+    assert len(_column(page, "axis")) == 70
 
 
 def _visible_headers(pg) -> list[str]:

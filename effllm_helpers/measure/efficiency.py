@@ -45,14 +45,15 @@ QUALITY_METRIC: dict[str, str] = {
     "architecture": "val_ppl",
     "finetuning": "eval_loss",
     "inference": "ppl",
-    "cross_modal": "val_loss",
+    "cross_modal": "frechet_classifier_distance",
 }
 # quality metrics a study file may name per axis (the metrics that axis records)
 QUALITY_CHOICES: dict[str, tuple[str, ...]] = {
     "architecture": ("val_ppl", "val_loss", "probe_acc"),
     "finetuning": ("eval_loss", "accuracy"),
     "inference": ("ppl", "val_loss", "task_acc"),
-    "cross_modal": ("val_loss", "fid"),
+    "cross_modal": ("frechet_classifier_distance", "sample_class_accuracy", "fid", "val_loss",
+                    "eval_loss", "accuracy"),
 }
 # kept for callers that list candidates: the fixed metric only
 QUALITY_CANDIDATES: dict[str, tuple[str, ...]] = {k: (v,) for k, v in QUALITY_METRIC.items()}
@@ -65,6 +66,7 @@ EFFICIENCY_METRICS: dict[str, tuple[str, ...]] = {
     "architecture": ("amu_gb", "al_s", "tt", "aec_w"),
     "finetuning": ("amu_gb", "pcu", "al_s", "st", "aec_w"),
     "inference": ("amu_gb", "al_s", "it", "aec_w", "mcr"),
+    "cross_modal": ("amu_gb", "al_s", "st", "aec_w"),
 }
 
 # what a run is compared against: runs that share these columns form one comparison set
@@ -72,6 +74,7 @@ COMPARISON_KEYS: dict[str, tuple[str, ...]] = {
     "architecture": ("study", "device", "p.model.size"),
     "finetuning": ("study", "device", "p.base_model", "p.task"),
     "inference": ("study", "device", "p.model"),
+    "cross_modal": ("study", "device", "p.experiment", "p.target", "p.data"),
 }
 
 # technique params per axis: the label of a run is made of those that vary within its study
@@ -80,6 +83,7 @@ TECHNIQUE_PARAMS: dict[str, tuple[str, ...]] = {
     "architecture": ("p.model.attention", "p.model.positional", "p.model.ffn", "p.model.family"),
     "finetuning": ("p.method", "p.quant"),
     "inference": ("p.precision",),
+    "cross_modal": ("p.attention", "p.ffn", "p.method"),
 }
 # a param at this value says "not used" and is left out of a label (QLoRA's quant on plain LoRA)
 UNSET_VALUE: dict[str, str] = {"p.quant": "none"}
