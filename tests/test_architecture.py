@@ -89,3 +89,35 @@ def test_nsa_record_names_its_dense_masked_implementation() -> None:
     assert facts["implementation"] == "pytorch_dense_masked_reference"
     assert facts["flops_per_token_fwd_executed"] > facts["flops_per_token_fwd_model"]
     assert _implementation(SimpleNamespace(model_type="llama"), 128) == {}
+
+
+def test_the_memory_baseline_is_marked_after_the_corpus_and_tokenizer_before_the_model(
+        monkeypatch) -> None:
+    # the first run of a study trains the tokenizer (a cold cache): below the baseline it cannot
+    # make that run's variant look hungrier than the rest (issue 17, fault 3)
+    from effllm_helpers import data as data_mod
+    from effllm_helpers import models as models_mod
+    from effllm_helpers.axes import architecture
+    from effllm_helpers.measure import memory
+
+    order: list[str] = []
+    real_blocks = data_mod.token_blocks
+
+    class Stop(Exception):
+        pass
+
+    def blocks(*a, **k):
+        order.append("data")
+        return real_blocks(*a, **k)
+
+    def build(*a, **k):
+        order.append("model")
+        raise Stop
+
+    monkeypatch.setattr(data_mod, "token_blocks", blocks)
+    monkeypatch.setattr(memory, "mark_baseline", lambda: order.append("baseline"))
+    monkeypatch.setattr(models_mod, "build", build)
+    p = config.notebook_params("architecture", "ci", None)
+    with pytest.raises(Stop):
+        architecture.run(p, progress=False)
+    assert order == ["data", "data", "baseline", "model"]

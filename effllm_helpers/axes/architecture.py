@@ -76,8 +76,8 @@ def probe_blocks(tokenizer: Any, seq_len: int, n_blocks: int, n_pairs: int,
 def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None,
         progress: bool = True) -> ArchitectureResult:
     """Pretrain the model ``p`` describes for its token budget and measure everything."""
-    from ..measure.memory import mark_baseline  # AMU increment: memory above this point
-    mark_baseline()
+    from ..measure.memory import mark_baseline
+
     torch.manual_seed(seed)
     seq_len = p.data.seq_len
     tokenizer, train_blocks = data.token_blocks(p.data, "train")
@@ -88,6 +88,10 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         mix = probe_blocks(tokenizer, seq_len, n_probe, p.probe_pairs, seed=seed + 1000)
         train_blocks = torch.cat([train_blocks, mix])
     size = effective_size(p)
+    # AMU increment: memory above this point, i.e. the model, its optimizer and activations; the
+    # corpus and tokenizer (trained on the first run, a cold cache later runs do not pay) are
+    # below it, so they cannot rank one variant worse than another
+    mark_baseline()
     model = models.build(p.model, size, vocab_size=len(tokenizer),
                          max_seq_len=max(seq_len, size.max_seq_len))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
