@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .measure.latency import latency_metric
+from .measure.latency import request_latency_metrics
 
 EngineName = Literal["auto", "static_graph", "hf_generate"]
 ENGINES: tuple[str, ...] = ("auto", "static_graph", "hf_generate")
@@ -114,15 +114,7 @@ class RequestTiming:
 def timing_metrics(timings: Sequence[RequestTiming], method: str) -> dict[str, dict[str, Any]]:
     """``ttft_s`` and ``tpot_s`` over requests (mean + percentiles), the keys the streamer path
     produces, with this engine's clock as the method."""
-    ttft = [t.ttft_s for t in timings if t.ttft_s is not None]
-    tpot = [t.tpot_s for t in timings if t.tpot_s is not None]
-    out = {
-        "ttft_s": latency_metric(ttft, method, what="first-token"),
-        "tpot_s": latency_metric(tpot, method, what="multi-token (TPOT needs >= 2 tokens)"),
-    }
-    if out["tpot_s"]["value"] is not None:
-        out["tpot_s"]["note"] = "excludes the first token of each request"
-    return out
+    return request_latency_metrics(timings, method)
 
 
 def _banned_token_ids(model: nn.Module) -> list[int]:

@@ -142,9 +142,14 @@ def generation_metrics(timers: Sequence[GenerationTimer]) -> dict[str, dict[str,
 
     TPOT excludes each request's first token (see the module docstring).
     """
-    method = "perf_counter_streamer"
-    ttft = [t.ttft_s for t in timers if t.ttft_s is not None]
-    tpot = [t.tpot_s for t in timers if t.tpot_s is not None]
+    return request_latency_metrics(timers, "perf_counter_streamer")
+
+
+def request_latency_metrics(requests: Sequence[Any], method: str) -> dict[str, dict[str, Any]]:
+    """``ttft_s`` and ``tpot_s`` over requests that carry ``ttft_s``/``tpot_s`` attributes
+    (streamer timers or a decode engine's timings), timed by ``method``."""
+    ttft = [t.ttft_s for t in requests if t.ttft_s is not None]
+    tpot = [t.tpot_s for t in requests if t.tpot_s is not None]
     out = {
         "ttft_s": latency_metric(ttft, method, what="first-token"),
         "tpot_s": latency_metric(tpot, method, what="multi-token (TPOT needs >= 2 tokens)"),
