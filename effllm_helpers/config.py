@@ -229,6 +229,9 @@ class ArchitectureParams(Launchable):
     measure: MeasureSpec = MeasureSpec()
     probe_pairs: PosInt = 8
     probe_train_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1  # MQAR mixed into training
+    # held-out tokens the final perplexity scores at most, evenly spread over the whole split
+    # (the record says how many): the whole stdlib split at ci, fewer where a CPU budget binds
+    eval_tokens: PosInt = 65_536
     save_model: bool = True
 
     @model_validator(mode="after")

@@ -15,9 +15,8 @@ import torch
 
 from .results import metric, missing
 
-# held-out tokens a final perplexity scores at most: the whole stdlib validation split at the
-# ci preset (~41k tokens), ~58 % of it at tiny (~113k), where scoring all of it would add about
-# 2-3 s per run to a study that must stay in its CPU budget; large corpora are capped the same way
+# held-out tokens a final perplexity scores at most by default (the architecture axis takes its
+# own ``eval_tokens``): the whole stdlib validation split at the ci preset (~41k tokens)
 PPL_MAX_TOKENS = 65_536
 
 # bootstrap over items: enough resamples for a stable 2.5/97.5 percentile, seeded so a record is

@@ -113,9 +113,9 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                       p.train, p.measure, n_params=counts["total"], flops_per_token=fpt,
                       evaluate=eval_fn, progress=progress)
 
-    model.eval()  # the whole held-out split, or an evenly spread PPL_MAX_TOKENS of it
+    model.eval()  # the whole held-out split, or an evenly spread p.eval_tokens of it
     ppl = evaluate.perplexity(model, val_blocks, batch_size=p.train.batch_size,
-                              max_tokens=evaluate.PPL_MAX_TOKENS)
+                              max_tokens=p.eval_tokens)
     acc = data.probe_accuracy(model, probe, device=device)
     quality = {
         "val_loss": ppl["loss"],
