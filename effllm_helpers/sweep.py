@@ -678,11 +678,19 @@ def record_headline(rec: dict[str, Any] | None) -> dict[str, str]:
     Each cell is ``value unit`` with the metric's name where the column can hold several
     (``acc 0.42``, ``tpot_s 0.012 s``); ``-`` when the record has none with a value.
     """
+    from .measure.efficiency import QUALITY_METRIC, _study_quality_names
+
+    rec = rec or {}
+    # the axis's own quality metric first (the one its scores rank on), then any other
+    own = _study_quality_names().get(str(rec.get("study"))) or QUALITY_METRIC.get(
+        str(rec.get("axis")))
     out: dict[str, str] = {}
     for col, keys in HEADLINE_COLUMNS:
         cell = "-"
+        if col == "quality" and own:
+            keys = (("quality", own), *keys)
         for section, key in keys:
-            m = ((rec or {}).get(section) or {}).get(key)
+            m = (rec.get(section) or {}).get(key)
             if isinstance(m, dict) and isinstance(m.get("value"), int | float) \
                     and not isinstance(m.get("value"), bool):
                 unit = m.get("unit") or ""

@@ -225,3 +225,11 @@ def test_real_smollm2_inference_and_finetuning_are_plausible() -> None:
     out = finetuning.run(f, progress=False)
     assert out.model["prompt_format"] == "chat"
     assert out.quality["eval_loss"]["value"] < 5
+
+
+def test_summary_quality_is_the_axis_own_metric_first() -> None:
+    # the inference axis ranks on perplexity: the summary must not headline task accuracy
+    rec = {"axis": "inference", "study": "inference",
+           "quality": {"task_acc": {"value": 0.03, "unit": "fraction"},
+                       "ppl": {"value": 143.9, "unit": "ppl"}}}
+    assert sweep.record_headline(rec)["quality"] == "ppl=143.9 ppl"
