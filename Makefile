@@ -14,9 +14,9 @@ STUDIES ?= params/architecture/attention.yaml params/architecture/positional.yam
            params/finetuning/general.yaml params/finetuning/domain.yaml \
            params/finetuning/qlora.yaml params/inference.yaml
 # axis 4 at the tiny preset, trimmed to fit make study's 20 minutes on 2 cores (its full grids:
-# `effllm sweep params/cross_modal/<study>.yaml`): MHA/GQA/MLA DiTs, LoRA vs full on ViT and VLM
-CROSS_MODAL ?= "params/cross_modal/dit_attention.yaml --only attention=mha,gqa,mla --only ffn=dense" \
-               "params/cross_modal/peft.yaml --only target=vit,vlm --only method=lora,full"
+# `effllm sweep params/cross_modal/<study>.yaml`): GQA vs MLA DiTs, LoRA vs full on the ViT
+CROSS_MODAL ?= "params/cross_modal/dit_attention.yaml --only attention=gqa,mla --only ffn=dense" \
+               "params/cross_modal/peft.yaml --only target=vit --only method=lora,full"
 
 .PHONY: setup study test test-quick lint clean-runs help
 
