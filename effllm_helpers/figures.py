@@ -382,9 +382,9 @@ def fig2_rank_table(tidy_df: pd.DataFrame, out_dir: str | Path,
     fig.suptitle(title, fontsize=12)
     note = "; ".join(f"{a}: Perf = {p}" for a, p in perf.items() if p)
     ax.set_xlabel(f"{note}.\nRanks from metrics scaled within each comparison set, averaged "
-                  "over sets; '–' = not measured for that axis; '=k' = tied (difference "
-                  "inside the 95 % intervals);\n'✗' = quality not ranked (perplexity worse "
-                  "than uniform). Eff. score = mean efficiency score (0.1-1).", fontsize=8)
+                  "over sets; '–' = not measured for that axis;\n'=k' = tied (difference "
+                  "inside the 95 % intervals); '✗' = quality not ranked (perplexity worse "
+                  "than uniform).\nEff. score = mean efficiency score (0.1-1).", fontsize=8)
     return _done(name, fig, out_dir)
 
 
@@ -798,10 +798,9 @@ def fig_pareto_fronts(tidy_df: pd.DataFrame, out_dir: str | Path,
     if tidy_df is None or tidy_df.empty:
         return _done(name, _no_data_figure(title, "the results table is empty (no runs "
                                            "collected)"), out_dir)
-    axes = [a for a in ("architecture", "finetuning", "inference")
-            if a in set(tidy_df["axis"].dropna())]
+    axes = [a for a in E.STUDY_AXES if a in set(tidy_df["axis"].dropna())]
     if not axes:
-        return _done(name, _no_data_figure(title, "no runs of the three study axes"), out_dir)
+        return _done(name, _no_data_figure(title, "no runs of the study axes"), out_dir)
     fig, axs = _new(14, 3.9 * len(axes), len(axes), 2)
     for row, axis in zip(axs, axes, strict=True):
         wide = _wide(tidy_df, axis)

@@ -516,6 +516,8 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
     if not todo:
         return result
     _warn_shared_devices(workers, dask)
+    if not dask or dask == "local":  # remote workers fill their own caches
+        warm_data_caches(todo)
     bar = _progress(len(todo), result.study, progress)
     try:
         if dask:
@@ -527,6 +529,20 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
     order = {r.run_id: i for i, r in enumerate(runs)}
     result.outcomes.sort(key=lambda o: order[o.run.run_id])
     return result
+
+
+def warm_data_caches(runs: Iterable[config.Run], timeout_s: float = 3600) -> list[str]:
+    """Build the tokenizers and token caches the pretraining runs will read, in a child process
+    before any run starts, so no run trains a tokenizer inside its measured process (its memory
+    stayed in that run's AMU). Returns the data specs warmed; a failure is left to the runs."""
+    import subprocess
+
+    specs = sorted({json.dumps(r.params["data"], sort_keys=True) for r in runs
+                    if r.axis == "architecture" and isinstance(r.params.get("data"), dict)})
+    if specs:
+        subprocess.run([sys.executable, "-m", "effllm_helpers.data.warm", *specs],
+                       check=False, timeout=timeout_s, stdout=subprocess.DEVNULL)
+    return specs
 
 
 def _warn_shared_devices(workers: int, dask: str | None) -> None:

@@ -242,3 +242,17 @@ def test_seal_flags_a_notebook_left_running(tmp_path):
     assert sealed is not None and sealed["notebook_saved"] is False
     assert "cell 0 still running" in sealed["notebook_problem"]
     assert not sweep._has_ok_record(tmp_path, "r")
+
+
+def test_pretraining_data_caches_are_warmed_in_a_child_before_any_run(monkeypatch) -> None:
+    # a tokenizer trained inside the first run's process stayed in that run's AMU (issue 17)
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    runs = config.expand("params/architecture/attention.yaml", "ci")
+    runs += config.expand("params/inference.yaml", "ci")
+    specs = sweep.warm_data_caches(runs)
+    assert len(specs) == 1  # every attention run shares one data spec; inference has none
+    assert calls and calls[0][1:3] == ["-m", "effllm_helpers.data.warm"]
+    assert calls[0][3:] == specs

@@ -39,6 +39,9 @@ FLOOR = 0.1  # the bottom of the scaled range, as in the paper's figures
 # direction per metric name: True = higher is better
 HIGHER_IS_BETTER: dict[str, bool] = {k: m.higher_is_better for k, m in catalog.METRICS.items()}
 
+# the study axes, in figure order (the smoke axis only tests the pipe)
+STUDY_AXES = ("architecture", "finetuning", "inference", "cross_modal")
+
 # the one quality metric of each axis, unless its study file names another (``quality:``); a
 # fixed choice, so a ranking never rests on whichever column happens to vary (1 vs 2 items of 32)
 QUALITY_METRIC: dict[str, str] = {
@@ -509,8 +512,7 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
             "flag", "ties"]
     if tidy_df is None or tidy_df.empty:
         return pd.DataFrame(columns=cols)
-    axes = list(axes) if axes is not None else [a for a in ("architecture", "finetuning",
-                                                            "inference")
+    axes = list(axes) if axes is not None else [a for a in STUDY_AXES
                                                 if a in set(tidy_df["axis"].dropna())]
     blocks = []
     for axis in axes:
