@@ -106,7 +106,7 @@ def test_rank_table_ranks_best_first(tidy: pd.DataFrame) -> None:
     ft = rt[rt["axis"] == "finetuning"].set_index("technique")
     assert ft.loc["freeze", "AMU"] == 1 and ft.loc["full", "AMU"] == 7
     assert ft["TT"].isna().all() and ft["ST"].notna().all()
-    assert set(rt["axis"]) == {"architecture", "finetuning", "inference"}
+    assert set(rt["axis"]) == {"architecture", "finetuning", "inference", "cross_modal"}
 
 
 def test_technique_label_names_every_param_varied_within_a_study() -> None:

@@ -73,7 +73,16 @@ def test_unknown_strategy_in_the_environment_is_refused(monkeypatch):
         train.launch_strategy()
 
 
-def test_two_gloo_processes_train_one_ddp_point_and_return_one_record():
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook kernel that has not imported bitsandbytes (the notebooks never do before a
+    launch); earlier tests in this process did, and accelerate refuses to fork after it."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+
+
+def test_two_gloo_processes_train_one_ddp_point_and_return_one_record(fresh_kernel):
     params = {"launch": {"processes": 2, "strategy": "ddp"}}
     out = launch.run_point(tiny_point, params)
     assert out["rank"] == 0 and out["strategy"] == "ddp"
@@ -118,7 +127,8 @@ def _rank_value() -> int:
     return int(os.environ.get("RANK", "-1"))
 
 
-def test_a_launch_after_a_single_process_run_in_the_same_kernel_is_not_refused() -> None:
+def test_a_launch_after_a_single_process_run_in_the_same_kernel_is_not_refused(
+        fresh_kernel) -> None:
     # notebook_launcher refuses to fork while an Accelerator's shared state exists; a notebook
     # that trained once in-process and then launches N ranks must still work
     from accelerate import Accelerator
