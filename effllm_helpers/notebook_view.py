@@ -139,6 +139,16 @@ def _embedded_cached(profile: str, stage: str) -> bool:
     return (path / "config.json").is_file()
 
 
+def announce(axis: str, p: Any) -> None:
+    """Print what the long cell is about to do: the embedded-model build note when one will be
+    built first (fine-tuning and inference), then the axis's one-line description."""
+    model = {"finetuning": "base_model", "inference": "model"}.get(axis)
+    note = embedded_build_note(getattr(p, model), p.embedded_profile) if model else None
+    if note:
+        print(note, flush=True)
+    print(describe(axis, p), flush=True)
+
+
 def describe(axis: str, p: Any) -> str:
     """What the axis's long cell is about to do, in one line (printed before it starts)."""
     if axis == "architecture":

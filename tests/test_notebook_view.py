@@ -101,3 +101,10 @@ def test_show_writes_nulls_and_whole_reasons() -> None:
     rec = {"axis": "inference", "metrics": {"aec_w": missing("W", long)}, "quality": {}}
     page = V.show(V.metrics_table(rec)).data
     assert long in page and "<td>null</td>" in page and "<th>reason</th>" in page
+
+
+def test_announce_prints_the_description_and_no_build_note_for_a_real_model(capsys) -> None:
+    p = config.notebook_params("inference", "ci", {"model": "/some/local/model"})
+    V.announce("inference", p)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [V.describe("inference", p)]

@@ -56,7 +56,7 @@ ctx.params.model
 # ## Train and measure
 
 # %%
-print(view.describe("architecture", ctx.params), flush=True)
+view.announce("architecture", ctx.params)
 save_dir = outputs_dir("models", ctx.run_id) if ctx.params.save_model else None
 # launch: {processes: N, strategy: ddp|fsdp} in params runs this point on N GPUs (DDP/FSDP)
 result = run_point(architecture.run, ctx.params, seed=ctx.seed, save_dir=save_dir)

@@ -59,10 +59,7 @@ ctx.params
 # skip with its reason.
 
 # %%
-note = view.embedded_build_note(ctx.params.base_model, ctx.params.embedded_profile)
-if note:
-    print(note, flush=True)
-print(view.describe("finetuning", ctx.params), flush=True)
+view.announce("finetuning", ctx.params)
 # launch: {processes: N, strategy: ddp|fsdp} in params runs this point on N GPUs (DDP/FSDP)
 result = ctx.attempt(run_point, finetuning.run, ctx.params, seed=ctx.seed)
 view.show(view.metrics_table(result, "finetuning"))

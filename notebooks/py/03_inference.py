@@ -59,10 +59,7 @@ ctx.params
 # reason instead of crashing the sweep.
 
 # %%
-note = view.embedded_build_note(ctx.params.model, ctx.params.embedded_profile)
-if note:
-    print(note, flush=True)
-print(view.describe("inference", ctx.params), flush=True)
+view.announce("inference", ctx.params)
 result = ctx.attempt(inference.run, ctx.params, seed=ctx.seed)
 view.show(view.metrics_table(result, "inference"))
 
