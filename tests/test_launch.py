@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_lm import BATCH, SEQ, VOCAB, TinyLM  # noqa: E402
 
 from effllm_helpers import config, launch, train
 from effllm_helpers.config import MeasureSpec, TrainSpec
 from effllm_helpers.results import validate_metric
-
-VOCAB, SEQ, BATCH = 32, 16, 4
-
-
-class TinyLM(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(VOCAB, 8)
-        self.head = torch.nn.Linear(8, VOCAB)
-
-    def forward(self, input_ids, labels=None, attention_mask=None):
-        logits = self.head(self.emb(input_ids))
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return SimpleNamespace(loss=loss, logits=logits)
 
 
 def tiny_point(params: dict, steps: int = 4) -> dict:

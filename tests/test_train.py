@@ -3,32 +3,13 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_lm import BATCH, SEQ, VOCAB, TinyLM  # noqa: E402
 
 from effllm_helpers import train
 from effllm_helpers.config import MeasureSpec, TrainSpec
-
-VOCAB, SEQ, BATCH = 32, 16, 4
-
-
-class TinyLM(torch.nn.Module):
-    """Embedding + linear head with the shifted causal-LM loss, as Hugging Face models do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(VOCAB, 8)
-        self.head = torch.nn.Linear(8, VOCAB)
-
-    def forward(self, input_ids, labels=None, attention_mask=None):
-        logits = self.head(self.emb(input_ids))
-        loss = None
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return SimpleNamespace(loss=loss, logits=logits)
 
 
 def blocks(n: int = 32) -> torch.Tensor:
