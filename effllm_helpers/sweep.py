@@ -373,23 +373,32 @@ def _kill_group(proc) -> None:
     """Kill the runner's whole session (runner, papermill) and its descendants in other sessions:
     jupyter_client starts the kernel with ``start_new_session=True``, so killing the group alone
     would orphan a kernel that can keep the GPU busy while the next run starts."""
+    if not kill_process_tree(proc.pid):
+        proc.kill()
+    proc.join()
+
+
+def kill_process_tree(pid: int) -> bool:
+    """SIGKILL the session led by ``pid`` and every descendant of ``pid`` (also those in other
+    sessions), and wait for the descendants; False when there was no such session to kill."""
     import psutil
 
-    try:  # before the kill: once the runner is gone its children are reparented and lost
-        kids = psutil.Process(proc.pid).children(recursive=True)
+    try:  # before the kill: once the leader is gone its children are reparented and lost
+        kids = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
         kids = []
+    killed = True
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        proc.kill()
+        killed = False
     for kid in kids:
         try:
             kid.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(kids, timeout=10)
-    proc.join()
+    return killed
 
 
 def _tail(path: Path, lines: int = 25) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from effllm_helpers import sweep
@@ -35,20 +33,8 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a started process, its session and every descendant (runners, kernels)."""
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        kids = []
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for kid in kids:
-        try:
-            kid.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(kids, timeout=10)
+    sweep.kill_process_tree(proc.pid)
+    proc.kill()  # no-op if the session kill already got it
     proc.wait(timeout=10)
 
 
