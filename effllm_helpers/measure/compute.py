@@ -351,9 +351,9 @@ def mfu_metric(flops_per_token: float | None, tokens: float, duration_s: float |
     """MFU = flops_per_token · tokens / duration / peak (a fraction), never above 1.
 
     A rate above the peak means the peak is wrong. A *calibrated* peak is a max over measured
-    rates, so with ``on_exceed`` (which records the achieved rate as the new peak) the run sets
-    the peak and MFU is exactly 1 (``peak_raised``); any other peak (datasheet, user) gives null
-    with the reason. ``achieved_flops`` is kept either way, to compare runs on FLOP/s.
+    rates, so with ``on_exceed`` the achieved rate becomes the peak for later runs
+    (``peak_raised``) and this run's MFU is null with the reason (against its own rate it would
+    be a tautological 1); any other peak (datasheet, user) gives null with the reason. ``achieved_flops`` is kept either way, to compare runs on FLOP/s.
     """
     method = f"analytic_flops/{peak_method}"
     if flops_per_token is None:
@@ -367,11 +367,12 @@ def mfu_metric(flops_per_token: float | None, tokens: float, duration_s: float |
     achieved = flops_per_token * tokens / duration_s
     if achieved > peak:
         if on_exceed is not None and peak_method == "calibrated_matmul":
-            on_exceed(achieved)
-            return metric(1.0, "fraction", method, achieved_flops=achieved, peak_flops=achieved,
-                          calibrated_peak_flops=peak, peak_raised=True,
-                          note="achieved rate exceeded the calibrated peak: peak raised to it",
-                          **notes)
+            on_exceed(achieved)  # later runs are held against this rate
+            out = missing("fraction", f"achieved {achieved:.4g} FLOP/s beat the calibrated peak "
+                          f"{peak:.4g} FLOP/s: the peak was raised to it for later runs; this "
+                          "run's MFU against its own rate (1) would say nothing", method)
+            out.update(achieved_flops=achieved, calibrated_peak_flops=peak, peak_raised=True)
+            return out
         out = missing("fraction", f"achieved {achieved:.4g} FLOP/s exceeds the {peak_method} "
                       f"peak {peak:.4g} FLOP/s (MFU would be {achieved / peak:.2f}): the "
                       "analytic FLOPs or the peak is wrong", method)
