@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 
-def point(preset: str, size: str, processes: int, strategy: str, steps: int) -> dict[str, Any]:
+def point(preset: str, size: str, processes: int, strategy: str, steps: int,
+          grad_accum: int | None = None) -> dict[str, Any]:
     from effllm_helpers import config, launch
     from effllm_helpers.axes import architecture
 
+    train: dict[str, Any] = {"steps": steps, "eval_every": 10 * steps}
+    if grad_accum is not None:
+        train["grad_accum"] = grad_accum
     over = {"model": {"size": size}, "data": {"corpus": "stdlib"}, "save_model": False,
-            "train": {"steps": steps, "eval_every": 10 * steps},
-            "measure": {"warmup_steps": 5}}
+            "train": train, "measure": {"warmup_steps": 5}}
     if processes > 1:
         over["launch"] = {"processes": processes, "strategy": strategy}
     p = config.notebook_params("architecture", preset, over)
@@ -49,24 +55,58 @@ def point(preset: str, size: str, processes: int, strategy: str, steps: int) -> 
             "peak_gb": m.get("peak_gb"), "world_size": m.get("world_size"), "metrics": m}
 
 
+POINTS = {"ddp1": ("gpu", "large", 1, "ddp"), "ddp2": ("gpu", "large", 2, "ddp"),
+          "fsdp": ("paper", "medium", 2, "fsdp")}
+
+
+def run_isolated(name: str, steps: int, grad_accum: int | None, timeout_s: float) -> dict[str, Any]:
+    """One point in its own Python process: the single-process point initialises CUDA, after
+    which this process could no longer fork launched ranks (see ``launch._check_devices``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = Path(tmp) / "point.json"
+        cmd = [sys.executable, __file__, "--point", name, "--steps", str(steps),
+               "--point-out", str(res)]
+        if grad_accum is not None:
+            cmd += ["--grad-accum", str(grad_accum)]
+        try:
+            proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout_s:.0f} s"}
+        if res.exists():
+            return json.loads(res.read_text())
+        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="outputs/reference/nvidia-h200-x2")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--fsdp-steps", type=int, default=15)
+    ap.add_argument("--fsdp-grad-accum", type=int, default=1,
+                    help="the paper preset accumulates 16 micro-batches; 1 keeps a step short")
+    ap.add_argument("--point-timeout", type=float, default=240)
     ap.add_argument("--skip", default="", help="comma list of ddp1,ddp2,fsdp")
+    ap.add_argument("--point", choices=sorted(POINTS), help=argparse.SUPPRESS)
+    ap.add_argument("--point-out", help=argparse.SUPPRESS)
+    ap.add_argument("--grad-accum", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.point:  # the child: one point, its JSON to --point-out
+        try:
+            res = point(*POINTS[args.point], steps=args.steps, grad_accum=args.grad_accum)
+        except Exception as exc:  # the parent keeps the other points; the JSON says what failed
+            res = {"error": f"{type(exc).__name__}: {exc}"}
+        Path(args.point_out).write_text(json.dumps(res, default=str))
+        return 0
     skip = set(filter(None, args.skip.split(",")))
     out: dict[str, Any] = {}
-    for name, spec in (("ddp1", ("gpu", "large", 1, "ddp")), ("ddp2", ("gpu", "large", 2, "ddp")),
-                       ("fsdp", ("paper", "medium", 2, "fsdp"))):
+    for name in POINTS:
         if name in skip:
             continue
-        try:
-            out[name] = point(*spec, steps=args.steps)
-        except Exception as exc:  # keep the other points; the JSON says what failed
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
-        print(name, {k: out[name].get(k) for k in ("tokens_per_s", "mfu", "energy_j", "error")},
-              flush=True)
+        fsdp = name == "fsdp"
+        out[name] = run_isolated(name, args.fsdp_steps if fsdp else args.steps,
+                                 args.fsdp_grad_accum if fsdp else None, args.point_timeout)
+        print(name, {k: out[name].get(k) for k in ("tokens_per_s", "mfu", "energy_j", "wall_s",
+                                                   "error")}, flush=True)
     t1 = (out.get("ddp1") or {}).get("tokens_per_s")
     t2 = (out.get("ddp2") or {}).get("tokens_per_s")
     out["ddp_scaling_efficiency"] = t2 / (2 * t1) if t1 and t2 else None

@@ -1,8 +1,11 @@
 """One study point on several processes (GPUs), from inside the notebook that runs it.
 
-A params ``launch: {processes: N, strategy: ddp|fsdp}`` makes ``run_point`` start N processes
-with accelerate's ``notebook_launcher`` (it forks: nothing may have touched CUDA before), each
-running the axis function on its own device; ``train.make_accelerator`` reads the strategy from
+A params ``launch: {processes: N, strategy: ddp|fsdp}`` makes ``run_point`` start N processes,
+each running the axis function on its own device. They are forked with accelerate's
+``notebook_launcher`` while this process has not touched CUDA, and spawned otherwise (a forked
+child cannot use a CUDA context it inherited; importing some libraries, e.g. torchao through
+transformers, already initialises CUDA). Spawned ranks re-import the function, so it must be a
+module-level function (the axis functions are); ``train.make_accelerator`` reads the strategy from
 ``$EFFLLM_LAUNCH_STRATEGY``. Every rank combines its Meter with the others' (the training
 record is one run, not N), and rank 0's return value comes back to the notebook through a
 pickle in a private temporary folder, since the launcher itself returns nothing.
@@ -57,6 +60,7 @@ def _rank_entry(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
 
     def effllm_point() -> None:
         os.environ[STRATEGY_ENV] = strategy
+        _own_device()
         out = fn(*args, **kwargs)
         if int(os.environ.get("RANK", "0")) == 0:
             tmp = result.with_suffix(".tmp")
@@ -67,26 +71,68 @@ def _rank_entry(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     return effllm_point
 
 
+START_METHODS = ("auto", "fork", "spawn")
+
+
+def start_method(requested: str = "auto") -> str:
+    """``fork`` (accelerate's notebook launcher) unless CUDA is already initialised here, then
+    ``spawn``: a forked rank cannot use its parent's CUDA context."""
+    if requested not in START_METHODS:
+        raise ValueError(f"start method {requested!r}: must be one of {', '.join(START_METHODS)}")
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+def _spawned_rank(index: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any], result: Path, strategy: str, world: int,
+                  port: int) -> None:
+    """One spawned rank: the rendezvous environment accelerate reads, then the function."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(index),
+                       "LOCAL_RANK": str(index), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world)})
+    _rank_entry(fn, args, kwargs, result, strategy)()
+
+
+def _own_device() -> None:
+    """Make this rank's GPU the current device before the axis builds its model: a model made
+    on ``cuda`` would otherwise land on GPU 0 in every rank (FSDP refuses that outright)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
-           *, processes: int, strategy: str = "ddp") -> Any:
+           *, processes: int, strategy: str = "ddp", method: str = "auto") -> Any:
     """Run ``fn(*args, **kwargs)`` on ``processes`` ranks (one device each on GPU, gloo
-    processes on a CPU) and return rank 0's result."""
+    processes on a CPU) and return rank 0's result. ``method``: see :func:`start_method`."""
     if strategy not in STRATEGIES:
         raise ValueError(f"launch strategy {strategy!r}: must be one of {', '.join(STRATEGIES)}")
     if processes < 1:
         raise ValueError(f"launch processes must be >= 1, got {processes}")
     _check_devices(processes)
-    from accelerate import notebook_launcher
+    how = start_method(method)
     from accelerate.state import AcceleratorState
 
     # an Accelerator made earlier in this process (a previous single-process run in the same
-    # kernel) leaves shared state the launcher refuses to fork over; the ranks build their own,
-    # and CUDA itself was checked untouched above
+    # kernel) leaves shared state the launcher refuses to fork over; the ranks build their own
     AcceleratorState._reset_state(reset_partial_state=True)
     with tempfile.TemporaryDirectory(prefix="effllm-launch-") as tmp:
         result = Path(tmp) / RESULT_NAME
-        notebook_launcher(_rank_entry(fn, args, kwargs or {}, result, strategy),
-                          num_processes=processes, use_port=str(free_port()))
+        if how == "fork":
+            from accelerate import notebook_launcher
+
+            notebook_launcher(_rank_entry(fn, args, kwargs or {}, result, strategy),
+                              num_processes=processes, use_port=str(free_port()))
+        else:
+            import torch.multiprocessing as mp
+
+            mp.start_processes(_spawned_rank, nprocs=processes, join=True, start_method="spawn",
+                               args=(fn, args, kwargs or {}, result, strategy, processes,
+                                     free_port()))
         if not result.exists():
             raise RuntimeError(f"{processes} launched processes ended but rank 0 returned "
                                "nothing")
@@ -96,13 +142,9 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str,
 
 def _check_devices(processes: int) -> None:
     """On a GPU machine one rank per GPU: more ranks than visible GPUs would share devices and
-    mix their energy and memory. Counted without initialising CUDA (the launcher forks)."""
+    mix their energy and memory. Counted without initialising CUDA (the launcher may fork)."""
     import torch
 
-    if torch.cuda.is_initialized():
-        raise RuntimeError("CUDA was initialised in this process before the launch: the "
-                           "launched processes are forked and cannot use it; launch before "
-                           "any cell touches the GPU")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     n = (len([g for g in visible.split(",") if g.strip()]) if visible is not None
          else torch.cuda.device_count())

@@ -55,6 +55,9 @@ class TrainResult:
     samples: int
     final_loss: float
     eval_history: list[dict[str, float]] = field(default_factory=list)
+    # the trained module with its full parameters where training sharded them (FSDP): the
+    # evaluations after training use it; None = the module passed in holds them
+    model: torch.nn.Module | None = None
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
@@ -184,13 +187,17 @@ def train(
     # would end num_processes times early (spec.steps counts steps per process)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec.warmup_steps, spec.steps))
     meter_warmup = measure.warmup_steps
+    # the prepared module, uncompiled: evaluation runs it eagerly. Unwrapped here, before any
+    # compile: accelerate's unwrap of a compiled module re-points its ``_orig_mod`` at the bare
+    # module, past the DDP/FSDP wrapper
+    prepared = model
+    allocate = getattr(getattr(acc.unwrap_model(prepared, keep_torch_compile=False),
+                               "base_model", None), "update_and_allocate", None)
     if spec.compile:
         model = torch.compile(model)
         meter_warmup = max(meter_warmup, COMPILE_WARMUP_STEPS)  # never time the compiling steps
     model.train()
     rank, world = acc.process_index, acc.num_processes
-    allocate = getattr(getattr(acc.unwrap_model(model), "base_model", None),
-                       "update_and_allocate", None)
 
     losses_x, losses_y, joules_x, joules_y = [], [], [], []
     eval_history: list[dict[str, float]] = []
@@ -257,7 +264,7 @@ def train(
             if evaluate and not last and (step + 1) % spec.eval_every == 0:
                 t_ev = time.perf_counter()
                 eval_history.append({"step": step + 1, "tokens": tokens,
-                                     **_evaluate(model, acc, evaluate)})
+                                     **_evaluate(prepared, acc, evaluate)})
                 if n_marks >= meter_warmup:  # inside the measured window
                     # a mark of its own ends the evaluation's interval, which AL then drops;
                     # in warm-up a mark would count as a warm-up step, and nothing is measured
@@ -269,7 +276,7 @@ def train(
         meter.stop()  # the final evaluation is not training time
         if evaluate:
             eval_history.append({"step": spec.steps, "tokens": tokens,
-                                 **_evaluate(model, acc, evaluate)})
+                                 **_evaluate(prepared, acc, evaluate)})
     bar.close()
     curves: dict[str, Any] = {
         "loss_vs_tokens": {"x": losses_x, "y": losses_y, "x_unit": "tokens",
@@ -312,7 +319,8 @@ def train(
     if "tt" not in metrics:
         metrics["tt"] = missing("tokens/s/param", "meter gave no training throughput")
     return TrainResult(metrics=metrics, curves=curves, steps=spec.steps, tokens=tokens,
-                       samples=samples, final_loss=last_loss, eval_history=eval_history)
+                       samples=samples, final_loss=last_loss, eval_history=eval_history,
+                       model=full_module(prepared, acc))
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -337,14 +345,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _fsdp_root(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The outermost FSDP module in the prepared ``model``, None when nothing is sharded."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return next((m for m in model.modules() if isinstance(m, FSDP)), None)
+
+
 def _evaluate(model: torch.nn.Module, acc: Any,
               evaluate: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
-    """Evaluate the eager module: a compiled one would recompile for eval mode and new shapes."""
+    """Evaluate the eager module: a compiled one would recompile for eval mode and new shapes.
+    Under FSDP a gathered full copy (every rank takes part), since the trained module holds
+    only this rank's flat shards."""
     model.eval()
     with torch.no_grad():
-        ev = evaluate(acc.unwrap_model(model, keep_torch_compile=False))
+        ev = evaluate(full_module(model, acc) or acc.unwrap_model(model, keep_torch_compile=False))
     model.train()
     return ev
+
+
+def full_module(model: torch.nn.Module, acc: Any) -> torch.nn.Module | None:
+    """Under FSDP, a fresh module of the trained one's class holding the full trained state on
+    every rank (built on the device, so non-persistent buffers such as RoPE frequencies are
+    initialised as usual); None when parameters were not sharded."""
+    root = _fsdp_root(model)
+    if root is None:
+        return None
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+        state = root.state_dict()
+    inner = acc.unwrap_model(model, keep_torch_compile=False)
+    with torch.device(acc.device):
+        full = type(inner)(inner.config)
+    full.load_state_dict(state)
+    return full.eval()
 
 
 def block_batches(blocks: torch.Tensor, batch_size: int, seed: int = 0

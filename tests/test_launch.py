@@ -125,3 +125,22 @@ def test_a_launch_after_a_single_process_run_in_the_same_kernel_is_not_refused(
     assert AcceleratorState._shared_state
     out = launch.launch(_rank_value, (), {}, processes=2, strategy="ddp")
     assert out == 0
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def test_ranks_are_spawned_when_cuda_is_already_initialised_here(monkeypatch) -> None:
+    # importing torchao (through transformers) initialises CUDA, after which a forked rank
+    # could not use the GPU: the launch then spawns fresh interpreters instead
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert launch.start_method() == "spawn"
+    monkeypatch.undo()
+    assert launch.start_method() == "fork"
+    with pytest.raises(ValueError, match="fork, spawn"):
+        launch.start_method("forkserver")
+
+
+def test_spawned_ranks_get_their_rendezvous_and_rank_0_answers() -> None:
+    assert launch.launch(_world, processes=2, method="spawn") == (0, 2)

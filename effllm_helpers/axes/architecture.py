@@ -113,6 +113,7 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                       p.train, p.measure, n_params=counts["total"], flops_per_token=fpt,
                       evaluate=eval_fn, progress=progress)
 
+    model = res.model if res.model is not None else model  # FSDP: the gathered full model
     model.eval()  # the whole held-out split, or an evenly spread p.eval_tokens of it
     ppl = evaluate.perplexity(model, val_blocks, batch_size=p.train.batch_size,
                               max_tokens=p.eval_tokens)
