@@ -205,6 +205,9 @@ class ModelSpec(Strict):
     # scales the size's d_ff, e.g. a dense model whose total params match an MoE's; the names
     # resolve to this spec's expert count / top-k, so a dense baseline follows the preset's MoE
     d_ff_mult: PosFloat | Literal["n_experts", "top_k"] = 1.0
+    # NSA / RWKV / Mamba kernels: auto = fla (Triton) on CUDA when importable, else the PyTorch
+    # reference; the record names what ran (models/kernels.py)
+    kernel: Literal["auto", "reference", "fla"] = "auto"
 
     @model_validator(mode="after")
     def _moe(self) -> ModelSpec:

@@ -148,7 +148,7 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         "params_active": counts["active"],
         "weight_bytes": weight_bytes(model)["total"],
         "flops_per_token_train": fpt,
-        **_implementation(model.config, seq_len),
+        **_implementation(model.config, seq_len, device),
         "tokens_trained": res.tokens,
         "model_type": model.config.model_type,
         "ffn_label": ffn_label(p),
@@ -171,17 +171,41 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                               model_dir=model_dir, eval_history=res.eval_history)
 
 
-def _implementation(config: Any, seq_len: int) -> dict[str, Any]:
-    """Which implementation ran, where it is not the technique's own kernel: NSA is our
-    dense-masked PyTorch reference, so its speed and memory are that reference's, and the
-    forward FLOPs it executes (beside the sparse model FLOPs MFU counts) say by how much."""
-    if not (config.model_type == "effllm_decoder" and getattr(config, "attention", None) == "nsa"):
-        return {}
-    from ..models import nsa
+def _implementation(config: Any, seq_len: int, device: Any = "cpu") -> dict[str, Any]:
+    """Which implementation of the variant's core op ran on ``device`` (``model.kernel``,
+    :mod:`effllm_helpers.models.kernels`): for NSA, RWKV and Mamba fla's Triton kernel or the
+    PyTorch reference, with the reason fla was not used. NSA's reference is dense-masked, so its
+    speed and memory are that reference's; the forward FLOPs the implementation that ran
+    executes (beside the sparse model FLOPs MFU counts) say by how much."""
+    from ..models import kernels
 
-    out: dict[str, Any] = {"implementation": nsa.IMPLEMENTATION}
+    requested = getattr(config, "kernel", None)
+    mt = config.model_type
+    if mt == "effllm_decoder" and getattr(config, "attention", None) == "nsa":
+        from ..models import nsa
+
+        choice = nsa.nsa_choice(
+            requested, device, n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+            block=config.nsa_block, stride=config.nsa_stride, n_selected=config.nsa_selected)
+    elif mt == "rwkv":
+        from ..models import rwkv
+
+        choice = kernels.choose("rwkv", requested, device, rwkv.reference_name(device))
+    elif mt in ("mamba", "effllm_mamba"):
+        from ..models import mamba
+
+        choice = kernels.choose("mamba", requested, device, mamba.REFERENCE)
+    else:
+        return {}
+    out = kernels.record(choice, requested)
+    if mt != "effllm_decoder":
+        return out
     try:
-        out["flops_per_token_fwd_executed"] = flops.executed_flops_per_token(config, seq_len)
+        out["flops_per_token_fwd_executed"] = flops.executed_flops_per_token(
+            config, seq_len, choice.implementation)
+        out["flops_per_token_fwd_executed_method"] = (
+            f"executed by {choice.implementation} (full sequence, no cache)")
         out["flops_per_token_fwd_model"] = flops.flops_per_token(config, seq_len, training=False)
     except (ValueError, NotImplementedError, AttributeError):
         pass

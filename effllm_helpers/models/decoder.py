@@ -192,7 +192,9 @@ class EffllmAttention(nn.Module):
         self.nsa = (NativeSparseAttention(d, self.n_heads, self.n_kv, block=config.nsa_block,
                                           stride=config.nsa_stride,
                                           n_selected=config.nsa_selected,
-                                          window=config.nsa_window)
+                                          window=config.nsa_window,
+                                          kernel=getattr(config, "kernel", "auto"),
+                                          head_dim=self.head_dim)
                     if is_nsa(config.attention) else None)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -207,7 +209,7 @@ class EffllmAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if self.nsa is not None:
-            out = self.nsa(x, q, k, v, q_pos)
+            out = self.nsa(x, q, k, v, q_pos, cached=cache is not None)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  enable_gqa=self.n_kv != self.n_heads)

@@ -52,6 +52,7 @@ __all__ = [
     "kv_cache_bytes_per_token",
     "nsa_attended_tokens",
     "nsa_executed_attention_flops",
+    "nsa_fla_executed_attention_flops",
     "recurrent_state_bytes",
 ]
 
@@ -287,8 +288,9 @@ def _executed_note(config: Any, mt: str) -> str:
         return ("HF DeepSeek-V3 decompresses the latent KV cache each step (kv_b_proj over all "
                 "P+i cached positions, not only the new one)")
     if _is_nsa(config, mt):
-        return ("NSA is a pytorch_dense_masked_reference: its selected and window branches run "
-                "SDPA over all keys under masks (see nsa_executed_attention_flops)")
+        return ("NSA decodes with a KV cache on the pytorch_dense_masked_reference (also where "
+                "fla runs training): its selected and window branches run SDPA over all keys "
+                "under masks (see nsa_executed_attention_flops)")
     if mt in _MAMBA:
         return ("Mamba's scan is counted one FLOP per elementwise op; only its C.h contraction "
                 "is a matmul")
@@ -353,18 +355,43 @@ def nsa_executed_attention_flops(config: Any, q_len: int, s_len: int) -> float:
     return config.num_hidden_layers * per_layer
 
 
-def executed_flops_per_token(config: Any, seq_len: int) -> float:
+def nsa_fla_executed_attention_flops(config: Any, seq_len: int) -> float:
+    """Attention FLOPs fla's NSA kernels execute on one full ``seq_len`` sequence (no cache),
+    all layers: ``parallel_nsa`` (compressed attention, its top-k re-scoring, selected
+    attention) over tile-padded query heads (``n_kv x fla_group``, see :mod:`.nsa`) and
+    ``parallel_attn``'s window over the real heads. Each query counts only the keys it can see
+    (whole tiles skipped, partial tiles counted as what they hold)."""
+    from .nsa import fla_group
+
+    h, n_kv, hd = config.num_attention_heads, config.num_key_value_heads, _head_dim(config)
+    hp = n_kv * fla_group(h, n_kv)
+    block, n_sel, window = config.nsa_block, config.nsa_selected, config.nsa_window
+    cmp = sum((t + 1) // block for t in range(seq_len))  # visible compressed blocks
+    rescore = sum(t // block for t in range(seq_len))  # top-k candidates
+    sel = sum(min(n_sel * block, t + 1) for t in range(seq_len))
+    win = sum(min(window, t + 1) for t in range(seq_len))
+    pool = 2 * 2.0 * n_kv * seq_len * hd  # mean pooling of K and V
+    per_layer = 4.0 * hp * hd * (cmp + sel) + 2.0 * hp * hd * rescore + 4.0 * h * hd * win
+    return config.num_hidden_layers * (per_layer + pool)
+
+
+def executed_flops_per_token(config: Any, seq_len: int, implementation: str | None = None
+                             ) -> float:
     """Forward FLOPs per token the study's implementation executes on a full ``seq_len``
     sequence (no cache), where that differs from the model FLOPs of :func:`flops_per_token`.
 
     NSA: the dense masked reference (:func:`nsa_executed_attention_flops`), 1.03-1.70x its
-    sparse model FLOPs. Other attention models: every query against the whole context
-    (``causal_discount=False``), what masked eager/SDPA-math kernels execute.
+    sparse model FLOPs; or, when ``implementation`` names fla (``fla.parallel_nsa...``), fla's
+    block-sparse kernels over padded heads (:func:`nsa_fla_executed_attention_flops`). Other
+    attention models: every query against the whole context (``causal_discount=False``), what
+    masked eager/SDPA-math kernels execute.
     """
     mt = _model_type(config)
     if not _is_nsa(config, mt):
         return flops_per_token(config, seq_len, training=False, causal_discount=False)
     body = _body_sum(_body_flops(config, mt)) + _lm_head_flops(config)
+    if implementation and implementation.startswith("fla."):
+        return body + nsa_fla_executed_attention_flops(config, seq_len) / seq_len
     return body + nsa_executed_attention_flops(config, seq_len, seq_len) / seq_len
 
 

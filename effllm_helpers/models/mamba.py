@@ -14,6 +14,17 @@ with everything else done in a few large vectorised ops. It is the exact recurre
 (no ``exp(-cumsum)`` factorisation that could overflow). Decoding with a cache (prefill and
 one-token steps) delegates to the reference mixer, which is fine at inference lengths.
 
+On CUDA, where :mod:`.kernels` chooses fla (``model.kernel`` ``auto``/``fla``), the same scan
+runs on ``fla.ops.gla.fused_recurrent_gla`` (:func:`selective_scan_fla`): Mamba-1's S6 is a
+gated linear attention with one head per inner channel ``d`` (``d_inner`` heads), key dimension
+``d_state`` and value dimension 1: ``q = C_t``, ``k = B_t`` (shared by all heads), ``v =
+dt_t[d] x_t[d]``, per-key log-decay ``gk = dt_t[d] A[d, :]``, scale 1, gives exactly
+``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t`` and ``y_t = C_t . h_t``, in fp32, with fla's own
+backward (gradients for q, k, v and gk). The price of the mapping: fla wants per-head q/k/gk, so
+``C``, ``B`` and the decay are materialised as ``[b, L, d_inner, d_state]`` (fp32) tensors, which
+mamba_ssm's selective-scan kernel avoids (we cannot build mamba_ssm offline). fla's chunked GLA
+(``chunk_gla``) would need value tiles of >= 16 channels and so does not fit a value width of 1.
+
 The model has its own ``model_type`` (``effllm_mamba``) registered with ``AutoConfig`` and
 ``AutoModelForCausalLM`` on import of this module, so ``save_pretrained`` / ``from_pretrained``
 round-trip to the fast class; the weights are plain Mamba weights and also load into
@@ -37,8 +48,12 @@ __all__ = [
     "FastMambaMixer",
     "build_mamba",
     "selective_scan",
+    "selective_scan_fla",
     "selective_scan_reference",
 ]
+
+# what the reference (our chunked scan) is called in records
+REFERENCE = "effllm selective_scan (pytorch chunked scan)"
 
 
 # ---------------------------------------------------------------------------- the scan
@@ -139,6 +154,21 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                                 chunk_len)
 
 
+def selective_scan_fla(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       C: torch.Tensor) -> torch.Tensor:
+    """:func:`selective_scan` on fla's ``fused_recurrent_gla`` (CUDA; see the module docstring)."""
+    from fla.ops.gla import fused_recurrent_gla
+
+    bsz, seq, d = x.shape
+    n = A.shape[-1]
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    q = C[:, :, None, :].expand(bsz, seq, d, n)
+    k = B[:, :, None, :].expand(bsz, seq, d, n)
+    gk = dt[..., None] * A  # [b, L, d, n] log-decay
+    y, _ = fused_recurrent_gla(q, k, (dt * x)[..., None], gk=gk, scale=1.0)
+    return y[..., 0]
+
+
 def selective_scan_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                              B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Plain autograd loop of the same recurrence; slow, used by tests as ground truth."""
@@ -174,6 +204,17 @@ class FastMambaMixer(MambaMixer):
     parent's reference implementation.
     """
 
+    kernel: str = "auto"
+
+    def choice(self, device: Any) -> Any:
+        """The scan's implementation on ``device`` (:mod:`.kernels`), decided once per type."""
+        from . import kernels
+
+        dev = torch.device(device).type
+        if dev not in self._choices:
+            self._choices[dev] = kernels.choose("mamba", self.kernel, dev, REFERENCE)
+        return self._choices[dev]
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _cache_arg(args, kwargs) is not None:
             return super().forward(hidden_states, *args, **kwargs)
@@ -193,7 +234,12 @@ class FastMambaMixer(MambaMixer):
         dt = F.softplus(F.linear(dt_low, self.dt_proj.weight).float()
                         + self.dt_proj.bias.float())
         A = -torch.exp(self.A_log.float())
-        y = selective_scan(x, dt, A, B, C)
+        if self.choice(x.device).use_fla:
+            from .kernels import compile_opaque
+
+            y = compile_opaque(selective_scan_fla)(x, dt, A, B, C)
+        else:
+            y = selective_scan(x, dt, A, B, C)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())
         return self.out_proj(y.to(dtype))
 
@@ -219,6 +265,8 @@ class EffllmMambaForCausalLM(MambaForCausalLM):
         super().__init__(config)
         for layer in self.backbone.layers:
             layer.mixer.__class__ = FastMambaMixer
+            layer.mixer.kernel = getattr(config, "kernel", "auto")
+            layer.mixer._choices = {}
 
     def forward(self, *args: Any, logits_to_keep: int | torch.Tensor = 0, **kwargs: Any) -> Any:
         """``logits_to_keep`` is named so ``generate`` sees it and computes the LM head on the

@@ -24,24 +24,56 @@ reference implementation, not of the paper's fused kernel.
 
 Everything works on absolute positions (``q_pos``: the index of each query in the key sequence),
 so the same code runs a full sequence (training) and a cached decode step (generation).
+
+**The fla kernel** (``model.kernel`` ``auto``/``fla`` on CUDA, :mod:`.kernels`): a full-sequence,
+cache-free forward runs :func:`nsa_attention_fla` = ``fla.ops.nsa.parallel_nsa`` (compressed and
+selected branches, Triton, block-sparse) + ``fla.ops.attn.parallel_attn(window_size=window)``
+(the window branch; fla's own window path needs flash-attn, which we do not assume). fla's NSA is
+a narrower model than this reference, so the fla path runs *fla's semantics*, which this module's
+reference reproduces with ``forced="first_previous_current"`` (what the GPU check compares):
+
+* compression block = selection block = ``block``, stride = ``block`` (no overlap): fla supports
+  only ``nsa_stride == nsa_block`` (otherwise ``auto`` runs this reference, with that reason);
+* compression pooling is a plain mean: fla has no learned pooling, so ``pool_logits`` gets no
+  gradient on the fla path (it stays at its zero init = the same mean);
+* forced blocks: fla always selects the first block, the previous one and the query's own block
+  (the NSA paper's "1 initial + 2 local blocks"), all counted in ``n_selected``; this reference
+  by default forces only the query's own block. Importance (the group's summed compressed
+  attention mass per block) and the candidate set (blocks before the query's own) are the same;
+* GQA: fla needs ``n_heads / n_kv_heads`` a power of two >= 16 (a Triton tile: ``tl.dot`` needs
+  16 rows). Smaller groups (the presets' 2-4) are zero-padded to 16 query heads per KV head; a
+  zero query adds the same ``1/n_visible`` importance to every candidate block, so the selection
+  is unchanged, and its output and gradients are dropped. The kernels' work on the padding is
+  real: :func:`effllm_helpers.models.flops.nsa_fla_executed_attention_flops` counts it;
+* ``n_selected`` and ``block`` must be powers of two with ``block >= 2 * n_selected`` (tile
+  shapes of fla's top-k), ``head_dim <= 256``.
+
+Near-ties in block importance may select different blocks in the kernel than in the reference
+(different summation order), so kernel-vs-reference outputs agree to a tolerance, not bitwise.
+Any call with a KV cache (prefill and decode steps of ``generate``) runs the reference, with
+the fla rules where a cache-free forward would have used fla.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IMPLEMENTATION", "NativeSparseAttention", "attended_tokens", "n_compressed_blocks",
-           "nsa_attention"]
+__all__ = ["IMPLEMENTATION", "FORCED_RULES", "NativeSparseAttention", "attended_tokens",
+           "fla_unsupported", "n_compressed_blocks", "nsa_attention", "nsa_attention_fla"]
 
 # What kind of NSA this is, for records: the selected and window branches run SDPA over *all*
 # keys under boolean masks, so the work executed (and its speed) is that of a dense masked
 # reference, not of the paper's block-sparse kernel; see
 # ``effllm_helpers.models.flops.nsa_executed_attention_flops`` for the executed count.
 IMPLEMENTATION = "pytorch_dense_masked_reference"
+
+# blocks every query selects whatever their score: this reference's rule, or fla's (the paper's)
+FORCED_RULES = ("current", "first_previous_current")
 
 
 def n_compressed_blocks(seq_len: int, block: int, stride: int) -> int:
@@ -67,13 +99,15 @@ def _overlap_matrix(n_cmp: int, n_sel: int, block: int, stride: int,
 
 def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                   gates: torch.Tensor, pool_logits: torch.Tensor, *, block: int, stride: int,
-                  n_selected: int, window: int) -> torch.Tensor:
+                  n_selected: int, window: int, forced: str = "current") -> torch.Tensor:
     """NSA output for queries ``q`` [B, H, T, D] over keys/values ``k, v`` [B, Hkv, S, D].
 
     ``q_pos`` [T]: absolute index of each query among the keys (``S - T + arange(T)`` for a
-    cached step). ``gates`` [B, H, T, 3] in [0, 1]; ``pool_logits`` [Hkv, block]. Returns
-    [B, H, T, D].
+    cached step). ``gates`` [B, H, T, 3] in [0, 1]; ``pool_logits`` [Hkv, block]. ``forced``
+    (one of :data:`FORCED_RULES`): the blocks always selected. Returns [B, H, T, D].
     """
+    if forced not in FORCED_RULES:
+        raise ValueError(f"forced {forced!r} not in {FORCED_RULES}")
     bsz, n_heads, q_len, head_dim = q.shape
     n_kv, s_len = k.shape[1], k.shape[2]
     group = n_heads // n_kv
@@ -111,7 +145,10 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
         else:
             importance = torch.zeros(bsz, n_kv, q_len, n_sel, device=dev)
         visible = (sel_idx[None, :] * block) <= q_pos[:, None]  # [T, n_sel]
-        current = sel_idx[None, :] == (q_pos[:, None] // block)
+        own = q_pos[:, None] // block
+        current = sel_idx[None, :] == own
+        if forced == "first_previous_current":
+            current = current | (sel_idx[None, :] == 0) | (sel_idx[None, :] == own - 1)
         rank = importance.masked_fill(~visible, -1.0).masked_fill(current, math.inf)
         top = rank.topk(min(n_selected, n_sel), dim=-1)
         chosen = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top.indices,
@@ -130,22 +167,116 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
     return out.reshape(bsz, n_heads, q_len, head_dim)
 
 
+def fla_unsupported(*, n_heads: int, n_kv_heads: int, head_dim: int, block: int, stride: int,
+                    n_selected: int) -> str | None:
+    """Why fla's ``parallel_nsa`` cannot run this NSA's settings (``None`` if it can)."""
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    if stride != block:
+        return (f"fla.parallel_nsa compresses non-overlapping blocks: needs nsa_stride == "
+                f"nsa_block (got {stride} vs {block})")
+    if not (pow2(block) and pow2(n_selected) and block >= 2 * n_selected):
+        return (f"fla.parallel_nsa needs nsa_block and nsa_selected powers of two with "
+                f"nsa_block >= 2 * nsa_selected (got {block}, {n_selected})")
+    if head_dim > 256:
+        return f"fla.parallel_nsa needs head_dim <= 256 (got {head_dim})"
+    if n_heads % n_kv_heads:
+        return "n_heads must be a multiple of n_kv_heads"
+    return None
+
+
+def fla_group(n_heads: int, n_kv_heads: int) -> int:
+    """Query heads per KV head fla's NSA kernels run: the group padded to a power of two >= 16."""
+    group = n_heads // n_kv_heads
+    return max(16, 1 << (group - 1).bit_length())
+
+
+def nsa_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
+                      block: int, n_selected: int, window: int) -> torch.Tensor:
+    """:func:`nsa_attention` of a full sequence (``q_pos = arange(T)``) on fla's kernels, with
+    fla's semantics (see the module docstring): same shapes as :func:`nsa_attention`."""
+    from fla.ops.attn import parallel_attn
+    from fla.ops.nsa import parallel_nsa
+
+    bsz, n_heads, q_len, head_dim = q.shape
+    n_kv = k.shape[1]
+    group, padded = n_heads // n_kv, fla_group(n_heads, n_kv)
+    qt = q.transpose(1, 2)  # [B, T, H, D], fla's layout
+    kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    g = gates.transpose(1, 2).to(q.dtype)  # [B, T, H, 3]
+
+    def pad(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, ...] -> [B, T, Hkv * padded, ...]
+        x = x.reshape(bsz, q_len, n_kv, group, *x.shape[3:])
+        x = F.pad(x, (0, 0) * (x.dim() - 4) + (0, padded - group))
+        return x.reshape(bsz, q_len, n_kv * padded, *x.shape[4:])
+
+    def unpad(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(bsz, q_len, n_kv, padded, -1)[:, :, :, :group].reshape(
+            bsz, q_len, n_heads, -1)
+
+    g_pad = pad(g[..., :2])
+    o_sparse = parallel_nsa(pad(qt).contiguous(), kt, vt, g_cmp=g_pad[..., 0].contiguous(),
+                            g_slc=g_pad[..., 1].contiguous(), block_counts=n_selected,
+                            block_size=block, window_size=0)
+    o_win = parallel_attn(qt.contiguous(), kt, vt, window_size=window)
+    out = unpad(o_sparse) + g[..., 2:] * o_win
+    return out.transpose(1, 2)
+
+
 class NativeSparseAttention(nn.Module):
     """The learned parts of NSA (gates and compression pooling) around :func:`nsa_attention`."""
 
     def __init__(self, hidden_size: int, n_heads: int, n_kv_heads: int, *, block: int,
-                 stride: int, n_selected: int, window: int) -> None:
+                 stride: int, n_selected: int, window: int, kernel: str = "auto",
+                 head_dim: int | None = None) -> None:
         super().__init__()
-        self.n_heads, self.block, self.stride = n_heads, block, stride
-        self.n_selected, self.window = n_selected, window
+        self.n_heads, self.n_kv_heads, self.block, self.stride = n_heads, n_kv_heads, block, stride
+        self.n_selected, self.window, self.kernel = n_selected, window, kernel
+        self.head_dim = head_dim or hidden_size // n_heads
+        self._choices: dict[str, Any] = {}  # device type -> kernels.Choice (see choice())
+        # the reference's forced-block rule: None = fla's where fla is chosen, else "current";
+        # the GPU check sets fla's rule to compare the reference with the kernel
+        self.forced: str | None = None
         self.gate = nn.Linear(hidden_size, n_heads * 3)  # per-head gates from the token itself
         self.pool_logits = nn.Parameter(torch.zeros(n_kv_heads, block))  # zeros = mean pooling
 
     def forward(self, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """``hidden_states`` [B, T, d] (gate input); q/k/v as in :func:`nsa_attention`."""
+                v: torch.Tensor, q_pos: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """``hidden_states`` [B, T, d] (gate input); q/k/v as in :func:`nsa_attention`;
+        ``cached``: the call carries a KV cache (then the reference runs, see the module doc)."""
         bsz, q_len, _ = hidden_states.shape
         gates = torch.sigmoid(self.gate(hidden_states)).view(bsz, q_len, self.n_heads, 3)
+        choice = self.choice(q.device)
+        if choice.use_fla and not cached and q_len == k.shape[2]:
+            return _fla_call(q, k, v, gates.transpose(1, 2), block=self.block,
+                             n_selected=self.n_selected, window=self.window)
+        forced = self.forced or ("first_previous_current" if choice.use_fla else "current")
         return nsa_attention(q, k, v, q_pos, gates.transpose(1, 2), self.pool_logits,
                              block=self.block, stride=self.stride, n_selected=self.n_selected,
-                             window=self.window)
+                             window=self.window, forced=forced)
+
+    def choice(self, device: Any) -> Any:
+        """The :class:`~effllm_helpers.models.kernels.Choice` for this layer on ``device``,
+        decided once per device type (:func:`~effllm_helpers.models.kernels.prepare` decides it
+        before a compiled forward, which then only reads it)."""
+        dev = torch.device(device).type
+        if dev not in self._choices:
+            self._choices[dev] = nsa_choice(
+                self.kernel, dev, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                head_dim=self.head_dim, block=self.block, stride=self.stride,
+                n_selected=self.n_selected)
+        return self._choices[dev]
+
+
+def nsa_choice(kernel: str | None, device: Any, **shape: int) -> Any:
+    """Which NSA implementation runs for ``kernel`` on ``device`` (see :mod:`.kernels`)."""
+    from . import kernels
+
+    return kernels.choose("nsa", kernel, device, IMPLEMENTATION, fla_unsupported(**shape))
+
+
+def _fla_call(*args: Any, **kwargs: Any) -> torch.Tensor:
+    from .kernels import compile_opaque
+
+    return compile_opaque(nsa_attention_fla)(*args, **kwargs)

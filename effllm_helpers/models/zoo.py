@@ -21,9 +21,13 @@ transformer mla, rope      DeepseekV3ForCausal kv_lora_rank = d_model // mla_lat
 transformer mha|mqa|gqa,   MixtralForCausalLM  n_experts experts of size d_ff, top_k routed
 rope, moe
 pythia                     GPTNeoXForCausalLM  Pythia layout (parallel residual, 25 % rotary)
-rwkv                       RwkvForCausalLM     attention/FFN widths d_model / d_ff
+rwkv                       RwkvForCausalLM     attention/FFN widths d_model / d_ff; WKV on
+                                               fla's kernel where chosen (models/rwkv.py)
 mamba                      models.mamba.build_mamba(size, vocab_size)
 =========================  ==================  =========================================
+
+Kernels: ``spec.kernel`` (``auto``/``reference``/``fla``) becomes ``config.kernel``; NSA, RWKV
+and Mamba pick fla's Triton kernels or the PyTorch reference by it (:mod:`.kernels`).
 
 Load balancing: the Mixtral MoE trains with its router load-balancing loss (coefficient
 ``MOE_AUX_LOSS_COEF``, added to ``out.loss``, so its training-loss curve carries it; validation
@@ -143,7 +147,7 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
                        positional=spec.positional, attention=spec.attention,
                        rope_theta=ROPE_THETA, nsa_window=spec.nsa_window,
                        nsa_block=spec.nsa_block, nsa_stride=spec.nsa_stride,
-                       nsa_selected=spec.nsa_selected)
+                       nsa_selected=spec.nsa_selected, kernel=spec.kernel)
     return EffllmDecoderForCausalLM(cfg)
 
 
@@ -165,11 +169,13 @@ def build(spec: ModelSpec | dict[str, Any], size: SizeSpec | dict[str, Any], voc
                          hidden_size=size.d_model, num_hidden_layers=size.n_layers,
                          attention_hidden_size=size.d_model, intermediate_size=size.d_ff,
                          tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
-        return RwkvForCausalLM(cfg)
+        from .rwkv import use_kernels
+
+        return use_kernels(RwkvForCausalLM(cfg), spec.kernel)
     if spec.family == "mamba":
         from .mamba import build_mamba  # written separately; imported only when asked for
 
-        return build_mamba(size, vocab_size)
+        return build_mamba(size, vocab_size, kernel=spec.kernel)
     raise ValueError(f"unknown family {spec.family!r}")
 
 

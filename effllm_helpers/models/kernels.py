@@ -1,0 +1,121 @@
+"""Which implementation runs a variant's core op: fla's Triton kernels on CUDA, else our reference.
+
+``model.kernel`` (``auto`` | ``reference`` | ``fla``) is copied onto the model config as
+``config.kernel`` by the zoo. Each op (``nsa``, ``rwkv``, ``mamba``) asks :func:`choose` at call
+time with the device its tensors live on, and the architecture record asks the same function with
+the run's device, so the record names what ran:
+
+* ``reference``: the PyTorch path, always.
+* ``auto``: fla on CUDA when ``fla`` (fla-core, Triton) imports and the model's settings are
+  expressible by the kernel; otherwise the reference, with the reason (``cpu``,
+  ``fla not installed: ...``, ``nsa_stride != nsa_block``...).
+* ``fla``: fla or a :class:`KernelUnavailable` error saying why not (never a silent fallback).
+
+fla ops used (fla-core 0.6): ``fla.ops.nsa.parallel_nsa`` with ``fla.ops.attn.parallel_attn`` for
+the window branch (see :mod:`.nsa`), ``fla.ops.rwkv4.fused_recurrent_rwkv4`` (see :mod:`.rwkv`),
+``fla.ops.gla.fused_recurrent_gla`` for Mamba-1's selective scan (see :mod:`.mamba`). Their calls
+are excluded from ``torch.compile`` graphs (:func:`compile_opaque`): fla's autograd Functions
+launch Triton kernels that dynamo need not trace.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["FLA_OPS", "KERNELS", "Choice", "KernelUnavailable", "choose", "compile_opaque",
+           "fla_missing", "prepare", "record"]
+
+KERNELS = ("auto", "reference", "fla")
+
+# what the fla path runs, per op (names for records)
+FLA_OPS = {
+    "nsa": "fla.parallel_nsa+fla.parallel_attn(window)",
+    "rwkv": "fla.fused_recurrent_rwkv4",
+    "mamba": "fla.fused_recurrent_gla (mamba S6 as GLA)",
+}
+
+
+class KernelUnavailable(RuntimeError):
+    """``model.kernel: fla`` was asked for where fla cannot run."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The implementation one op runs: ``fla`` or not, its record name and, if it is the
+    reference, why fla was not used (``None`` when the reference was asked for)."""
+
+    use_fla: bool
+    implementation: str
+    reason: str | None = None
+
+
+@functools.cache
+def fla_missing() -> str | None:
+    """``None`` when fla's ops import (fla-core and Triton present), else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton not installed ({exc})"
+    try:
+        from fla.ops.attn import parallel_attn  # noqa: F401
+        from fla.ops.gla import fused_recurrent_gla  # noqa: F401
+        from fla.ops.nsa import parallel_nsa  # noqa: F401
+        from fla.ops.rwkv4 import fused_recurrent_rwkv4  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton/driver error raised at import
+        return f"fla not installed or not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _device_type(device: Any) -> str:
+    return torch.device(device).type
+
+
+def choose(op: str, requested: str | None, device: Any, reference: str,
+           unsupported: str | None = None) -> Choice:
+    """The implementation of ``op`` for ``requested`` (``config.kernel``; ``None`` = ``auto``) on
+    ``device``. ``reference``: the reference's record name; ``unsupported``: why this model's
+    settings cannot run on the fla kernel (``None`` if they can)."""
+    requested = requested or "auto"
+    if requested not in KERNELS:
+        raise ValueError(f"model.kernel {requested!r} is not one of {KERNELS}")
+    if requested == "reference":
+        return Choice(False, reference, None)
+    reason = None
+    if _device_type(device) != "cuda":
+        reason = f"{_device_type(device)}: fla's kernels are Triton on CUDA"
+    elif unsupported:
+        reason = unsupported
+    else:
+        reason = fla_missing()
+    if reason is None:
+        return Choice(True, FLA_OPS[op], None)
+    if requested == "fla":
+        raise KernelUnavailable(f"model.kernel=fla for {op}: {reason}")
+    return Choice(False, reference, reason)
+
+
+def compile_opaque(fn: Any) -> Any:
+    """``fn`` excluded from ``torch.compile`` (a graph break around an fla call)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def record(choice: Choice, requested: str | None) -> dict[str, Any]:
+    """Record fields for one choice: what ran, what was asked, and why not fla (if so)."""
+    out: dict[str, Any] = {"implementation": choice.implementation,
+                           "kernel_requested": requested or "auto"}
+    if choice.reason is not None:
+        out["implementation_reason"] = choice.reason
+    return out
+
+
+def prepare(model: torch.nn.Module, device: Any) -> list[Choice]:
+    """Decide every kernel-dispatching module's implementation for ``device`` now (each caches
+    it), so a compiled forward reads a decision rather than tracing it; returns the choices."""
+    dev = torch.device(device)
+    return [m.choice(dev) for m in model.modules() if callable(getattr(m, "choice", None))
+            and hasattr(m, "_choices")]
