@@ -2,7 +2,7 @@
 # Runs on a lent GPU (see ../shared/gpu/README.md): the measure validation, the MFU and decode
 # roofline benchmarks and study sweeps at the gpu preset; results land in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
-#   PART in: validate overhead mfu mfu-large mfu-paper roofline inference attention
+#   PART in: validate overhead mfu mfu-large mfu-paper roofline inference attention attention_free
 #            finetuning_general finetuning_qlora
 # env: SWEEP_ARGS (extra sweep options, e.g. "--only method=freeze,full --set train.steps=60"),
 #      SWEEP_BUDGET_S (time box per sweep, default 3000), SWEEPS (sweep output root, default
@@ -28,7 +28,7 @@ for part in "$@"; do
                bench pretrain_mfu.py --preset paper --size medium --batch-size 8 --out "$dest/paper-medium" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     roofline) bench decode_roofline.py --sizes gpu:medium paper:small paper:medium paper:large --out "$dest" ;;
-    inference|attention|finetuning_general|finetuning_qlora)
+    inference|attention|attention_free|finetuning_general|finetuning_qlora)
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml
               [ -f "$f" ] || f=params/finetuning/${part#finetuning_}.yaml
               log "python3 -m effllm_helpers.cli sweep $f -p gpu -o <sweeps> --timeout 300 ${SWEEP_ARGS:-}"
