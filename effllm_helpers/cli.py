@@ -281,7 +281,7 @@ def recommend(
     quality (ties within ci95 broken by memory, latency, energy) and says why. Exits 1 when
     nothing satisfies the constraints, naming the closest run and what it misses by.
     """
-    from . import recommend as rec
+    from .report import recommend as rec
 
     try:
         tidy = rec.load_tidy(results_dir)
@@ -324,7 +324,7 @@ def compare(
     Techniques are matched by axis, study, model size and technique label. Writes compare.csv
     and a log-scale ratio figure (PNG + PDF); '*' marks a technique whose rank changed.
     """
-    from . import compare as cmp
+    from .report import compare as cmp
 
     if (size_a is None) != (size_b is None):
         _fail("give both --size-a and --size-b (or neither)")

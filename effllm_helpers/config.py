@@ -513,7 +513,7 @@ AXES: dict[str, type[Strict]] = {
     "smoke": SmokeParams,
 }
 
-# metric names the efficiency score may weight (see measure.efficiency)
+# metric names the efficiency score may weight (see report.scoring)
 WEIGHTABLE = ("quality", "amu_gb", "pcu", "mfu", "al_s", "tt", "st", "it", "aec_w", "mcr",
               "energy_j", "j_per_token", "peak_gb", "tokens_per_s")
 
@@ -568,7 +568,7 @@ class StudyFile(Strict):
 
     @model_validator(mode="after")
     def _quality_of_axis(self) -> StudyFile:
-        from .measure.efficiency import QUALITY_CHOICES
+        from .report.scoring import QUALITY_CHOICES
 
         allowed = QUALITY_CHOICES.get(self.axis)
         if self.quality is not None and allowed and self.quality not in allowed:

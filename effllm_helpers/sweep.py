@@ -703,7 +703,7 @@ def record_headline(rec: dict[str, Any] | None) -> dict[str, str]:
     Each cell is ``value unit`` with the metric's name where the column can hold several
     (``acc 0.42``, ``tpot_s 0.012 s``); ``-`` when the record has none with a value.
     """
-    from .measure.efficiency import QUALITY_METRIC, _study_quality_names
+    from .report.scoring import QUALITY_METRIC, _study_quality_names
 
     rec = rec or {}
     # the axis's own quality metric first (the one its scores rank on), then any other

@@ -7,7 +7,7 @@ matplotlib Figure with the paths. A figure whose data is missing still gets draw
 centred "no data: <why>" text on it, so a report never silently lacks a panel and never crashes.
 
 Normalised axes point "higher is better" (scaled to [0.1, 1] within the plotted comparison set by
-:func:`effllm_helpers.measure.efficiency.normalise`); raw ranges with units are printed beside them.
+:func:`effllm_helpers.report.scoring.normalise`); raw ranges with units are printed beside them.
 Repeats (runs whose params differ only in the seed) are averaged and drawn with 95 % confidence
 intervals. Figures use matplotlib's object API (no pyplot state), so they are safe in loops.
 """
@@ -35,7 +35,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from effllm_helpers import catalog  # noqa: E402
 from effllm_helpers import results as R  # noqa: E402
-from effllm_helpers.measure import efficiency as E  # noqa: E402
+from effllm_helpers.report import scoring as E  # noqa: E402
 from effllm_helpers.measure.stats import summarize  # noqa: E402
 
 DPI = 150

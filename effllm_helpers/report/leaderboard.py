@@ -6,7 +6,7 @@ or device to filter. One axis is shown at a time by default, with only its own m
 (the board is otherwise ~30 columns wide and mostly empty); every header says in a tooltip what
 it measures, its unit, which direction is better and how it was measured; the per-axis CSVs are
 linked; the current view exports as a LaTeX or Markdown table for a paper. Scores are computed
-within comparison sets (:data:`effllm_helpers.measure.efficiency.COMPARISON_KEYS`): a rank is
+within comparison sets (:data:`effllm_helpers.report.scoring.COMPARISON_KEYS`): a rank is
 "among runs of the same study, device and model size / base model / model", never across unlike
 runs.
 """
@@ -25,8 +25,8 @@ from typing import Any
 import pandas as pd
 
 from effllm_helpers import catalog
-from effllm_helpers.measure import efficiency as E
 from effllm_helpers.paths import outputs_dir
+from effllm_helpers.report import scoring as E
 
 AXES = ("architecture", "finetuning", "inference", "cross_modal")
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
