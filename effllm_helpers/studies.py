@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .axes.spec import SPECS
 from .config import (
     AXES,
     REPO_ROOT,
@@ -40,6 +41,9 @@ from .config import (
     short_text,
 )
 
+# the axes a study file may name, in the specs' order
+AxisName = Literal[tuple(SPECS)]  # type: ignore[valid-type]
+
 # metric names the efficiency score may weight (see report.scoring)
 WEIGHTABLE = ("quality", "amu_gb", "pcu", "mfu", "al_s", "tt", "st", "it", "aec_w", "mcr",
               "energy_j", "j_per_token", "peak_gb", "tokens_per_s")
@@ -57,7 +61,7 @@ class StudyFile(Strict):
 
     # it names a folder: safe characters, and short enough for any filesystem
     study: Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$", max_length=100)]
-    axis: Literal["architecture", "finetuning", "inference", "cross_modal", "smoke"]
+    axis: AxisName
     notebook: str
     description: str = ""
     base: dict[str, Any] = {}
@@ -96,9 +100,7 @@ class StudyFile(Strict):
 
     @model_validator(mode="after")
     def _quality_of_axis(self) -> StudyFile:
-        from .report.scoring import QUALITY_CHOICES
-
-        allowed = QUALITY_CHOICES.get(self.axis)
+        allowed = SPECS[self.axis].quality_choices
         if self.quality is not None and allowed and self.quality not in allowed:
             raise ValueError(f"quality {self.quality!r} is not a quality metric of the "
                              f"{self.axis} axis; allowed: {', '.join(allowed)}")
@@ -198,13 +200,7 @@ def load_study(path: str | Path, trusted_notebook: bool = False) -> StudyFile:
 
 
 # the repo's notebooks and the axis each one runs (a study's notebook must match its axis)
-NOTEBOOK_AXES = {
-    "notebooks/01_architecture.ipynb": "architecture",
-    "notebooks/02_finetuning.ipynb": "finetuning",
-    "notebooks/03_inference.ipynb": "inference",
-    "notebooks/04_cross_modal.ipynb": "cross_modal",
-    "notebooks/smoke.ipynb": "smoke",
-}
+NOTEBOOK_AXES = {s.notebook: s.name for s in SPECS.values()}
 
 
 def _repo_relative(nb: Path) -> str | None:

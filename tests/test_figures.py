@@ -125,7 +125,7 @@ def test_fig3_keeps_to_its_own_study(tmp_path: Path) -> None:
     drawn = G.fig3a_attention_radar(_tidy(_arch()), tmp_path)
     titles = [ax.get_title() for ax in drawn.figure.axes if ax.get_title()]
     assert "size: small  (10 runs)" in titles  # 5 attention variants x 2 seeds
-    sub = G._arch_rows(_tidy(_arch()), ["p.model.positional"], "positional", "x")
+    sub = G._arch_rows(_tidy(_arch()), ["p.model.positional"], "x")
     assert set(sub["study"]) == {"positional"} and len(sub) == 5
 
 
