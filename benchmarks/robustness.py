@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from typer.testing import CliRunner  # noqa: E402
 
-from effllm_helpers import config  # noqa: E402
+from effllm_helpers import studies  # noqa: E402
 from effllm_helpers.cli import app  # noqa: E402
 
 FUZZ_LIMIT_S = 10.0
@@ -158,7 +158,7 @@ def kills(n: int) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         study = Path(tmp) / "rb.yaml"
         study.write_text(SMOKE_STUDY)
-        expected = {r.run_id for r in config.expand(study, "ci")}
+        expected = {r.run_id for r in studies.expand(study, "ci")}
         for i in range(n):
             out = Path(tmp) / f"out{i}"
             proc = subprocess.Popen(_cmd(study, out), cwd=ROOT, start_new_session=True,
@@ -191,7 +191,7 @@ def concurrent() -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         study = Path(tmp) / "rb.yaml"
         study.write_text(SMOKE_STUDY)
-        expected = {r.run_id for r in config.expand(study, "ci")}
+        expected = {r.run_id for r in studies.expand(study, "ci")}
         out = Path(tmp) / "out"
         procs = [subprocess.Popen(_cmd(study, out), cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]

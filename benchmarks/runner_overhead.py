@@ -39,13 +39,13 @@ def in_process(n_runs: int, out: Path) -> list[float]:
 
 def through_papermill(n_runs: int, out: Path) -> list[float]:
     """The same work as sweep runs it: one runner process + papermill + kernel per run."""
-    from effllm_helpers import config, sweep
+    from effllm_helpers import studies, sweep
 
     study = out / "ovh.yaml"
     study.write_text("study: ovh\naxis: smoke\nnotebook: notebooks/smoke.ipynb\n"
                      f"grid: {{n: [{', '.join(str(32 + i) for i in range(n_runs))}]}}\n")
     times = []
-    for run in config.expand(study, "ci"):
+    for run in studies.expand(study, "ci"):
         t0 = time.perf_counter()
         res = sweep.execute_run(run.model_dump(mode="json"), str(out / "pm" / run.run_id))
         times.append(time.perf_counter() - t0)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import config, results
+from . import config, results, studies
 from .paths import outputs_dir
 
 app = typer.Typer(
@@ -103,8 +103,8 @@ def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None,
              trusted_notebook: TrustedOpt = False) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
     try:
-        runs = config.expand(study, _preset(preset, preset_file), config.parse_overrides(set_),
-                             config.parse_only(only), trusted_notebook)
+        runs = studies.expand(study, _preset(preset, preset_file), studies.parse_overrides(set_),
+                             studies.parse_only(only), trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
     typer.echo(f"{study}: ok, {len(runs)} runs")
@@ -148,11 +148,11 @@ def sweep(
 
     out = _output_root(output_dir, writable=False)
     try:
-        config.check_timeout(timeout)
-        overrides = config.parse_overrides(set_)
-        selected = config.parse_only(only)
+        studies.check_timeout(timeout)
+        overrides = studies.parse_overrides(set_)
+        selected = studies.parse_only(only)
         preset = _preset(preset, preset_file)
-        runs = config.expand(study, preset, overrides, selected, trusted_notebook)
+        runs = studies.expand(study, preset, overrides, selected, trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
     if not dry_run:  # valid params first, so a typo does not leave an empty folder behind
@@ -281,7 +281,7 @@ def recommend(
     quality (ties within ci95 broken by memory, latency, energy) and says why. Exits 1 when
     nothing satisfies the constraints, naming the closest run and what it misses by.
     """
-    from . import recommend as rec
+    from .report import recommend as rec
 
     try:
         tidy = rec.load_tidy(results_dir)
@@ -324,7 +324,7 @@ def compare(
     Techniques are matched by axis, study, model size and technique label. Writes compare.csv
     and a log-scale ratio figure (PNG + PDF); '*' marks a technique whose rank changed.
     """
-    from . import compare as cmp
+    from .report import compare as cmp
 
     if (size_a is None) != (size_b is None):
         _fail("give both --size-a and --size-b (or neither)")

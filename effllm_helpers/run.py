@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config, results
+from . import config, results, studies
 from .errors import SkipRun
 from .paths import outputs_dir
 from .provenance import provenance
@@ -130,7 +130,7 @@ def start_run(axis: str, *, params: dict[str, Any] | None = None, preset: str | 
     """
     p = config.notebook_params(axis, preset, params)
     study = study or f"{axis}_interactive"
-    rid = run_id or config.run_id_for(study, axis, "interactive", p.model_dump(mode="json"), seed)
+    rid = run_id or studies.run_id_for(study, axis, "interactive", p.model_dump(mode="json"), seed)
     out = Path(output_dir) if output_dir else outputs_dir("runs", "interactive", axis, rid)
     out.mkdir(parents=True, exist_ok=True)
     _apply_threads()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config, results
+from . import results, studies
 from .paths import outputs_dir
 from .run import NOTEBOOK_SAVED, SWEEP_RUN_ENV, classify_failure, failure_record
 from .runenv import BATCH_ENV, THREADS_ENV
@@ -56,7 +56,7 @@ ELSEWHERE = "running elsewhere: another sweep holds this run's lock"
 
 @dataclass
 class Outcome:
-    run: config.Run
+    run: studies.Run
     status: str  # ok | failed | skipped | cached | cached-failed | elsewhere
     seconds: float = 0.0
     reason: str | None = None
@@ -77,15 +77,15 @@ class SweepResult:
         return 1 if self.failed else 0
 
 
-def run_dir_for(output_dir: Path, run: config.Run) -> Path:
+def run_dir_for(output_dir: Path, run: studies.Run) -> Path:
     return output_dir / "runs" / run.study / run.run_id
 
 
 # ---------------------------------------------------------------- planning
-def plan(runs: list[config.Run], output_dir: Path,
-         retry_failed: bool = False) -> tuple[list[config.Run], list[Outcome]]:
+def plan(runs: list[studies.Run], output_dir: Path,
+         retry_failed: bool = False) -> tuple[list[studies.Run], list[Outcome]]:
     """Split runs into those to execute and those whose record already settles them."""
-    todo: list[config.Run] = []
+    todo: list[studies.Run] = []
     settled: list[Outcome] = []
     for run in runs:
         _clean_stale_temps(run_dir_for(output_dir, run))
@@ -316,7 +316,7 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
     ``concurrent`` (the sweep's worker count; None if unknown) reaches the record as
     ``extra.concurrent_runs``.
     """
-    run = config.Run.model_validate(run_dict)
+    run = studies.Run.model_validate(run_dict)
     rdir = Path(run_dir).resolve()
     with run_lock(rdir) as mine:
         if not mine:
@@ -326,7 +326,7 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
         return _execute_locked(run, rdir, gpu, concurrent)
 
 
-def _execute_locked(run: config.Run, rdir: Path, gpu: str | None,
+def _execute_locked(run: studies.Run, rdir: Path, gpu: str | None,
                     concurrent: int | None) -> dict[str, Any]:
     results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
     t0 = time.monotonic()
@@ -415,13 +415,13 @@ def runner_main(run_dir: str) -> int:
 
     rdir = Path(run_dir).resolve()
     spec = json.loads((rdir / RUN_SPEC).read_text())
-    run = config.Run.model_validate(spec)
+    run = studies.Run.model_validate(spec)
     if _has_ok_record(rdir, run.run_id):  # never redo (nor delete) a finished run
         return 0
     (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
     started = results.now_iso()
     os.environ[SWEEP_RUN_ENV] = run.run_id  # the kernel inherits it: see run.SWEEP_RUN_ENV
-    nb = config.notebook_path(run.notebook)
+    nb = studies.notebook_path(run.notebook)
     parameters = {"params": run.params, "preset": None, "study": run.study,
                   "run_id": run.run_id, "seed": run.seed, "output_dir": str(rdir),
                   "point": run.point}
@@ -485,7 +485,7 @@ def gpu_slots(workers: int, per_run: int = 1) -> list[str | None]:
     return [groups[i % len(groups)] for i in range(workers)]
 
 
-def launch_processes(runs: Iterable[config.Run]) -> int:
+def launch_processes(runs: Iterable[studies.Run]) -> int:
     """The most processes any of ``runs`` launches (params ``launch.processes``; 1 without)."""
     return max([int((r.params.get("launch") or {}).get("processes", 1)) for r in runs] or [1])
 
@@ -513,8 +513,8 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
           trusted_notebook: bool = False) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
     # validation, before any compute
-    runs = config.expand(study_path, preset, overrides, only, trusted_notebook)
-    config.check_timeout(timeout_s)
+    runs = studies.expand(study_path, preset, overrides, only, trusted_notebook)
+    studies.check_timeout(timeout_s)
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]
     # absolute: the notebook runs with its own folder as cwd and must write where we look
@@ -540,7 +540,7 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
     return result
 
 
-def warm_data_caches(runs: Iterable[config.Run], timeout_s: float = 3600) -> list[str]:
+def warm_data_caches(runs: Iterable[studies.Run], timeout_s: float = 3600) -> list[str]:
     """Build the tokenizers and token caches the pretraining runs will read, in a child process
     before any run starts, so no run trains a tokenizer inside its measured process (its memory
     stayed in that run's AMU). Returns the data specs warmed; a failure is left to the runs."""
@@ -584,11 +584,11 @@ def _record(result: SweepResult, outcome: Outcome, bar, on_outcome) -> None:
         on_outcome(outcome)
 
 
-def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepResult, bar,
+def _run_local(todo: list[studies.Run], out: Path, workers: int, result: SweepResult, bar,
                on_outcome) -> None:
     slots = gpu_slots(max(1, workers), launch_processes(todo))
     free = list(range(len(slots)))
-    pending: dict[Future, tuple[config.Run, int]] = {}
+    pending: dict[Future, tuple[studies.Run, int]] = {}
     queue = list(todo)
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
         try:
@@ -615,7 +615,7 @@ def _run_local(todo: list[config.Run], out: Path, workers: int, result: SweepRes
             raise
 
 
-def _sweep_side_failure(out: Path, run: config.Run, exc: BaseException,
+def _sweep_side_failure(out: Path, run: studies.Run, exc: BaseException,
                         what: str = "sweep failed to execute the run") -> Outcome:
     """A run that failed outside its notebook (sweep or worker side): a failed record, not an
     aborted sweep."""
@@ -634,7 +634,7 @@ class DaskConnectError(RuntimeError):
     """The --dask address is malformed or no scheduler answers there."""
 
 
-def _run_dask(todo: list[config.Run], out: Path, address: str, workers: int,
+def _run_dask(todo: list[studies.Run], out: Path, address: str, workers: int,
               result: SweepResult, bar, on_outcome) -> None:
     from dask.distributed import Client, LocalCluster, as_completed
 
@@ -703,7 +703,7 @@ def record_headline(rec: dict[str, Any] | None) -> dict[str, str]:
     Each cell is ``value unit`` with the metric's name where the column can hold several
     (``acc 0.42``, ``tpot_s 0.012 s``); ``-`` when the record has none with a value.
     """
-    from .measure.efficiency import QUALITY_METRIC, _study_quality_names
+    from .report.scoring import QUALITY_METRIC, _study_quality_names
 
     rec = rec or {}
     # the axis's own quality metric first (the one its scores rank on), then any other
@@ -758,7 +758,7 @@ def summary_table(result: SweepResult, output_dir: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def dry_run_table(runs: Iterable[config.Run], output_dir: Path) -> str:
+def dry_run_table(runs: Iterable[studies.Run], output_dir: Path) -> str:
     lines = []
     for run in runs:
         rec = results.read_record(run_dir_for(output_dir, run))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effllm_helpers import config, evaluate
+from effllm_helpers import config, evaluate, studies
 from effllm_helpers.axes.architecture import effective_size, ffn_label
 from effllm_helpers.models import build, count_params
 
 
 def moe_study(preset: str) -> dict[str, config.ArchitectureParams]:
-    runs = config.expand("params/architecture/moe.yaml", preset)
+    runs = studies.expand("params/architecture/moe.yaml", preset)
     return {r.point["variant"]: config.ArchitectureParams.model_validate(r.params)
             for r in runs if r.point["model.size"] == "small"}
 

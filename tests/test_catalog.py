@@ -46,8 +46,8 @@ def test_a_catalog_attention_variant_builds_and_is_counted(dummies) -> None:
 
 
 def test_a_catalog_precision_loads_and_has_bits_and_a_label(dummies) -> None:
-    from effllm_helpers import figures
     from effllm_helpers.measure.compression import mcr_nominal
+    from effllm_helpers.report import figures
     from effllm_helpers.techniques import precision as prec
 
     p = config.InferenceParams(precision="half")

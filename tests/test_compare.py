@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from effllm_helpers import compare as C
 from effllm_helpers import results as R
 from effllm_helpers.cli import app
+from effllm_helpers.report import compare as C
 
 REPO = Path(__file__).resolve().parents[1]
 

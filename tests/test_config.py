@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from effllm_helpers import config
+from effllm_helpers import config, studies
 
 GOOD = """
 study: t
@@ -29,47 +29,47 @@ def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
 
 
 def test_grid_expands_to_cartesian_product_times_seeds(tmp_path):
-    runs = config.expand(write(tmp_path, GOOD), preset="ci")
+    runs = studies.expand(write(tmp_path, GOOD), preset="ci")
     assert len(runs) == 2 * 2 * 2
     assert {(r.params["method"], r.params["task"], r.seed) for r in runs} == {
         (m, t, s) for m in ("lora", "dora") for t in ("arithmetic", "docname") for s in (0, 1)}
 
 
 def test_run_id_is_stable_and_distinct(tmp_path):
-    a = config.expand(write(tmp_path, GOOD), preset="ci")
-    b = config.expand(write(tmp_path, GOOD), preset="ci")
+    a = studies.expand(write(tmp_path, GOOD), preset="ci")
+    b = studies.expand(write(tmp_path, GOOD), preset="ci")
     assert [r.run_id for r in a] == [r.run_id for r in b]
     assert len({r.run_id for r in a}) == len(a)
 
 
 def test_preset_overlays_base_and_grid_overlays_preset(tmp_path):
     text = GOOD.replace("base: {rank: 8}", "base: {rank: 8, n_train: 999}")
-    runs = config.expand(write(tmp_path, text), preset="ci")
+    runs = studies.expand(write(tmp_path, text), preset="ci")
     assert runs[0].params["rank"] == 4  # ci preset sets rank 4 over the base's 8
     assert runs[0].params["n_train"] == 64
     assert {r.params["method"] for r in runs} == {"lora", "dora"}
     # a grid key the ci preset sets too: the grid point wins
     grid = text.replace("  task: [arithmetic, docname]\n", "  task: [arithmetic, docname]\n"
                         "  rank: [32]\n")
-    runs = config.expand(write(tmp_path, grid, "grid.yaml"), preset="ci")
+    runs = studies.expand(write(tmp_path, grid, "grid.yaml"), preset="ci")
     assert {r.params["rank"] for r in runs} == {32}
 
 
 def test_run_id_is_pinned_across_interpreters_and_versions():
     """Records are matched to runs by id: the hash of a fixed run must never drift."""
     params = {"n": 64, "steps": 5, "measure": {"warmup_steps": 1, "repeats": 1}}
-    assert config.run_id_for("golden", "smoke", "notebooks/smoke.ipynb", params, 0) == \
+    assert studies.run_id_for("golden", "smoke", "notebooks/smoke.ipynb", params, 0) == \
         "b36fd42797df"
     # key order does not matter
     shuffled = {"measure": {"repeats": 1, "warmup_steps": 1}, "steps": 5, "n": 64}
-    assert config.run_id_for("golden", "smoke", "notebooks/smoke.ipynb", shuffled, 0) == \
+    assert studies.run_id_for("golden", "smoke", "notebooks/smoke.ipynb", shuffled, 0) == \
         "b36fd42797df"
 
 
 def test_run_id_changes_with_preset(tmp_path):
     path = write(tmp_path, GOOD)
-    ci = {r.run_id for r in config.expand(path, preset="ci")}
-    tiny = {r.run_id for r in config.expand(path, preset="tiny")}
+    ci = {r.run_id for r in studies.expand(path, preset="ci")}
+    tiny = {r.run_id for r in studies.expand(path, preset="tiny")}
     assert not ci & tiny
 
 
@@ -79,7 +79,7 @@ def test_every_committed_study_file_validates_under_every_preset():
     assert files, "no study files found"
     for f in files:
         for preset in config.available_presets():
-            assert config.expand(f, preset), f
+            assert studies.expand(f, preset), f
 
 
 def test_paper_preset_has_qwen25_dimensions():
@@ -157,7 +157,7 @@ def test_bad_params_file_fails_before_compute_with_clear_message(tmp_path, case)
     text, expected = BAD[case]
     path = write(tmp_path, text)
     with pytest.raises(config.ParamsError) as err:
-        config.expand(path, preset="ci")
+        studies.expand(path, preset="ci")
     msg = str(err.value)
     assert expected in msg, msg
     assert str(path) in msg or "preset" in msg, msg
@@ -166,78 +166,79 @@ def test_bad_params_file_fails_before_compute_with_clear_message(tmp_path, case)
 def test_unknown_preset_lists_the_allowed_ones(tmp_path):
     with pytest.raises(config.ParamsError, match=r"unknown preset 'huge'; allowed: ci, gpu, "
                                                   r"paper, tiny"):
-        config.expand(write(tmp_path, GOOD), preset="huge")
+        studies.expand(write(tmp_path, GOOD), preset="huge")
 
 
 def test_missing_params_file(tmp_path):
     with pytest.raises(config.ParamsError, match="no such params file"):
-        config.expand(tmp_path / "absent.yaml")
+        studies.expand(tmp_path / "absent.yaml")
 
 
 def test_bad_value_is_quoted_in_the_message(tmp_path):
     with pytest.raises(config.ParamsError, match=r'\(got "dorra"\)'):
-        config.expand(write(tmp_path, GOOD.replace("[lora, dora]", "[lora, dorra]")))
+        studies.expand(write(tmp_path, GOOD.replace("[lora, dora]", "[lora, dorra]")))
 
 
 def test_python_tag_in_yaml_does_not_execute(tmp_path):
     marker = tmp_path / "pwned"
     text = GOOD + f"evil: !!python/object/apply:os.system ['touch {marker}']\n"
     with pytest.raises(config.ParamsError):
-        config.expand(write(tmp_path, text))
+        studies.expand(write(tmp_path, text))
     assert not marker.exists()
 
 
 def test_only_keeps_matching_grid_points_and_their_run_ids(tmp_path):
     path = write(tmp_path, GOOD)
-    full = config.expand(path, preset="ci")
-    part = config.expand(path, preset="ci", only=config.parse_only(["method=dora"]))
+    full = studies.expand(path, preset="ci")
+    part = studies.expand(path, preset="ci", only=studies.parse_only(["method=dora"]))
     assert {r.params["method"] for r in part} == {"dora"}
     assert len(part) == 4
     assert {r.run_id for r in part} <= {r.run_id for r in full}
 
 
 def test_only_with_several_keys_and_values_intersects(tmp_path):
-    only = config.parse_only(["method=lora,dora", "task=docname"])
-    runs = config.expand(write(tmp_path, GOOD), preset="ci", only=only)
+    only = studies.parse_only(["method=lora,dora", "task=docname"])
+    runs = studies.expand(write(tmp_path, GOOD), preset="ci", only=only)
     assert {(r.params["method"], r.params["task"]) for r in runs} == {
         ("lora", "docname"), ("dora", "docname")}
 
 
 def test_only_unknown_grid_key_names_the_allowed_keys(tmp_path):
     with pytest.raises(config.ParamsError, match=r"--only rank: not a grid key.*method, task"):
-        config.expand(write(tmp_path, GOOD), preset="ci", only=config.parse_only(["rank=8"]))
+        studies.expand(write(tmp_path, GOOD), preset="ci", only=studies.parse_only(["rank=8"]))
 
 
 def test_only_value_outside_the_grid_names_the_allowed_values(tmp_path):
     with pytest.raises(config.ParamsError, match=r"method='pissa'.*allowed: lora, dora"):
-        config.expand(write(tmp_path, GOOD), preset="ci", only=config.parse_only(["method=pissa"]))
+        studies.expand(write(tmp_path, GOOD), preset="ci",
+                       only=studies.parse_only(["method=pissa"]))
 
 
 def test_only_without_a_value_is_rejected():
     with pytest.raises(config.ParamsError, match="GRIDKEY=VALUE"):
-        config.parse_only(["method="])
+        studies.parse_only(["method="])
 
 
 def test_non_utf8_params_file_is_a_params_error(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes(GOOD.replace("study: t", "study: t\ndescription: caf\xe9").encode("latin-1"))
     with pytest.raises(config.ParamsError, match=r"latin1\.yaml: not UTF-8"):
-        config.expand(path)
+        studies.expand(path)
 
 
 def test_infinite_or_nan_timeout_override_is_rejected():
     for bad in (float("inf"), float("nan"), 0.0):
         with pytest.raises(config.ParamsError, match="--timeout: must be a finite number"):
-            config.check_timeout(bad)
-    assert config.check_timeout(5.0) == 5.0 and config.check_timeout(None) is None
+            studies.check_timeout(bad)
+    assert studies.check_timeout(5.0) == 5.0 and studies.check_timeout(None) is None
 
 
 def test_only_that_selects_nothing_is_an_error(tmp_path):
     # --set of a grid key relabels every point, so --only on that key cannot match any
     with pytest.raises(config.ParamsError, match=r"--only method=lora selects no runs"):
-        config.expand(write(tmp_path, GOOD), preset="ci",
-                      overrides=config.parse_overrides(["method=dora"]),
-                      only=config.parse_only(["method=lora"]))
+        studies.expand(write(tmp_path, GOOD), preset="ci",
+                      overrides=studies.parse_overrides(["method=dora"]),
+                      only=studies.parse_only(["method=lora"]))
 
 
 def test_notebook_params_layers_partial_params_over_the_preset():

@@ -230,8 +230,8 @@ def _record(run_id: str, params: dict, metrics: dict, quality: dict) -> dict:
 def test_figures_draw_the_dit_and_peft_comparisons_from_the_tidy_table(tmp_path) -> None:
     import pandas as pd
 
-    from effllm_helpers import figures as fx
-    from effllm_helpers.figures import NO_DATA, figure_texts
+    from effllm_helpers.report import figures as fx
+    from effllm_helpers.report.figures import NO_DATA, figure_texts
     from effllm_helpers.results import tidy_rows
 
     recs = [_record(f"d{i}", {"experiment": "dit", "attention": a, "ffn": f},

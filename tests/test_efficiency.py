@@ -10,7 +10,7 @@ import pytest
 from fixtures_records import all_records
 
 from effllm_helpers import results as R
-from effllm_helpers.measure import efficiency as E
+from effllm_helpers.report import scoring as E
 
 
 @pytest.fixture()

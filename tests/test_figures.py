@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from fixtures_records import all_records, inference_records
 
-from effllm_helpers import figures as G
 from effllm_helpers import results as R
+from effllm_helpers.report import figures as G
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_pareto_mask_keeps_only_non_dominated_points() -> None:
 
 
 def test_run_curves_draws_tokens_and_says_why_joules_are_missing():
-    from effllm_helpers import figures as F
+    from effllm_helpers.report import figures as F
 
     curves = {"loss_vs_tokens": {"x": [64, 128], "y": [5.0, 4.0]},
               "val_loss_vs_tokens": {"x": [128], "y": [4.5]},
@@ -125,7 +125,7 @@ def test_fig3_keeps_to_its_own_study(tmp_path: Path) -> None:
     drawn = G.fig3a_attention_radar(_tidy(_arch()), tmp_path)
     titles = [ax.get_title() for ax in drawn.figure.axes if ax.get_title()]
     assert "size: small  (10 runs)" in titles  # 5 attention variants x 2 seeds
-    sub = G._arch_rows(_tidy(_arch()), ["p.model.positional"], "positional", "x")
+    sub = G._arch_rows(_tidy(_arch()), ["p.model.positional"], "x")
     assert set(sub["study"]) == {"positional"} and len(sub) == 5
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_lm import BATCH, SEQ, VOCAB, TinyLM  # noqa: E402
 
-from effllm_helpers import config, launch, train
+from effllm_helpers import config, launch, studies, train
 from effllm_helpers.config import MeasureSpec, TrainSpec
 from effllm_helpers.results import validate_metric
 
@@ -101,7 +101,7 @@ def test_a_sweep_groups_by_the_most_processes_any_run_launches():
 
     def run(launch_params):
         params = {"launch": launch_params} if launch_params else {}
-        return config.Run(run_id="r", study="s", axis="architecture", notebook="n", seed=0,
+        return studies.Run(run_id="r", study="s", axis="architecture", notebook="n", seed=0,
                           point={}, params=params, weights={}, timeout_s=None)
 
     assert sweep.launch_processes([run(None), run({"processes": 2, "strategy": "ddp"})]) == 2

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from fixtures_records import all_records
 
-from effllm_helpers import leaderboard as L
 from effllm_helpers import results as R
+from effllm_helpers.report import leaderboard as L
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from effllm_helpers import config, sweep
+from effllm_helpers import studies, sweep
 from effllm_helpers.measure import contention as cont
 from effllm_helpers.measure.meter import Meter
 from effllm_helpers.run import _apply_threads
@@ -91,8 +91,8 @@ def test_busy_fraction_is_the_share_of_non_idle_cpu_time() -> None:
     assert cont.busy_fraction((10.0, 100.0), (10.0, 100.0)) is None
 
 
-def run(rid: str) -> config.Run:
-    return config.Run(run_id=rid, study="s", axis="smoke", notebook="smoke.ipynb", seed=0,
+def run(rid: str) -> studies.Run:
+    return studies.Run(run_id=rid, study="s", axis="smoke", notebook="smoke.ipynb", seed=0,
                       point={}, params={}, weights={}, timeout_s=None)
 
 

@@ -231,10 +231,10 @@ def test_mamba_embeddings_are_untied_like_the_other_families() -> None:
 
 
 def test_moe_study_dense_same_active_matches_the_moe_active_params() -> None:
-    from effllm_helpers import config
+    from effllm_helpers import config, studies
     from effllm_helpers.axes.architecture import effective_size
 
-    runs = {r.point["variant"]: r for r in config.expand("params/architecture/moe.yaml", "ci")
+    runs = {r.point["variant"]: r for r in studies.expand("params/architecture/moe.yaml", "ci")
             if r.point["model.size"] == "small"}
     counts = {}
     for name in ("dense_same_active", "moe_topk"):

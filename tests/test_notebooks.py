@@ -24,10 +24,10 @@ STUDIES = {  # one study file per axis, restricted to one grid point with --set
 def out(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("nb")
     for study, sets in STUDIES.items():
-        from effllm_helpers import config
+        from effllm_helpers import studies
 
         res = sweep.sweep(study, "ci", root, progress=False,
-                          overrides=config.parse_overrides(sets))
+                          overrides=studies.parse_overrides(sets))
         assert {o.status for o in res.outcomes} <= {"ok", "skipped"}, sweep.summary_table(res)
     return root
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from effllm_helpers import config
+from effllm_helpers import config, studies
 from effllm_helpers.cli import app
 
 ROOT = config.REPO_ROOT
@@ -64,7 +64,7 @@ def test_notebook_is_in_sync_with_its_percent_script(nb):
 def test_every_study_notebook_exists():
     for f in ROOT.glob("params/**/*.yaml"):
         if f.parent.name != "presets":
-            assert config.notebook_path(config.load_yaml(f)["notebook"]).is_file(), f
+            assert studies.notebook_path(config.load_yaml(f)["notebook"]).is_file(), f
 
 
 @pytest.mark.parametrize("cmd", [[], ["sweep"], ["validate"], ["collect"], ["report"]])

@@ -10,10 +10,10 @@ import torch
 from fixtures_records import all_records
 
 from effllm_helpers import evaluate
-from effllm_helpers import figures as G
 from effllm_helpers import results as R
 from effllm_helpers.config import FinetuneParams
-from effllm_helpers.measure import efficiency as E
+from effllm_helpers.report import figures as G
+from effllm_helpers.report import scoring as E
 from effllm_helpers.techniques import finetuning as ft
 
 

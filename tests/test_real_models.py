@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from effllm_helpers import config, sweep
+from effllm_helpers import config, studies, sweep
 from effllm_helpers.axes.finetuning import MERGE_TOLERANCE, merge_record
 from effllm_helpers.techniques.finetuning import MergeCheck
 
@@ -20,8 +20,8 @@ def test_finetuning_accepts_model_as_an_alias_of_base_model() -> None:
     canonical = config.resolve_params("finetuning", {"base_model": "embedded:ci"})
     assert by_alias == canonical and by_alias["base_model"] == "embedded:ci"
     assert "model" not in by_alias  # run ids hash the canonical name only
-    a = config.run_id_for("s", "finetuning", "nb", by_alias, 0)
-    assert a == config.run_id_for("s", "finetuning", "nb", canonical, 0)
+    a = studies.run_id_for("s", "finetuning", "nb", by_alias, 0)
+    assert a == studies.run_id_for("s", "finetuning", "nb", canonical, 0)
 
 
 def test_a_later_layer_model_alias_overrides_an_earlier_base_model() -> None:
@@ -64,7 +64,7 @@ def test_expand_refuses_a_missing_model_before_any_run(tmp_path: Path) -> None:
     study.write_text("study: s\naxis: inference\nnotebook: notebooks/03_inference.ipynb\n"
                      "base: {model: /no/such/model}\ngrid: {precision: [fp32]}\n")
     with pytest.raises(config.ParamsError, match=r"model: no such model folder '/no/such/model'"):
-        config.expand(study)
+        studies.expand(study)
 
 
 # ---------------------------------------------------------------- merge check
@@ -88,8 +88,8 @@ def test_the_timeout_reason_says_how_to_raise_the_limit() -> None:
     assert "1800 s" in msg and "--timeout SECONDS" in msg and "timeout_s:" in msg
 
 
-def _run(rid: str, axis: str) -> config.Run:
-    return config.Run(run_id=rid, study="s", axis=axis, notebook="nb", seed=0, point={"p": rid},
+def _run(rid: str, axis: str) -> studies.Run:
+    return studies.Run(run_id=rid, study="s", axis=axis, notebook="nb", seed=0, point={"p": rid},
                       params={}, weights={}, timeout_s=None)
 
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from effllm_helpers import recommend as REC
 from effllm_helpers import results as R
 from effllm_helpers.cli import app
+from effllm_helpers.report import recommend as REC
 
 
 def _rec(precision: str, *, ppl: float, amu: float, al: float, tpot: float,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from effllm_helpers import config, results
+from effllm_helpers import config, results, studies
 from effllm_helpers.cli import app
 
 SMOKE = "study: sm\naxis: smoke\nnotebook: notebooks/smoke.ipynb\n"
@@ -50,7 +50,7 @@ def test_nested_aliases_are_refused_fast_with_a_clear_message(tmp_path):
     assert len(path.read_bytes()) < 500
     t0 = time.monotonic()
     with pytest.raises(config.ParamsError, match="expands to more than .* values"):
-        config.expand(path)
+        studies.expand(path)
     assert time.monotonic() - t0 < 10  # generous: it takes well under a second
 
 
@@ -63,7 +63,7 @@ def test_validate_refuses_nested_aliases_in_a_message_not_a_hang(tmp_path):
 def test_recursive_alias_is_refused(tmp_path):
     path = write(tmp_path, SMOKE + "grid: &g {n: [1], m: *g}\n")
     with pytest.raises(config.ParamsError):
-        config.expand(path)
+        studies.expand(path)
 
 
 @pytest.mark.parametrize("grid", [f"{{n: [1], {'x' * 1_000_000}: [2]}}",
@@ -71,14 +71,14 @@ def test_recursive_alias_is_refused(tmp_path):
 def test_a_huge_bad_value_gives_a_short_message(tmp_path, grid):
     path = write(tmp_path, SMOKE + f"grid: {grid}\n")
     with pytest.raises(config.ParamsError) as info:
-        config.expand(path)
+        studies.expand(path)
     assert "grid" in str(info.value) and len(str(info.value)) < 1000
 
 
 def test_deep_nesting_is_refused_with_a_message(tmp_path):
     path = write(tmp_path, SMOKE + "grid: {n: [1]}\nbase: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(config.ParamsError, match="nested"):
-        config.expand(path)
+        studies.expand(path)
 
 
 # ---------------------------------------------------------------- 2. concurrent sweeps
@@ -156,7 +156,7 @@ ARCH = "study: a\naxis: architecture\nnotebook: notebooks/01_architecture.ipynb\
 ], ids=["weight", "sleep_s", "sleep_nan", "weight_decay", "int64_param", "int64_seed"])
 def test_non_finite_and_out_of_range_numbers_are_refused(tmp_path, text, where, value):
     with pytest.raises(config.ParamsError) as info:
-        config.expand(write(tmp_path, text), "ci")
+        studies.expand(write(tmp_path, text), "ci")
     msg = str(info.value)
     assert where in msg and value in msg, msg
     assert "finite number" in msg or "int64" in msg, msg
@@ -202,7 +202,7 @@ def test_a_study_may_only_name_the_projects_notebooks(tmp_path, notebook):
     text = SMOKE.replace("notebooks/smoke.ipynb", notebook) + "grid: {n: [16]}\n"
     path = write(tmp_path, text)
     with pytest.raises(config.ParamsError, match="not one of the project's notebooks"):
-        config.expand(path, "ci")
+        studies.expand(path, "ci")
     msg = one_line_refusal(cli("sweep", path, "-p", "ci", "-o", tmp_path / "out"))
     assert "--trusted-notebook" in msg and not (tmp_path / "out").exists()
 
@@ -225,7 +225,7 @@ def test_preset_is_a_name_not_a_path(tmp_path, preset):
 def test_preset_file_gives_an_explicit_preset(tmp_path):
     preset = write(tmp_path, "smoke: {steps: 3}\n", "mine.yaml")
     path = write(tmp_path, SMOKE + "grid: {n: [16]}\n")
-    (run,) = config.expand(path, Path(preset))
+    (run,) = studies.expand(path, Path(preset))
     assert run.params["steps"] == 3
     assert cli("validate", path, "--preset-file", preset).exit_code == 0
     one_line_refusal(cli("validate", path, "-p", "ci", "--preset-file", preset))
@@ -323,8 +323,8 @@ def test_csv_export_neutralises_formulas_but_parquet_keeps_the_text(tmp_path):
 def test_timeout_past_what_a_wait_accepts_and_overlong_notebook_path_are_refused(tmp_path):
     big = write(tmp_path, SMOKE + "grid: {n: [16]}\ntimeout_s: 1.0e+21\n")
     with pytest.raises(config.ParamsError, match="timeout_s"):
-        config.expand(big, "ci")
+        studies.expand(big, "ci")
     long_nb = write(tmp_path, SMOKE.replace("notebooks/smoke.ipynb", "x" * 5000)
                     + "grid: {n: [16]}\n", "nb.yaml")
     with pytest.raises(config.ParamsError, match="notebook"):
-        config.expand(long_nb, "ci")
+        studies.expand(long_nb, "ci")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from effllm_helpers import config, results, sweep
+from effllm_helpers import config, results, studies, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +186,7 @@ def test_killed_sweep_loses_nothing_and_resumes(tmp_path, sig):
               for rid in sealed(out)}
     res = sweep.sweep(path, "ci", out, progress=False)
     final = records(out)
-    expected = {r.run_id for r in config.expand(path, "ci")}
+    expected = {r.run_id for r in studies.expand(path, "ci")}
     assert set(final) == expected
     assert all(r["status"] == "ok" and r["notebook_saved"] for r in final.values())
     for rid, mtime in mtimes.items():  # finished runs were not redone
@@ -250,8 +250,8 @@ def test_pretraining_data_caches_are_warmed_in_a_child_before_any_run(monkeypatc
 
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
-    runs = config.expand("params/architecture/attention.yaml", "ci")
-    runs += config.expand("params/inference.yaml", "ci")
+    runs = studies.expand("params/architecture/attention.yaml", "ci")
+    runs += studies.expand("params/inference.yaml", "ci")
     specs = sweep.warm_data_caches(runs)
     assert len(specs) == 1  # every attention run shares one data spec; inference has none
     assert calls and calls[0][1:3] == ["-m", "effllm_helpers.data.warm"]

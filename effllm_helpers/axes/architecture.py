@@ -13,7 +13,6 @@ can recall in context — the capability in which MQA/GQA/MLA/NSA and attention-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,7 @@ from .. import data, evaluate, models, train
 from ..config import ArchitectureParams, SizeSpec
 from ..models import flops
 from ..results import metric, missing
-
-
-@dataclass
-class ArchitectureResult:
-    metrics: dict[str, Any]
-    quality: dict[str, Any]
-    curves: dict[str, Any]
-    model: dict[str, Any]
-    model_dir: str | None = None
-    eval_history: list[dict[str, float]] = field(default_factory=list)
+from .spec import AxisResult
 
 
 def ffn_label(p: ArchitectureParams) -> str:
@@ -74,7 +64,7 @@ def probe_blocks(tokenizer: Any, seq_len: int, n_blocks: int, n_pairs: int,
 
 
 def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None,
-        progress: bool = True) -> ArchitectureResult:
+        progress: bool = True) -> AxisResult:
     """Pretrain the model ``p`` describes for its token budget and measure everything."""
     from ..measure.memory import mark_baseline
 
@@ -167,8 +157,8 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         tokenizer.save_pretrained(save_dir)
     if not math.isfinite(res.final_loss):
         raise RuntimeError("final loss is not finite")
-    return ArchitectureResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
-                              model_dir=model_dir, eval_history=res.eval_history)
+    return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
+                      model_dir=model_dir, eval_history=res.eval_history)
 
 
 def _implementation(config: Any, seq_len: int, device: Any = "cpu") -> dict[str, Any]:

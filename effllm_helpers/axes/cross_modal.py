@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +39,10 @@ from ..config import CrossModalParams, FinetuneParams
 from ..data.images import ImageData, load_images
 from ..models.zoo import count_params
 from ..results import metric, missing
+from .spec import AxisResult
 
 CLASSIFIER_VERSION = 1  # bump when the feature CNN or its training changes (new cache entry)
 
-
-@dataclass
-class CrossModalResult:
-    metrics: dict[str, Any]
-    quality: dict[str, Any]
-    curves: dict[str, Any]
-    model: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    samples: torch.Tensor | None = None  # a few generated images, for the notebook
 
 
 @dataclass
@@ -409,7 +401,7 @@ def _pretrain(model: nn.Module, batches: Any, steps: int, lr: float) -> float:
 
 
 # ---------------------------------------------------------------- experiment: DiT
-def run_dit(p: CrossModalParams, seed: int = 0, progress: bool = True) -> CrossModalResult:
+def run_dit(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisResult:
     """Train the DiT variant under the Meter, sample under a second Meter, score the samples."""
 
     device = _device()
@@ -465,8 +457,8 @@ def run_dit(p: CrossModalParams, seed: int = 0, progress: bool = True) -> CrossM
         "patch_tokens_per_image": tokens, "images_trained": res.samples,
         "data": data.fingerprint, "classifier": clf_info, "image_size": p.image_size,
     }
-    return CrossModalResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
-                            samples=samples[:20])
+    return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
+                      samples=samples[:20])
 
 
 def _balanced_labels(n: int, n_classes: int) -> torch.Tensor:
@@ -672,7 +664,7 @@ def attach_method(model: nn.Module, p: CrossModalParams) -> tuple[nn.Module, dic
     return peft_model, info
 
 
-def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> CrossModalResult:
+def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisResult:
     """Pretrain the target on the plain images (unmeasured), then adapt it with ``p.method`` to
     the shifted images under the Meter; quality before and after on the shifted val split."""
     from ..techniques import finetuning as ft
@@ -748,8 +740,8 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> Cross
         "patch_tokens_per_image": tokens, "images_trained": res.samples,
         "data": data.fingerprint,
     }
-    return CrossModalResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
-                            notes=notes)
+    return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
+                      notes=notes)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -760,7 +752,7 @@ def _jsonable(obj: Any) -> Any:
     return obj if isinstance(obj, str | int | float | bool | type(None)) else str(obj)
 
 
-def run(p: CrossModalParams, seed: int = 0, progress: bool = True) -> CrossModalResult:
+def run(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisResult:
     """One cross-modal run: the DiT study or one PEFT transfer, as ``p.experiment`` says."""
     from ..measure.memory import mark_baseline  # AMU increment: memory above this point
 

@@ -9,7 +9,6 @@ before and after, trainable params, adapter bytes on disk and the merge check.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from ..config import FinetuneParams
 from ..models import embedded
 from ..results import metric, missing
 from ..techniques import finetuning as ft
+from .spec import AxisResult
 
 # an exact merge moves fp32 logits by ~1e-5; beyond this the merged model is not the one trained
 # (e.g. a QLoRA adapter merged onto the dequantised base moved them by 14-17)
@@ -42,15 +42,6 @@ def merge_record(merge: ft.MergeCheck, tolerance: float = MERGE_TOLERANCE
             "unmerged (a 4-bit base merges onto its dequantised weights)")
     return rec, note
 
-
-@dataclass
-class FinetuneResult:
-    metrics: dict[str, Any]
-    quality: dict[str, Any]
-    curves: dict[str, Any]
-    model: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    examples: list[dict[str, str]] = field(default_factory=list)
 
 
 def load_base(name: str, device: torch.device, profile: str = "tiny", progress: bool = False):
@@ -83,7 +74,7 @@ def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: data.TaskData,
 
 
 def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
-        progress: bool = True, evaluate_tasks: bool = True) -> FinetuneResult:
+        progress: bool = True, evaluate_tasks: bool = True) -> AxisResult:
     """Fine-tune with ``p.method`` for ``p.train.steps`` and measure everything."""
     from ..measure.memory import mark_baseline  # AMU increment: memory above this point
     mark_baseline()
@@ -152,8 +143,8 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         out = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         out.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
-    return FinetuneResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
-                          notes=notes, examples=examples)
+    return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
+                      notes=notes, examples=examples)
 
 
 def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared,

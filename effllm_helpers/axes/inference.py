@@ -20,7 +20,6 @@ import gc
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,20 +33,7 @@ from ..measure.compression import compression_metrics
 from ..models import count_params, embedded, flops
 from ..results import metric, missing
 from ..techniques import precision as prec
-
-
-@dataclass
-class InferenceResult:
-    metrics: dict[str, Any]
-    quality: dict[str, Any]
-    model: dict[str, Any]
-    per_batch: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def per_batch_rows(self) -> list[dict[str, Any]]:
-        """One flat row per batch size (metric values only), for tables and the record."""
-        return [{k: (v.get("value") if isinstance(v, dict) else v) for k, v in r.items()}
-                for r in self.per_batch]
+from .spec import AxisResult
 
 
 def heldout_blocks(tokenizer: Any, seq_len: int, max_tokens: int = 200_000) -> torch.Tensor:
@@ -198,7 +184,7 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
     return m, {"name": engine.name, **served}
 
 
-def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceResult:
+def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
     """Load at ``p.precision``, benchmark decode at every batch size, score quality and MCR."""
     from ..measure.memory import mark_baseline  # AMU increment: memory above this point
     mark_baseline()
@@ -285,5 +271,5 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> InferenceRe
              "linear_kernels": kernels}
     if quality["ppl"]["value"] is None:
         notes.append(f"perplexity: {quality['ppl'].get('reason')}")
-    return InferenceResult(metrics=metrics, quality=quality, model=facts, per_batch=per_batch,
-                           notes=notes)
+    return AxisResult(metrics=metrics, quality=quality, model=facts, per_batch=per_batch,
+                      notes=notes)

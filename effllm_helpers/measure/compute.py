@@ -353,7 +353,8 @@ def mfu_metric(flops_per_token: float | None, tokens: float, duration_s: float |
     A rate above the peak means the peak is wrong. A *calibrated* peak is a max over measured
     rates, so with ``on_exceed`` the achieved rate becomes the peak for later runs
     (``peak_raised``) and this run's MFU is null with the reason (against its own rate it would
-    be a tautological 1); any other peak (datasheet, user) gives null with the reason. ``achieved_flops`` is kept either way, to compare runs on FLOP/s.
+    be a tautological 1); any other peak (datasheet, user) gives null with the reason.
+    ``achieved_flops`` is kept either way, to compare runs on FLOP/s.
     """
     method = f"analytic_flops/{peak_method}"
     if flops_per_token is None:

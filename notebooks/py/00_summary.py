@@ -31,8 +31,8 @@ from pathlib import Path
 
 from IPython.display import Image, display
 
-from effllm_helpers import figures, leaderboard, results
-from effllm_helpers.measure import efficiency
+from effllm_helpers import results
+from effllm_helpers.report import figures, leaderboard, scoring
 
 out = Path(output_dir)
 tidy = results.collect(results_dir)
@@ -43,7 +43,7 @@ results.run_counts(tidy)
 # ## Rankings (Fig. 2) and efficiency scores
 
 # %%
-ranks = efficiency.rank_table(tidy)
+ranks = scoring.rank_table(tidy)
 ranks.to_csv(out / "results" / "rank_table.csv", index=False)
 ranks
 
@@ -69,7 +69,7 @@ for p in paths:
 # `max_tpot_ms=10`; `effllm recommend --help` lists them).
 
 # %%
-from effllm_helpers import recommend
+from effllm_helpers.report import recommend
 
 try:
     for choice in recommend.recommend(tidy, "inference"):

@@ -39,7 +39,7 @@ output_dir = None    # None = outputs/runs/interactive/architecture/<run_id>
 point = None
 
 # %%
-from effllm_helpers import figures
+from effllm_helpers.report import figures
 from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import architecture
 from effllm_helpers.launch import run_point

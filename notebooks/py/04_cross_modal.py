@@ -36,7 +36,7 @@ point = None
 # %%
 import pandas as pd
 
-from effllm_helpers import figures
+from effllm_helpers.report import figures
 from effllm_helpers.axes import cross_modal
 from effllm_helpers.run import start_run
 

@@ -33,31 +33,23 @@ import numpy as np
 import pandas as pd
 
 from effllm_helpers import catalog
+from effllm_helpers.axes import spec as _spec
 
 FLOOR = 0.1  # the bottom of the scaled range, as in the paper's figures
 
 # direction per metric name: True = higher is better
 HIGHER_IS_BETTER: dict[str, bool] = {k: m.higher_is_better for k, m in catalog.METRICS.items()}
 
-# the study axes, in figure order (the smoke axis only tests the pipe)
-STUDY_AXES = ("architecture", "finetuning", "inference", "cross_modal")
+# the per-axis tables below are views of the axis specs (axes/spec.py), kept by these names for
+# the scores, figures and leaderboard that read them
+STUDY_AXES = _spec.STUDY_AXES
+_STUDY_SPECS = [_spec.SPECS[a] for a in STUDY_AXES]
 
 # the one quality metric of each axis, unless its study file names another (``quality:``); a
 # fixed choice, so a ranking never rests on whichever column happens to vary (1 vs 2 items of 32)
-QUALITY_METRIC: dict[str, str] = {
-    "architecture": "val_ppl",
-    "finetuning": "eval_loss",
-    "inference": "ppl",
-    "cross_modal": "frechet_classifier_distance",
-}
+QUALITY_METRIC: dict[str, str] = {s.name: s.quality for s in _STUDY_SPECS if s.quality}
 # quality metrics a study file may name per axis (the metrics that axis records)
-QUALITY_CHOICES: dict[str, tuple[str, ...]] = {
-    "architecture": ("val_ppl", "val_loss", "probe_acc"),
-    "finetuning": ("eval_loss", "accuracy"),
-    "inference": ("ppl", "val_loss", "task_acc"),
-    "cross_modal": ("frechet_classifier_distance", "sample_class_accuracy", "fid", "val_loss",
-                    "eval_loss", "accuracy"),
-}
+QUALITY_CHOICES: dict[str, tuple[str, ...]] = {s.name: s.quality_choices for s in _STUDY_SPECS}
 # kept for callers that list candidates: the fixed metric only
 QUALITY_CANDIDATES: dict[str, tuple[str, ...]] = {k: (v,) for k, v in QUALITY_METRIC.items()}
 # perplexities that are compared with a uniform guess over the vocabulary (``uniform_ppl``)
@@ -66,28 +58,15 @@ WORSE_THAN_UNIFORM = "worse than uniform (ppl > vocabulary size): not ranked on 
 
 # efficiency metrics of the default score per axis (the paper's figure axes for that axis)
 EFFICIENCY_METRICS: dict[str, tuple[str, ...]] = {
-    "architecture": ("amu_gb", "al_s", "tt", "aec_w"),
-    "finetuning": ("amu_gb", "pcu", "al_s", "st", "aec_w"),
-    "inference": ("amu_gb", "al_s", "it", "aec_w", "mcr"),
-    "cross_modal": ("amu_gb", "al_s", "st", "aec_w"),
-}
+    s.name: s.efficiency_metrics for s in _STUDY_SPECS}
 
 # what a run is compared against: runs that share these columns form one comparison set
-COMPARISON_KEYS: dict[str, tuple[str, ...]] = {
-    "architecture": ("study", "device", "p.model.size"),
-    "finetuning": ("study", "device", "p.base_model", "p.task"),
-    "inference": ("study", "device", "p.model"),
-    "cross_modal": ("study", "device", "p.experiment", "p.target", "p.data"),
-}
+COMPARISON_KEYS: dict[str, tuple[str, ...]] = {s.name: s.comparison_keys for s in _STUDY_SPECS}
 
 # technique params per axis: the label of a run is made of those that vary within its study
 # (named by value), then any other non-seed param that varies there (named ``name=value``)
 TECHNIQUE_PARAMS: dict[str, tuple[str, ...]] = {
-    "architecture": ("p.model.attention", "p.model.positional", "p.model.ffn", "p.model.family"),
-    "finetuning": ("p.method", "p.quant"),
-    "inference": ("p.precision",),
-    "cross_modal": ("p.attention", "p.ffn", "p.method"),
-}
+    s.name: s.technique_params for s in _STUDY_SPECS}
 # a param at this value says "not used" and is left out of a label (QLoRA's quant on plain LoRA)
 UNSET_VALUE: dict[str, str] = {"p.quant": "none"}
 

@@ -9,7 +9,7 @@ The steps, per comparison set (device x model size, i.e. the axis's comparison k
 study, so that e.g. LoRA and QLoRA on one base model compete):
 
 1. Repeats of a technique (seeds) are averaged, with a 95 % CI over them (a single run keeps its
-   recorded in-run ``ci95``): :func:`effllm_helpers.figures.repeat_summary`.
+   recorded in-run ``ci95``): :func:`effllm_helpers.report.figures.repeat_summary`.
 2. A run violating a constraint is excluded with the reason. A null metric neither satisfies nor
    violates anything, unless a constraint is *on* it: then it is excluded as "unknown".
 3. The Pareto front of the rest over quality (up), memory, latency and energy (down) — only
@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from .measure import efficiency as E
+from . import scoring as E
 
 # the model-size column of each axis (what "same size" means for it)
 SIZE_COLUMN: dict[str, str] = {
@@ -57,7 +57,7 @@ def load_tidy(path: str | os.PathLike[str]) -> pd.DataFrame:
     Why all three: a researcher may have the raw runs, a report folder, or only the CSV someone
     sent; all are the same long table (:func:`effllm_helpers.results.collect`).
     """
-    from . import results
+    from .. import results
 
     p = Path(path)
     if p.is_dir():
@@ -233,7 +233,7 @@ def choose_in_set(agg: pd.DataFrame, constraints: Sequence[str | Constraint] | S
     """Apply constraints, Pareto-filter and pick one technique in one comparison set.
 
     ``agg``: one row per technique (column ``technique``) with metric columns and optional
-    ``<metric>_ci95`` columns (as :func:`effllm_helpers.figures.repeat_summary` gives).
+    ``<metric>_ci95`` columns (as :func:`effllm_helpers.report.figures.repeat_summary` gives).
     """
     cons: list[Constraint] = list(constraints)
     table = agg.reset_index(drop=True).copy()

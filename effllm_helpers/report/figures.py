@@ -7,7 +7,7 @@ matplotlib Figure with the paths. A figure whose data is missing still gets draw
 centred "no data: <why>" text on it, so a report never silently lacks a panel and never crashes.
 
 Normalised axes point "higher is better" (scaled to [0.1, 1] within the plotted comparison set by
-:func:`effllm_helpers.measure.efficiency.normalise`); raw ranges with units are printed beside them.
+:func:`effllm_helpers.report.scoring.normalise`); raw ranges with units are printed beside them.
 Repeats (runs whose params differ only in the seed) are averaged and drawn with 95 % confidence
 intervals. Figures use matplotlib's object API (no pyplot state), so they are safe in loops.
 """
@@ -35,7 +35,8 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from effllm_helpers import catalog  # noqa: E402
 from effllm_helpers import results as R  # noqa: E402
-from effllm_helpers.measure import efficiency as E  # noqa: E402
+from effllm_helpers.axes.spec import SPECS, axis_of_figure  # noqa: E402
+from effllm_helpers.report import scoring as E  # noqa: E402
 from effllm_helpers.measure.stats import summarize  # noqa: E402
 
 DPI = 150
@@ -289,20 +290,37 @@ def _one_device(wide: pd.DataFrame) -> str | None:
     return f"runs from {len(devs)} devices ({', '.join(devs)}): report one device's records"
 
 
-def _arch_rows(tidy_df: pd.DataFrame | None, vary: Sequence[str], study: str,
+def figure_keys(figure: str) -> list[str]:
+    """The params whose variation selects ``figure``'s runs, from its axis spec (axes/spec.py)."""
+    return list(axis_of_figure(figure)[1])
+
+
+def studies_varying(wide: pd.DataFrame, key: str) -> list[str]:
+    """The studies with an ok run in which ``key`` takes more than one value (unset counts as a
+    value): those whose design varies it, whatever their study files are called."""
+    if "study" not in wide or key not in wide:
+        return []
+    ok = set(E.ok_rows(wide)["study"].dropna())
+    n_values = wide.groupby("study")[key].agg(lambda c: c.astype(str).nunique())
+    return sorted(s for s, n in n_values.items() if n > 1 and s in ok)
+
+
+def _arch_rows(tidy_df: pd.DataFrame | None, vary: Sequence[str],
                what: str) -> pd.DataFrame | str:
-    """Ok architecture runs of ``study`` with every setting but ``vary`` held fixed, or why none.
+    """Ok architecture runs of the studies that vary ``vary[0]``, with every setting but
+    ``vary`` held fixed, or why none.
 
     Why: other studies' runs (the moe study's dense baselines, attention_free's transformer)
-    share settings with a study's runs but are not its seed repeats, so a figure keeps to its
-    own study when that study has runs; it needs runs of one device and at least two distinct
-    values of the varied setting to compare.
+    share settings with a study's runs but are not its seed repeats, so a figure keeps to the
+    studies that vary its setting when there are any; it needs runs of one device and at least
+    two distinct values of the varied setting to compare.
     """
     wide = _wide(tidy_df, "architecture")
     if wide.empty or E.ok_rows(wide).empty:
         return _why_empty(tidy_df, "architecture", what)
-    if "study" in wide and (E.ok_rows(wide)["study"] == study).any():
-        wide = wide[wide["study"] == study]
+    studies = studies_varying(wide, vary[0])
+    if studies:
+        wide = wide[wide["study"].isin(studies)]
     why = _one_device(wide)
     if why:
         return why
@@ -337,7 +355,7 @@ def fig2_rank_table(tidy_df: pd.DataFrame, out_dir: str | Path,
         why = ("the results table is empty (no runs collected)" if tidy_df is None
                or tidy_df.empty else "no successful runs with metrics to rank")
         return _done(name, _no_data_figure(title, why), out_dir)
-    axis_order = {"architecture": 0, "finetuning": 1, "inference": 2}
+    axis_order = {a: i for i, a in enumerate(E.STUDY_AXES)}
     rt = (rt.assign(_a=rt["axis"].map(axis_order).fillna(9), _s=-rt["score"].fillna(-1))
           .sort_values(["_a", "study", "_s", "technique"]).drop(columns=["_a", "_s"])
           .reset_index(drop=True))
@@ -396,7 +414,7 @@ def fig3a_attention_radar(tidy_df: pd.DataFrame, out_dir: str | Path,
                           records_root: str | Path | None = None) -> Drawn:
     """Fig. 3a: a radar per model size; axes PPL, AMU, AL, TT, AEC; one series per attention."""
     name, title = "fig3a_attention_radar", "Fig. 3a - attention variants per model size"
-    sub = _arch_rows(tidy_df, ["p.model.attention"], "attention", "an attention variant")
+    sub = _arch_rows(tidy_df, figure_keys(name), "an attention variant")
     if isinstance(sub, str):
         return _done(name, _no_data_figure(title, sub), out_dir)
     sizes = _order(sub["p.model.size"], ["small", "medium", "large"])
@@ -450,7 +468,7 @@ def fig3b_positional_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
                           records_root: str | Path | None = None) -> Drawn:
     """Fig. 3b: grouped bars per positional encoding (AMU, AL, TT, AEC) with a PPL line."""
     name, title = "fig3b_positional_bars", "Fig. 3b - positional encodings"
-    sub = _arch_rows(tidy_df, ["p.model.positional"], "positional", "a positional encoding")
+    sub = _arch_rows(tidy_df, figure_keys(name), "a positional encoding")
     if isinstance(sub, str):
         return _done(name, _no_data_figure(title, sub), out_dir)
     counts = sub.groupby("p.model.size")["p.model.positional"].nunique()
@@ -494,8 +512,7 @@ def fig3c_moe_bubbles(tidy_df: pd.DataFrame, out_dir: str | Path,
                       records_root: str | Path | None = None) -> Drawn:
     """Fig. 3c: dense vs MoE; x = normalised value, y = metric rows, bubble area ∝ params."""
     name, title = "fig3c_moe_bubbles", "Fig. 3c - dense vs mixture-of-experts"
-    sub = _arch_rows(tidy_df, ["p.model.ffn", "p.model.d_ff_mult"], "moe",
-                     "both dense and MoE FFNs")
+    sub = _arch_rows(tidy_df, figure_keys(name), "both dense and MoE FFNs")
     if isinstance(sub, str):
         return _done(name, _no_data_figure(title, sub), out_dir)
     by = [c for c in ("p.model.ffn", "p.model.d_ff_mult", "p.model.size") if c in sub]
@@ -970,7 +987,7 @@ def fig_repeat_error_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
 #
 # Runs are selected by axis (``cross_modal``) and ``p.experiment``, not by study file name; several
 # seeds of one configuration are averaged.
-XM_AXIS = "cross_modal"
+XM_AXIS = axis_of_figure("fig6a_dit_attention")[0].name
 ATTENTION_ORDER = ("mha", "mqa", "gqa", "mla")
 TARGET_ORDER = ("vit", "vlm", "dit")
 METHOD_ORDER = ("lora", "dora", "loha", "lokr", "freeze", "full")
@@ -1069,8 +1086,8 @@ def fig6b_peft_transfer(tidy: pd.DataFrame | None, out_dir: str | Path,
     return _done(name, fig, out_dir)
 
 
-FIGURES: dict[str, Callable[..., Drawn]] = {
-    "fig2_rank_table": fig2_rank_table,
+# the figures one axis draws, by the names its spec lists (AxisSpec.figures)
+AXIS_FIGURES: dict[str, Callable[..., Drawn]] = {
     "fig3a_attention_radar": fig3a_attention_radar,
     "fig3b_positional_bars": fig3b_positional_bars,
     "fig3c_moe_bubbles": fig3c_moe_bubbles,
@@ -1079,6 +1096,12 @@ FIGURES: dict[str, Callable[..., Drawn]] = {
     "fig5_precision_polar": fig5_precision_polar,
     "fig6a_dit_attention": fig6a_dit_attention,
     "fig6b_peft_transfer": fig6b_peft_transfer,
+}
+# every figure, in report order: the rank table, each axis's own (in the specs' order), then
+# those drawn over all axes; an axis spec naming a figure that is not drawn here raises
+FIGURES: dict[str, Callable[..., Drawn]] = {
+    "fig2_rank_table": fig2_rank_table,
+    **{f: AXIS_FIGURES[f] for s in SPECS.values() for f in s.figures},
     "pareto_fronts": fig_pareto_fronts,
     "loss_curves": fig_loss_curves,
     "repeat_error_bars": fig_repeat_error_bars,

@@ -6,7 +6,7 @@ or device to filter. One axis is shown at a time by default, with only its own m
 (the board is otherwise ~30 columns wide and mostly empty); every header says in a tooltip what
 it measures, its unit, which direction is better and how it was measured; the per-axis CSVs are
 linked; the current view exports as a LaTeX or Markdown table for a paper. Scores are computed
-within comparison sets (:data:`effllm_helpers.measure.efficiency.COMPARISON_KEYS`): a rank is
+within comparison sets (:data:`effllm_helpers.report.scoring.COMPARISON_KEYS`): a rank is
 "among runs of the same study, device and model size / base model / model", never across unlike
 runs.
 """
@@ -25,17 +25,17 @@ from typing import Any
 import pandas as pd
 
 from effllm_helpers import catalog
-from effllm_helpers.measure import efficiency as E
+from effllm_helpers.axes.spec import SPECS
 from effllm_helpers.paths import outputs_dir
+from effllm_helpers.report import scoring as E
 
-AXES = ("architecture", "finetuning", "inference", "cross_modal")
+AXES = E.STUDY_AXES
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
 KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl",
                "frechet_classifier_distance", "sample_class_accuracy", "amu_gb",
                "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
                "aec_w", "energy_j", "j_per_token", "mcr")
-SIZE_COLUMN = {"architecture": "p.model.size", "finetuning": "p.base_model",
-               "inference": "p.model", "cross_modal": "p.target"}
+SIZE_COLUMN = {a: SPECS[a].size_column for a in AXES}
 DEFAULT_UNITS = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
 # one line per metric, for header tooltips (units come from the records, directions from
 # efficiency.HIGHER_IS_BETTER, methods from the records)

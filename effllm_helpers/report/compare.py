@@ -5,8 +5,9 @@ code change) is a question about *ratios* of the same technique's metrics and ab
 *order* of techniques changes — not about averaging the two sets, which the report refuses.
 
 Matching: a technique of A meets the one of B with the same axis, study, model size (the axis's
-size column, see :data:`effllm_helpers.recommend.SIZE_COLUMN`) and technique label. To compare
-two sizes, pick one on each side (``size_a``/``size_b``); the size is then left out of the match.
+size column, see :data:`effllm_helpers.report.recommend.SIZE_COLUMN`) and technique label.
+To compare two sizes, pick one on each side (``size_a``/``size_b``); the size is then left out of
+the match.
 A label that has no partner is matched on the axis's core technique params alone (e.g.
 ``fp16+compute_dtype=bf16`` with ``fp16``) when that is unambiguous on both sides, because the
 label names every setting that varies *within* one set, and that differs between sets.
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .measure import efficiency as E
+from . import scoring as E
 from .recommend import SIZE_COLUMN, RecommendError, load_tidy
 
 __all__ = ["compare", "headline_metrics", "ratio_interval", "ranking_changes", "write_compare",
