@@ -173,6 +173,16 @@ def check_variant(name: str, p: Any, args: argparse.Namespace, vocab: int, seq_l
     return res
 
 
+def _write(report: dict[str, Any], out: Path | None, t0: float) -> None:
+    report["summary"] = summarise(report["items"])
+    report["wall_s"] = time.perf_counter() - t0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "kernels_check.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        tmp.replace(out / "kernels_check.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--out", type=Path, default=None, help="folder for kernels_check.json")
@@ -236,12 +246,9 @@ def main() -> None:
             report["items"][name]["wall_s"] = time.perf_counter() - t_item
             model = None
             torch.cuda.empty_cache()
-    report["summary"] = summarise(report["items"])
-    report["wall_s"] = time.perf_counter() - t0
-    text = json.dumps(report, indent=2, default=str)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernels_check.json").write_text(text + "\n")
+            print(f"{name}: done in {time.perf_counter() - t_item:.0f}s", flush=True)
+            _write(report, args.out, t0)  # after every item: a killed run keeps what finished
+    _write(report, args.out, t0)
     for line in report["summary"]:
         print(line)
     print(f"wall {report['wall_s']:.0f}s" + (f"; wrote {args.out / 'kernels_check.json'}"
