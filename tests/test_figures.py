@@ -211,3 +211,12 @@ def test_loss_curve_labels_skip_missing_size(tmp_path: Path) -> None:
     legends = [t.get_text() for ax in drawn.figure.axes if ax.get_legend()
                for t in ax.get_legend().get_texts()]
     assert "lora" in legends and not any("nan" in t for t in legends)
+
+
+def test_text_axis_figures_order_variants_and_methods_as_the_catalog_registers_them() -> None:
+    # the cross-modal figures keep their own (DiT) orders under their own names; they once
+    # shadowed these, and Fig. 3a / 4 then sorted NSA, LoRA+, RSLoRA and PiSSA alphabetically last
+    from effllm_helpers import catalog
+
+    assert tuple(G.ATTENTION_ORDER) == tuple(catalog.ATTENTION)
+    assert tuple(G.METHOD_ORDER) == tuple(catalog.FINETUNE_METHODS)

@@ -988,9 +988,9 @@ def fig_repeat_error_bars(tidy_df: pd.DataFrame, out_dir: str | Path,
 # Runs are selected by axis (``cross_modal``) and ``p.experiment``, not by study file name; several
 # seeds of one configuration are averaged.
 XM_AXIS = axis_of_figure("fig6a_dit_attention")[0].name
-ATTENTION_ORDER = ("mha", "mqa", "gqa", "mla")
+XM_ATTENTION_ORDER = ("mha", "mqa", "gqa", "mla")  # the DiT variants
 TARGET_ORDER = ("vit", "vlm", "dit")
-METHOD_ORDER = ("lora", "dora", "loha", "lokr", "freeze", "full")
+XM_METHOD_ORDER = ("lora", "dora", "loha", "lokr", "freeze", "full")
 DIT_PANELS = (("frechet_classifier_distance", "Fréchet dist. (CNN features) ↓"),
               ("sample_class_accuracy", "classifier acc. on samples ↑"),
               ("al_s", "AL, s/step ↓"), ("sample_images_per_s", "sampling images/s ↑"),
@@ -1020,7 +1020,7 @@ def fig6a_dit_attention(tidy: pd.DataFrame | None, out_dir: str | Path,
         return _done(name, _no_data_figure(title, "no ok cross_modal dit runs"), out_dir)
     cols = [m for m, _ in DIT_PANELS if m in runs]
     agg = runs.groupby(["p.attention", "p.ffn"])[cols].mean().reset_index()
-    atts = _xm_ordered(agg["p.attention"], ATTENTION_ORDER)
+    atts = _xm_ordered(agg["p.attention"], XM_ATTENTION_ORDER)
     ffns = _xm_ordered(agg["p.ffn"], ("dense", "moe"))
     fig, axs = _new(3 * 4.2, 2 * 3.0, nrows=2, ncols=3)
     pal = _palette(ffns, "tab10")
@@ -1053,7 +1053,7 @@ def fig6b_peft_transfer(tidy: pd.DataFrame | None, out_dir: str | Path,
             if c in runs]
     agg = runs.groupby(["p.target", "p.method"])[cols].mean().reset_index()
     targets = _xm_ordered(agg["p.target"], TARGET_ORDER)
-    methods = _xm_ordered(agg["p.method"], METHOD_ORDER)
+    methods = _xm_ordered(agg["p.method"], XM_METHOD_ORDER)
     pal = _palette(methods, "tab10")
     fig, axs = _new(3.6 * len(targets), 5.6, nrows=2, ncols=len(targets))
     for j, t in enumerate(targets):
