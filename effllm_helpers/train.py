@@ -375,7 +375,8 @@ def full_module(model: torch.nn.Module, acc: Any) -> torch.nn.Module | None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+                              FullStateDictConfig(offload_to_cpu=acc.device.type != "cpu",
+                                                  rank0_only=False)):
         state = root.state_dict()
     inner = acc.unwrap_model(model, keep_torch_compile=False)
     with torch.device(acc.device):
