@@ -311,7 +311,8 @@ def test_chat_arithmetic_prefers_the_answer_line_over_later_numbers() -> None:
     ("`os_path_join`", True), ("os_path_join", True), ("os_path_join()", True),
     ("**os_path_join**", True), ("The function is `os_path_join(a, *p)`.", True),
     ("posixpath.os_path_join", True), ("os_path_join.\nIt joins paths.", True),
-    ("OS_PATH_JOIN", False), ("join", False), ("The function joins paths.", False), ("", False),
+    ("os_path_join_", False), ("OS_PATH_JOIN", False), ("join", False),
+    ("The function joins paths.", False), ("", False),
 ])
 def test_chat_docname_scorer_strips_markup_only(text: str, ok: bool) -> None:
     task = tasks.TaskData(train=[], eval=[], name="docname")

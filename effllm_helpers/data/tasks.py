@@ -189,7 +189,7 @@ def extract_name(text: str) -> str:
     line = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
     ticked = re.search(r"`([^`]+)`", line)
     name = ticked.group(1) if ticked else line
-    name = name.strip().strip("*_'\"").strip().rstrip(".").strip()
+    name = name.strip().strip("*'\"").strip().rstrip(".").strip()  # not _: print_ is a name
     name = name.split("(", 1)[0].strip()
     if re.fullmatch(r"[A-Za-z_][\w.]*", name):
         name = name.rsplit(".", 1)[-1]
