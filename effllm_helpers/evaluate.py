@@ -184,6 +184,25 @@ def accuracy(predictions: Iterable[str], items: Iterable[dict[str, Any]],
                   **ci_fields(acc, bootstrap_ci([float(h) for h in hits]), len(hits), "items"))
 
 
+def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, style: str,
+                  max_new_tokens: int) -> tuple[dict[str, Any], list[str]]:
+    """Greedy answers to ``task.eval`` (a :class:`~effllm_helpers.data.TaskData`) in prompt
+    format ``style``, scored by the task's scorer for that format; the metric records the
+    format and the answer extraction (``prompt_format``, ``extraction``). A chat generation
+    gets at least ``CHAT_MIN_NEW_TOKENS`` (an instruct model reasons before its answer)."""
+    from .data.tasks import CHAT_MIN_NEW_TOKENS
+
+    if style == "chat":
+        max_new_tokens = max(max_new_tokens, CHAT_MIN_NEW_TOKENS)
+    preds = generate_answers(model, tokenizer, task.prompts(tokenizer, style),
+                             max_new_tokens=max_new_tokens)
+    scorer, extraction = task.scoring(style)
+    acc = accuracy(preds, task.eval, scorer)
+    if acc.get("value") is not None:
+        acc.update(prompt_format=style, extraction=extraction, max_new_tokens=max_new_tokens)
+    return acc, preds
+
+
 # ---------------------------------------------------------------- KV cache, measured
 def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     """Bytes of every distinct tensor reachable from a cache object (lists, layers, attrs)."""

@@ -246,3 +246,105 @@ def test_chat_sft_target_is_the_assistant_turn(chat_tok) -> None:
     assert prompt_text.endswith("<|im_start|>assistant\n")
     assert target_text.startswith("Answer: 4") and target_text.rstrip().endswith("<|im_end|>")
     assert extract_answer(target_text) == "4"  # the turn's end is a stop string
+
+
+# ---------------------------------------------------------------- chat answer format and scoring
+def test_chat_prompts_of_builtin_tasks_end_with_an_answer_format_instruction(tok, chat_tok) -> None:
+    task = load_task("arithmetic", 1, 2)
+    chat = task.prompts(chat_tok, "chat")
+    assert all("end with a line `Answer: <number>`" in p for p in chat)
+    assert chat[0].index(task.eval[0]["prompt"]) < chat[0].index("Answer: <number>")
+    assert chat[0].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    docs = tasks.TaskData(train=[], eval=[_row("Which function is this? x", "join")],
+                          name="docname")
+    assert "Reply with only the function name." in docs.prompts(chat_tok, "chat")[0]
+
+
+def test_plain_prompts_and_scoring_are_unchanged(tok) -> None:
+    task = load_task("arithmetic", 1, 2)
+    assert task.prompts(tok, "plain") == [format_prompt(it["prompt"]) for it in task.eval]
+    assert task.instruction("plain") == ""
+    assert task.scoring("plain") == (score, tasks.PLAIN_EXTRACTION)
+    assert not score("The answer is **14**.", _row("q", "14"))  # plain stays exact
+
+
+def test_chat_sft_rows_carry_the_same_instruction_as_generation(chat_tok) -> None:
+    task = load_task("arithmetic", 2, 1)
+    out = sft_tensors(task.eval, chat_tok, max_len=256, style="chat",
+                      instruction=task.instruction("chat"))
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    prompt_text = chat_tok.decode(ids[labels == -100], skip_special_tokens=False)
+    assert prompt_text == task.prompts(chat_tok, "chat")[0]
+    plain = sft_tensors(task.eval, chat_tok, max_len=256, instruction="ignored in plain")
+    assert "ignored" not in chat_tok.decode(plain["input_ids"][0])
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is **12**.",
+    "7 + 5 = 12\nAnswer: 12",
+    "First, 7 + 5 = 12.\n\n**Answer:** 12 apples",
+    "answer: 5 + 7 = 12",
+    "Answer: 12<|im_end|>Answer: 99",
+    "He has 7, buys 5, so 12.",
+])
+def test_chat_arithmetic_scorer_reads_typical_instruct_answers(text: str) -> None:
+    scorer, extraction = load_task("arithmetic", 1, 1).scoring("chat")
+    assert extraction == "answer_line_else_last_number"
+    assert scorer(text, _row("q", "12"))
+
+
+@pytest.mark.parametrize("text", [
+    "Answer: 13", "7 + 5 = 12\nAnswer: 13", "The answer is 120.", "no number", "",
+    "Answer: 12.5",
+])
+def test_chat_arithmetic_scorer_rejects_wrong_answers(text: str) -> None:
+    assert not tasks.score_number(text, _row("q", "12"))
+
+
+def test_chat_arithmetic_prefers_the_answer_line_over_later_numbers() -> None:
+    assert tasks.extract_number("Answer: 30\n\nThis took 2 steps.") == "30"
+    assert tasks.extract_number("Step 1: 4 - 1 = 3\nAnswer: 1,234") == "1,234"
+    assert tasks.score_number("Answer: 1,234", _row("q", "1234"))
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    ("`os_path_join`", True), ("os_path_join", True), ("os_path_join()", True),
+    ("**os_path_join**", True), ("The function is `os_path_join(a, *p)`.", True),
+    ("posixpath.os_path_join", True), ("os_path_join.\nIt joins paths.", True),
+    ("os_path_join_", False), ("OS_PATH_JOIN", False), ("join", False),
+    ("The function joins paths.", False), ("", False),
+])
+def test_chat_docname_scorer_strips_markup_only(text: str, ok: bool) -> None:
+    task = tasks.TaskData(train=[], eval=[], name="docname")
+    scorer, extraction = task.scoring("chat")
+    assert extraction == "first_line_name_without_markup"
+    assert scorer(text, _row("q", "os_path_join")) is ok
+
+
+def test_a_real_set_keeps_its_exact_scorer_in_chat() -> None:
+    task = tasks.TaskData(train=[], eval=[], name="jsonl:x.jsonl")
+    assert task.instruction("chat") == ""
+    assert task.scoring("chat") == (score, tasks.PLAIN_EXTRACTION)
+
+
+def test_task_accuracy_records_format_extraction_and_a_chat_budget(
+        chat_tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    from effllm_helpers import evaluate
+
+    task = load_task("arithmetic", 1, 2)
+    seen: dict[str, object] = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens=32):
+        seen.update(prompts=prompts, max_new_tokens=max_new_tokens)
+        return [f"The answer is **{task.eval[0]['answer']}**.", "Answer: -1"]
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    acc, preds = evaluate.task_accuracy(None, chat_tok, task, "chat", max_new_tokens=20)
+    assert acc["value"] == 0.5 and acc["n"] == 2 and len(preds) == 2
+    assert acc["prompt_format"] == "chat"
+    assert acc["extraction"] == "answer_line_else_last_number"
+    assert seen["max_new_tokens"] == tasks.CHAT_MIN_NEW_TOKENS == acc["max_new_tokens"]
+    assert seen["prompts"] == task.prompts(chat_tok, "chat")
+    acc, _ = evaluate.task_accuracy(None, chat_tok, task, "plain", max_new_tokens=20)
+    assert acc["value"] == 0.0 and acc["extraction"] == tasks.PLAIN_EXTRACTION
+    assert seen["max_new_tokens"] == 20

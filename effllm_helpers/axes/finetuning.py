@@ -61,13 +61,10 @@ def load_base(name: str, device: torch.device, profile: str = "tiny", progress: 
 def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: data.TaskData,
                   max_new_tokens: int, style: str = "plain"
                   ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """Greedy generations on the eval items, exact-match scored; with a few examples.
-    ``style`` is the prompt format (``chat`` or ``plain``), recorded in the metric."""
-    prompts = [data.format_prompt(it["prompt"], tokenizer, style) for it in task.eval]
-    preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    acc = evaluate.accuracy(preds, task.eval, task.scorer)
-    if acc.get("value") is not None:
-        acc["prompt_format"] = style
+    """Greedy generations on the eval items, scored (:func:`evaluate.task_accuracy`); with a
+    few examples. ``style`` is the prompt format (``chat`` or ``plain``), recorded in the metric
+    with the answer extraction."""
+    acc, preds = evaluate.task_accuracy(model, tokenizer, task, style, max_new_tokens)
     examples = [{"prompt": it["prompt"], "answer": it["answer"], "generated": p}
                 for it, p in list(zip(task.eval, preds, strict=True))[:3]]
     return acc, examples
@@ -84,8 +81,11 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     model, tokenizer = load_base(path, device, p.embedded_profile, progress)
     style = data.prompt_style(tokenizer, p.prompt_format)
     task = data.load_task(p.task, p.n_train, p.n_eval, seed=seed)
-    train_t = data.sft_tensors(task.train, tokenizer, p.max_len, style=style)
-    eval_t = data.sft_tensors(task.eval, tokenizer, p.max_len, style=style)
+    instruction = task.instruction(style)  # the chat prompts' answer-format instruction
+    train_t = data.sft_tensors(task.train, tokenizer, p.max_len, style=style,
+                               instruction=instruction)
+    eval_t = data.sft_tensors(task.eval, tokenizer, p.max_len, style=style,
+                              instruction=instruction)
     answer_len = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval[:16]) + 4
     max_new = min(p.max_len, answer_len)
 

@@ -60,12 +60,9 @@ def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len
     ppl = evaluate.perplexity(model, val, batch_size=8, max_tokens=p.ppl_batches * 8 * seq_len)
     task = data.load_task("arithmetic", 1, p.task_items, seed=0)
     style = data.prompt_style(tokenizer, p.prompt_format)
-    prompts = [data.format_prompt(it["prompt"], tokenizer, style) for it in task.eval]
     max_new = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval) + 4
-    preds = evaluate.generate_answers(model, tokenizer, prompts, max_new_tokens=max_new)
-    acc = evaluate.accuracy(preds, task.eval, task.scorer)
-    if acc.get("value") is not None:
-        acc["prompt_format"] = style  # an instruct model scores ~0 without its chat template
+    # an instruct model scores ~0 without its chat template: the metric names format/extraction
+    acc, _ = evaluate.task_accuracy(model, tokenizer, task, style, max_new)
     out = {"ppl": ppl["ppl"], "val_loss": ppl["loss"], **({"uniform_ppl": ppl["uniform_ppl"]}
                                                           if "uniform_ppl" in ppl else {}),
            "task_acc": acc}

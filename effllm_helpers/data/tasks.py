@@ -22,7 +22,10 @@ Prompt template (training and generation must use the same one, see :func:`forma
     {response}<|endoftext|>
 
 or, for a tokenizer with a chat template (``prompt_format: auto|chat``), the prompt as the user
-turn and the response as the assistant turn of that template.
+turn and the response as the assistant turn of that template. An instruct model is not trained
+on our response format, so in chat form a built-in task's user turn ends with an answer-format
+instruction and its answers are read leniently (:data:`CHAT_FORMATS`); the plain format and its
+exact-match scorer are unchanged. Records name the format and the extraction used.
 """
 
 from __future__ import annotations
@@ -102,6 +105,13 @@ def response_end(tokenizer: Any, style: str = "plain") -> list[int]:
 
 
 # ---------------------------------------------------------------- scoring
+def _cut_at_stops(text: str) -> str:
+    """``text`` up to where a new template block, turn end or eos begins."""
+    for stop in STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text
+
+
 def _norm(text: str) -> str:
     text = " ".join(text.strip().split())
     text = text.strip("`'\"").strip()
@@ -120,8 +130,7 @@ def extract_answer(text: str, multiline: bool = False) -> str:
     the content of the last ``<Output>...</Output>`` (OpenO1), what follows the last ``Answer:``,
     or the first non-empty line. Unless ``multiline``, only the first line of that is kept.
     """
-    for stop in STOP_STRINGS:
-        text = text.split(stop, 1)[0]
+    text = _cut_at_stops(text)
     if "<Output>" in text:
         ans = text.rsplit("<Output>", 1)[1].split("</Output>", 1)[0]
     elif "Answer:" in text:
@@ -142,6 +151,84 @@ def score(prediction_text: str, item: Item) -> bool:
     return bool(gold.strip()) and _norm(pred) == _norm(gold)
 
 
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+_ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
+
+
+def extract_number(text: str) -> str:
+    """The numeric answer of a free-form (instruct) response, ``""`` if it has no number.
+
+    The last number on the first non-empty line after the last ``Answer:`` (any case, markdown
+    around it ignored: ``**Answer:** 12`` -> 12, ``Answer: 5 + 7 = 12`` -> 12); with no
+    ``Answer:`` line, the last number in the response (``The answer is **12**.`` -> 12), the
+    usual lenient reading of a model's worked answer.
+    """
+    text = _cut_at_stops(text)
+    parts = _ANSWER.split(text)
+    if len(parts) > 1:
+        line = next((ln for ln in parts[-1].splitlines() if ln.strip()), "")
+        found = _NUMBER.findall(line)
+        if found:
+            return found[-1]
+    found = _NUMBER.findall(text)
+    return found[-1] if found else ""
+
+
+def score_number(prediction_text: str, item: Item) -> bool:
+    """:func:`extract_number` equals ``item["answer"]`` as a number (1,234 == 1234, 12.0 == 12)."""
+    pred = extract_number(prediction_text)
+    return bool(pred) and _norm(pred) == _norm(item["answer"])
+
+
+def extract_name(text: str) -> str:
+    """The identifier a free-form response names: on its first non-empty line, the first
+    `backticked` span if there is one, else the whole line; then markdown emphasis, quotes,
+    a trailing period, a call's parentheses (``join(a, *p)`` -> ``join``) and a module path
+    (``os.path.join`` -> ``join``) are dropped. Case is kept: ``Join`` is not ``join``."""
+    text = _cut_at_stops(text)
+    line = next((ln for ln in text.splitlines() if ln.strip()), "").strip()
+    ticked = re.search(r"`([^`]+)`", line)
+    name = ticked.group(1) if ticked else line
+    name = name.strip().strip("*'\"").strip().rstrip(".").strip()  # not _: print_ is a name
+    name = name.split("(", 1)[0].strip()
+    if re.fullmatch(r"[A-Za-z_][\w.]*", name):
+        name = name.rsplit(".", 1)[-1]
+    return name
+
+
+def score_name(prediction_text: str, item: Item) -> bool:
+    """:func:`extract_name` equals ``item["answer"]`` exactly."""
+    gold = item["answer"].strip()
+    return bool(gold) and extract_name(prediction_text) == gold
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a built-in task is asked and read in chat form: the instruction that ends the user
+    turn, the scorer, and the extraction's name for the record."""
+
+    instruction: str
+    scorer: Scorer
+    extraction: str
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {
+    "arithmetic": ChatFormat("Solve it step by step, then end with a line `Answer: <number>`.",
+                             score_number, "answer_line_else_last_number"),
+    "docname": ChatFormat("Reply with only the function name.", score_name,
+                          "first_line_name_without_markup"),
+}
+PLAIN_EXTRACTION = "final_answer_exact"  # :func:`score`: first line after the last Answer:
+# an instruct model reasons before its answer line: a chat generation gets at least this many
+# new tokens (the plain format's budget is the longest reference response + 4)
+CHAT_MIN_NEW_TOKENS = 128
+
+
+def with_instruction(prompt: str, instruction: str) -> str:
+    """The user turn: the task's prompt, then its answer-format instruction (if any)."""
+    return f"{prompt}\n\n{instruction}" if instruction else prompt
+
+
 @dataclass
 class TaskData:
     """Train and eval items of one task and the function that scores a generation."""
@@ -150,6 +237,27 @@ class TaskData:
     eval: list[Item]
     name: str
     scorer: Scorer = score
+
+    def instruction(self, style: str) -> str:
+        """The answer-format instruction this task's chat prompts end with (none in plain)."""
+        fmt = CHAT_FORMATS.get(self.name)
+        return fmt.instruction if style == "chat" and fmt else ""
+
+    def prompts(self, tokenizer: Any, style: str,
+                items: Sequence[Item] | None = None) -> list[str]:
+        """The exact texts a model sees before its answers to ``items`` (``eval`` by default)."""
+        items = self.eval if items is None else items
+        instruction = self.instruction(style)
+        return [format_prompt(with_instruction(it["prompt"], instruction), tokenizer, style)
+                for it in items]
+
+    def scoring(self, style: str) -> tuple[Scorer, str]:
+        """The scorer for ``style`` and its extraction's name: a built-in task in chat form is
+        read leniently (:data:`CHAT_FORMATS`); everything else by exact match (:func:`score`)."""
+        fmt = CHAT_FORMATS.get(self.name)
+        if style == "chat" and fmt and self.scorer is score:
+            return fmt.scorer, fmt.extraction
+        return self.scorer, PLAIN_EXTRACTION if self.scorer is score else self.scorer.__name__
 
     def accuracy(self, predictions: Sequence[str], items: Sequence[Item] | None = None) -> float:
         """Fraction of ``predictions`` that the scorer accepts (against ``eval`` by default)."""
@@ -408,12 +516,14 @@ def load_task(name: str, n_train: int, n_eval: int, seed: int = 0) -> TaskData:
 
 # ---------------------------------------------------------------- SFT tensors
 def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
-                pad_to_max: bool = False, style: str = "plain") -> dict[str, torch.Tensor]:
+                pad_to_max: bool = False, style: str = "plain",
+                instruction: str = "") -> dict[str, torch.Tensor]:
     """``input_ids``, ``attention_mask``, ``labels`` for supervised fine-tuning.
 
     Each row is ``format_prompt(prompt) + response + eos`` (``style="chat"``: the chat
     template's user turn and generation prompt, then the response and the template's end of
-    the assistant turn), right-padded with the pad token.
+    the assistant turn; the user turn ends with ``instruction``, as
+    :meth:`TaskData.prompts` writes it), right-padded with the pad token.
     Labels are -100 on the prompt and on padding, so the loss is on the response (and its eos)
     only. Too-long rows keep the *end* of the prompt (the template tail) and at least half of
     ``max_len`` for the response, which is cut at the end if it still does not fit.
@@ -424,8 +534,9 @@ def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if eos is None:
         raise ValueError("tokenizer has no eos token")
-    enc = tokenizer([format_prompt(it["prompt"], tokenizer, style) for it in items],
-                    add_special_tokens=False)
+    instruction = instruction if style == "chat" else ""
+    enc = tokenizer([format_prompt(with_instruction(it["prompt"], instruction), tokenizer, style)
+                     for it in items], add_special_tokens=False)
     enc_r = tokenizer([it["response"] for it in items], add_special_tokens=False)
     end = response_end(tokenizer, style)
     rows: list[tuple[list[int], list[int]]] = []
