@@ -6,6 +6,8 @@ model can partly learn in a few dozen steps, so that PEFT methods differ in some
 
 * ``arithmetic``: short word problems (2-3 operands of 1-2 digits, + - x) whose response shows
   each step and ends ``Answer: <n>``; generated from a seed, so every run sees the same items.
+  Levels (:data:`ARITHMETIC_LEVELS`): ``arithmetic:easy`` (one + or - of one-digit numbers),
+  ``arithmetic:medium`` (two such steps), ``arithmetic:hard`` (= plain ``arithmetic``).
 * ``docname``: mined from the standard library: the first line of a public function's docstring
   (plus its parameter names) -> the function's name. Real text, a different domain from sums.
 
