@@ -138,6 +138,9 @@ def sweep(
     only: OnlyOpt = None,
     preset_file: PresetFileOpt = None,
     trusted_notebook: TrustedOpt = False,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Comma-separated seeds replacing the study's (e.g. 0,1,2): repeats "
+                        "whose spread the figures and ranks read.")] = None,
 ) -> None:
     """Run every grid point of a study through its notebook (papermill), resuming where it left.
 
@@ -152,7 +155,8 @@ def sweep(
         overrides = studies.parse_overrides(set_)
         selected = studies.parse_only(only)
         preset = _preset(preset, preset_file)
-        runs = studies.expand(study, preset, overrides, selected, trusted_notebook)
+        seed_list = studies.parse_seeds(seeds)
+        runs = studies.expand(study, preset, overrides, selected, trusted_notebook, seed_list)
     except config.ParamsError as exc:
         _fail(str(exc))
     if not dry_run:  # valid params first, so a typo does not leave an empty folder behind
@@ -164,7 +168,8 @@ def sweep(
     try:
         res = sw.sweep(study, preset, out, workers=workers, dask=dask,
                        retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress,
-                       overrides=overrides, only=selected, trusted_notebook=trusted_notebook)
+                       overrides=overrides, only=selected, trusted_notebook=trusted_notebook,
+                       seeds=seed_list)
     except KeyboardInterrupt:
         typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
                     fg=typer.colors.YELLOW, err=True)

@@ -375,9 +375,11 @@ class FinetuneParams(Launchable):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        if v in ("arithmetic", "docname") or v.split(":", 1)[0] in ("hf", "jsonl") and ":" in v:
+        if v in ("arithmetic", "arithmetic:easy", "arithmetic:medium", "arithmetic:hard",
+                 "docname") or v.split(":", 1)[0] in ("hf", "jsonl") and ":" in v:
             return v
-        raise ValueError("must be 'arithmetic', 'docname', 'hf:<dataset>' or 'jsonl:<path>'")
+        raise ValueError("must be 'arithmetic[:easy|medium|hard]', 'docname', 'hf:<dataset>' "
+                         "or 'jsonl:<path>'")
 
 
 def peft_method_names() -> set[str]:

@@ -258,13 +258,15 @@ def measured_kv_bytes_per_token(model: torch.nn.Module, vocab_size: int, t1: int
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
-              max_batches: int | None = None) -> float:
-    """Mean response-token loss over SFT tensors (labels -100 elsewhere), token-weighted."""
+def item_losses(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
+                max_batches: int | None = None) -> tuple[list[float], list[int]]:
+    """Summed response-token loss and scored-token count of each SFT row (labels -100 elsewhere),
+    in row order: the items a bootstrap over eval items resamples."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     n = tensors["input_ids"].shape[0]
     for i, start in enumerate(range(0, n, batch_size)):
         if max_batches is not None and i >= max_batches:
@@ -275,8 +277,27 @@ def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_si
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-            reduction="sum")
-        total += float(loss)
-        count += int((labels != -100).sum())
+            reduction="none").view(labels.shape)
+        sums.extend(float(x) for x in loss.sum(dim=1))
+        counts.extend(int(x) for x in (labels != -100).sum(dim=1))
     model.train(was)
-    return total / max(1, count)
+    return sums, counts
+
+
+def eval_loss(model: torch.nn.Module, tensors: dict[str, torch.Tensor], batch_size: int,
+              max_batches: int | None = None) -> float:
+    """Mean response-token loss over SFT tensors (labels -100 elsewhere), token-weighted."""
+    sums, counts = item_losses(model, tensors, batch_size, max_batches)
+    return sum(sums) / max(1, sum(counts))
+
+
+def eval_loss_metric(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                     batch_size: int) -> dict[str, Any]:
+    """:func:`eval_loss` over every row as a metric, with its bootstrap interval over eval items
+    (each resample's token-weighted mean, as the point estimate is)."""
+    sums, counts = item_losses(model, tensors, batch_size)
+    scored = [(s / c, c) for s, c in zip(sums, counts, strict=True) if c > 0]
+    mean = sum(sums) / max(1, sum(counts))
+    interval = bootstrap_ci([m for m, _ in scored], weights=[c for _, c in scored])
+    return metric(mean, "nats/token", "response_token_cross_entropy", n=len(sums),
+                  n_tokens=sum(counts), **ci_fields(mean, interval, len(scored), "items"))

@@ -266,11 +266,12 @@ def select(runs: list[Run], only: dict[str, list[str]], grid: dict[str, list[Any
 def expand(path: str | Path, preset: str | Path | None = None,
            overrides: dict[str, Any] | None = None,
            only: dict[str, list[str]] | None = None,
-           trusted_notebook: bool = False) -> list[Run]:
+           trusted_notebook: bool = False, seeds: list[int] | None = None) -> list[Run]:
     """Validate a study file under a preset and expand its grid into runs (no compute).
 
     ``overrides`` (from ``--set``) apply last, over the grid point; ``only`` (from ``--only``)
-    keeps the grid points that match it (see ``select``).
+    keeps the grid points that match it (see ``select``); ``seeds`` (from ``--seeds``) replace
+    the study's seeds (a seed's run id does not depend on the others, so records are shared).
     """
     path = Path(path)
     study = load_study(path, trusted_notebook)
@@ -317,7 +318,7 @@ def expand(path: str | Path, preset: str | Path | None = None,
         params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
                                 source=f"{path} [grid point {label}]")
         check_params_model(study.axis, params, f"{path} [grid point {label}]")
-        for seed in study.seeds:
+        for seed in seeds or study.seeds:
             rid = run_id_for(study.study, study.axis, study.notebook, params, seed)
             if rid in seen:
                 continue
@@ -333,6 +334,20 @@ def expand(path: str | Path, preset: str | Path | None = None,
             " (an --set of a grid key replaces its choices, so --only cannot match them)"
             if overrides else ""))
     return runs
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]`` (None when not given); distinct non-negative ints."""
+    if text is None:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds) or len(seeds) > 1000:
+        raise ParamsError(f"--seeds {quoted(short_text(text, 60))}: give distinct non-negative "
+                          "integers separated by commas, e.g. --seeds 0,1,2")
+    return seeds
 
 
 def check_timeout(value: float | None, source: str = "--timeout") -> float | None:

@@ -510,10 +510,10 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
           on_outcome: Callable[[Outcome], None] | None = None,
           overrides: dict[str, Any] | None = None,
           only: dict[str, list[str]] | None = None,
-          trusted_notebook: bool = False) -> SweepResult:
+          trusted_notebook: bool = False, seeds: list[int] | None = None) -> SweepResult:
     """Run every point of a study that has no ok record yet; never stop at a failed run."""
     # validation, before any compute
-    runs = studies.expand(study_path, preset, overrides, only, trusted_notebook)
+    runs = studies.expand(study_path, preset, overrides, only, trusted_notebook, seeds)
     studies.check_timeout(timeout_s)
     if timeout_s is not None:
         runs = [r.model_copy(update={"timeout_s": timeout_s}) for r in runs]

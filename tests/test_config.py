@@ -255,3 +255,32 @@ def test_notebook_params_layers_partial_params_over_the_preset():
 def test_corpus_source_without_its_argument_is_rejected(corpus):
     with pytest.raises(ValueError, match="'text:<path>'"):
         config.DataSpec(corpus=corpus)
+
+
+def test_seeds_option_replaces_the_study_seeds_and_keeps_run_ids(tmp_path):
+    path = write(tmp_path, GOOD)
+    study_runs = {(r.params["method"], r.params["task"], r.seed): r.run_id
+                  for r in studies.expand(path, preset="ci")}
+    runs = studies.expand(path, preset="ci", only={"method": ["lora"]},
+                         seeds=studies.parse_seeds("0,1,2"))
+    assert sorted({r.seed for r in runs}) == [0, 1, 2] and len(runs) == 2 * 3
+    for r in runs:  # seeds the study has keep their ids: a sweep resumes onto their records
+        key = (r.params["method"], r.params["task"], r.seed)
+        assert r.seed == 2 or study_runs[key] == r.run_id
+    assert studies.parse_seeds(None) is None
+
+
+@pytest.mark.parametrize("text", ["", "a", "1,1", "-1", "0,,x"])
+def test_bad_seeds_are_refused_with_the_form_to_use(text):
+    with pytest.raises(config.ParamsError, match="--seeds .*e.g. --seeds 0,1,2"):
+        studies.parse_seeds(text)
+
+
+@pytest.mark.parametrize("task", ["arithmetic:easy", "arithmetic:medium", "arithmetic:hard"])
+def test_arithmetic_levels_are_valid_tasks(tmp_path, task):
+    runs = studies.expand(write(tmp_path, GOOD.replace("[arithmetic, docname]", f"[{task}]")),
+                         preset="ci")
+    assert {r.params["task"] for r in runs} == {task}
+    with pytest.raises(config.ParamsError, match="arithmetic"):
+        studies.expand(write(tmp_path, GOOD.replace("[arithmetic, docname]", "[arithmetic:x]"),
+                            "bad.yaml"), preset="ci")

@@ -67,6 +67,35 @@ def test_arithmetic_worked_steps_are_correct() -> None:
         assert prev == int(it["answer"]) and score(it["response"], it)
 
 
+@pytest.mark.parametrize("level", ["easy", "medium"])
+def test_arithmetic_levels_held_out_seeded_and_well_formed(level: str) -> None:
+    name = f"arithmetic:{level}"
+    t = load_task(name, 2000, 64, seed=1)
+    assert len(t.train) == 2000 and len(t.eval) == 64
+    assert {i["prompt"] for i in t.train}.isdisjoint(i["prompt"] for i in t.eval)
+    assert load_task(name, 2000, 64, seed=1).train == t.train
+    assert load_task(name, 2000, 64, seed=2).eval != t.eval
+    assert load_task(name, 10, 64, seed=1).eval == t.eval  # eval fixed whatever n_train
+    n_steps = {"easy": 1, "medium": 2}[level]
+    for it in t.train + t.eval:
+        *steps, last = it["response"].splitlines()
+        assert len(steps) == n_steps and last == f"Answer: {it['answer']}"
+        prev = None
+        for step in steps:
+            a, op, b, c = re.fullmatch(r"(\d+) ([-+]) (\d+) = (\d+)", step).groups()
+            a, b, c = int(a), int(b), int(c)
+            assert b <= 9 and (prev is not None or a <= 9) and prev in (None, a)
+            assert c == (a + b if op == "+" else a - b) and c >= 0
+            prev = c
+        assert score(it["response"], it)
+
+
+def test_arithmetic_default_is_the_hard_level_and_unknown_levels_refused() -> None:
+    assert load_task("arithmetic", 30, 5).eval == load_task("arithmetic:hard", 30, 5).eval
+    with pytest.raises(ValueError, match="unknown arithmetic level"):
+        load_task("arithmetic:trivial", 3, 1)
+
+
 # ---------------------------------------------------------------- scoring
 def test_score_exact_match_and_negatives() -> None:
     item = _row("q", "14")

@@ -62,6 +62,28 @@ def _set(**cols: list) -> pd.DataFrame:
     return pd.DataFrame({**base, **cols})
 
 
+def test_eval_loss_interval_is_over_items_and_token_weighted() -> None:
+    from tiny_lm import TinyLM
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    ids = torch.randint(0, 32, (24, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt
+    labels[::3, 8:] = -100  # rows of different response lengths: the mean is token-weighted
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    m = evaluate.eval_loss_metric(model, tensors, batch_size=5)
+    assert m["value"] == pytest.approx(evaluate.eval_loss(model, tensors, batch_size=7))
+    sums, counts = evaluate.item_losses(model, tensors, batch_size=5)
+    assert len(sums) == 24 and m["n"] == 24 and m["n_tokens"] == sum(counts)
+    assert m["value"] == pytest.approx(sum(sums) / sum(counts))
+    lo, hi = m["interval"]
+    assert lo < m["value"] < hi and m["ci_method"] == "bootstrap_items" and m["ci_items"] == 24
+    one = {k: v[:1] for k, v in tensors.items()}  # one item: no interval, and the reason
+    assert "ci95" not in evaluate.eval_loss_metric(model, one, 4)
+    assert "fewer than 2 items" in evaluate.eval_loss_metric(model, one, 4)["ci95_reason"]
+
+
 def test_fixed_quality_metric_is_used_even_when_another_varies() -> None:
     wide = _set(ppl=[10.0, 10.0], task_acc=[0.03, 0.06])
     assert E.quality_metric(wide, "inference") == "ppl"

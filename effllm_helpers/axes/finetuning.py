@@ -92,7 +92,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     acc_before = None
     if evaluate_tasks:
         acc_before, _ = task_accuracy(model, tokenizer, task, max_new, style)
-    loss_before = evaluate.eval_loss(model, eval_t, p.train.batch_size)
+    loss_before = evaluate.eval_loss_metric(model, eval_t, p.train.batch_size)
 
     prepared = ft.prepare(model, p)  # UnsupportedTechnique is a SkipRun: recorded as a skip
     model = prepared.model
@@ -109,10 +109,9 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
                       flops_per_token=_flops_per_token(model, prepared, p))
     model.eval()
     quality: dict[str, Any] = {
-        "eval_loss": metric(evaluate.eval_loss(model, eval_t, p.train.batch_size),
-                            "nats/token", "response_token_cross_entropy", n=len(task.eval)),
-        "eval_loss_before": metric(loss_before, "nats/token", "response_token_cross_entropy",
-                                   n=len(task.eval)),
+        # bootstrap interval over eval items, as accuracy's
+        "eval_loss": evaluate.eval_loss_metric(model, eval_t, p.train.batch_size),
+        "eval_loss_before": loss_before,
         "train_loss": metric(res.final_loss, "nats/token", "last_train_step"),
     }
     examples: list[dict[str, str]] = []

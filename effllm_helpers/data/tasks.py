@@ -6,6 +6,8 @@ model can partly learn in a few dozen steps, so that PEFT methods differ in some
 
 * ``arithmetic``: short word problems (2-3 operands of 1-2 digits, + - x) whose response shows
   each step and ends ``Answer: <n>``; generated from a seed, so every run sees the same items.
+  Levels (:data:`ARITHMETIC_LEVELS`): ``arithmetic:easy`` (one + or - of one-digit numbers),
+  ``arithmetic:medium`` (two such steps), ``arithmetic:hard`` (= plain ``arithmetic``).
 * ``docname``: mined from the standard library: the first line of a public function's docstring
   (plus its parameter names) -> the function's name. Real text, a different domain from sums.
 
@@ -50,7 +52,8 @@ from effllm_helpers.paths import cache_dir
 PROMPT_TEMPLATE = "### Question:\n{prompt}\n### Answer:\n"
 STOP_STRINGS = ("\n### ", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "</s>",
                 "<end_of_turn>")  # where a generated response ends (plain and chat turns)
-BUILTIN_TASKS = ("arithmetic", "docname")
+BUILTIN_TASKS = ("arithmetic", "arithmetic:easy", "arithmetic:medium", "arithmetic:hard",
+                 "docname")
 
 Item = dict[str, str]
 Scorer = Callable[[str, Item], bool]
@@ -276,27 +279,70 @@ _ITEMS = ("apples", "marbles", "stamps", "coins", "books", "shells", "cards", "p
 _ADD = ("buys {x} more", "finds {x} more", "gets {x} more")
 _SUB = ("gives away {x}", "loses {x}", "sells {x}")
 _MUL = ("ends up with {x} times as many",)
-MAX_OPERAND = 30  # 1-2 digit operands
+MAX_OPERAND = 30  # 1-2 digit operands (level ``hard``)
 MAX_FACTOR = 5  # multiplications stay small, so a tiny model can learn them
 
 
-def _arith_item(rng: random.Random) -> Item:
+@dataclass(frozen=True)
+class ArithmeticLevel:
+    """How hard the ``arithmetic`` items of one level are.
+
+    ``steps``: how many operations an item may chain (one is drawn); ``start`` and ``operand``:
+    inclusive ranges of the first number and of each added/subtracted one; ``first_ops``: the
+    operations allowed in the first step (later steps only add or subtract); ``factor``: the
+    largest multiplier.
+    """
+
+    steps: tuple[int, ...]
+    start: tuple[int, int]
+    operand: tuple[int, int]
+    first_ops: tuple[str, ...]
+    factor: int = MAX_FACTOR
+
+
+# ``arithmetic`` is ``hard`` (the original suite). A 41 M model fine-tuned for a few hundred steps
+# stays near 0 on it: two-digit sums are a ~900-fact table and the BPE splits numbers
+# inconsistently (" 15" -> " 1", "5"; "13" -> "13"). ``easy`` is one + or - of one-digit numbers
+# (results 0-18), ``medium`` two such steps: the facts fit a few thousand examples, and eval
+# items are still prompts never seen in training (other names, things, phrasings, numbers).
+ARITHMETIC_LEVELS: dict[str, ArithmeticLevel] = {
+    "easy": ArithmeticLevel(steps=(1,), start=(1, 9), operand=(1, 9), first_ops=("+", "-")),
+    "medium": ArithmeticLevel(steps=(2,), start=(1, 9), operand=(1, 9), first_ops=("+", "-")),
+    "hard": ArithmeticLevel(steps=(1, 2), start=(2, MAX_OPERAND), operand=(1, MAX_OPERAND),
+                            first_ops=("+", "-", "*")),
+}
+
+
+def arithmetic_level(name: str) -> str | None:
+    """The level a task name asks for (``arithmetic`` -> ``hard``, ``arithmetic:easy`` ->
+    ``easy``); None when ``name`` is not an arithmetic task. Unknown levels raise."""
+    kind, sep, level = name.partition(":")
+    if kind != "arithmetic":
+        return None
+    level = level if sep else "hard"
+    if level not in ARITHMETIC_LEVELS:
+        raise ValueError(f"unknown arithmetic level {level!r}; allowed: "
+                         f"{', '.join(ARITHMETIC_LEVELS)}")
+    return level
+
+
+def _arith_item(rng: random.Random, level: ArithmeticLevel = ARITHMETIC_LEVELS["hard"]) -> Item:
     name, thing = rng.choice(_NAMES), rng.choice(_ITEMS)
-    value = rng.randint(2, MAX_OPERAND)
+    value = rng.randint(*level.start)
     sentences = [f"{name} has {value} {thing}."]
     steps: list[str] = []
-    for i in range(rng.choice((1, 2))):
-        op = rng.choice(("+", "-", "*") if i == 0 else ("+", "-"))
+    for i in range(rng.choice(level.steps)):
+        op = rng.choice(level.first_ops if i == 0 else ("+", "-"))
         if op == "-" and value < 2:
             op = "+"
         if op == "+":
-            x = rng.randint(1, MAX_OPERAND)
+            x = rng.randint(*level.operand)
             phrase, new = rng.choice(_ADD), value + x
         elif op == "-":
-            x = rng.randint(1, min(value, MAX_OPERAND))
+            x = rng.randint(level.operand[0], min(value, level.operand[1]))
             phrase, new = rng.choice(_SUB), value - x
         else:
-            x = rng.randint(2, MAX_FACTOR)
+            x = rng.randint(2, level.factor)
             phrase, new = rng.choice(_MUL), value * x
         lead = f"Then {name}" if i else name
         sentences.append(f"{lead} {phrase.format(x=x)}.")
@@ -307,9 +353,11 @@ def _arith_item(rng: random.Random) -> Item:
     return {"prompt": " ".join(sentences), "response": response, "answer": str(value)}
 
 
-def arithmetic_items(n: int, seed: int = 0) -> list[Item]:
-    """``n`` distinct arithmetic word problems, the same for the same seed."""
-    rng = random.Random(f"arithmetic-{seed}")
+def arithmetic_items(n: int, seed: int = 0, level: str = "hard") -> list[Item]:
+    """``n`` distinct arithmetic word problems of ``level``, the same for the same seed."""
+    spec = ARITHMETIC_LEVELS[level]
+    # the hard level keeps its original stream, so its items are those of earlier records
+    rng = random.Random(f"arithmetic-{seed}" if level == "hard" else f"arithmetic-{level}-{seed}")
     out: list[Item] = []
     seen: set[str] = set()
     tries = 0
@@ -317,7 +365,7 @@ def arithmetic_items(n: int, seed: int = 0) -> list[Item]:
         tries += 1
         if tries > 50 * n + 1000:
             raise ValueError(f"could only make {len(out)} distinct arithmetic items, asked {n}")
-        item = _arith_item(rng)
+        item = _arith_item(rng, spec)
         if item["prompt"] not in seen:
             seen.add(item["prompt"])
             out.append(item)
@@ -492,8 +540,9 @@ def load_task(name: str, n_train: int, n_eval: int, seed: int = 0) -> TaskData:
     """
     if n_train < 0 or n_eval < 1:
         raise ValueError("n_train must be >= 0 and n_eval >= 1")
-    if name == "arithmetic":
-        items = arithmetic_items(n_train + n_eval, seed)
+    level = arithmetic_level(name)
+    if level is not None:
+        items = arithmetic_items(n_train + n_eval, seed, level)
         # eval first so eval items stay the same when n_train changes
         return TaskData(train=items[n_eval:], eval=items[:n_eval], name=name)
     if name == "docname":
