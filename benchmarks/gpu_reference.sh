@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs on a lent GPU (see ../shared/gpu/README.md): the measure validation, the MFU and decode
+# Runs on a GPU host (README: "An offline GPU machine"): the measure validation, the MFU and decode
 # roofline benchmarks and study sweeps at the gpu preset; results land in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
-#   PART in: validate overhead mfu mfu-large mfu-paper roofline inference attention attention_free
-#            finetuning_general finetuning_qlora
+#   PART in: validate overhead mfu mfu-large mfu-paper roofline kernels multigpu inference attention
+#            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
+#            cross_modal_peft
 # env: SWEEP_ARGS (extra sweep options, e.g. "--only method=freeze,full --set train.steps=60"),
 #      SWEEP_BUDGET_S (time box per sweep, default 3000), SWEEPS (sweep output root, default
 #      outputs/gpu_sweeps: kept between calls on a warm machine, so a sweep resumes there).
@@ -27,10 +28,12 @@ for part in "$@"; do
     mfu-paper) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --out "$dest/paper-small"
                bench pretrain_mfu.py --preset paper --size medium --batch-size 8 --out "$dest/paper-medium" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
+    kernels)  bench kernels_check.py --out "$dest" ;;
     roofline) bench decode_roofline.py --sizes gpu:medium paper:small paper:medium paper:large --out "$dest" ;;
-    inference|attention|attention_free|finetuning_general|finetuning_qlora)
+    inference|attention|attention_free|finetuning_general|finetuning_qlora|cross_modal_*)
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml
               [ -f "$f" ] || f=params/finetuning/${part#finetuning_}.yaml
+              [ -f "$f" ] || f=params/cross_modal/${part#cross_modal_}.yaml
               log "python3 -m effllm_helpers.cli sweep $f -p gpu -o <sweeps> --timeout 300 ${SWEEP_ARGS:-}"
               # a time box per sweep, so the summary and the packing still happen; a killed sweep
               # loses only its run in flight, and the next call resumes from the records
