@@ -127,6 +127,20 @@ def test_vqa_task_takes_loss_only_on_the_answer_and_eos() -> None:
     assert task.input_ids[:, task.prompt_len].tolist() == task.answers.tolist()
 
 
+def test_digits_are_read_from_the_cache_without_scikit_learn(tmp_path, monkeypatch) -> None:
+    # a GPU host given the cache needs no scikit-learn/SciPy (too large to carry)
+    import sys
+
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    first = load_images("digits", 8, seed=0)
+    assert (tmp_path / "images" / "sklearn-digits.npz").exists()
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # any import of it now fails
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    again = load_images("digits", 8, seed=0)
+    assert torch.equal(first.train_x, again.train_x) and torch.equal(first.val_y, again.val_y)
+    assert again.classes == [str(c) for c in range(10)]
+
+
 def test_digits_source_is_16px_in_unit_range_with_a_deterministic_split() -> None:
     a, b = load_images("digits", 16, seed=0), load_images("digits", 16, seed=0)
     assert a.train_x.shape[1:] == (1, 16, 16) and a.n_classes == 10

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effllm_helpers.paths import cache_dir
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
@@ -50,11 +52,22 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from sklearn.datasets import load_digits
+    """The digits, kept in the effllm cache after the first load: a machine that has the cache
+    (e.g. a GPU host given ``$EFFLLM_CACHE``) needs no scikit-learn and SciPy to read them."""
+    path = cache_dir("images") / "sklearn-digits.npz"
+    if path.exists():
+        with np.load(path) as d:
+            images, target, names = d["images"], d["target"], d["target_names"]
+    else:
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values 0..16
-    return x, torch.tensor(d.target, dtype=torch.long), [str(c) for c in d.target_names]
+        d = load_digits()
+        images, target, names = d.images, d.target, d.target_names
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, images=images, target=target, target_names=names)
+        tmp.replace(path)
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values 0..16
+    return x, torch.tensor(target, dtype=torch.long), [str(c) for c in names]
 
 
 def _pil_to_tensor(img, channels: int) -> torch.Tensor:
