@@ -25,7 +25,7 @@ for part in "$@"; do
     overhead) bench gpu_validate.py --skip a,b --out "$dest/overhead" ;;
     mfu)      bench pretrain_mfu.py --out "$dest" ;;
     mfu-large) bench pretrain_mfu.py --size large --batch-size 32 --out "$dest/large" ;;
-    mfu-paper) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --out "$dest/paper-small"
+    mfu-paper) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --impls hf,liger --out "$dest/paper-small"
                bench pretrain_mfu.py --preset paper --size medium --batch-size 8 --out "$dest/paper-medium" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     kernels)  bench kernels_check.py --out "$dest" ;;

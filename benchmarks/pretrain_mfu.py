@@ -6,7 +6,15 @@ from the Meter: analytic model FLOPs/token (``models.flops``, causal attention c
 times tokens/s over the device's dense bf16 peak (peak table, or a measured matmul calibration).
 It also reports MFU against the *measured* bf16 matmul peak, which is what the loop could reach.
 
+``--impls`` runs several implementations of the same model side by side in one process, in
+order: ``hf`` (transformers' Llama modules, what the sweeps train) and ``liger`` (the same model
+after liger-kernel's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy patches, which
+never materialise the logits). liger patches transformers' classes for the rest of the process,
+so it runs last.
+
     python benchmarks/pretrain_mfu.py --size medium --batch-size 16 --compile
+    python benchmarks/pretrain_mfu.py --preset paper --size small --batch-size 4 --seq-len 8192 \
+        --vocab 151936 --impls hf,liger --out outputs/reference/nvidia-h200/mfu-paper-small
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,13 +43,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="measured steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=8, help="steps excluded (compile happens here)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--impls", default="hf",
+                    help="comma list of implementations, run in this order: hf, liger")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for pretrain_mfu.json/.txt (default outputs/reference/<device>)")
     args = ap.parse_args()
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown or not impls:
+        ap.error(f"--impls {args.impls!r}: allowed {', '.join(IMPLS)}")
+    if "liger" in impls and impls[-1] != "liger":
+        ap.error("--impls: liger patches transformers for the whole process, so it must be last")
 
     import torch
 
-    from effllm_helpers import config, models, train
+    from effllm_helpers import config
     from effllm_helpers.measure import calibrate_matmul
     from effllm_helpers.measure.device import device_slug
 
@@ -52,6 +69,47 @@ def main() -> None:
         ap.error(f"--size {args.size!r} not in the {args.preset} preset; allowed: "
                  f"{', '.join(p.sizes)}")
     size = p.sizes[args.size]
+    peak_meas = calibrate_matmul("cuda", "bf16")
+    name = torch.cuda.get_device_name(0)
+    runs, lines = [], []
+    for impl in impls:
+        try:
+            out = run_one(impl, args, p, size, peak_meas)
+        except Exception as exc:  # keep the peers' figures; say what failed
+            out = {"impl": impl, "error": f"{type(exc).__name__}: {exc}"}
+        out["command"] = " ".join(sys.argv)
+        out["device"] = name
+        runs.append(out)
+        lines += summary(out, name, args)
+        torch.cuda.empty_cache()
+    dest = args.out or ROOT / "outputs" / "reference" / device_slug(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    body = runs[0] if len(runs) == 1 else {"runs": runs}
+    (dest / "pretrain_mfu.json").write_text(json.dumps(body, indent=1, default=str))
+    (dest / "pretrain_mfu.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+IMPLS = ("hf", "liger")
+
+
+def run_one(impl: str, args: argparse.Namespace, p: Any, size: Any,
+            peak_meas: float) -> dict[str, Any]:
+    """One implementation: build the dense GQA model, train it with the study's loop, read the
+    Meter."""
+    import torch
+
+    from effllm_helpers import models, train
+
+    kernels = "transformers Llama modules"
+    if impl == "liger":
+        import liger_kernel
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=True, cross_entropy=False)
+        kernels = (f"liger-kernel {getattr(liger_kernel, '__version__', '?')}: RMSNorm, RoPE, "
+                   "SwiGLU, fused linear cross-entropy")
     with torch.device("cuda"):  # initialised on the GPU: a 1B+ model builds in seconds
         model = models.build({"attention": "gqa", "positional": "rope", "ffn": "dense"}, size,
                              vocab_size=args.vocab, max_seq_len=args.seq_len)
@@ -72,13 +130,10 @@ def main() -> None:
                       log_every=10)
     wall = time.time() - t0
     m = res.metrics
-    peak_meas = calibrate_matmul("cuda", "bf16")
     tok_s = m["tokens_per_s"]["value"]
     peak_used = m["mfu"]["peak_flops"]
-    name = torch.cuda.get_device_name(0)
-    out = {
-        "command": " ".join(sys.argv),
-        "device": name, "preset": args.preset, "size": args.size,
+    return {
+        "impl": impl, "kernels": kernels, "preset": args.preset, "size": args.size,
         "model": {"d_model": size.d_model, "n_layers": size.n_layers, "n_heads": size.n_heads,
                   "n_kv_heads": size.n_kv_heads, "d_ff": size.d_ff, "vocab": args.vocab,
                   "seq_len": args.seq_len, "params": counts["total"]},
@@ -95,27 +150,30 @@ def main() -> None:
         "aec_w": m["aec_w"], "energy_j": m["energy_j"], "amu_gb": m["amu_gb"],
         "peak_gb": m["peak_gb"], "final_loss": res.final_loss, "wall_s_incl_compile": wall,
     }
-    dest = args.out or ROOT / "outputs" / "reference" / device_slug(name)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "pretrain_mfu.json").write_text(json.dumps(out, indent=1, default=str))
-    lines = [
-        f"pretrain_mfu on {name}: dense GQA d={size.d_model} L={size.n_layers} "
-        f"({counts['total'] / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len}"
+
+
+def summary(out: dict[str, Any], name: str, args: argparse.Namespace) -> list[str]:
+    """Readable lines of one implementation's result."""
+    if "error" in out:
+        return [f"[{out['impl']}] failed: {out['error']}"]
+    mm, m = out["model"], out["mfu"]
+    return [
+        f"[{out['impl']}] pretrain_mfu on {name}: dense GQA d={mm['d_model']} L={mm['n_layers']} "
+        f"({mm['params'] / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len}"
         f"{f' x{args.grad_accum} accumulated' if args.grad_accum > 1 else ''}, bf16, "
-        f"fused AdamW, compile={args.compile}",
-        f"tokens/s {tok_s:,.0f}   optimizer step {m['al_s']['value'] * 1e3:.1f} ms",
-        f"MFU (analytic FLOPs, causal attention counted as done) = {m['mfu']['value']:.3f} "
-        f"[{m['mfu']['method']}]",
+        f"fused AdamW, compile={args.compile}; {out['kernels']}",
+        f"tokens/s {out['tokens_per_s']:,.0f}   optimizer step {out['step_s'] * 1e3:.1f} ms",
+        f"MFU (analytic FLOPs, causal attention counted as done) = {m['value']:.3f} "
+        f"[{m['method']}]",
         f"MFU counting full attention (PaLM-style)              = "
         f"{out['mfu_no_causal_discount']:.3f}",
-        f"peak used {peak_used / 1e12:.0f} TF/s; measured bf16 8192^3 matmul "
-        f"{peak_meas / 1e12:.0f} TF/s -> MFU vs measured {out['mfu_vs_measured_matmul_peak']:.3f}",
-        f"NVML utilisation (paper PCU) {m['pcu']['value']}",
-        f"power {m['aec_w']['value']} W, energy {m['energy_j']['value']} J",
+        f"peak used {out['peak_flops_used'] / 1e12:.0f} TF/s; measured bf16 8192^3 matmul "
+        f"{out['measured_matmul_peak_flops'] / 1e12:.0f} TF/s -> MFU vs measured "
+        f"{out['mfu_vs_measured_matmul_peak']:.3f}",
+        f"NVML utilisation (paper PCU) {out['pcu_nvml']['value']}",
+        f"power {out['aec_w']['value']} W, energy {out['energy_j']['value']} J",
         f"command: {out['command']}",
     ]
-    (dest / "pretrain_mfu.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
