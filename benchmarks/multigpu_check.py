@@ -84,7 +84,9 @@ def main() -> int:
     ap.add_argument("--fsdp-steps", type=int, default=15)
     ap.add_argument("--fsdp-grad-accum", type=int, default=1,
                     help="the paper preset accumulates 16 micro-batches; 1 keeps a step short")
-    ap.add_argument("--point-timeout", type=float, default=240)
+    ap.add_argument("--point-timeout", type=float, default=420,
+                    help="seconds per point (the FSDP point needs > 200: spawn, a 152k-vocabulary "
+                         "tokenizer, compile, then a gathered evaluation)")
     ap.add_argument("--skip", default="", help="comma list of ddp1,ddp2,fsdp")
     ap.add_argument("--point", choices=sorted(POINTS), help=argparse.SUPPRESS)
     ap.add_argument("--point-out", help=argparse.SUPPRESS)
