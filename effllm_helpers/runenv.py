@@ -27,3 +27,9 @@ def progress_bar(**kwargs: Any) -> Any:
 
 
 __all__ = ["BATCH_ENV", "THREADS_ENV", "progress_bar"]
+
+
+def is_main_rank() -> bool:
+    """True outside a launch and on rank 0 of one: the launched ranks hold the same trained
+    weights, and one of them writes them (N writers of one file could interleave)."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -144,3 +144,14 @@ def test_ranks_are_spawned_when_cuda_is_already_initialised_here(monkeypatch) ->
 
 def test_spawned_ranks_get_their_rendezvous_and_rank_0_answers() -> None:
     assert launch.launch(_world, processes=2, method="spawn") == (0, 2)
+
+
+def test_only_rank_0_of_a_launch_writes_the_trained_model(monkeypatch) -> None:
+    from effllm_helpers import runenv
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert runenv.is_main_rank()  # no launch: the one process writes
+    monkeypatch.setenv("RANK", "1")
+    assert not runenv.is_main_rank()
+    monkeypatch.setenv("RANK", "0")
+    assert runenv.is_main_rank()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import data, evaluate, models, train
+from .. import data, evaluate, models, runenv, train
 from ..config import ArchitectureParams, SizeSpec
 from ..models import flops
 from ..results import metric, missing
@@ -153,8 +153,9 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
     model_dir = None
     if save_dir is not None:
         model_dir = str(save_dir)
-        model.save_pretrained(save_dir)
-        tokenizer.save_pretrained(save_dir)
+        if runenv.is_main_rank():
+            model.save_pretrained(save_dir)
+            tokenizer.save_pretrained(save_dir)
     if not math.isfinite(res.final_loss):
         raise RuntimeError("final loss is not finite")
     return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import data, evaluate, train
+from .. import data, evaluate, runenv, train
 from ..config import FinetuneParams
 from ..models import embedded
 from ..results import metric, missing
@@ -138,7 +138,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         "train_tokens": res.tokens,
         "train_samples": res.samples,
     }
-    if save_dir is not None:
+    if save_dir is not None and runenv.is_main_rank():
         out = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         out.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
