@@ -39,11 +39,11 @@ output_dir = None    # None = outputs/runs/interactive/architecture/<run_id>
 point = None
 
 # %%
-from effllm_helpers.report import figures
 from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import architecture
 from effllm_helpers.launch import run_point
 from effllm_helpers.paths import outputs_dir
+from effllm_helpers.report import figures
 from effllm_helpers.run import start_run
 
 params = view.with_knobs(params, {"model.attention": attention, "model.positional": positional,

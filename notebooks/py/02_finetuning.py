@@ -41,10 +41,10 @@ point = None
 # %%
 import pandas as pd
 
-from effllm_helpers.report import figures
 from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import finetuning
 from effllm_helpers.launch import run_point
+from effllm_helpers.report import figures
 from effllm_helpers.run import start_run
 
 params = view.with_knobs(params, {"method": method, "rank": rank, "quant": quant,

@@ -41,9 +41,9 @@ point = None
 # %%
 import pandas as pd
 
-from effllm_helpers.report import figures
 from effllm_helpers import notebook_view as view
 from effllm_helpers.axes import inference
+from effllm_helpers.report import figures
 from effllm_helpers.run import start_run
 
 params = view.with_knobs(params, {"precision": precision, "batch_sizes": batch_sizes,

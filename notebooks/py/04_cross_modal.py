@@ -36,8 +36,8 @@ point = None
 # %%
 import pandas as pd
 
-from effllm_helpers.report import figures
 from effllm_helpers.axes import cross_modal
+from effllm_helpers.report import figures
 from effllm_helpers.run import start_run
 
 ctx = start_run("cross_modal", params=params, preset=preset, study=study, run_id=run_id,
