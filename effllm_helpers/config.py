@@ -372,6 +372,16 @@ class FinetuneParams(Launchable):
     def _known_method(cls, v: str) -> str:
         return check_method(v)
 
+    @field_validator("launch")
+    @classmethod
+    def _no_sharded_finetuning(cls, v: LaunchSpec | None) -> LaunchSpec | None:
+        # the evaluations after training, the merge and the saved model need the whole (peft)
+        # model back from FSDP's flat shards; only the architecture axis gathers it so far
+        if v is not None and v.strategy == "fsdp":
+            raise ValueError("strategy 'fsdp' is not supported on the fine-tuning axis yet; "
+                             "allowed here: 'ddp'")
+        return v
+
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:

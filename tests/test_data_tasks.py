@@ -289,6 +289,15 @@ def test_chat_prompts_of_builtin_tasks_end_with_an_answer_format_instruction(tok
     assert "Reply with only the function name." in docs.prompts(chat_tok, "chat")[0]
 
 
+@pytest.mark.parametrize("name", ["arithmetic:easy", "arithmetic:medium", "arithmetic:hard"])
+def test_every_arithmetic_level_is_asked_and_read_as_arithmetic_in_chat(name: str) -> None:
+    # the level suffix once hid the family's chat format: no instruction, exact-match scoring
+    task = load_task(name, 1, 2)
+    plain = load_task("arithmetic", 1, 2)
+    assert task.instruction("chat") == plain.instruction("chat") != ""
+    assert task.scoring("chat") == plain.scoring("chat")
+
+
 def test_plain_prompts_and_scoring_are_unchanged(tok) -> None:
     task = load_task("arithmetic", 1, 2)
     assert task.prompts(tok, "plain") == [format_prompt(it["prompt"]) for it in task.eval]
@@ -333,6 +342,17 @@ def test_chat_arithmetic_scorer_rejects_wrong_answers(text: str) -> None:
 def test_chat_arithmetic_prefers_the_answer_line_over_later_numbers() -> None:
     assert tasks.extract_number("Answer: 30\n\nThis took 2 steps.") == "30"
     assert tasks.extract_number("Step 1: 4 - 1 = 3\nAnswer: 1,234") == "1,234"
+
+
+@pytest.mark.parametrize("text", ["Answer: 12, since 7+5", "Answer: 12 (5+7)",
+                                  "Answer: 5 + 7 = 12", "Answer: 7+5=12.", "**Answer:** 12"])
+def test_chat_arithmetic_reads_the_answer_not_an_operand_after_it(text: str) -> None:
+    assert tasks.extract_number(text) == "12"
+
+
+def test_chat_arithmetic_keeps_a_negative_answer_and_splits_glued_operands() -> None:
+    assert tasks.extract_number("Answer: 3 - 5 = -2") == "-2"
+    assert tasks.extract_number("so 9-4") == "4"
     assert tasks.score_number("Answer: 1,234", _row("q", "1234"))
 
 

@@ -155,3 +155,12 @@ def test_only_rank_0_of_a_launch_writes_the_trained_model(monkeypatch) -> None:
     assert not runenv.is_main_rank()
     monkeypatch.setenv("RANK", "0")
     assert runenv.is_main_rank()
+
+
+def test_fsdp_fine_tuning_is_refused_before_any_compute() -> None:
+    # its evaluations, merge and save would run on FSDP's flat shards (only the architecture
+    # axis gathers the model back), so validation says so instead of a crash after training
+    with pytest.raises(config.ParamsError, match="fsdp.*not supported on the fine-tuning axis"):
+        config.resolve_params("finetuning", {"launch": {"processes": 2, "strategy": "fsdp"}})
+    assert config.resolve_params("architecture", {"launch": {"processes": 2,
+                                                             "strategy": "fsdp"}})["launch"]

@@ -154,15 +154,17 @@ def score(prediction_text: str, item: Item) -> bool:
     return bool(gold.strip()) and _norm(pred) == _norm(gold)
 
 
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
+# a sign only where it cannot be an operator glued to the previous operand ("7+5" is 7 and 5)
+_NUMBER = re.compile(r"(?<![\w)])-?\d+(?:,\d{3})*(?:\.\d+)?")
 _ANSWER = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 def extract_number(text: str) -> str:
     """The numeric answer of a free-form (instruct) response, ``""`` if it has no number.
 
-    The last number on the first non-empty line after the last ``Answer:`` (any case, markdown
-    around it ignored: ``**Answer:** 12`` -> 12, ``Answer: 5 + 7 = 12`` -> 12); with no
+    On the first non-empty line after the last ``Answer:`` (any case, markdown around it
+    ignored): the first number after its last ``=`` (``Answer: 5 + 7 = 12`` -> 12), else its
+    first number (``**Answer:** 12``, ``Answer: 12, since 7+5`` -> 12); with no
     ``Answer:`` line, the last number in the response (``The answer is **12**.`` -> 12), the
     usual lenient reading of a model's worked answer.
     """
@@ -170,9 +172,9 @@ def extract_number(text: str) -> str:
     parts = _ANSWER.split(text)
     if len(parts) > 1:
         line = next((ln for ln in parts[-1].splitlines() if ln.strip()), "")
-        found = _NUMBER.findall(line)
+        found = _NUMBER.findall(line.rsplit("=", 1)[-1]) or _NUMBER.findall(line)
         if found:
-            return found[-1]
+            return found[0]
     found = _NUMBER.findall(text)
     return found[-1] if found else ""
 
@@ -241,9 +243,13 @@ class TaskData:
     name: str
     scorer: Scorer = score
 
+    def _chat_format(self) -> Any:
+        """The chat format of this task's family (``arithmetic:easy`` is ``arithmetic``)."""
+        return CHAT_FORMATS.get(self.name.partition(":")[0])
+
     def instruction(self, style: str) -> str:
         """The answer-format instruction this task's chat prompts end with (none in plain)."""
-        fmt = CHAT_FORMATS.get(self.name)
+        fmt = self._chat_format()
         return fmt.instruction if style == "chat" and fmt else ""
 
     def prompts(self, tokenizer: Any, style: str,
@@ -257,7 +263,7 @@ class TaskData:
     def scoring(self, style: str) -> tuple[Scorer, str]:
         """The scorer for ``style`` and its extraction's name: a built-in task in chat form is
         read leniently (:data:`CHAT_FORMATS`); everything else by exact match (:func:`score`)."""
-        fmt = CHAT_FORMATS.get(self.name)
+        fmt = self._chat_format()
         if style == "chat" and fmt and self.scorer is score:
             return fmt.scorer, fmt.extraction
         return self.scorer, PLAIN_EXTRACTION if self.scorer is score else self.scorer.__name__
