@@ -20,7 +20,7 @@ import torch
 
 from .. import data, evaluate, models, runenv, train
 from ..config import ArchitectureParams, SizeSpec
-from ..models import flops
+from ..models import flops, kernels
 from ..results import metric, missing
 from .spec import AxisResult
 
@@ -99,6 +99,7 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                                   max_batches=p.train.eval_batches)
         return {"val_loss": ppl["loss"]["value"]}
 
+    kernels.prepare(model, device)  # decided before a compiled forward, not traced in it
     res = train.train(model, train.block_batches(train_blocks, p.train.batch_size, seed),
                       p.train, p.measure, n_params=counts["total"], flops_per_token=fpt,
                       evaluate=eval_fn, progress=progress)
@@ -168,7 +169,6 @@ def _implementation(config: Any, seq_len: int, device: Any = "cpu") -> dict[str,
     PyTorch reference, with the reason fla was not used. NSA's reference is dense-masked, so its
     speed and memory are that reference's; the forward FLOPs the implementation that ran
     executes (beside the sparse model FLOPs MFU counts) say by how much."""
-    from ..models import kernels
 
     requested = getattr(config, "kernel", None)
     mt = config.model_type
@@ -198,6 +198,7 @@ def _implementation(config: Any, seq_len: int, device: Any = "cpu") -> dict[str,
         out["flops_per_token_fwd_executed_method"] = (
             f"executed by {choice.implementation} (full sequence, no cache)")
         out["flops_per_token_fwd_model"] = flops.flops_per_token(config, seq_len, training=False)
-    except (ValueError, NotImplementedError, AttributeError):
-        pass
+    except (ValueError, NotImplementedError) as exc:
+        out["flops_per_token_fwd_executed"] = None
+        out["flops_per_token_fwd_executed_reason"] = f"{type(exc).__name__}: {exc}"
     return out

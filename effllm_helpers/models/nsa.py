@@ -249,8 +249,11 @@ class NativeSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate(hidden_states)).view(bsz, q_len, self.n_heads, 3)
         choice = self.choice(q.device)
         if choice.use_fla and not cached and q_len == k.shape[2]:
-            return _fla_call(q, k, v, gates.transpose(1, 2), block=self.block,
-                             n_selected=self.n_selected, window=self.window)
+            out = _fla_call(q, k, v, gates.transpose(1, 2), block=self.block,
+                            n_selected=self.n_selected, window=self.window)
+            # fla pools by a plain mean, so pool_logits is unused; tie it in with a zero weight
+            # so it still gets a (zero) gradient: DDP stops on a parameter without one
+            return out + 0.0 * self.pool_logits.sum().to(out.dtype)
         forced = self.forced or ("first_previous_current" if choice.use_fla else "current")
         return nsa_attention(q, k, v, q_pos, gates.transpose(1, 2), self.pool_logits,
                              block=self.block, stride=self.stride, n_selected=self.n_selected,

@@ -45,8 +45,10 @@ def fla_wkv(time_decay: torch.Tensor, time_first: torch.Tensor, key: torch.Tenso
         state[:, 2] = -1e38
     else:
         state = torch.stack([s.float() for s in layer_state], dim=1).unsqueeze(2)
-    wkv, state_out = fused_recurrent_rwkv4(time_decay, time_first, key.contiguous(),
-                                           value.contiguous(), state.contiguous())
+    # fp32 like transformers' reference: fla allocates its saved (num, den, max) state in the
+    # inputs' dtype, and a bf16 running max would skew the backward's exponentials
+    wkv, state_out = fused_recurrent_rwkv4(time_decay, time_first, key.float().contiguous(),
+                                           value.float().contiguous(), state.contiguous())
     return wkv, state_out[:, :, 0]
 
 
