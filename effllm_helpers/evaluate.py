@@ -174,13 +174,14 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str],
 
 
 def accuracy(predictions: Iterable[str], items: Iterable[dict[str, Any]],
-             scorer: Callable[[str, dict[str, Any]], bool]) -> dict[str, Any]:
-    """Exact-match accuracy with its sample count."""
+             scorer: Callable[[str, dict[str, Any]], bool],
+             method: str = "exact_match") -> dict[str, Any]:
+    """Accuracy under ``scorer`` with its sample count; ``method`` names how answers are read."""
     hits = [bool(scorer(p, it)) for p, it in zip(predictions, items, strict=True)]
     if not hits:
         return missing("fraction", "no evaluation items")
     acc = sum(hits) / len(hits)
-    return metric(acc, "fraction", "exact_match", n=len(hits),
+    return metric(acc, "fraction", method, n=len(hits),
                   **ci_fields(acc, bootstrap_ci([float(h) for h in hits]), len(hits), "items"))
 
 
@@ -190,14 +191,15 @@ def task_accuracy(model: torch.nn.Module, tokenizer: Any, task: Any, style: str,
     format ``style``, scored by the task's scorer for that format; the metric records the
     format and the answer extraction (``prompt_format``, ``extraction``). A chat generation
     gets at least ``CHAT_MIN_NEW_TOKENS`` (an instruct model reasons before its answer)."""
-    from .data.tasks import CHAT_MIN_NEW_TOKENS
+    from .data.tasks import CHAT_MIN_NEW_TOKENS, PLAIN_EXTRACTION
 
     if style == "chat":
         max_new_tokens = max(max_new_tokens, CHAT_MIN_NEW_TOKENS)
     preds = generate_answers(model, tokenizer, task.prompts(tokenizer, style),
                              max_new_tokens=max_new_tokens)
     scorer, extraction = task.scoring(style)
-    acc = accuracy(preds, task.eval, scorer)
+    acc = accuracy(preds, task.eval, scorer,
+                   method="exact_match" if extraction == PLAIN_EXTRACTION else extraction)
     if acc.get("value") is not None:
         acc.update(prompt_format=style, extraction=extraction, max_new_tokens=max_new_tokens)
     return acc, preds
@@ -297,7 +299,10 @@ def eval_loss_metric(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     (each resample's token-weighted mean, as the point estimate is)."""
     sums, counts = item_losses(model, tensors, batch_size)
     scored = [(s / c, c) for s, c in zip(sums, counts, strict=True) if c > 0]
-    mean = sum(sums) / max(1, sum(counts))
+    if not scored:
+        return missing("nats/token", f"no response tokens within max_len in any of the "
+                                     f"{len(sums)} eval rows", "response_token_cross_entropy")
+    mean = sum(sums) / sum(counts)
     interval = bootstrap_ci([m for m, _ in scored], weights=[c for _, c in scored])
-    return metric(mean, "nats/token", "response_token_cross_entropy", n=len(sums),
+    return metric(mean, "nats/token", "response_token_cross_entropy", n=len(scored),
                   n_tokens=sum(counts), **ci_fields(mean, interval, len(scored), "items"))

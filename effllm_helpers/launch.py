@@ -96,6 +96,19 @@ def _spawned_rank(index: int, fn: Callable[..., Any], args: tuple[Any, ...],
     _rank_entry(fn, args, kwargs, result, strategy)()
 
 
+def _check_picklable(fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> None:
+    """Spawned ranks receive the function and its arguments pickled: say so plainly up front
+    rather than with a traceback from inside torch.multiprocessing."""
+    try:
+        pickle.dumps((fn, args, kwargs))
+    except Exception as exc:
+        raise RuntimeError(
+            f"launch: the ranks are spawned (CUDA is already initialised in this process), so "
+            f"{getattr(fn, '__qualname__', fn)!r} must be a module-level function (e.g. an "
+            f"axis' run) and its arguments picklable: {type(exc).__name__}: {exc}") from exc
+
+
 def _own_device() -> None:
     """Make this rank's GPU the current device before the axis builds its model: a model made
     on ``cuda`` would otherwise land on GPU 0 in every rank (FSDP refuses that outright)."""
@@ -129,6 +142,8 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str,
                               num_processes=processes, use_port=str(free_port()))
         else:
             import torch.multiprocessing as mp
+
+            _check_picklable(fn, args, kwargs or {})
 
             mp.start_processes(_spawned_rank, nprocs=processes, join=True, start_method="spawn",
                                args=(fn, args, kwargs or {}, result, strategy, processes,

@@ -51,6 +51,8 @@ WEIGHTABLE = ("quality", "amu_gb", "pcu", "mfu", "al_s", "tt", "st", "it", "aec_
 
 
 # ---------------------------------------------------------------- study file
+MAX_SEED = 2**32 - 1  # what numpy accepts (torch takes more)
+
 class StudyFile(Strict):
     """A study: one notebook, a base config and a grid.
 
@@ -87,6 +89,8 @@ class StudyFile(Strict):
     def _seeds(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("needs at least one seed")
+        if max(v) > MAX_SEED:
+            raise ValueError(f"seeds must be in 0..{MAX_SEED} (torch and numpy seed range)")
         return v
 
     @field_validator("weights")
@@ -341,12 +345,13 @@ def parse_seeds(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
+        seeds = [int(x) for x in text.split(",")]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds) or len(seeds) > 1000:
-        raise ParamsError(f"--seeds {quoted(short_text(text, 60))}: give distinct non-negative "
-                          "integers separated by commas, e.g. --seeds 0,1,2")
+    if (not seeds or min(seeds) < 0 or max(seeds) > MAX_SEED or len(set(seeds)) != len(seeds)
+            or len(seeds) > 1000):
+        raise ParamsError(f"--seeds {quoted(short_text(text, 60))}: give distinct integers in "
+                          f"0..{MAX_SEED} separated by commas, e.g. --seeds 0,1,2")
     return seeds
 
 

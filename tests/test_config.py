@@ -270,7 +270,7 @@ def test_seeds_option_replaces_the_study_seeds_and_keeps_run_ids(tmp_path):
     assert studies.parse_seeds(None) is None
 
 
-@pytest.mark.parametrize("text", ["", "a", "1,1", "-1", "0,,x"])
+@pytest.mark.parametrize("text", ["", "a", "1,1", "-1", "0,,x", "1,,2", "4294967296"])
 def test_bad_seeds_are_refused_with_the_form_to_use(text):
     with pytest.raises(config.ParamsError, match="--seeds .*e.g. --seeds 0,1,2"):
         studies.parse_seeds(text)

@@ -164,3 +164,8 @@ def test_fsdp_fine_tuning_is_refused_before_any_compute() -> None:
         config.resolve_params("finetuning", {"launch": {"processes": 2, "strategy": "fsdp"}})
     assert config.resolve_params("architecture", {"launch": {"processes": 2,
                                                              "strategy": "fsdp"}})["launch"]
+
+
+def test_a_spawn_launch_of_a_local_function_says_what_it_needs() -> None:
+    with pytest.raises(RuntimeError, match="must be a module-level function"):
+        launch.launch(lambda: 0, processes=2, method="spawn")

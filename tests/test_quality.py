@@ -163,3 +163,24 @@ def test_dollar_signs_in_a_model_name_draw(name: str, tmp_path: Path) -> None:
     drawn = G.FIGURES[name](tidy, tmp_path, None)
     assert drawn.paths[0].stat().st_size > 1000
     assert not [t for t in G.figure_texts(drawn.figure) if t.startswith(G.NO_DATA)]
+
+
+def test_eval_loss_with_no_response_token_is_null_with_its_reason() -> None:
+    # every response truncated away by max_len: no loss was measured, so none is recorded
+    import torch
+
+    from effllm_helpers import evaluate
+
+    class _Zero(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))  # a device to read
+
+        def forward(self, input_ids, attention_mask=None):
+            from types import SimpleNamespace
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 5))
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    out = evaluate.eval_loss_metric(_Zero(), {"input_ids": ids, "attention_mask": ids,
+                                              "labels": torch.full_like(ids, -100)}, 2)
+    assert out["value"] is None and "no response tokens" in out["reason"]
