@@ -59,22 +59,26 @@ POINTS = {"ddp1": ("gpu", "large", 1, "ddp"), "ddp2": ("gpu", "large", 2, "ddp")
           "fsdp": ("paper", "medium", 2, "fsdp")}
 
 
-def run_isolated(name: str, steps: int, grad_accum: int | None, timeout_s: float) -> dict[str, Any]:
+def run_isolated(name: str, steps: int, grad_accum: int | None, timeout_s: float,
+                 log: Path) -> dict[str, Any]:
     """One point in its own Python process: the single-process point initialises CUDA, after
-    which this process could no longer fork launched ranks (see ``launch._check_devices``)."""
+    which this process could no longer fork launched ranks (see ``launch._check_devices``).
+    Its output goes to ``log`` as it runs, so a point cut short still shows where it was."""
     with tempfile.TemporaryDirectory() as tmp:
         res = Path(tmp) / "point.json"
         cmd = [sys.executable, __file__, "--point", name, "--steps", str(steps),
                "--point-out", str(res)]
         if grad_accum is not None:
             cmd += ["--grad-accum", str(grad_accum)]
-        try:
-            proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout_s:.0f} s"}
+        with log.open("w") as fh:
+            try:
+                proc = subprocess.run(cmd, timeout=timeout_s, stdout=fh, stderr=subprocess.STDOUT,
+                                      text=True)
+            except subprocess.TimeoutExpired:
+                return {"error": f"timed out after {timeout_s:.0f} s (output: {log.name})"}
         if res.exists():
             return json.loads(res.read_text())
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}"}
+        return {"error": f"exit {proc.returncode}: {log.read_text()[-1500:]}"}
 
 
 def main() -> int:
@@ -88,6 +92,9 @@ def main() -> int:
                     help="seconds per point (the FSDP point needs > 200: spawn, a 152k-vocabulary "
                          "tokenizer, compile, then a gathered evaluation)")
     ap.add_argument("--skip", default="", help="comma list of ddp1,ddp2,fsdp")
+    ap.add_argument("--name", default="multigpu_check.json",
+                    help="file name under --out (a partial run, e.g. --skip ddp1,ddp2, should not "
+                         "overwrite a whole run's file)")
     ap.add_argument("--point", choices=sorted(POINTS), help=argparse.SUPPRESS)
     ap.add_argument("--point-out", help=argparse.SUPPRESS)
     ap.add_argument("--grad-accum", type=int, help=argparse.SUPPRESS)
@@ -101,21 +108,24 @@ def main() -> int:
         return 0
     skip = set(filter(None, args.skip.split(",")))
     out: dict[str, Any] = {}
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
     for name in POINTS:
         if name in skip:
             continue
         fsdp = name == "fsdp"
         out[name] = run_isolated(name, args.fsdp_steps if fsdp else args.steps,
-                                 args.fsdp_grad_accum if fsdp else None, args.point_timeout)
+                                 args.fsdp_grad_accum if fsdp else None, args.point_timeout,
+                                 dest / f"{name}.log")
         print(name, {k: out[name].get(k) for k in ("tokens_per_s", "mfu", "energy_j", "wall_s",
                                                    "error")}, flush=True)
+        # written after every point, so a call cut short keeps what finished
+        (dest / args.name).write_text(json.dumps(out, indent=1, default=str))
     t1 = (out.get("ddp1") or {}).get("tokens_per_s")
     t2 = (out.get("ddp2") or {}).get("tokens_per_s")
     out["ddp_scaling_efficiency"] = t2 / (2 * t1) if t1 and t2 else None
-    dest = Path(args.out)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "multigpu_check.json").write_text(json.dumps(out, indent=1, default=str))
-    print("scaling efficiency", out["ddp_scaling_efficiency"], "->", dest / "multigpu_check.json")
+    (dest / args.name).write_text(json.dumps(out, indent=1, default=str))
+    print("scaling efficiency", out["ddp_scaling_efficiency"], "->", dest / args.name)
     return 0
 
 
