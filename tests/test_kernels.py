@@ -156,3 +156,56 @@ def test_reference_with_fla_rules_matches_fla_naive_nsa() -> None:
     theirs = naive_nsa(q, k, v, g_cmp=g[..., 0], g_slc=g[..., 1], block_counts=4,
                        block_size=block, window_size=0)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def fla_stand_in(monkeypatch):
+    """Stand-in fla NSA modules that refuse mixed operand dtypes, as fla's Triton kernels do,
+    and record the dtypes they were given."""
+    import sys
+    import types
+
+    seen: list[tuple[torch.dtype, ...]] = []
+
+    def same_dtype(*ts: torch.Tensor) -> None:
+        seen.append(tuple(t.dtype for t in ts))
+        if len({t.dtype for t in ts}) != 1:
+            raise TypeError("Both operands must be same dtype")
+
+    def parallel_nsa(q, k, v, **_):
+        same_dtype(q, k, v)
+        return torch.zeros_like(q)
+
+    def parallel_attn(q, k, v, **_):
+        same_dtype(q, k, v)
+        return torch.zeros_like(q)
+
+    for name, attrs in {"fla": {}, "fla.ops": {}, "fla.ops.nsa": {"parallel_nsa": parallel_nsa},
+                        "fla.ops.attn": {"parallel_attn": parallel_attn}}.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    return seen
+
+
+def test_nsa_fla_call_gives_the_kernels_one_dtype_under_autocast(fla_stand_in) -> None:
+    # under bf16 autocast RoPE can hand back fp32 queries beside bf16 keys/values (seen on an
+    # H200: fla's kernel failed to compile on the mix)
+    q = torch.randn(1, 4, 64, 16)
+    k, v = torch.randn(2, 1, 2, 64, 16).bfloat16()
+    gates = torch.rand(1, 4, 64, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nsa.nsa_attention_fla(q, k, v, gates, block=16, n_selected=2, window=32)
+    assert fla_stand_in and all(d == (torch.bfloat16,) * 3 for d in fla_stand_in)
+
+
+def test_nsa_fla_call_keeps_fp32_without_autocast(fla_stand_in) -> None:
+    q, k, v = torch.randn(1, 4, 64, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    nsa.nsa_attention_fla(q, k, v, torch.rand(1, 4, 64, 3), block=16, n_selected=2, window=32)
+    assert all(d == (torch.float32,) * 3 for d in fla_stand_in)
+
+
+def test_rwkv_on_fla_trains_uncompiled_and_says_why() -> None:
+    rwkv = kernels.Choice(True, kernels.FLA_OPS["rwkv"])
+    assert "eagerly" in kernels.compile_blocker([rwkv])
+    # the same op on its reference, and other fla ops, may compile
+    assert kernels.compile_blocker([kernels.Choice(False, "ref", "cpu"),
+                                    kernels.Choice(True, kernels.FLA_OPS["mamba"])]) is None

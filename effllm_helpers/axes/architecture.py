@@ -99,10 +99,17 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
                                   max_batches=p.train.eval_batches)
         return {"val_loss": ppl["loss"]["value"]}
 
-    kernels.prepare(model, device)  # decided before a compiled forward, not traced in it
+    # decided before a compiled forward, not traced in it; a kernel that breaks the compiled
+    # backward trains eagerly, and the record says so (facts' compile_off_reason)
+    blocker = kernels.compile_blocker(kernels.prepare(model, device))
+    spec = p.train
+    if spec.compile and blocker:
+        spec = spec.model_copy(update={"compile": False})
     res = train.train(model, train.block_batches(train_blocks, p.train.batch_size, seed),
-                      p.train, p.measure, n_params=counts["total"], flops_per_token=fpt,
+                      spec, p.measure, n_params=counts["total"], flops_per_token=fpt,
                       evaluate=eval_fn, progress=progress)
+    if p.train.compile and blocker:
+        res.metrics["compile_s"] = {**res.metrics["compile_s"], "reason": blocker}
 
     model = res.model if res.model is not None else model  # FSDP: the gathered full model
     model.eval()  # the whole held-out split, or an evenly spread p.eval_tokens of it
@@ -141,6 +148,8 @@ def run(p: ArchitectureParams, seed: int = 0, save_dir: str | Path | None = None
         "flops_per_token_train": fpt,
         **_implementation(model.config, seq_len, device),
         "tokens_trained": res.tokens,
+        "compiled": bool(spec.compile),
+        **({"compile_off_reason": blocker} if p.train.compile and blocker else {}),
         "model_type": model.config.model_type,
         "ffn_label": ffn_label(p),
         "d_model": size.d_model,

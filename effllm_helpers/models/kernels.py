@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLA_OPS", "KERNELS", "Choice", "KernelUnavailable", "choose", "compile_opaque",
-           "fla_missing", "prepare", "record"]
+__all__ = ["COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelUnavailable", "choose",
+           "compile_blocker", "compile_opaque", "fla_missing", "prepare", "record"]
 
 KERNELS = ("auto", "reference", "fla")
 
@@ -36,6 +36,17 @@ FLA_OPS = {
     "nsa": "fla.parallel_nsa+fla.parallel_attn(window)",
     "rwkv": "fla.fused_recurrent_rwkv4",
     "mamba": "fla.fused_recurrent_gla (mamba S6 as GLA)",
+}
+
+
+# fla paths whose training step must run uncompiled. RWKV-4: on an H200 (torch 2.11, fla-core
+# 0.6.0) the compiled step's backward failed with "CompiledFunctionBackward returned an invalid
+# gradient ... got [512] but expected shape compatible with [1, 1, 512]" (a time_mix parameter),
+# not reproduced on CPU with a stand-in kernel under torch 2.13; eager fla is what runs
+COMPILE_UNSAFE = {
+    FLA_OPS["rwkv"]: "torch.compile's backward around fla's RWKV-4 kernel returned a wrongly "
+                     "shaped gradient on an H200 (torch 2.11, fla-core 0.6.0); the step runs "
+                     "eagerly",
 }
 
 
@@ -111,6 +122,14 @@ def record(choice: Choice, requested: str | None) -> dict[str, Any]:
     if choice.reason is not None:
         out["implementation_reason"] = choice.reason
     return out
+
+
+def compile_blocker(choices: list[Choice]) -> str | None:
+    """Why a model running ``choices`` must train uncompiled (``None`` if it may compile)."""
+    for c in choices:
+        if c.use_fla and c.implementation in COMPILE_UNSAFE:
+            return COMPILE_UNSAFE[c.implementation]
+    return None
 
 
 def prepare(model: torch.nn.Module, device: Any) -> list[Choice]:

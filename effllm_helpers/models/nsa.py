@@ -192,6 +192,14 @@ def fla_group(n_heads: int, n_kv_heads: int) -> int:
     return max(16, 1 << (group - 1).bit_length())
 
 
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Triton kernel should see for ``x``'s device: autocast's, when it is on."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def nsa_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
                       block: int, n_selected: int, window: int) -> torch.Tensor:
     """:func:`nsa_attention` of a full sequence (``q_pos = arange(T)``) on fla's kernels, with
@@ -202,6 +210,11 @@ def nsa_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: 
     bsz, n_heads, q_len, head_dim = q.shape
     n_kv = k.shape[1]
     group, padded = n_heads // n_kv, fla_group(n_heads, n_kv)
+    # one dtype for q, k, v: under autocast the projections come out bf16 but RoPE can hand back
+    # fp32 queries, and fla's kernels refuse mixed operands (H200: "Both operands must be same
+    # dtype. Got fp32 and bf16")
+    dt = kernel_dtype(q)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     qt = q.transpose(1, 2)  # [B, T, H, D], fla's layout
     kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     g = gates.transpose(1, 2).to(q.dtype)  # [B, T, H, 3]
