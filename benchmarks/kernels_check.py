@@ -59,8 +59,10 @@ def _error(exc: BaseException) -> dict[str, str]:
 
 def set_kernel(model: Any, kernel: str, forced: str | None = None) -> None:
     """Switch every dispatching module of ``model`` to ``kernel`` (and NSA's forced rule)."""
+    from effllm_helpers.models import kernels
+
     for m in model.modules():
-        if hasattr(m, "_choices"):
+        if isinstance(m, kernels.KernelDispatch):
             m.kernel, m._choices = kernel, {}
             if hasattr(m, "forced"):
                 m.forced = forced

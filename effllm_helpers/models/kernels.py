@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelUnavailable", "choose",
+__all__ = ["COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelDispatch", "KernelUnavailable",
+           "choose",
            "compile_blocker", "compile_opaque", "fla_missing", "prepare", "record"]
 
 KERNELS = ("auto", "reference", "fla")
@@ -124,6 +125,25 @@ def record(choice: Choice, requested: str | None) -> dict[str, Any]:
     return out
 
 
+class KernelDispatch:
+    """Mixin for a module whose core op runs on fla or on our reference: :meth:`choice` decides
+    once per device type (``_decide``) and keeps it in ``_choices``, so a compiled forward reads
+    a decision instead of tracing one. Setting ``kernel`` and ``_choices = {}`` re-decides."""
+
+    kernel: str = "auto"
+    _choices: dict[str, Choice]
+
+    def choice(self, device: Any) -> Choice:
+        """The implementation on ``device``, decided once per device type."""
+        dev = _device_type(device)
+        if dev not in self._choices:
+            self._choices[dev] = self._decide(dev)
+        return self._choices[dev]
+
+    def _decide(self, device: str) -> Choice:
+        raise NotImplementedError
+
+
 def compile_blocker(choices: list[Choice]) -> str | None:
     """Why a model running ``choices`` must train uncompiled (``None`` if it may compile)."""
     for c in choices:
@@ -136,5 +156,4 @@ def prepare(model: torch.nn.Module, device: Any) -> list[Choice]:
     """Decide every kernel-dispatching module's implementation for ``device`` now (each caches
     it), so a compiled forward reads a decision rather than tracing it; returns the choices."""
     dev = torch.device(device)
-    return [m.choice(dev) for m in model.modules() if callable(getattr(m, "choice", None))
-            and hasattr(m, "_choices")]
+    return [m.choice(dev) for m in model.modules() if isinstance(m, KernelDispatch)]

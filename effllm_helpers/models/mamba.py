@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, MambaFor
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from effllm_helpers.config import SizeSpec
+from effllm_helpers.models import kernels
 
 __all__ = [
     "EffllmMambaConfig",
@@ -196,7 +197,7 @@ def _mask(h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     return (h * attention_mask[:, :, None]).to(h.dtype)
 
 
-class FastMambaMixer(MambaMixer):
+class FastMambaMixer(kernels.KernelDispatch, MambaMixer):
     """A :class:`MambaMixer` with the fast scan for cache-free full-sequence forwards.
 
     Same parameters as the parent (instances are re-classed, not rebuilt), so weights,
@@ -204,16 +205,8 @@ class FastMambaMixer(MambaMixer):
     parent's reference implementation.
     """
 
-    kernel: str = "auto"
-
-    def choice(self, device: Any) -> Any:
-        """The scan's implementation on ``device`` (:mod:`.kernels`), decided once per type."""
-        from . import kernels
-
-        dev = torch.device(device).type
-        if dev not in self._choices:
-            self._choices[dev] = kernels.choose("mamba", self.kernel, dev, REFERENCE)
-        return self._choices[dev]
+    def _decide(self, device: str) -> kernels.Choice:
+        return kernels.choose("mamba", self.kernel, device, REFERENCE)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _cache_arg(args, kwargs) is not None:
@@ -235,9 +228,7 @@ class FastMambaMixer(MambaMixer):
                         + self.dt_proj.bias.float())
         A = -torch.exp(self.A_log.float())
         if self.choice(x.device).use_fla:
-            from .kernels import compile_opaque
-
-            y = compile_opaque(selective_scan_fla)(x, dt, A, B, C)
+            y = kernels.compile_opaque(selective_scan_fla)(x, dt, A, B, C)
         else:
             y = selective_scan(x, dt, A, B, C)
         y = (y + x.float() * self.D.float()) * F.silu(z.float())

@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 __all__ = ["IMPLEMENTATION", "FORCED_RULES", "NativeSparseAttention", "attended_tokens",
            "fla_unsupported", "n_compressed_blocks", "nsa_attention", "nsa_attention_fla"]
 
@@ -237,7 +239,7 @@ def nsa_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: 
     return out.transpose(1, 2)
 
 
-class NativeSparseAttention(nn.Module):
+class NativeSparseAttention(kernels.KernelDispatch, nn.Module):
     """The learned parts of NSA (gates and compression pooling) around :func:`nsa_attention`."""
 
     def __init__(self, hidden_size: int, n_heads: int, n_kv_heads: int, *, block: int,
@@ -247,7 +249,7 @@ class NativeSparseAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.block, self.stride = n_heads, n_kv_heads, block, stride
         self.n_selected, self.window, self.kernel = n_selected, window, kernel
         self.head_dim = head_dim or hidden_size // n_heads
-        self._choices: dict[str, Any] = {}  # device type -> kernels.Choice (see choice())
+        self._choices: dict[str, kernels.Choice] = {}  # device type -> decision (choice())
         # the reference's forced-block rule: None = fla's where fla is chosen, else "current";
         # the GPU check sets fla's rule to compare the reference with the kernel
         self.forced: str | None = None
@@ -272,27 +274,16 @@ class NativeSparseAttention(nn.Module):
                              block=self.block, stride=self.stride, n_selected=self.n_selected,
                              window=self.window, forced=forced)
 
-    def choice(self, device: Any) -> Any:
-        """The :class:`~effllm_helpers.models.kernels.Choice` for this layer on ``device``,
-        decided once per device type (:func:`~effllm_helpers.models.kernels.prepare` decides it
-        before a compiled forward, which then only reads it)."""
-        dev = torch.device(device).type
-        if dev not in self._choices:
-            self._choices[dev] = nsa_choice(
-                self.kernel, dev, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
-                head_dim=self.head_dim, block=self.block, stride=self.stride,
-                n_selected=self.n_selected)
-        return self._choices[dev]
+    def _decide(self, device: str) -> kernels.Choice:
+        return nsa_choice(self.kernel, device, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                          head_dim=self.head_dim, block=self.block, stride=self.stride,
+                          n_selected=self.n_selected)
 
 
 def nsa_choice(kernel: str | None, device: Any, **shape: int) -> Any:
     """Which NSA implementation runs for ``kernel`` on ``device`` (see :mod:`.kernels`)."""
-    from . import kernels
-
     return kernels.choose("nsa", kernel, device, IMPLEMENTATION, fla_unsupported(**shape))
 
 
 def _fla_call(*args: Any, **kwargs: Any) -> torch.Tensor:
-    from .kernels import compile_opaque
-
-    return compile_opaque(nsa_attention_fla)(*args, **kwargs)
+    return kernels.compile_opaque(nsa_attention_fla)(*args, **kwargs)

@@ -52,17 +52,11 @@ def fla_wkv(time_decay: torch.Tensor, time_first: torch.Tensor, key: torch.Tenso
     return wkv, state_out[:, :, 0]
 
 
-class KernelRwkvSelfAttention(RwkvSelfAttention):
+class KernelRwkvSelfAttention(kernels.KernelDispatch, RwkvSelfAttention):
     """:class:`RwkvSelfAttention` whose multi-token forwards use fla where chosen."""
 
-    kernel: str = "auto"
-
-    def choice(self, device: Any) -> kernels.Choice:
-        """The implementation on ``device``, decided once per device type."""
-        dev = torch.device(device).type
-        if dev not in self._choices:
-            self._choices[dev] = kernels.choose("rwkv", self.kernel, dev, reference_name(dev))
-        return self._choices[dev]
+    def _decide(self, device: str) -> kernels.Choice:
+        return kernels.choose("rwkv", self.kernel, device, reference_name(device))
 
     def forward(self, hidden: torch.Tensor, state: Any = None, use_cache: bool = False) -> Any:
         if hidden.size(1) == 1 or not self.choice(hidden.device).use_fla:
