@@ -265,3 +265,35 @@ def test_figures_draw_the_dit_and_peft_comparisons_from_the_tidy_table(tmp_path)
     no_data = [[t for t in figure_texts(d.figure) if t.startswith(NO_DATA)] for d in drawn]
     assert no_data == [[], []]  # the DiT's missing accuracy is a "not scored" note, not a gap
     assert any("not scored" in t for t in figure_texts(drawn[1].figure))
+
+
+class _RecordingDiT(torch.nn.Module):
+    """Predicts zero noise and records the timesteps and labels the sampler feeds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def forward(self, x, timestep, class_labels):
+        self.calls.append((int(timestep[0]), class_labels.tolist()))
+        return type("Out", (), {"sample": torch.zeros_like(x) + self.w})()
+
+
+@pytest.mark.parametrize("train_steps", [20, 100, 1000])
+def test_diffusion_schedule_ends_in_pure_noise_at_any_step_count(train_steps: int) -> None:
+    """Sampling starts from N(0, I), so the last training timestep must carry (almost) no
+    image: the 1,000-step linear betas at 100 steps kept alpha_bar_T = 0.36."""
+    sched = xm.Diffusion(_RecordingDiT(), train_steps).scheduler
+    assert float(sched.alphas_cumprod[-1]) < 1e-3
+
+
+def test_sampler_starts_at_the_last_training_timestep_and_passes_the_labels() -> None:
+    dit = _RecordingDiT()
+    model = xm.Diffusion(dit, 100)
+    labels = torch.tensor([3, 7])
+    x = model.sample(labels, 10, (1, 4, 4), torch.Generator().manual_seed(0))
+    ts = [t for t, _ in dit.calls]
+    assert ts[0] == 99 and ts == sorted(ts, reverse=True) and len(ts) == 10
+    assert all(lab == [3, 7] for _, lab in dit.calls)
+    assert x.shape == (2, 1, 4, 4) and float(x.abs().max()) <= 1
