@@ -473,6 +473,7 @@ class CrossModalParams(Strict):
     freeze_last_k: PosInt = 1
     shift: Literal["invert", "rotate"] = "invert"  # the adaptation task: inverted/rotated images
     pretrain_steps: PosInt = 60  # the base, trained on the plain images before adaptation
+    pretrain_lr: PosFloat = 1e-3  # its peak lr (warm-up and cosine as the shared loop's)
     n_eval: PosInt = 100
     train: TrainSpec = TrainSpec(steps=20, lr=2e-3, weight_decay=0.0, warmup_steps=2)
     measure: MeasureSpec = MeasureSpec()

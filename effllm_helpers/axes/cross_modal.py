@@ -394,9 +394,14 @@ def _device() -> torch.device:
 
 
 def _pretrain(model: nn.Module, batches: Any, steps: int, lr: float) -> float:
-    """Unmeasured base training (the 'pretrained checkpoint' that PEFT then adapts)."""
+    """Unmeasured base training (the 'pretrained checkpoint' that PEFT then adapts): AdamW with
+    the shared loop's schedule (10% linear warm-up, cosine decay) and gradient clipping at 1.
+    Without them a ViT at constant 3e-3 stayed at chance (0.11 plain-digit accuracy after 300
+    steps at the gpu preset's width; 0.94 at 1e-3 with warm-up and clipping)."""
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.lr_lambda(max(1, steps // 10), steps))
     model.train()
     loss = torch.zeros(())
     for step in range(steps):
@@ -404,9 +409,11 @@ def _pretrain(model: nn.Module, batches: Any, steps: int, lr: float) -> float:
         loss = model(**b).loss
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 # ---------------------------------------------------------------- experiment: DiT
@@ -689,7 +696,7 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisR
     if p.target == "vit":
         base = build_vit(p, data.channels, data.n_classes).to(device)
         _pretrain(ViTClassifier(base), image_batches(data.train_x, ty, pre_bs, tokens + 1,
-                                                     seed), p.pretrain_steps, 3e-3)
+                                                     seed), p.pretrain_steps, p.pretrain_lr)
         acc0, loss0 = vit_quality(base, vx, vy)
         model, info = attach_method(base, p)
         wrapped: nn.Module = ViTClassifier(model)
@@ -697,7 +704,7 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisR
     elif p.target == "vlm":
         base = build_vlm(p, data.channels, data.classes).to(device)
         plain = vqa_task(data.train_x, ty, data.classes, tokens)
-        _pretrain(base, vlm_batches(plain, pre_bs, seed), p.pretrain_steps, 3e-3)
+        _pretrain(base, vlm_batches(plain, pre_bs, seed), p.pretrain_steps, p.pretrain_lr)
         task_val = vqa_task(vx, vy, data.classes, tokens)
         acc0, loss0 = vlm_quality(base, task_val)
         prepared = ft.prepare(base, finetune_params(p))
@@ -710,7 +717,7 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisR
         dit = build_dit(p, data.channels, data.n_classes)
         base = Diffusion(dit, p.diffusion_steps).to(device)
         _pretrain(base, image_batches(data.train_x, ty, pre_bs, tokens, seed),
-                  p.pretrain_steps, 2e-3)
+                  p.pretrain_steps, p.pretrain_lr)
         acc0, loss0 = None, diffusion_eval_loss(base, vx, vy)
         model, info = attach_method(dit, p)
         base.dit = model
