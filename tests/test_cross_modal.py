@@ -323,3 +323,25 @@ def test_pretrain_warms_up_then_decays_the_learning_rate() -> None:
     assert moves[0] == pytest.approx(0.05, rel=1e-3)  # warm-up: 2 of 20 steps, 1/2 at the first
     assert moves.max() == pytest.approx(0.1, rel=1e-3)
     assert moves[-1] < 0.03  # cosine decay towards 10%
+
+
+def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch) -> None:
+    class Stop(Exception):
+        pass
+
+    seen: list[int] = []
+
+    def fake_train(model, batches, spec, measure, **kw):
+        seen.append(spec.steps)
+        raise Stop
+
+    monkeypatch.setattr(xm.train, "train", fake_train)
+    monkeypatch.setattr(xm, "feature_classifier", lambda data, steps: (None, {}))
+    monkeypatch.setattr(xm, "_pretrain", lambda *a: 0.0)
+    small = {"d_model": 32, "n_layers": 1, "n_heads": 4, "image_size": 8, "patch": 4,
+             "train": {"steps": 3}, "dit_train": {"steps": 7}}
+    for experiment in ("dit", "peft"):
+        with pytest.raises(Stop):
+            xm.run(CrossModalParams(experiment=experiment, **small), progress=False)
+    assert seen == [7, 3]
+    assert CrossModalParams(train={"steps": 3}).dit_train is None

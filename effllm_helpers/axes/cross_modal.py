@@ -433,9 +433,10 @@ def run_dit(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisRe
     def eval_fn(m: nn.Module) -> dict[str, float]:
         return {"val_loss": diffusion_eval_loss(m, data.val_x, data.val_y)}
 
-    res = train.train(model, image_batches(data.train_x, data.train_y, p.train.batch_size,
+    spec = p.dit_train or p.train
+    res = train.train(model, image_batches(data.train_x, data.train_y, spec.batch_size,
                                            tokens, seed),
-                      p.train, p.measure, n_params=total,
+                      spec, p.measure, n_params=total,
                       flops_per_token=dit_flops_per_token(dit, tokens, training=True),
                       evaluate=eval_fn, progress=progress)
     model.eval()
