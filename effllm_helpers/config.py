@@ -473,8 +473,12 @@ class CrossModalParams(Strict):
     freeze_last_k: PosInt = 1
     shift: Literal["invert", "rotate"] = "invert"  # the adaptation task: inverted/rotated images
     pretrain_steps: PosInt = 60  # the base, trained on the plain images before adaptation
+    pretrain_lr: PosFloat = 1e-3  # its peak lr (warm-up and cosine as the shared loop's)
     n_eval: PosInt = 100
     train: TrainSpec = TrainSpec(steps=20, lr=2e-3, weight_decay=0.0, warmup_steps=2)
+    # the DiT study's training when set (a DiT from scratch needs far more steps than a PEFT
+    # adaptation, which keeps ``train``); unset, the DiT study trains with ``train``
+    dit_train: TrainSpec | None = None
     measure: MeasureSpec = MeasureSpec()
 
     @field_validator("data")

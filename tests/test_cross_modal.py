@@ -265,3 +265,83 @@ def test_figures_draw_the_dit_and_peft_comparisons_from_the_tidy_table(tmp_path)
     no_data = [[t for t in figure_texts(d.figure) if t.startswith(NO_DATA)] for d in drawn]
     assert no_data == [[], []]  # the DiT's missing accuracy is a "not scored" note, not a gap
     assert any("not scored" in t for t in figure_texts(drawn[1].figure))
+
+
+class _RecordingDiT(torch.nn.Module):
+    """Predicts zero noise and records the timesteps and labels the sampler feeds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def forward(self, x, timestep, class_labels):
+        self.calls.append((int(timestep[0]), class_labels.tolist()))
+        return type("Out", (), {"sample": torch.zeros_like(x) + self.w})()
+
+
+@pytest.mark.parametrize("train_steps", [20, 100, 1000])
+def test_diffusion_schedule_ends_in_pure_noise_at_any_step_count(train_steps: int) -> None:
+    """Sampling starts from N(0, I), so the last training timestep must carry (almost) no
+    image: the 1,000-step linear betas at 100 steps kept alpha_bar_T = 0.36."""
+    sched = xm.Diffusion(_RecordingDiT(), train_steps).scheduler
+    assert float(sched.alphas_cumprod[-1]) < 1e-3
+
+
+def test_sampler_starts_at_the_last_training_timestep_and_passes_the_labels() -> None:
+    dit = _RecordingDiT()
+    model = xm.Diffusion(dit, 100)
+    labels = torch.tensor([3, 7])
+    x = model.sample(labels, 10, (1, 4, 4), torch.Generator().manual_seed(0))
+    ts = [t for t, _ in dit.calls]
+    assert ts[0] == 99 and ts == sorted(ts, reverse=True) and len(ts) == 10
+    assert all(lab == [3, 7] for _, lab in dit.calls)
+    assert x.shape == (2, 1, 4, 4) and float(x.abs().max()) <= 1
+
+
+def test_pretrain_warms_up_then_decays_the_learning_rate() -> None:
+    """The PEFT base's pretraining follows the shared loop's schedule: at a constant 3e-3 from
+    the first step the gpu preset's ViT never left chance on plain digits."""
+    w = torch.nn.Parameter(torch.zeros(()))
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = w
+
+        def forward(self, x):
+            return xm.LossOutput(loss=self.w * x.sum())  # gradient 1: Adam steps by the lr
+
+    seen: list[float] = []
+
+    def batches(step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        seen.append(float(w.detach()))
+        return {"x": torch.ones(1)}
+
+    xm._pretrain(Linear(), batches, 20, 0.1)
+    moves = -np.diff(seen)  # the first 19 updates
+    assert moves[0] == pytest.approx(0.05, rel=1e-3)  # warm-up: 2 of 20 steps, 1/2 at the first
+    assert moves.max() == pytest.approx(0.1, rel=1e-3)
+    assert moves[-1] < 0.03  # cosine decay towards 10%
+
+
+def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch) -> None:
+    class Stop(Exception):
+        pass
+
+    seen: list[int] = []
+
+    def fake_train(model, batches, spec, measure, **kw):
+        seen.append(spec.steps)
+        raise Stop
+
+    monkeypatch.setattr(xm.train, "train", fake_train)
+    monkeypatch.setattr(xm, "feature_classifier", lambda data, steps: (None, {}))
+    monkeypatch.setattr(xm, "_pretrain", lambda *a: 0.0)
+    small = {"d_model": 32, "n_layers": 1, "n_heads": 4, "image_size": 8, "patch": 4,
+             "train": {"steps": 3}, "dit_train": {"steps": 7}}
+    for experiment in ("dit", "peft"):
+        with pytest.raises(Stop):
+            xm.run(CrossModalParams(experiment=experiment, **small), progress=False)
+    assert seen == [7, 3]
+    assert CrossModalParams(train={"steps": 3}).dit_train is None

@@ -164,14 +164,21 @@ def build_dit(p: CrossModalParams, channels: int, n_classes: int) -> nn.Module:
 
 class Diffusion(nn.Module):
     """DDPM noise-prediction training around a DiT: ``forward`` returns ``.loss`` so the shared
-    loop trains it; ``sample`` runs DDIM with ``steps`` denoising steps."""
+    loop trains it; ``sample`` runs DDIM with ``steps`` denoising steps.
+
+    The noise schedule is the cosine one (Nichol & Dhariwal): its last timestep is pure noise
+    for any ``train_steps``. diffusers' default linear betas (1e-4..0.02) are sized for 1,000
+    steps; at 100 the last timestep keeps sqrt(0.36) of the image, so sampling from pure noise
+    started the model on inputs it never saw (tiny preset: sample accuracy 0.17 vs 0.37 with
+    the cosine schedule and trailing spacing, same 2,000 steps)."""
 
     def __init__(self, dit: nn.Module, train_steps: int) -> None:
         super().__init__()
         from diffusers import DDPMScheduler
 
         self.dit = dit
-        self.scheduler = DDPMScheduler(num_train_timesteps=train_steps)
+        self.scheduler = DDPMScheduler(num_train_timesteps=train_steps,
+                                       beta_schedule="squaredcos_cap_v2")
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
              noise: torch.Tensor) -> torch.Tensor:
@@ -191,7 +198,9 @@ class Diffusion(nn.Module):
                generator: torch.Generator | None = None) -> torch.Tensor:
         from diffusers import DDIMScheduler
 
-        sched = DDIMScheduler.from_config(self.scheduler.config)
+        # trailing: the first denoising step is the last training timestep (pure noise); the
+        # default "leading" spacing starts at T - T/steps (t=90 of 100 at 10 steps)
+        sched = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
         sched.set_timesteps(steps)
         device = labels.device
         x = torch.randn((labels.shape[0], *shape), generator=generator).to(device)
@@ -385,9 +394,14 @@ def _device() -> torch.device:
 
 
 def _pretrain(model: nn.Module, batches: Any, steps: int, lr: float) -> float:
-    """Unmeasured base training (the 'pretrained checkpoint' that PEFT then adapts)."""
+    """Unmeasured base training (the 'pretrained checkpoint' that PEFT then adapts): AdamW with
+    the shared loop's schedule (10% linear warm-up, cosine decay) and gradient clipping at 1.
+    Without them a ViT at constant 3e-3 stayed at chance (0.11 plain-digit accuracy after 300
+    steps at the gpu preset's width; 0.94 at 1e-3 with warm-up and clipping)."""
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, train.lr_lambda(max(1, steps // 10), steps))
     model.train()
     loss = torch.zeros(())
     for step in range(steps):
@@ -395,9 +409,11 @@ def _pretrain(model: nn.Module, batches: Any, steps: int, lr: float) -> float:
         loss = model(**b).loss
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 # ---------------------------------------------------------------- experiment: DiT
@@ -417,9 +433,10 @@ def run_dit(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisRe
     def eval_fn(m: nn.Module) -> dict[str, float]:
         return {"val_loss": diffusion_eval_loss(m, data.val_x, data.val_y)}
 
-    res = train.train(model, image_batches(data.train_x, data.train_y, p.train.batch_size,
+    spec = p.dit_train or p.train
+    res = train.train(model, image_batches(data.train_x, data.train_y, spec.batch_size,
                                            tokens, seed),
-                      p.train, p.measure, n_params=total,
+                      spec, p.measure, n_params=total,
                       flops_per_token=dit_flops_per_token(dit, tokens, training=True),
                       evaluate=eval_fn, progress=progress)
     model.eval()
@@ -680,7 +697,7 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisR
     if p.target == "vit":
         base = build_vit(p, data.channels, data.n_classes).to(device)
         _pretrain(ViTClassifier(base), image_batches(data.train_x, ty, pre_bs, tokens + 1,
-                                                     seed), p.pretrain_steps, 3e-3)
+                                                     seed), p.pretrain_steps, p.pretrain_lr)
         acc0, loss0 = vit_quality(base, vx, vy)
         model, info = attach_method(base, p)
         wrapped: nn.Module = ViTClassifier(model)
@@ -688,7 +705,7 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisR
     elif p.target == "vlm":
         base = build_vlm(p, data.channels, data.classes).to(device)
         plain = vqa_task(data.train_x, ty, data.classes, tokens)
-        _pretrain(base, vlm_batches(plain, pre_bs, seed), p.pretrain_steps, 3e-3)
+        _pretrain(base, vlm_batches(plain, pre_bs, seed), p.pretrain_steps, p.pretrain_lr)
         task_val = vqa_task(vx, vy, data.classes, tokens)
         acc0, loss0 = vlm_quality(base, task_val)
         prepared = ft.prepare(base, finetune_params(p))
@@ -701,7 +718,7 @@ def run_peft(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisR
         dit = build_dit(p, data.channels, data.n_classes)
         base = Diffusion(dit, p.diffusion_steps).to(device)
         _pretrain(base, image_batches(data.train_x, ty, pre_bs, tokens, seed),
-                  p.pretrain_steps, 2e-3)
+                  p.pretrain_steps, p.pretrain_lr)
         acc0, loss0 = None, diffusion_eval_loss(base, vx, vy)
         model, info = attach_method(dit, p)
         base.dit = model
