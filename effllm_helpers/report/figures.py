@@ -1055,7 +1055,8 @@ def fig6b_peft_transfer(tidy: pd.DataFrame | None, out_dir: str | Path,
     targets = _xm_ordered(agg["p.target"], TARGET_ORDER)
     methods = _xm_ordered(agg["p.method"], XM_METHOD_ORDER)
     pal = _palette(methods, "tab10")
-    fig, axs = _new(3.6 * len(targets), 5.6, nrows=2, ncols=len(targets))
+    # wide enough for the title when only one model ran
+    fig, axs = _new(max(6.0, 3.6 * len(targets)), 5.6, nrows=2, ncols=len(targets))
     for j, t in enumerate(targets):
         a = agg[agg["p.target"] == t].set_index("p.method").reindex(methods)
         for i, (m, label) in enumerate((("accuracy", "accuracy after ↑"),
