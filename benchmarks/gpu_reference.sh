@@ -34,12 +34,15 @@ for part in "$@"; do
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml
               [ -f "$f" ] || f=params/finetuning/${part#finetuning_}.yaml
               [ -f "$f" ] || f=params/cross_modal/${part#cross_modal_}.yaml
-              log "python3 -m effllm_helpers.cli sweep $f -p gpu -o <sweeps> --timeout 300 ${SWEEP_ARGS:-}"
+              # a run's limit: a cross-modal DiT trains 3000 steps from scratch (MoE uncompiled:
+              # ~7 min on an H200), the others finish in well under 5 min
+              to=300; case $part in cross_modal_*) to=600 ;; esac
+              log "python3 -m effllm_helpers.cli sweep $f -p gpu -o <sweeps> --timeout $to ${SWEEP_ARGS:-}"
               # a time box per sweep, so the summary and the packing still happen; a killed sweep
               # loses only its run in flight, and the next call resumes from the records
               # shellcheck disable=SC2086
               timeout "${SWEEP_BUDGET_S:-3000}" python3 -m effllm_helpers.cli sweep "$f" -p gpu \
-                -o "$SWEEPS" --no-progress --timeout 300 ${SWEEP_ARGS:-} 2>&1 | tail -25
+                -o "$SWEEPS" --no-progress --timeout "$to" ${SWEEP_ARGS:-} 2>&1 | tail -25
               status "${PIPESTATUS[0]}"
               for r in "$SWEEPS"/runs/"$part"/*/record.json; do
                 [ -f "$r" ] && python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print(d['study'],d['run_id'],d['status'],d['finished_at'],(d.get('error') or {}).get('reason','')[:80])" "$r"
