@@ -267,6 +267,25 @@ def test_figures_draw_the_dit_and_peft_comparisons_from_the_tidy_table(tmp_path)
     assert any("not scored" in t for t in figure_texts(drawn[1].figure))
 
 
+def test_peft_transfer_figure_of_one_model_fits_its_title(tmp_path) -> None:
+    import pandas as pd
+
+    from effllm_helpers.report import figures as fx
+    from effllm_helpers.results import tidy_rows
+
+    recs = [_record(f"p{i}", {"experiment": "peft", "target": "vit", "method": m}, {"al_s": 0.1},
+                    {"eval_loss": 1.0, "eval_loss_before": 2.0, "accuracy": 0.5})
+            for i, m in enumerate(["lora", "full"])]
+    tidy = pd.DataFrame([row for r in recs for row in tidy_rows(r)])
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = fx.fig6b_peft_transfer(tidy, tmp_path).figure
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    title = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width  # one panel used to cut the title
+
+
 class _RecordingDiT(torch.nn.Module):
     """Predicts zero noise and records the timesteps and labels the sampler feeds it."""
 
