@@ -209,3 +209,15 @@ def test_rwkv_on_fla_trains_uncompiled_and_says_why() -> None:
     # the same op on its reference, and other fla ops, may compile
     assert kernels.compile_blocker([kernels.Choice(False, "ref", "cpu"),
                                     kernels.Choice(True, kernels.FLA_OPS["mamba"])]) is None
+
+
+def test_a_compile_blocking_kernel_trains_eagerly_and_the_record_says_why(monkeypatch) -> None:
+    from effllm_helpers.axes import architecture
+
+    monkeypatch.setattr(kernels, "compile_blocker", lambda choices: "kernel X breaks compile")
+    p = config.notebook_params("architecture", "ci", {"train": {"compile": True, "steps": 2}})
+    res = architecture.run(p, progress=False)
+    assert res.model["compiled"] is False
+    assert res.model["compile_off_reason"] == "kernel X breaks compile"
+    assert res.metrics["compile_s"]["value"] is None
+    assert res.metrics["compile_s"]["reason"] == "kernel X breaks compile"

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 __all__ = ["COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelDispatch", "KernelUnavailable",
-           "choose",
-           "compile_blocker", "compile_opaque", "fla_missing", "prepare", "record"]
+           "choose", "compile_blocker", "compile_opaque", "fla_missing", "prepare", "record"]
 
 KERNELS = ("auto", "reference", "fla")
 
