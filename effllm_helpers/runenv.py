@@ -26,10 +26,11 @@ def progress_bar(**kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
-__all__ = ["BATCH_ENV", "THREADS_ENV", "progress_bar"]
-
 
 def is_main_rank() -> bool:
     """True outside a launch and on rank 0 of one: the launched ranks hold the same trained
     weights, and one of them writes them (N writers of one file could interleave)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+__all__ = ["BATCH_ENV", "THREADS_ENV", "is_main_rank", "progress_bar"]

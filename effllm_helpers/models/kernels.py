@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 __all__ = ["COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelDispatch", "KernelUnavailable",
-           "choose", "compile_blocker", "compile_opaque", "fla_missing", "prepare", "record"]
+           "choose", "compile_blocker", "compile_opaque", "fla_missing", "kernel_dtype", "prepare",
+           "record"]
 
 KERNELS = ("auto", "reference", "fla")
 
@@ -113,6 +114,15 @@ def compile_opaque(fn: Any) -> Any:
     """``fn`` excluded from ``torch.compile`` (a graph break around an fla call)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """The one dtype an fla (Triton) kernel should get for ``x``'s device: autocast's when it
+    is on (its operands may otherwise mix fp32 and bf16, which the kernels refuse)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
 
 
 def record(choice: Choice, requested: str | None) -> dict[str, Any]:

@@ -194,14 +194,6 @@ def fla_group(n_heads: int, n_kv_heads: int) -> int:
     return max(16, 1 << (group - 1).bit_length())
 
 
-def kernel_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a Triton kernel should see for ``x``'s device: autocast's, when it is on."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
 def nsa_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, *,
                       block: int, n_selected: int, window: int) -> torch.Tensor:
     """:func:`nsa_attention` of a full sequence (``q_pos = arange(T)``) on fla's kernels, with
@@ -215,7 +207,7 @@ def nsa_attention_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: 
     # one dtype for q, k, v: under autocast the projections come out bf16 but RoPE can hand back
     # fp32 queries, and fla's kernels refuse mixed operands (H200: "Both operands must be same
     # dtype. Got fp32 and bf16")
-    dt = kernel_dtype(q)
+    dt = kernels.kernel_dtype(q)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     qt = q.transpose(1, 2)  # [B, T, H, D], fla's layout
     kt, vt = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
