@@ -110,6 +110,8 @@ def run_one(impl: str, args: argparse.Namespace, p: Any, size: Any,
                                     fused_linear_cross_entropy=True, cross_entropy=False)
         kernels = (f"liger-kernel {getattr(liger_kernel, '__version__', '?')}: RMSNorm, RoPE, "
                    "SwiGLU, fused linear cross-entropy")
+        if args.compile:
+            kernels += liger_loss_outside_compile()
     with torch.device("cuda"):  # initialised on the GPU: a 1B+ model builds in seconds
         model = models.build({"attention": "gqa", "positional": "rope", "ffn": "dense"}, size,
                              vocab_size=args.vocab, max_seq_len=args.seq_len)
@@ -150,6 +152,21 @@ def run_one(impl: str, args: argparse.Namespace, p: Any, size: Any,
         "aec_w": m["aec_w"], "energy_j": m["energy_j"], "amu_gb": m["amu_gb"],
         "peak_gb": m["peak_gb"], "final_loss": res.final_loss, "wall_s_incl_compile": wall,
     }
+
+
+def liger_loss_outside_compile() -> str:
+    """Keep liger's fused linear cross-entropy out of dynamo's graph; say so for the record.
+
+    Traced by torch.compile (torch 2.11), its chunked ``addmm(..., out_dtype=fp32)`` fails in
+    fake-tensor propagation, so the whole liger run failed on an H200. The loss is an autograd
+    Function that launches its own Triton kernels: run eagerly between the compiled decoder and
+    the optimizer, it is what liger's users get (their trainers compile the model, not the loss).
+    """
+    import liger_kernel.transformers.model.llama as liger_llama
+    import torch
+
+    liger_llama.LigerForCausalLMLoss = torch.compiler.disable(liger_llama.LigerForCausalLMLoss)
+    return " (the fused loss runs outside the compiled graph: torch.compiler.disable)"
 
 
 def summary(out: dict[str, Any], name: str, args: argparse.Namespace) -> list[str]:

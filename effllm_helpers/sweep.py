@@ -218,12 +218,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def run_thread_env(concurrent: int | None, cores: int | None = None) -> dict[str, str]:
+def run_thread_env(concurrent: int | None, cores: int | None = None,
+                   env: dict[str, str] | None = None) -> dict[str, str]:
     """Thread-pool environment (OpenMP, MKL, ours) for one of ``concurrent`` runs sharing this
-    machine's cores; empty when the number of runs sharing the machine is unknown."""
-    if not concurrent:
+    machine's cores; empty when the number of runs sharing the machine is unknown.
+
+    A count the user exported as ``EFFLLM_THREADS`` wins: a sweep only knows its own workers,
+    so two sweeps on one host (one per GPU) would each take every core. On a 32-core H200 host
+    that doubled the loop's host time of launch-bound runs."""
+    given = (os.environ if env is None else env).get(THREADS_ENV, "")
+    if given.isdigit() and int(given) >= 1:
+        n = given
+    elif not concurrent:
         return {}
-    n = str(threads_per_run(concurrent, usable_cpus() if cores is None else cores))
+    else:
+        n = str(threads_per_run(concurrent, usable_cpus() if cores is None else cores))
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, THREADS_ENV: n}
 
 

@@ -23,9 +23,17 @@ def test_each_run_gets_cores_divided_by_workers(workers: int, cores: int, thread
 
 
 def test_runner_environment_fixes_every_thread_pool() -> None:
-    assert sweep.run_thread_env(4, cores=16) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4",
-                                                 THREADS_ENV: "4"}
-    assert sweep.run_thread_env(None, cores=16) == {}  # remote Dask: sharing unknown
+    assert sweep.run_thread_env(4, cores=16, env={}) == {
+        "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4", THREADS_ENV: "4"}
+    assert sweep.run_thread_env(None, cores=16, env={}) == {}  # remote Dask: sharing unknown
+
+
+def test_threads_the_user_exported_win_over_the_sweeps_share() -> None:
+    # two sweeps on one host, one per GPU: each would otherwise take every core
+    given = {THREADS_ENV: "8"}
+    assert sweep.run_thread_env(1, cores=32, env=given)[THREADS_ENV] == "8"
+    assert sweep.run_thread_env(None, cores=32, env=given)["OMP_NUM_THREADS"] == "8"
+    assert sweep.run_thread_env(1, cores=32, env={THREADS_ENV: "0"})[THREADS_ENV] == "32"
 
 
 def test_run_side_sets_torch_threads_from_the_sweep() -> None:
