@@ -258,6 +258,25 @@ def test_dit_samples_at_its_training_precision(dtype: str) -> None:
     assert r.metrics["sample_mfu"]["dtype"] == dtype
 
 
+def test_diffusion_noises_like_the_scheduler_without_leaving_the_device(monkeypatch) -> None:
+    # the scheduler's add_noise needed host timesteps: t.cpu() synchronised every GPU step
+    p = notebook_params("cross_modal", "ci", {"attention": "gqa"})
+    model = xm.Diffusion(xm.build_dit(p, 1, 10), p.diffusion_steps)
+    x, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([0, 7, 42, p.diffusion_steps - 1])
+    expected = model.scheduler.add_noise(x, noise, t)
+    assert torch.allclose(model.add_noise(x, noise, t), expected, atol=1e-6)
+
+    def host_copy(*_a, **_k):
+        raise AssertionError("a host copy inside the training step")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
+    monkeypatch.setattr(torch.Tensor, "item", host_copy)
+    out = model(pixel_values=torch.randn(4, 1, p.image_size, p.image_size),
+                class_labels=torch.tensor([0, 1, 2, 3]))
+    assert out.loss.ndim == 0
+
+
 def _record(run_id: str, params: dict, metrics: dict, quality: dict) -> dict:
     from effllm_helpers.results import metric, new_record
 

@@ -179,10 +179,19 @@ class Diffusion(nn.Module):
         self.dit = dit
         self.scheduler = DDPMScheduler(num_train_timesteps=train_steps,
                                        beta_schedule="squaredcos_cap_v2")
+        # on the model's device: the scheduler's own add_noise indexes a CPU table, which took
+        # the timesteps to the host, a GPU sync in every training step
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(),
+                             persistent=False)
+
+    def add_noise(self, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) = sqrt(ᾱ_t)·x + sqrt(1 - ᾱ_t)·ε, the scheduler's add_noise on device."""
+        a = self.alphas_cumprod[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return a.sqrt() * x + (1 - a).sqrt() * noise
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
              noise: torch.Tensor) -> torch.Tensor:
-        noisy = self.scheduler.add_noise(x, noise, t.cpu()).to(x.dtype)
+        noisy = self.add_noise(x, noise, t)
         pred = self.dit(noisy, timestep=t, class_labels=y).sample
         return F.mse_loss(pred.float(), noise.float())
 
