@@ -147,9 +147,18 @@ def build(p: Any, fields: dict[str, Any], vocab: int, seq_len: int) -> Any:
                      max_seq_len=max(seq_len, size.max_seq_len)).cuda()
 
 
+PHASES = ("agreement_fp32", "agreement_bf16", "step_fla", "step_reference")
+
+
 def check_variant(name: str, p: Any, args: argparse.Namespace, vocab: int, seq_len: int,
-                  batch: int) -> dict[str, Any]:
+                  batch: int, save: Any = None) -> dict[str, Any]:
+    """The variant's phases (``--phases``, in :data:`PHASES` order), each timed in
+    ``phase_s``; ``save(res)`` after each, so a run cut by a time box keeps what finished (on an
+    H200 the NSA item alone outlasted a 250 s box: fla autotunes its kernels per dtype)."""
     import torch
+
+    phases = [ph for ph in PHASES if ph in args.phases.split(",")]
+    save = save or (lambda _res: None)
 
     fields = dict(VARIANTS[name])
     if name == "nsa":
@@ -160,27 +169,28 @@ def check_variant(name: str, p: Any, args: argparse.Namespace, vocab: int, seq_l
     except Exception as exc:
         return {**res, "build": _error(exc)}
     res["params"] = sum(x.numel() for x in model.parameters())
+    res["phase_s"] = {}
     forced = "first_previous_current" if name == "nsa" else None
     tol = NSA_TOL if name == "nsa" else TOL
     gen = torch.Generator().manual_seed(1)
     check_ids = torch.randint(0, vocab, (args.check_batch, seq_len), generator=gen).cuda()
-    for dtype in ("fp32", "bf16"):
-        try:
-            res[f"agreement_{dtype}"] = compare(model, check_ids, dtype, forced, tol,
-                                                NOT_ON_FLA.get(name, ()))
-        except Exception as exc:
-            res[f"agreement_{dtype}"] = _error(exc)
-        torch.cuda.empty_cache()
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).cuda()
-    for kernel, warmup, steps in (("fla", args.warmup, args.steps),
-                                  ("reference", 1, args.ref_steps)):
+    for phase in phases:
+        t = time.perf_counter()
+        kind, _, arg = phase.partition("_")
         try:
-            set_kernel(model, kernel, forced if kernel == "reference" else None)
-            res[f"step_{kernel}"] = time_step(model, ids, warmup, steps)
+            if kind == "agreement":
+                res[phase] = compare(model, check_ids, arg, forced, tol, NOT_ON_FLA.get(name, ()))
+            else:
+                warmup, steps = (args.warmup, args.steps) if arg == "fla" else (1, args.ref_steps)
+                set_kernel(model, arg, forced if arg == "reference" else None)
+                res[phase] = time_step(model, ids, warmup, steps)
         except Exception as exc:
-            res[f"step_{kernel}"] = _error(exc)
+            res[phase] = _error(exc)
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
+        res["phase_s"][phase] = time.perf_counter() - t
+        save(res)
     return res
 
 
@@ -205,6 +215,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--ref-steps", type=int, default=2)
     ap.add_argument("--only", default="gqa,nsa,mamba,rwkv")
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help="comma list, run in this order whatever the list's: " + ", ".join(PHASES))
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="start no new item after this many seconds (recorded as skipped)")
     args = ap.parse_args()
@@ -251,7 +263,12 @@ def main() -> None:
                     report["items"][name] = {"step_reference": time_step(
                         model, ids, args.warmup, args.steps)}
                 else:
-                    report["items"][name] = check_variant(name, p, args, vocab, seq_len, batch)
+                    def save(res: dict[str, Any], name: str = name) -> None:
+                        report["items"][name] = res
+                        _write(report, args.out, t0)
+
+                    report["items"][name] = check_variant(name, p, args, vocab, seq_len, batch,
+                                                          save)
             except Exception as exc:
                 report["items"][name] = _error(exc)
             report["items"][name]["wall_s"] = time.perf_counter() - t_item
