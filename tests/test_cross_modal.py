@@ -78,6 +78,31 @@ def test_moe_ffn_runs_top_k_experts_and_counts_active_params() -> None:
     assert xm.active_params(dit) == total - 3 * per_expert
 
 
+def test_moe_grouped_gemm_path_equals_the_expert_loop_with_gradients() -> None:
+    # the sync-free path (CUDA + bf16 under "auto") computes what the per-expert loop does
+    torch.manual_seed(0)
+    moe = xm.MoEFeedForward(32, 64, n_experts=4, top_k=2)
+    x = torch.randn(2, 24, 32)
+    outs, grads = {}, {}
+    for impl in ("loop", "grouped_mm"):
+        moe.impl = impl
+        moe.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        y.float().square().mean().backward()
+        assert moe.last_impl == impl
+        outs[impl] = y.float()
+        grads[impl] = torch.cat([p.grad.flatten() for p in moe.parameters()])
+    torch.testing.assert_close(outs["grouped_mm"], outs["loop"], atol=2e-2, rtol=2e-2)
+    assert (grads["grouped_mm"] - grads["loop"]).norm() <= 0.03 * grads["loop"].norm()
+
+
+def test_moe_auto_keeps_the_loop_on_cpu_and_in_fp32() -> None:
+    moe = xm.MoEFeedForward(32, 64, n_experts=4, top_k=2)
+    moe(torch.randn(1, 4, 32))
+    assert moe.last_impl == "loop"
+
+
 def test_classifier_frechet_is_zero_for_identical_sets_and_grows_with_noise() -> None:
     torch.manual_seed(0)
     clf = xm.FeatureCNN(1, 10).eval()
@@ -256,6 +281,13 @@ def test_dit_samples_at_its_training_precision(dtype: str) -> None:
     r = xm.run(p, progress=False)
     assert r.metrics["mfu"]["dtype"] == dtype
     assert r.metrics["sample_mfu"]["dtype"] == dtype
+    assert r.model["moe_impl"] is None  # dense: no experts ran
+
+
+def test_moe_dit_record_names_what_ran_the_experts() -> None:
+    p = notebook_params("cross_modal", "ci", {"attention": "gqa", "ffn": "moe", "n_samples": 4,
+                                              "sample_batch": 4, "sample_steps": 2})
+    assert xm.run(p, progress=False).model["moe_impl"] == ["loop"]  # CPU, fp32
 
 
 def test_diffusion_noises_like_the_scheduler_without_leaving_the_device(monkeypatch) -> None:
