@@ -108,3 +108,30 @@ def test_sweep_executed_notebooks_get_a_text_progress_bar(monkeypatch) -> None:
     bar = progress_bar(total=3, file=io.StringIO())
     assert type(bar) is tqdm_mod.std.tqdm and bar.mininterval == 30.0
     bar.close()
+
+
+def test_a_cuda_batch_is_staged_through_pinned_memory(monkeypatch) -> None:
+    # a copy from pageable memory blocks the host until the GPU drains, every step
+    calls: list[tuple[str, object]] = []
+
+    def pin(self):
+        calls.append(("pin", tuple(self.shape)))
+        return self
+
+    def to(self, device, non_blocking=False):
+        calls.append(("to", non_blocking))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    train.to_device({"input_ids": torch.zeros(2, 3)}, torch.device("cuda"))
+    assert calls == [("pin", (2, 3)), ("to", True)]
+
+
+def test_a_cpu_batch_is_not_pinned(monkeypatch) -> None:
+    def pin(self):
+        raise AssertionError("pinned on a CPU run")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    out = train.to_device({"input_ids": torch.ones(2)}, torch.device("cpu"))
+    assert torch.equal(out["input_ids"], torch.ones(2))
