@@ -34,8 +34,8 @@ for part in "$@"; do
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml
               [ -f "$f" ] || f=params/finetuning/${part#finetuning_}.yaml
               [ -f "$f" ] || f=params/cross_modal/${part#cross_modal_}.yaml
-              # a run's limit: a cross-modal DiT trains 3000 steps from scratch (MoE uncompiled:
-              # ~7 min on an H200), the others finish in well under 5 min
+              # a run's limit: a cross-modal DiT trains 3000 steps from scratch (MoE with the
+              # expert loop: ~5 min on an H200), the others finish in well under 5 min
               to=300; case $part in cross_modal_*) to=600 ;; esac
               log "python3 -m effllm_helpers.cli sweep $f -p gpu -o <sweeps> --timeout $to ${SWEEP_ARGS:-}"
               # a time box per sweep, so the summary and the packing still happen; a killed sweep
