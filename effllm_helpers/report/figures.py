@@ -1033,11 +1033,18 @@ def fig6a_dit_attention(tidy: pd.DataFrame | None, out_dir: str | Path,
         for k, f in enumerate(ffns):
             a = agg[agg["p.ffn"] == f].set_index("p.attention").reindex(atts)
             x = np.arange(len(atts)) + (k - (len(ffns) - 1) / 2) * w
-            ax.bar(x, a[m].to_numpy(dtype=float), w, color=pal[f], label=f)
+            vals = a[m].to_numpy(dtype=float)
+            ax.bar(x, vals, w, color=pal[f], label=f)
+            for xi in x[np.isnan(vals)]:  # a grid point without a record is not a zero
+                ax.text(xi, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=6,
+                        color="0.45")
         ax.set_xticks(range(len(atts)), atts, fontsize=9)
+        ax.set_xlim(-0.5, len(atts) - 0.5)  # room for the last group, run or not
         ax.set_title(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axs.flat[0].legend(title="FFN", fontsize=8, title_fontsize=8, frameon=False)
+    fig.legend(handles=[Patch(color=pal[f], label=f) for f in ffns], title="FFN",
+               loc="outside lower center", ncol=len(ffns), fontsize=8, title_fontsize=8,
+               frameon=False)
     fig.suptitle(title + "\n(Fréchet distance in a small CNN classifier's feature space, "
                  "not FID)", fontsize=11)
     return _done(name, fig, out_dir)
