@@ -423,9 +423,11 @@ def test_pretrain_warms_up_then_decays_the_learning_rate() -> None:
     assert moves[-1] < 0.03  # cosine decay towards 10%
 
 
-def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch) -> None:
+def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch, tmp_path) -> None:
     class Stop(Exception):
         pass
+
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))  # its untrained "base" is cached there
 
     seen: list[int] = []
 
@@ -443,3 +445,28 @@ def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch) -> Non
             xm.run(CrossModalParams(experiment=experiment, **small), progress=False)
     assert seen == [7, 3]
     assert CrossModalParams(train={"steps": 3}).dit_train is None
+
+
+def test_every_method_adapts_the_same_cached_base(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    small = {"experiment": "peft", "target": "vit", "d_model": 32, "n_layers": 1, "n_heads": 4,
+             "image_size": 8, "patch": 4, "pretrain_steps": 4, "n_eval": 20,
+             "train": {"steps": 2, "batch_size": 8}}
+    first = xm.run(CrossModalParams(method="lora", **small), progress=False)
+    second = xm.run(CrossModalParams(method="full", **small), progress=False)
+    assert (first.model["base"]["cached"], second.model["base"]["cached"]) == (False, True)
+    assert first.model["base"]["file"] == second.model["base"]["file"]
+    for k in ("eval_loss_before", "accuracy_before"):
+        assert first.quality[k]["value"] == second.quality[k]["value"]
+
+
+def test_a_base_is_keyed_by_what_shapes_it_not_by_the_method() -> None:
+    data = load_images("digits", 8, 0.1, seed=0)
+    p = CrossModalParams(experiment="peft", target="vit", method="lora")
+    same = [p.model_copy(update={"method": "full", "rank": 8, "shift": "rotate"})]
+    other = [p.model_copy(update=u) for u in ({"pretrain_lr": 3e-4}, {"pretrain_steps": 61},
+                                              {"d_model": 32}, {"target": "vlm"})]
+    path = xm.base_path(p, data, 16, 0)
+    assert all(xm.base_path(q, data, 16, 0) == path for q in same)
+    assert all(xm.base_path(q, data, 16, 0) != path for q in other)
+    assert xm.base_path(p, data, 32, 0) != path and xm.base_path(p, data, 16, 1) != path
