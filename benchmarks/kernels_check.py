@@ -220,6 +220,9 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="start no new item after this many seconds (recorded as skipped)")
     args = ap.parse_args()
+    bad = [ph for ph in args.phases.split(",") if ph.strip() and ph.strip() not in PHASES]
+    if bad:
+        ap.error(f"--phases {','.join(bad)}: allowed {', '.join(PHASES)}")
     t0 = time.perf_counter()
 
     import torch

@@ -101,6 +101,9 @@ def test_moe_auto_keeps_the_loop_on_cpu_and_in_fp32() -> None:
     moe = xm.MoEFeedForward(32, 64, n_experts=4, top_k=2)
     moe(torch.randn(1, 4, 32))
     assert moe.last_impl == "loop"
+    moe.impl = "fused"
+    with pytest.raises(ValueError, match="allowed auto, loop, grouped_mm"):
+        moe(torch.randn(1, 4, 32))
 
 
 def test_classifier_frechet_is_zero_for_identical_sets_and_grows_with_noise() -> None:

@@ -148,6 +148,8 @@ class MoEFeedForward(nn.Module):
         return x.dtype
 
     def choose(self, x: torch.Tensor) -> str:
+        if self.impl not in self.IMPLS:
+            raise ValueError(f"MoEFeedForward.impl {self.impl!r}: allowed {', '.join(self.IMPLS)}")
         if self.impl != "auto":
             return self.impl
         dim, hidden = self.experts[0][0].in_features, self.experts[0][0].out_features
