@@ -110,9 +110,13 @@ def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None,
     typer.echo(f"{study}: ok, {len(runs)} runs")
 
 
+StudiesArg = Annotated[list[Path], typer.Argument(
+    help="One or more study params files (e.g. params/cross_modal/*.yaml), swept in order.")]
+
+
 @app.command()
 def sweep(
-    study: StudyArg,
+    study_files: StudiesArg,
     preset: PresetOpt = None,
     output_dir: OutOpt = None,
     workers: Annotated[int, typer.Option(
@@ -142,43 +146,52 @@ def sweep(
         "--seeds", help="Comma-separated seeds replacing the study's (e.g. 0,1,2): repeats "
                         "whose spread the figures and ranks read.")] = None,
 ) -> None:
-    """Run every grid point of a study through its notebook (papermill), resuming where it left.
+    """Run every grid point of one or more studies through their notebook (papermill), resuming
+    where they left.
 
-    Runs that already have an ok record are skipped; failures are recorded with their reason and
-    the sweep goes on. Exits 1 if any run failed, 2 on invalid params.
+    Every study file is validated before the first run. Runs that already have an ok record are
+    skipped; failures are recorded with their reason and the sweep goes on. Exits 1 if any run
+    failed, 2 on invalid params.
     """
     from . import sweep as sw
 
     out = _output_root(output_dir, writable=False)
+    expanded = []
     try:
         studies.check_timeout(timeout)
         overrides = studies.parse_overrides(set_)
         selected = studies.parse_only(only)
         preset = _preset(preset, preset_file)
         seed_list = studies.parse_seeds(seeds)
-        runs = studies.expand(study, preset, overrides, selected, trusted_notebook, seed_list)
+        for study in study_files:
+            expanded.append(studies.expand(study, preset, overrides, selected,
+                                           trusted_notebook, seed_list))
     except config.ParamsError as exc:
         _fail(str(exc))
     if not dry_run:  # valid params first, so a typo does not leave an empty folder behind
         _output_root(out)
     if dry_run:
-        typer.echo(sw.dry_run_table(runs, out))
-        typer.echo(f"{len(runs)} runs")
+        for runs in expanded:
+            typer.echo(sw.dry_run_table(runs, out))
+        typer.echo(f"{sum(len(r) for r in expanded)} runs")
         return
-    try:
-        res = sw.sweep(study, preset, out, workers=workers, dask=dask,
-                       retry_failed=retry_failed, timeout_s=timeout, progress=not no_progress,
-                       overrides=overrides, only=selected, trusted_notebook=trusted_notebook,
-                       seeds=seed_list)
-    except KeyboardInterrupt:
-        typer.secho("\ninterrupted: finished runs keep their records; rerun to complete the rest",
-                    fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
-    except (config.ParamsError, sw.DaskConnectError) as exc:
-        _fail(str(exc))
-    typer.echo(sw.summary_table(res, out))
-    typer.echo(f"records under {out / 'runs' / res.study}")
-    raise typer.Exit(res.exit_code)
+    exit_code = 0
+    for study in study_files:
+        try:
+            res = sw.sweep(study, preset, out, workers=workers, dask=dask,
+                           retry_failed=retry_failed, timeout_s=timeout,
+                           progress=not no_progress, overrides=overrides, only=selected,
+                           trusted_notebook=trusted_notebook, seeds=seed_list)
+        except KeyboardInterrupt:
+            typer.secho("\ninterrupted: finished runs keep their records; rerun to complete "
+                        "the rest", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+        except (config.ParamsError, sw.DaskConnectError) as exc:
+            _fail(str(exc))
+        typer.echo(sw.summary_table(res, out))
+        typer.echo(f"records under {out / 'runs' / res.study}")
+        exit_code = max(exit_code, res.exit_code)
+    raise typer.Exit(exit_code)
 
 
 @app.command()

@@ -94,6 +94,20 @@ def test_cli_dry_run_lists_runs(tmp_path):
     assert "2 runs" in out.output and "todo" in out.output
 
 
+def test_cli_sweeps_several_study_files_and_validates_all_first(tmp_path):
+    args = ["sweep", "params/smoke/smoke.yaml", "params/inference.yaml", "-p", "ci",
+            "-o", str(tmp_path)]
+    out = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "precision=" in out.output and "n=" in out.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: x\naxis: smoke\nnotebook: notebooks/smoke.ipynb\ngrid: {n: [0]}\n")
+    out = CliRunner().invoke(app, ["sweep", "params/smoke/smoke.yaml", str(bad), "-p", "ci",
+                                   "-o", str(tmp_path / "o"), "--no-progress"])
+    assert out.exit_code == 2 and "n: Input should be greater than 0" in out.output
+    assert not (tmp_path / "o" / "runs").exists()  # the good first file did not run either
+
+
 def test_cli_only_selects_grid_points_and_rejects_unknown_values(tmp_path):
     args = ["sweep", "params/inference.yaml", "-p", "ci", "--dry-run", "-o", str(tmp_path)]
     out = CliRunner().invoke(app, [*args, "--only", "precision=int8,int4-nf4"])
