@@ -2,7 +2,7 @@
 # Runs on a GPU host (README: "An offline GPU machine"): the measure validation, the MFU and decode
 # roofline benchmarks and study sweeps at the gpu preset; results land in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
-#   PART in: validate overhead mfu mfu-large mfu-paper roofline kernels multigpu inference attention
+#   PART in: validate overhead mfu mfu-small mfu-large mfu-paper roofline kernels multigpu inference attention
 #            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
 #            cross_modal_peft
 # env: SWEEP_ARGS (extra sweep options, e.g. "--only method=freeze,full --set train.steps=60"),
@@ -25,6 +25,8 @@ for part in "$@"; do
     overhead) bench gpu_validate.py --skip a,b --out "$dest/overhead" ;;
     mfu)      bench pretrain_mfu.py --out "$dest" ;;
     mfu-large) bench pretrain_mfu.py --size large --batch-size 32 --out "$dest/large" ;;
+    # the attention sweep's GQA model (gpu small, 16 x 1024): its record's MFU is the peer
+    mfu-small) bench pretrain_mfu.py --size small --batch-size 16 --out "$dest/gpu-small" ;;
     mfu-paper) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --impls hf,liger --out "$dest/paper-small"
                bench pretrain_mfu.py --preset paper --size medium --batch-size 8 --out "$dest/paper-medium" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
