@@ -157,7 +157,7 @@ def check_variant(name: str, p: Any, args: argparse.Namespace, vocab: int, seq_l
     H200 the NSA item alone outlasted a 250 s box: fla autotunes its kernels per dtype)."""
     import torch
 
-    phases = [ph for ph in PHASES if ph in args.phases.split(",")]
+    phases = [ph for ph in PHASES if ph in {x.strip() for x in args.phases.split(",")}]
     save = save or (lambda _res: None)
 
     fields = dict(VARIANTS[name])

@@ -26,7 +26,6 @@ def progress_bar(**kwargs: Any) -> Any:
     return tqdm(**kwargs)
 
 
-
 def is_main_rank() -> bool:
     """True outside a launch and on rank 0 of one: the launched ranks hold the same trained
     weights, and one of them writes them (N writers of one file could interleave)."""

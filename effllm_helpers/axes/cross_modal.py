@@ -39,6 +39,7 @@ from transformers.utils import ModelOutput
 from .. import train
 from ..config import CrossModalParams, FinetuneParams
 from ..data.images import ImageData, load_images
+from ..models.kernels import kernel_dtype
 from ..models.zoo import count_params
 from ..results import metric, missing
 from .spec import AxisResult
@@ -142,11 +143,6 @@ class MoEFeedForward(nn.Module):
             nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"),
                           nn.Linear(hidden, dim)) for _ in range(n_experts))
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
-
     def choose(self, x: torch.Tensor) -> str:
         if self.impl not in self.IMPLS:
             raise ValueError(f"MoEFeedForward.impl {self.impl!r}: allowed {', '.join(self.IMPLS)}")
@@ -154,7 +150,7 @@ class MoEFeedForward(nn.Module):
             return self.impl
         dim, hidden = self.experts[0][0].in_features, self.experts[0][0].out_features
         ok = (x.is_cuda and hasattr(F, "grouped_mm")
-              and self._compute_dtype(x) == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0)
+              and kernel_dtype(x) == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0)
         return "grouped_mm" if ok else "loop"
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -177,7 +173,7 @@ class MoEFeedForward(nn.Module):
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor,
                  idx: torch.Tensor) -> torch.Tensor:
-        dt = self._compute_dtype(x)
+        dt = kernel_dtype(x)  # grouped_mm is not autocast-aware: cast by hand
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         tok, eid = order // self.top_k, flat[order]

@@ -117,8 +117,9 @@ def compile_opaque(fn: Any) -> Any:
 
 
 def kernel_dtype(x: torch.Tensor) -> torch.dtype:
-    """The one dtype an fla (Triton) kernel should get for ``x``'s device: autocast's when it
-    is on (its operands may otherwise mix fp32 and bf16, which the kernels refuse)."""
+    """The one dtype a kernel that is not autocast-aware should get for ``x``'s device
+    (fla's Triton kernels, ``grouped_mm``): autocast's when it is on (its operands may otherwise
+    mix fp32 and bf16, which such kernels refuse)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)

@@ -1031,13 +1031,15 @@ def fig6a_dit_attention(tidy: pd.DataFrame | None, out_dir: str | Path,
             ax.set_title(label, fontsize=9)
             continue
         for k, f in enumerate(ffns):
-            a = agg[agg["p.ffn"] == f].set_index("p.attention").reindex(atts)
+            ran = agg[agg["p.ffn"] == f].set_index("p.attention")
+            a = ran.reindex(atts)
             x = np.arange(len(atts)) + (k - (len(ffns) - 1) / 2) * w
             vals = a[m].to_numpy(dtype=float)
             ax.bar(x, vals, w, color=pal[f], label=f)
-            for xi in x[np.isnan(vals)]:  # a grid point without a record is not a zero
-                ax.text(xi, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=6,
-                        color="0.45")
+            for xi, att in zip(x[np.isnan(vals)], np.asarray(atts)[np.isnan(vals)], strict=True):
+                # a missing bar is not a zero: say whether the point ran
+                ax.text(xi, 0, "not measured" if att in ran.index else "not run", rotation=90,
+                        ha="center", va="bottom", fontsize=6, color="0.45")
         ax.set_xticks(range(len(atts)), atts, fontsize=9)
         ax.set_xlim(-0.5, len(atts) - 0.5)  # room for the last group, run or not
         ax.set_title(label, fontsize=9)
