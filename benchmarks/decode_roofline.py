@@ -13,7 +13,11 @@ Variants (greedy, exactly N new tokens, first token excluded from the rate):
   captured in a CUDA graph, one replay per token;
 * ``static_graph_compiled_k`` - the same engine with the step compiled by ``torch.compile``
   (inductor kernels, no cudagraph trees) and K tokens captured into one graph (the next token is
-  written on the device), so the host launches one graph per K tokens.
+  written on the device), so the host launches one graph per K tokens. Its inductor options
+  include coordinate-descent tuning, which lowers each batch-1 projection to a tuned Triton
+  reduction (the library's default, ``tune_gemv``);
+* ``static_graph_compiled_k_cublas`` - the same without that option: the projections stay cuBLAS
+  GEMMs (what the engine did before; the peer that shows what the tuning buys).
 
 Reference runs before the engine moved into the library called the last two
 ``own_loop_cuda_graphs`` (compiled, reduce-overhead) and ``own_loop_graph_k``; ``--replot``
@@ -40,7 +44,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("dynamic_eager", "hf_static_compiled", "static_graph", "static_graph_compiled_k")
+VARIANTS = ("dynamic_eager", "hf_static_compiled", "static_graph", "static_graph_compiled_k",
+            "static_graph_compiled_k_cublas")
 LEGACY_VARIANTS = ("own_loop_cuda_graphs", "own_loop_graph_k")  # names in older json files
 
 
@@ -89,7 +94,7 @@ def time_generate(model, prompt, new_tokens: int, repeats: int, **kw) -> tuple[f
 
 
 def engine_loop(model, prompt, new_tokens: int, repeats: int, *, use_graph: bool | None = None,
-                compile_step: bool = False, steps_per_graph: int = 1
+                compile_step: bool = False, steps_per_graph: int = 1, tune_gemv: bool = True
                 ) -> tuple[float, list[int]]:
     """Median decode tokens/s (1 / TPOT, first token excluded) of the library's ``static_graph``
     engine (:class:`effllm_helpers.decode.StaticGraphDecoder`), and its tokens.
@@ -100,7 +105,7 @@ def engine_loop(model, prompt, new_tokens: int, repeats: int, *, use_graph: bool
 
     dec = StaticGraphDecoder(model, prompt.shape[0], prompt.shape[1], new_tokens,
                              use_graph=use_graph, compile_step=compile_step,
-                             steps_per_graph=steps_per_graph)
+                             steps_per_graph=steps_per_graph, tune_gemv=tune_gemv)
     if dec.fallback_reason and prompt.device.type == "cuda" and use_graph is not False:
         raise RuntimeError(dec.fallback_reason)  # report it: this variant is about the graph
     rates, toks = [], []
@@ -168,6 +173,9 @@ def measure_size(label: str, variants: list[str], args: argparse.Namespace, bw: 
         "static_graph_compiled_k": lambda: engine_loop(model, prompt, args.new_tokens,
                                                        args.repeats, compile_step=True,
                                                        steps_per_graph=args.k),
+        "static_graph_compiled_k_cublas": lambda: engine_loop(
+            model, prompt, args.new_tokens, args.repeats, compile_step=True,
+            steps_per_graph=args.k, tune_gemv=False),
     }
     rates: dict[str, float | None] = {}
     errors: dict[str, str] = {}
@@ -216,7 +224,7 @@ def draw(entries: list[dict[str, Any]], bw: float, device: str, dest: Path) -> N
     grid = np.geomspace(xs.min() / 2, xs.max() * 2, 50)
     ax.plot(grid / 1e6, bw / grid, "k-", lw=1.5, label=f"bound: {bw / 1e12:.2f} TB/s copy")
     ax.plot(grid / 1e6, 0.6 * bw / grid, "k:", lw=1, label="60 % of the bound (goal)")
-    markers = dict(zip(VARIANTS + LEGACY_VARIANTS, "osD^vx", strict=True))
+    markers = dict(zip(VARIANTS + LEGACY_VARIANTS, "osD^<vx", strict=True))
     for v in VARIANTS + LEGACY_VARIANTS:
         pts = [(e["bytes_per_token"] / 1e6, e["tokens_per_s"][v]) for e in entries
                if e["tokens_per_s"].get(v)]

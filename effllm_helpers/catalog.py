@@ -57,7 +57,7 @@ class Precision:
     dtype of float kinds; ``library`` is named in figure titles (int8/int4 exist in two)."""
 
     name: str
-    kind: Literal["float", "bnb8", "bnb4", "torchao"]
+    kind: Literal["float", "bnb8", "bnb4", "torchao", "gemlite"]
     bits: int
     label: str
     library: str
@@ -180,6 +180,9 @@ for _q in (
     Precision("int4-wo", "torchao", 4, "int4 weight-only (torchao)", "torchao",
               "torchao Int4WeightOnlyConfig, tile_packed_to_4d: asymmetric int4 groups, tinygemm "
               "_weight_int4pack_mm (CUDA sm80+), bf16 activations"),
+    Precision("int4-gemlite", "gemlite", 4, "int4 weight-only (GemLite)", "gemlite",
+              "round-to-nearest asymmetric int4 groups (our quantiser) on GemLite's Triton "
+              "kernels: GEMV (rev. split-K) at batch 1, GEMM for prefill; bf16 activations, CUDA"),
 ):
     register_precision(_q)
 for _name, _hib, _label, _unit in (
@@ -206,4 +209,4 @@ for _name, _hib, _label, _unit in (
 
 # the paper's precision order in the figures (fp8 sits with the 8-bit ones)
 PRECISION_ORDER[:] = ["fp32", "bf16", "fp16", "fp8-e4m3", "int8", "int8-wo", "int4-nf4",
-                      "int4-fp4", "int4-wo"]
+                      "int4-fp4", "int4-wo", "int4-gemlite"]

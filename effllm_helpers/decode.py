@@ -146,11 +146,19 @@ class StaticGraphDecoder:
     ``fallback_reason``. ``compile_step`` compiles the one-token forward with ``torch.compile``
     (inductor kernels, no cudagraph trees: the graph is ours). ``steps_per_graph`` tokens are
     captured into one graph (the remainder into a second one).
+
+    ``tune_gemv`` (compiled steps only) turns on inductor's coordinate-descent tuning. At batch 1
+    every projection is a matrix-vector product; with this option inductor lowers each one to a
+    Triton reduction and tunes its block sizes for the shape, instead of calling a cuBLAS GEMM
+    kernel sized for matrices. This is how gpt-fast-style decoders approach the memory-bandwidth
+    bound; it costs compile time (each kernel is benchmarked once), which stays outside the
+    timed requests.
     """
 
     def __init__(self, model: nn.Module, batch: int, prompt_len: int, gen_tokens: int, *,
                  use_graph: bool | None = None, compile_step: bool = False,
-                 steps_per_graph: int = 1, suppress_eos: bool = True) -> None:
+                 steps_per_graph: int = 1, suppress_eos: bool = True,
+                 tune_gemv: bool = True) -> None:
         from transformers import StaticCache
 
         why_not = static_cache_support(model)
@@ -165,6 +173,7 @@ class StaticGraphDecoder:
         self.k = max(1, min(steps_per_graph, self.n_decode or 1))
         self.is_cuda = self.device.type == "cuda"
         self.compile_step = compile_step
+        self.tune_gemv = bool(compile_step and tune_gemv)
         # the warm-up before capture runs k steps after a prefill: the cache must hold them too
         self.cache = StaticCache(config=model.config,
                                  max_cache_len=prompt_len + max(gen_tokens, self.k + 1))
@@ -183,7 +192,8 @@ class StaticGraphDecoder:
         self._cache_kw, self._pass_cache_position = _cache_kwargs(model)
         fwd = self._forward_one
         self._step_forward: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(fwd, dynamic=False) if compile_step else fwd)
+            torch.compile(fwd, dynamic=False, options=compile_options(self.tune_gemv))
+            if compile_step else fwd)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.fallback_reason: str | None = None
         want_graph = self.is_cuda if use_graph is None else use_graph
@@ -198,7 +208,7 @@ class StaticGraphDecoder:
                 why = f"{type(exc).__name__}: {exc}"[:300]
                 if self.compile_step:  # e.g. a quantised kernel inductor cannot trace
                     self._step_forward = self._forward_one
-                    self.compile_step = False
+                    self.compile_step = self.tune_gemv = False
                     self.fallback_reason = f"compiled step failed, uncompiled graph: {why}"
                     try:
                         self._capture()
@@ -335,10 +345,16 @@ class StaticGraphDecoder:
     def describe(self) -> dict[str, Any]:
         """What ran, for the record."""
         return {"mode": self.mode, "clock": self.clock, "compile_step": self.compile_step,
+                "compile_options": compile_options(self.tune_gemv) if self.compile_step else None,
                 "steps_per_graph": self.k if self.graphs else 1,
                 "tpot_timing": ("per graph replay / its tokens" if self.graphs
                                 else "per decode step"),
                 "fallback_reason": self.fallback_reason}
+
+
+def compile_options(tune_gemv: bool) -> dict[str, Any]:
+    """Inductor options of the compiled decode step (recorded as they were passed)."""
+    return {"coordinate_descent_tuning": True} if tune_gemv else {}
 
 
 def _cache_kwargs(model: nn.Module) -> tuple[str, bool]:

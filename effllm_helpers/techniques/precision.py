@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from effllm_helpers import catalog
 from effllm_helpers.config import InferenceParams
 from effllm_helpers.errors import UnsupportedTechnique
+from effllm_helpers.techniques import gemlite_int4
 
 DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in catalog.DTYPES.items()}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -46,7 +47,7 @@ class PrecisionSpec:
     """One registry entry: how a precision name is realised."""
 
     name: str
-    kind: Literal["float", "bnb8", "bnb4", "torchao"]
+    kind: Literal["float", "bnb8", "bnb4", "torchao", "gemlite"]
     dtype: torch.dtype | None = None  # float kinds: the cast dtype
     quant_type: str | None = None  # bnb4: 'nf4' | 'fp4'
     bits: int = 16
@@ -343,8 +344,9 @@ def linear_kernels(model: nn.Module) -> dict[str, int]:
     """How many linear layers run on each implementation (quantised or not), sorted by name."""
     counts: dict[str, int] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear):
-            name = linear_kernel(module)
+        if isinstance(module, nn.Linear) or gemlite_int4.is_gemlite(module):
+            name = (gemlite_int4.kernel_name(module) if gemlite_int4.is_gemlite(module)
+                    else linear_kernel(module))
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -365,6 +367,8 @@ def check_supported(precision: str, device: str | torch.device) -> str | None:
         return _probe_float(precision, str(dev))
     if spec.kind == "torchao":
         return probe_torchao(precision, str(dev))
+    if spec.kind == "gemlite":
+        return gemlite_int4.probe_gemlite(str(dev))
     return probe_bnb(spec.kind, str(dev))
 
 
@@ -407,6 +411,8 @@ def is_quantized(model: nn.Module) -> bool:
     """Whether a model was quantised by bitsandbytes or torchao (so it must not be cast or
     re-quantised)."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    if any(gemlite_int4.is_gemlite(m) for m in model.modules()):
         return True
     return any(is_traceable_wrapper_subclass(p) for p in model.parameters())
 
@@ -477,6 +483,15 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
             note = cpu_half_note(spec.dtype)
             if note:
                 notes.append(note)
+    elif spec.kind == "gemlite":
+        compute_name = params.compute_dtype or "bf16"
+        if compute_name != "bf16":
+            raise UnsupportedTechnique(f"precision {precision} runs bf16 activations here, not "
+                                       f"compute_dtype {compute_name}")
+        model = _float_model(model_or_path, dev, torch.bfloat16)
+        model, gl_notes = gemlite_int4.gemlite_quantize(model)
+        notes.append("activations and non-quantised modules in bf16")
+        notes.extend(gl_notes)
     elif spec.kind == "torchao":
         compute_name = params.compute_dtype or natural_compute_dtype(precision, dev)
         if precision != "int8-wo" and compute_name != "bf16":
