@@ -51,6 +51,13 @@ def test_auto_on_cuda_picks_fla_when_it_imports(fla_present) -> None:
     assert kernels.choose("nsa", None, torch.device("cuda", 0), "ref").use_fla
 
 
+def test_auto_skips_a_kernel_the_gpu_check_found_disagreeing(fla_present) -> None:
+    c = kernels.choose("mamba", "auto", "cuda", "ref")
+    assert not c.use_fla and c.implementation == "ref" and "disagreed" in c.reason
+    forced = kernels.choose("mamba", "fla", "cuda", "ref")  # asked for by name: it runs
+    assert forced.use_fla and forced.implementation.startswith("fla.fused_recurrent_gla")
+
+
 def test_auto_on_cuda_without_fla_says_fla_is_missing(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "fla_missing", lambda: "fla not installed (x)")
     c = kernels.choose("mamba", "auto", "cuda", "ref")
