@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from effllm_helpers.axes import cross_modal as xm
 from effllm_helpers.config import CrossModalParams, notebook_params
@@ -290,7 +291,18 @@ def test_dit_samples_at_its_training_precision(dtype: str) -> None:
 def test_moe_dit_record_names_what_ran_the_experts() -> None:
     p = notebook_params("cross_modal", "ci", {"attention": "gqa", "ffn": "moe", "n_samples": 4,
                                               "sample_batch": 4, "sample_steps": 2})
-    assert xm.run(p, progress=False).model["moe_impl"] == ["loop"]  # CPU, fp32
+    assert xm.run(p, progress=False).model["moe_impl"] == {  # CPU: the loop in every phase
+        "train": "loop", "sampling": "loop", "eval_loss": "loop"}
+
+
+def test_moe_record_names_each_phases_path_on_cuda_bf16() -> None:
+    """On an H200 the record said ['loop'] although training ran grouped_mm: it named only the
+    last forward, the fp32 loss evaluation. Each phase is named now."""
+    dit = nn.Sequential(xm.MoEFeedForward(32, 64, n_experts=4, top_k=2))
+    assert xm.moe_impls(dit, torch.device("cuda"), torch.bfloat16) == {
+        "train": "grouped_mm", "sampling": "grouped_mm", "eval_loss": "loop"}
+    assert xm.moe_impls(nn.Sequential(nn.Linear(2, 2)), torch.device("cuda"),
+                        torch.bfloat16) is None
 
 
 def test_diffusion_noises_like_the_scheduler_without_leaving_the_device(monkeypatch) -> None:

@@ -144,13 +144,18 @@ class MoEFeedForward(nn.Module):
                           nn.Linear(hidden, dim)) for _ in range(n_experts))
 
     def choose(self, x: torch.Tensor) -> str:
+        return self.impl_for(x.device, kernel_dtype(x))
+
+    def impl_for(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        """The implementation a forward on ``device`` with kernel dtype ``dtype`` runs (the one
+        rule both the forward and the record use)."""
         if self.impl not in self.IMPLS:
             raise ValueError(f"MoEFeedForward.impl {self.impl!r}: allowed {', '.join(self.IMPLS)}")
         if self.impl != "auto":
             return self.impl
         dim, hidden = self.experts[0][0].in_features, self.experts[0][0].out_features
-        ok = (x.is_cuda and hasattr(F, "grouped_mm")
-              and kernel_dtype(x) == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0)
+        ok = (torch.device(device).type == "cuda" and hasattr(F, "grouped_mm")
+              and dtype == torch.bfloat16 and dim % 8 == 0 and hidden % 8 == 0)
         return "grouped_mm" if ok else "loop"
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -191,6 +196,18 @@ class MoEFeedForward(nn.Module):
         y = F.grouped_mm(h, w2, offs=offs) + torch.stack([m.bias for m in down]).to(dt)[eid]
         y = y * weights.reshape(-1)[order, None].to(dt)
         return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
+
+
+def moe_impls(dit: nn.Module, device: torch.device,
+              dtype: torch.dtype) -> dict[str, str] | None:
+    """Which expert implementation each phase ran: training and sampling run under ``dtype``'s
+    autocast, the held-out loss in fp32. None for a dense DiT."""
+    moe = next((m for m in dit.modules() if isinstance(m, MoEFeedForward)), None)
+    if moe is None:
+        return None
+    amp = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return {"train": moe.impl_for(device, amp), "sampling": moe.impl_for(device, amp),
+            "eval_loss": moe.impl_for(device, torch.float32)}
 
 
 def set_ffn(dit: nn.Module, p: CrossModalParams) -> None:
@@ -596,9 +613,9 @@ def run_dit(p: CrossModalParams, seed: int = 0, progress: bool = True) -> AxisRe
     facts = {
         "experiment": "dit", "attention": p.attention, "kv_heads": kv_heads(p),
         "ffn": p.ffn if p.ffn == "dense" else f"moe {p.n_experts}x top-{p.top_k}",
-        # what ran the experts, in training and sampling (MoEFeedForward.impl)
-        "moe_impl": sorted({m.last_impl for m in dit.modules()
-                            if isinstance(m, MoEFeedForward)}) or None,
+        # what ran the experts per phase (MoEFeedForward.impl_for, the forward's own rule; the
+        # last forward alone would name the fp32 loss evaluation's path)
+        "moe_impl": moe_impls(dit, next(model.parameters()).device, dtype),
         "params_total": total, "params_active": active_params(model),
         "flops_per_token_train": dit_flops_per_token(dit, tokens, training=True),
         "patch_tokens_per_image": tokens, "images_trained": res.samples,
