@@ -135,3 +135,43 @@ def test_a_cpu_batch_is_not_pinned(monkeypatch) -> None:
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     out = train.to_device({"input_ids": torch.ones(2)}, torch.device("cpu"))
     assert torch.equal(out["input_ids"], torch.ones(2))
+
+
+def test_the_loss_is_read_back_about_ten_times_but_every_curve_point_is_kept(monkeypatch):
+    """Each read syncs the device; reading every other step kept the H200 waiting for the host."""
+    from effllm_helpers.measure import meter as meter_mod
+
+    reads = []
+    real = meter_mod.Meter.energy_j_so_far
+    monkeypatch.setattr(meter_mod.Meter, "energy_j_so_far",
+                        lambda self: reads.append(1) or real(self))
+    res = run(steps=100, warmup=1, next_batch=train.block_batches(blocks(400), BATCH))
+    curve = res.curves["loss_vs_tokens"]
+    assert len(curve["y"]) == 50  # every 2nd step, as before
+    assert curve["x"] == sorted(curve["x"]) and all(y == y for y in curve["y"])
+    assert len(reads) == 10
+
+
+class _DivergesAt(torch.nn.Module):
+    """TinyLM whose loss turns NaN from its ``at``-th forward on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.lm, self.at, self.calls = TinyLM(), at, 0
+
+    def forward(self, **batch):
+        out = self.lm(**batch)
+        self.calls += 1
+        if self.calls > self.at:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_a_diverged_loss_fails_the_run_at_the_next_read_naming_its_step():
+    from effllm_helpers.errors import DivergedError
+
+    spec = TrainSpec(steps=100, batch_size=BATCH, warmup_steps=1, eval_every=1000, dtype="fp32")
+    with pytest.raises(DivergedError, match="at step 13"):  # the first curve point after 12
+        train.train(_DivergesAt(12), train.block_batches(blocks(400), BATCH), spec,
+                    MeasureSpec(warmup_steps=1, sample_interval_s=0.05), n_params=1000,
+                    progress=False)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["AUTO_UNVALIDATED", "COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelDispatch", "KernelUnavailable",
-           "choose", "compile_blocker", "compile_opaque", "fla_missing", "kernel_dtype", "prepare",
-           "record"]
+__all__ = ["AUTO_UNVALIDATED", "COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelDispatch",
+           "KernelUnavailable", "choose", "compile_blocker", "compile_opaque", "fla_missing",
+           "kernel_dtype", "prepare", "record"]
 
 KERNELS = ("auto", "reference", "fla")
 
