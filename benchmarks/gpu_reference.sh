@@ -2,14 +2,15 @@
 # Runs on a GPU host (README: "An offline GPU machine"): the measure validation, the MFU and decode
 # roofline benchmarks and study sweeps at the gpu preset; results land in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
-#   PART in: validate overhead mfu mfu-small mfu-large mfu-paper roofline kernels multigpu inference attention
+#   PART in: validate overhead mfu mfu-small mfu-large mfu-paper mfu-paper152k roofline
+#            roofline-tuning kernels kernels-bf16 quant-engine multigpu inference attention
 #            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
 #            cross_modal_peft
 # env: SWEEP_ARGS (extra sweep options, e.g. "--only method=freeze,full --set train.steps=60"),
 #      SWEEP_BUDGET_S (time box per sweep, default 3000), SWEEPS (sweep output root, default
 #      outputs/gpu_sweeps: kept between calls on a warm machine, so a sweep resumes there).
 set -uo pipefail
-if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT=${OUT:-outputs/reference}
 SWEEPS=${SWEEPS:-outputs/gpu_sweeps}
 slug=$(python3 -c "import torch;from effllm_helpers.measure.device import device_slug;print(device_slug(torch.cuda.get_device_name(0)))") || exit 1
@@ -29,6 +30,14 @@ for part in "$@"; do
     mfu-small) bench pretrain_mfu.py --size small --batch-size 16 --out "$dest/gpu-small" ;;
     mfu-paper) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --impls hf,liger --out "$dest/paper-small"
                bench pretrain_mfu.py --preset paper --size medium --batch-size 8 --out "$dest/paper-medium" ;;
+    # the paper's 0.5 B dimensions with its own 152k vocabulary (Qwen2.5-0.5B), HF vs liger
+    mfu-paper152k) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --vocab 151936 --impls hf,liger --out "$dest/paper-small-vocab152k" ;;
+    # the engine's GEMV tuning against its cuBLAS peer in one run, at 2.84 B
+    roofline-tuning) bench decode_roofline.py --sizes paper:large --variants static_graph_compiled_k static_graph_compiled_k_cublas --out "$dest/roofline-gemv-tuning" ;;
+    # int4 weight-only through the engine at 2.9 B: bf16, GemLite, torchao tinygemm
+    quant-engine) bench quant_kernels_check.py --size 3b --engine --skip-step --precisions bf16,int4-gemlite,int4-wo --out "$dest/quant_kernels_3b_engine.json" ;;
+    # fla against the references under bf16 autocast, and the timed steps beside GQA
+    kernels-bf16) mkdir -p "$dest/kernels-bf16"; bench kernels_check.py --only nsa,gqa,rwkv,mamba --phases agreement_bf16,step_fla,step_reference --budget-s 240 --out "$dest/kernels-bf16" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     kernels)  bench kernels_check.py --out "$dest" ;;
     roofline) bench decode_roofline.py --sizes gpu:medium paper:small paper:medium paper:large --out "$dest" ;;
