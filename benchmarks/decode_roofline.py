@@ -93,9 +93,33 @@ def time_generate(model, prompt, new_tokens: int, repeats: int, **kw) -> tuple[f
     return rates[len(rates) // 2], toks
 
 
+def kernel_profile(fn, n_tokens: int, dest: Path) -> dict[str, Any]:
+    """Run ``fn`` once under ``torch.profiler`` and write the kernels that took the time.
+
+    Writes ``dest`` (a table sorted by device time) and returns the totals: kernels launched per
+    generated token and the device time they account for. This is what says whether batch-1
+    decode is bound by the weights' bytes or by the count of kernels (CUDA-graph replays are
+    traced too)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+    events = prof.key_averages()
+    dev = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    sort = "cuda_time_total" if dev else "cpu_time_total"
+    dest.write_text(events.table(sort_by=sort, row_limit=40) + "\n")
+    launches = sum(e.count for e in dev)
+    busy_us = sum(getattr(e, "device_time_total", 0.0) for e in dev)
+    return {"table": dest.name, "kernels": launches,
+            "kernels_per_token": launches / n_tokens if n_tokens else None,
+            "kernel_time_us_per_token": busy_us / n_tokens if n_tokens else None}
+
+
 def engine_loop(model, prompt, new_tokens: int, repeats: int, *, use_graph: bool | None = None,
-                compile_step: bool = False, steps_per_graph: int = 1, tune_gemv: bool = True
-                ) -> tuple[float, list[int]]:
+                compile_step: bool = False, steps_per_graph: int = 1, tune_gemv: bool = True,
+                profile_to: Path | None = None) -> tuple[float, list[int]]:
     """Median decode tokens/s (1 / TPOT, first token excluded) of the library's ``static_graph``
     engine (:class:`effllm_helpers.decode.StaticGraphDecoder`), and its tokens.
 
@@ -115,6 +139,11 @@ def engine_loop(model, prompt, new_tokens: int, repeats: int, *, use_graph: bool
             rates.append(1.0 / timing.tpot_s)
         toks = out[0].tolist()
     rates.sort()
+    if profile_to is not None:  # after the timed requests: the profiler's cost is not timed
+        stats = kernel_profile(lambda: dec.decode(prompt), new_tokens * prompt.shape[0],
+                               profile_to)
+        profile_to.with_suffix(".json").write_text(json.dumps(stats, indent=1) + "\n")
+        print(f"  profile: {stats}", flush=True)
     return (rates[len(rates) // 2] if rates else 0.0), toks
 
 
@@ -170,9 +199,11 @@ def measure_size(label: str, variants: list[str], args: argparse.Namespace, bw: 
         "hf_static_compiled": lambda: time_generate(model, prompt, args.new_tokens, args.repeats,
                                                     cache_implementation="static"),
         "static_graph": lambda: engine_loop(model, prompt, args.new_tokens, args.repeats),
-        "static_graph_compiled_k": lambda: engine_loop(model, prompt, args.new_tokens,
-                                                       args.repeats, compile_step=True,
-                                                       steps_per_graph=args.k),
+        "static_graph_compiled_k": lambda: engine_loop(
+            model, prompt, args.new_tokens, args.repeats, compile_step=True,
+            steps_per_graph=args.k,
+            profile_to=(args.out or Path(".")) / f"decode_profile-{label.replace(':', '_')}.txt"
+            if args.profile else None),
         "static_graph_compiled_k_cublas": lambda: engine_loop(
             model, prompt, args.new_tokens, args.repeats, compile_step=True,
             steps_per_graph=args.k, tune_gemv=False),
@@ -324,6 +355,10 @@ def main() -> None:
                     help="tokens per captured graph (static_graph_compiled_k)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for the json/txt/figure (default outputs/reference/<device>)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one request of static_graph_compiled_k per size: "
+                         "decode_profile-<size>.txt (kernels by device time) and .json "
+                         "(kernels and kernel time per token)")
     ap.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
                     help="no GPU: merge the sizes of earlier decode_roofline.json files (the "
                          "first file's first size stays the headline) and rewrite the outputs "
@@ -356,6 +391,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0)
     dest = args.out or ROOT / "outputs" / "reference" / device_slug(name)
     dest.mkdir(parents=True, exist_ok=True)
+    args.out = dest  # the profiles land beside the figure
     entries: list[dict[str, Any]] = []
     for i, label in enumerate(args.sizes):
         entries.append(measure_size(label, args.variants if i == 0 else args.extra_variants,

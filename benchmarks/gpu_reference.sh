@@ -33,7 +33,7 @@ for part in "$@"; do
     # the paper's 0.5 B dimensions with its own 152k vocabulary (Qwen2.5-0.5B), HF vs liger
     mfu-paper152k) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --vocab 151936 --impls hf,liger --out "$dest/paper-small-vocab152k" ;;
     # the engine's GEMV tuning against its cuBLAS peer in one run, at 2.84 B
-    roofline-tuning) bench decode_roofline.py --sizes paper:large --variants static_graph_compiled_k static_graph_compiled_k_cublas --out "$dest/roofline-gemv-tuning" ;;
+    roofline-tuning) bench decode_roofline.py --sizes paper:large --variants static_graph_compiled_k static_graph_compiled_k_cublas --profile --out "$dest/roofline-gemv-tuning" ;;
     # int4 weight-only through the engine at 2.9 B: bf16, GemLite, torchao tinygemm
     quant-engine) bench quant_kernels_check.py --size 3b --engine --skip-step --precisions bf16,int4-gemlite,int4-wo --out "$dest/quant_kernels_3b_engine.json" ;;
     # fla against the references under bf16 autocast, and the timed steps beside GQA

@@ -158,3 +158,12 @@ def test_decode_roofline_unknown_size_is_a_usage_error(monkeypatch: pytest.Monke
     assert exc.value.code == 2
     assert "size 'huge' not in the gpu preset; allowed: small, medium, large" in (
         capsys.readouterr().err)
+
+
+def test_decode_roofline_profile_writes_the_kernel_table_and_per_token_totals(tmp_path) -> None:
+    mod = _load("decode_roofline")
+    a = torch.randn(64, 64)
+    stats = mod.kernel_profile(lambda: [a @ a for _ in range(4)], 4, tmp_path / "p.txt")
+    assert "aten::mm" in (tmp_path / "p.txt").read_text()
+    # no CUDA here: no kernels are counted, and the totals say so rather than guess
+    assert stats["kernels"] == 0 and stats["kernels_per_token"] == 0 and stats["table"] == "p.txt"
