@@ -218,3 +218,14 @@ def test_measured_requests_continue_until_the_window_is_long_enough(monkeypatch)
     assert served == [0, 1, 2, 3, 4, 5]
     quick = config.MeasureSpec(warmup_steps=0, repeats=2, min_duration_s=0.0)
     assert list(inference._requests(quick)) == [0, 1]
+
+
+def test_compiled_step_records_its_gemv_tuning_and_its_peer_does_not() -> None:
+    """The record says whether batch-1 projections ran as tuned reductions (the default)."""
+    model = _model()
+    tuned = StaticGraphDecoder(model, 1, 4, 3, compile_step=True).describe()
+    plain = StaticGraphDecoder(model, 1, 4, 3, compile_step=True, tune_gemv=False).describe()
+    eager = StaticGraphDecoder(model, 1, 4, 3).describe()
+    assert tuned["compile_options"] == {"coordinate_descent_tuning": True}
+    assert plain["compile_options"] == {} and plain["compile_step"]
+    assert eager["compile_options"] is None
