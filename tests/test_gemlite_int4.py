@@ -105,3 +105,23 @@ def test_every_linear_but_the_head_is_swapped_and_named(fake_gemlite) -> None:
     with torch.no_grad():
         out = quant(input_ids=ids).logits
     assert (out - ref).norm() / ref.norm() < 0.25  # int4 of random weights: ~0.13; a wrong swap ~1
+
+
+def test_a_width_no_group_size_divides_is_a_skip_naming_the_widths(fake_gemlite) -> None:
+    model = nn.Sequential(nn.Linear(100, 64), nn.Linear(64, 8))
+    with pytest.raises(UnsupportedTechnique, match=r"int4-gemlite: .*\[64, 100\]"):
+        gl.gemlite_quantize(model)
+
+
+def test_the_probe_layer_is_fixed_and_leaves_the_callers_random_stream_alone() -> None:
+    from effllm_helpers.techniques import probe
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    a, b = probe.reference_linear(16, 8), probe.reference_linear(16, 8)
+    assert torch.equal(torch.rand(4), expected)  # building it drew no random number
+    assert torch.equal(a.weight, b.weight) and a.bias is None
+    x = probe.probe_input(2, 16, "cpu")
+    assert probe.relative_error(a(x), a(x)) == 0.0
+    assert probe.relative_error(2 * a(x), a(x)) == pytest.approx(1.0)

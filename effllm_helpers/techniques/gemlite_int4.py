@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-GROUP_SIZES: tuple[int, ...] = (128, 64, 32)
+from effllm_helpers.errors import UnsupportedTechnique
+from effllm_helpers.techniques.probe import probe_input, reference_linear, relative_error
+
+GROUP_SIZES: tuple[int, ...] = (128, 64, 32)  # int4 group sizes (torchao's too), largest first
 
 
 def quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -98,8 +101,12 @@ def gemlite_quantize(model: nn.Module) -> tuple[nn.Module, list[str]]:
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and m is not head]
     if not targets:
-        raise ValueError("the model has no linear layer to quantise")
-    group = group_size_for([m.in_features for _, m in targets])
+        raise UnsupportedTechnique("int4-gemlite: the model has no linear layer besides the LM "
+                                   "head to quantise")
+    try:
+        group = group_size_for([m.in_features for _, m in targets])
+    except ValueError as exc:  # GemLite has one group size per layer and no unquantised rest
+        raise UnsupportedTechnique(f"int4-gemlite: {exc}") from exc
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -130,16 +137,11 @@ def probe_gemlite(device: str) -> str | None:
     except Exception as exc:  # not installed, or a Triton that does not fit
         return f"gemlite cannot be imported: {type(exc).__name__}: {str(exc)[:300]}"
     try:
-        with torch.random.fork_rng(devices=[]):
-            ref = nn.Linear(256, 128, bias=False)
-            with torch.no_grad():
-                ref.weight.copy_(torch.linspace(-3, 3, 128 * 256).sin().reshape(128, 256) * 0.1)
-        ref = ref.to(device=dev, dtype=torch.bfloat16)
+        ref = reference_linear(256, 128).to(device=dev, dtype=torch.bfloat16)
         layer = gemlite_linear(ref, 64)
-        x = torch.linspace(-1, 1, 512, device=dev).reshape(2, 256).to(torch.bfloat16)
+        x = probe_input(2, 256, dev, torch.bfloat16)
         with torch.no_grad():
-            y, r = layer(x).float(), ref(x).float()
-        rel = ((y - r).norm() / r.norm()).item()
+            rel = relative_error(layer(x), ref(x))
         if not rel < 0.2:
             return f"gemlite int4 layer on {dev} is wrong (relative error {rel:.3g})"
     except Exception as exc:

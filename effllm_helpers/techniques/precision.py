@@ -37,6 +37,7 @@ from effllm_helpers import catalog
 from effllm_helpers.config import InferenceParams
 from effllm_helpers.errors import UnsupportedTechnique
 from effllm_helpers.techniques import gemlite_int4
+from effllm_helpers.techniques.probe import probe_input, reference_linear, relative_error
 
 DTYPES: dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in catalog.DTYPES.items()}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -154,10 +155,8 @@ def probe_bnb(kind: Literal["bnb8", "bnb4"], device: str, backward: bool = False
     try:
         # layers are built on CPU inside fork_rng: a probe must not shift the caller's random
         # stream (it runs once per process, so it would make seeded runs order-dependent)
+        ref = reference_linear(64, 64)
         with torch.random.fork_rng(devices=[]):
-            ref = nn.Linear(64, 64, bias=False)
-            with torch.no_grad():
-                ref.weight.copy_(torch.linspace(-3, 3, 64 * 64).sin().reshape(64, 64) * 0.1)
             if kind == "bnb8":
                 layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
             else:
@@ -165,7 +164,7 @@ def probe_bnb(kind: Literal["bnb8", "bnb4"], device: str, backward: bool = False
                                           quant_type="nf4")
         layer.load_state_dict(ref.state_dict())
         layer = layer.to(device)
-        x = torch.linspace(-1, 1, 128, device=device).reshape(2, 64).requires_grad_(backward)
+        x = probe_input(2, 64, device).requires_grad_(backward)
         y = layer(x)
         if not bool(torch.isfinite(y.float()).all()):
             return f"bitsandbytes {kind} layer on {device} produced non-finite output"
@@ -244,7 +243,7 @@ def int4_group_size(in_features: Iterable[int]) -> int:
     torchao leaves a weight whose input width the group size does not divide unquantised.
     """
     dims = list(in_features)
-    return max((128, 64, 32), key=lambda g: (sum(d % g == 0 for d in dims), g))
+    return max(gemlite_int4.GROUP_SIZES, key=lambda g: (sum(d % g == 0 for d in dims), g))
 
 
 @functools.lru_cache(maxsize=32)
@@ -269,21 +268,17 @@ def probe_torchao(precision: str, device: str) -> str | None:
                     f"{cap[0]}.{cap[1]} < {need[0]}.{need[1]}: {hint}")
     ver = getattr(torchao, "__version__", "?")
     try:
-        with torch.random.fork_rng(devices=[]):  # must not shift the caller's random stream
-            ref = nn.Linear(256, 64, bias=False)
-            with torch.no_grad():
-                ref.weight.copy_(torch.linspace(-3, 3, 64 * 256).sin().reshape(64, 256) * 0.1)
-        ref = ref.to(device=dev, dtype=torch.bfloat16)
+        ref = reference_linear(256, 64).to(device=dev, dtype=torch.bfloat16)
         layer = copy.deepcopy(ref)
         quantize_(layer, torchao_config(precision, group_size=128))
         if not is_traceable_wrapper_subclass(layer.weight):
             raise RuntimeError("the weight was left unquantised")
-        x = torch.linspace(-1, 1, 512, device=dev).reshape(2, 256).to(torch.bfloat16)
+        x = probe_input(2, 256, dev, torch.bfloat16)
         with torch.no_grad():
             y, r = layer(x).float(), ref(x).float()
         if not bool(torch.isfinite(y).all()):
             raise RuntimeError("non-finite output")
-        rel = ((y - r).norm() / r.norm()).item()
+        rel = relative_error(y, r)
         if rel > 0.2:
             raise RuntimeError(f"wrong output (relative error {rel:.3g})")
     except Exception as exc:  # the probe's whole point is to turn any failure into a reason
