@@ -108,7 +108,7 @@ def kernel_profile(fn, n_tokens: int, dest: Path) -> dict[str, Any]:
         fn()
     events = prof.key_averages()
     dev = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    sort = "cuda_time_total" if dev else "cpu_time_total"
+    sort = "device_time_total" if dev else "cpu_time_total"
     dest.write_text(events.table(sort_by=sort, row_limit=40) + "\n")
     launches = sum(e.count for e in dev)
     busy_us = sum(getattr(e, "device_time_total", 0.0) for e in dev)

@@ -193,7 +193,8 @@ def train(
     # ``read_every`` steps. On an H200 the gpu-small sweep (a read every other step, pageable
     # batches) stepped in 25.5 ms where pretrain_mfu.py (every 10th, pinned) took 19.7 ms
     log_every = log_every or max(1, spec.steps // 50)
-    read_every = max(log_every, math.ceil(spec.steps / 10))
+    # (at most every 100 steps, so a long run still catches a diverged loss soon)
+    read_every = max(log_every, min(math.ceil(spec.steps / 10), 100))
     dtype = resolve_dtype(spec.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     acc = make_accelerator(dtype)
     device = acc.device

@@ -220,12 +220,20 @@ def test_measured_requests_continue_until_the_window_is_long_enough(monkeypatch)
     assert list(inference._requests(quick)) == [0, 1]
 
 
-def test_compiled_step_records_its_gemv_tuning_and_its_peer_does_not() -> None:
-    """The record says whether batch-1 projections ran as tuned reductions (the default)."""
+def test_compiled_step_gets_gemv_tuning_and_records_it(monkeypatch) -> None:
+    """inductor is asked for coordinate-descent tuning (the default), and the record says so."""
+    asked: list[dict] = []
+
+    def fake_compile(fn, **kw):
+        asked.append(kw.get("options"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     model = _model()
     tuned = StaticGraphDecoder(model, 1, 4, 3, compile_step=True).describe()
     plain = StaticGraphDecoder(model, 1, 4, 3, compile_step=True, tune_gemv=False).describe()
     eager = StaticGraphDecoder(model, 1, 4, 3).describe()
+    assert asked == [{"coordinate_descent_tuning": True}, {}]  # the eager step compiles nothing
     assert tuned["compile_options"] == {"coordinate_descent_tuning": True}
     assert plain["compile_options"] == {} and plain["compile_step"]
     assert eager["compile_options"] is None

@@ -175,3 +175,14 @@ def test_a_diverged_loss_fails_the_run_at_the_next_read_naming_its_step():
         train.train(_DivergesAt(12), train.block_batches(blocks(400), BATCH), spec,
                     MeasureSpec(warmup_steps=1, sample_interval_s=0.05), n_params=1000,
                     progress=False)
+
+
+def test_a_long_run_reads_its_loss_at_least_every_hundred_steps(monkeypatch):
+    from effllm_helpers.measure import meter as meter_mod
+
+    reads = []
+    real = meter_mod.Meter.energy_j_so_far
+    monkeypatch.setattr(meter_mod.Meter, "energy_j_so_far",
+                        lambda self: reads.append(1) or real(self))
+    run(steps=1200, warmup=1)
+    assert len(reads) == 12  # ceil(1200 / 10) = 120 would leave a divergence unseen longer
