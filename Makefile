@@ -1,5 +1,6 @@
 # effllm: `make study` runs the main job (tiny preset of every axis + report), `make test` the tests.
-# Both create .venv and install the package on first use. Offline apart from the package registry.
+# Both create .venv and install the package on first use, through the lock (every package pinned:
+# requirements/lock-cpu.txt). Offline apart from the package registry.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -7,6 +8,9 @@ STAMP   := $(VENV)/.effllm-installed
 PRESET  ?= tiny
 OUT     ?= outputs
 PYTEST_ARGS ?=
+LOCK    ?= requirements/lock-cpu.txt
+# throwaway venvs of `make lock` and `make test-latest` (removed after use)
+SCRATCH ?= /tmp/effllm-scratch-venv
 
 # the studies `make study` sweeps, in order
 STUDIES ?= params/architecture/attention.yaml params/architecture/positional.yaml \
@@ -22,18 +26,20 @@ REPEATS ?= "params/finetuning/general.yaml --seeds 0,1,2 --only method=lora,dora
 CROSS_MODAL ?= "params/cross_modal/dit_attention.yaml --only attention=gqa,mla --only ffn=dense" \
                "params/cross_modal/peft.yaml --only target=vit --only method=lora,full"
 
-.PHONY: setup study test test-quick lint clean-runs help
+.PHONY: setup study test test-quick test-latest lock lint clean-runs help
 
 help:
 	@echo "make study   set up .venv, run every study at PRESET=$(PRESET), collect, report"
 	@echo "make test    set up .venv and run the test suite (what CI runs)"
 	@echo "make test-quick  the suite without the slow end-to-end tests (-m 'not slow')"
 	@echo "make lint    ruff"
+	@echo "make lock    re-resolve the newest releases into requirements/lock-*.txt (on purpose only)"
+	@echo "make test-latest  the suite against the newest releases, in a throwaway venv (drift check)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) --upgrade pip
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -58,6 +64,28 @@ test: $(STAMP)
 # the suite without the end-to-end notebook/sweep tests marked slow: minutes, not ten
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# the suite against whatever the index has today, in a throwaway venv; not part of CI. It first
+# lists the packages that differ from the lock: a failure here and not in `make test` is drift
+test-latest:
+	rm -rf $(SCRATCH) && $(PY) -m venv $(SCRATCH)
+	$(SCRATCH)/bin/python -m pip install -q --upgrade pip
+	$(SCRATCH)/bin/python -m pip install -q -e ".[dev]"
+	$(SCRATCH)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(SCRATCH)/bin/python -m effllm_helpers.environment drift $(LOCK)
+	@status=0; $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || status=$$?; \
+	  rm -rf $(SCRATCH); exit $$status
+
+# re-resolve every package to its newest release (unconstrained, in a throwaway venv) and pin the
+# result: the CPU lock from what installed, the CUDA lock by pip's resolver (nothing downloaded
+# but metadata). Do it on purpose, then run `make test` and commit the two files together
+lock:
+	rm -rf $(SCRATCH) && $(PY) -m venv $(SCRATCH)
+	$(SCRATCH)/bin/python -m pip install -q --upgrade pip
+	$(SCRATCH)/bin/python -m pip install -q -e ".[dev]"
+	$(SCRATCH)/bin/python -m effllm_helpers.environment freeze requirements/lock-cpu.txt
+	$(SCRATCH)/bin/python -m effllm_helpers.environment cuda requirements/lock-cuda.txt
+	rm -rf $(SCRATCH)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -355,6 +355,8 @@ def compare(
     short = ["/".join(Path(x).resolve().parts[-2:]) for x in (a, b)]
     paths = cmp.write_compare(table, dest, title=f"B / A: B = {short[1]}, A = {short[0]}")
     typer.echo(cmp.format_table(table))
+    for line in cmp.lock_warnings(table):
+        typer.echo(f"warning: {line}")
     for line in cmp.changed_orders(table):
         typer.echo(f"ranking changed: {line}")
     typer.echo("written: " + ", ".join(str(p) for p in paths))

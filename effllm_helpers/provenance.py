@@ -14,6 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
+from .environment import environment_state
 from .paths import REPO_ROOT
 
 PACKAGES = ("effllm", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
@@ -48,10 +49,13 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def provenance() -> dict[str, Any]:
-    """Everything a reviewer needs to know where a record came from."""
+def provenance(preset: str | None = None) -> dict[str, Any]:
+    """Everything a reviewer needs to know where a record came from: code, the preset that
+    resolved its params, the locked package set (``environment``), interpreter, device, host."""
     return {
         **git_state(),
+        "preset": preset,
+        "environment": environment_state(),
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from .environment import lock_label
+
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
 Status = Literal["ok", "failed", "skipped"]
@@ -279,7 +281,8 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
 def tidy_rows(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per (run, metric): the long format the summary notebook and figures read.
 
-    Columns: run identity, ``p.<param>`` for every resolved param, device, then
+    Columns: run identity, ``p.<param>`` for every resolved param, device, preset, lock (see
+    ``environment.lock_label``), then
     ``section`` (metrics|quality|model), ``metric``, ``value``, ``unit``, ``method``, ``reason``,
     ``n``, ``std``, ``ci95``.
     """
@@ -289,6 +292,8 @@ def tidy_rows(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         "axis": rec.get("axis"),
         "status": rec.get("status"),
         "device": (rec.get("provenance") or {}).get("device_name"),
+        "preset": (rec.get("provenance") or {}).get("preset"),
+        "lock": lock_label((rec.get("provenance") or {}).get("environment")),
         "finished_at": rec.get("finished_at"),
     }
     flat: dict[str, Any] = {}

@@ -48,7 +48,8 @@ def failure_record(run: dict[str, Any], kind: str, message: str, tb: str = "",
         run_id=run["run_id"], study=run["study"], axis=run["axis"], params=run["params"],
         status=status, error={"reason": f"{kind}: {message}"[:2000], "kind": kind,
                               "traceback_tail": tail},
-        provenance=provenance(), started_at=started_at,
+        provenance=provenance(run.get("preset") or os.environ.get(PRESET_ENV)),
+        started_at=started_at,
         extra={"seed": run.get("seed"), "point": run.get("point", {}), **_concurrency()},
     )
 
@@ -67,6 +68,9 @@ def _concurrency() -> dict[str, int]:
 # ``notebook_saved: false`` until the runner, after papermill has saved run.ipynb, rewrites it
 # true (``sweep.seal_record``). A record left false means the run was killed between the two.
 SWEEP_RUN_ENV = "EFFLLM_SWEEP_RUN_ID"
+# ... and the name of the preset that resolved the injected params (a sweep injects them with
+# ``preset=None``), so the record can say which preset produced them
+PRESET_ENV = "EFFLLM_PRESET"
 NOTEBOOK_SAVED = "notebook_saved"
 
 
@@ -81,6 +85,7 @@ class RunContext:
     params: Any  # the axis' pydantic params object
     output_dir: Path
     point: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
     started_at: str = field(default_factory=results.now_iso)
 
     @property
@@ -94,7 +99,7 @@ class RunContext:
         rec = results.new_record(
             run_id=self.run_id, study=self.study, axis=self.axis, params=self.params_dict,
             metrics=metrics, quality=quality, curves=curves, model=model,
-            provenance=provenance(), started_at=self.started_at,
+            provenance=provenance(self.preset), started_at=self.started_at,
             extra={"seed": self.seed, "point": self.point, **_concurrency(), **(extra or {})},
         )
         if os.environ.get(SWEEP_RUN_ENV) == self.run_id:  # papermill saves the notebook after us
@@ -113,7 +118,8 @@ class RunContext:
     def skip(self, reason: str) -> Path:
         """Record that this technique cannot run here (a clear skip, not a crash)."""
         rec = failure_record({"run_id": self.run_id, "study": self.study, "axis": self.axis,
-                              "params": self.params_dict, "seed": self.seed, "point": self.point},
+                              "params": self.params_dict, "seed": self.seed, "point": self.point,
+                              "preset": self.preset},
                              "skipped", reason, started_at=self.started_at)
         return results.write_record(self.output_dir, rec)
 
@@ -139,7 +145,7 @@ def start_run(axis: str, *, params: dict[str, Any] | None = None, preset: str | 
 
     mark_baseline()  # before the notebook loads a model: the Meter's AMU increment is above it
     return RunContext(axis=axis, study=study, run_id=rid, seed=seed, params=p, output_dir=out,
-                      point=point or {})
+                      point=point or {}, preset=preset or os.environ.get(PRESET_ENV))
 
 
 def _apply_threads(env: dict[str, str] | None = None) -> int | None:

@@ -124,6 +124,7 @@ class Run(BaseModel):
     params: dict[str, Any]  # fully resolved and validated axis params
     weights: dict[str, float]
     timeout_s: float | None
+    preset: str | None = None  # the preset's name (or file) that resolved ``params``
 
 
 
@@ -329,7 +330,8 @@ def expand(path: str | Path, preset: str | Path | None = None,
             seen.add(rid)
             runs.append(Run(run_id=rid, study=study.study, axis=study.axis,
                             notebook=study.notebook, seed=seed, point=point, params=params,
-                            weights=study.weights, timeout_s=study.timeout_s))
+                            weights=study.weights, timeout_s=study.timeout_s,
+                            preset=None if preset is None else str(preset)))
     if only:
         runs = select(runs, only, study.grid)
     if not runs:

@@ -45,7 +45,7 @@ from typing import Any
 
 from . import results, studies
 from .paths import outputs_dir
-from .run import NOTEBOOK_SAVED, SWEEP_RUN_ENV, classify_failure, failure_record
+from .run import NOTEBOOK_SAVED, PRESET_ENV, SWEEP_RUN_ENV, classify_failure, failure_record
 from .runenv import BATCH_ENV, THREADS_ENV
 
 RUN_SPEC = "run.json"
@@ -430,6 +430,9 @@ def runner_main(run_dir: str) -> int:
     (rdir / results.RECORD_NAME).unlink(missing_ok=True)  # a retried run starts clean
     started = results.now_iso()
     os.environ[SWEEP_RUN_ENV] = run.run_id  # the kernel inherits it: see run.SWEEP_RUN_ENV
+    os.environ.pop(PRESET_ENV, None)
+    if run.preset:
+        os.environ[PRESET_ENV] = run.preset
     nb = studies.notebook_path(run.notebook)
     parameters = {"params": run.params, "preset": None, "study": run.study,
                   "run_id": run.run_id, "seed": run.seed, "output_dir": str(rdir),

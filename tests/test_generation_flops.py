@@ -37,8 +37,12 @@ DENSE = {
 
 
 def _generate_counted(overrides: dict) -> tuple[torch.nn.Module, float]:
+    """Frozen weights: since transformers 5.25 (with the ``kernels`` package) Mamba's causal conv
+    is a hub-kernel module called with the conv's Parameters as arguments, and the counter's
+    module tracker cannot hook a leaf that requires grad inside ``generate``; inference needs no
+    grad, and the count is the same."""
     torch.manual_seed(0)
-    model = build(ModelSpec(**overrides), SIZE, VOCAB, 64).eval()
+    model = build(ModelSpec(**overrides), SIZE, VOCAB, 64).eval().requires_grad_(False)
     if overrides.get("ffn") == "moe":
         model.set_experts_implementation("eager")
     ids = torch.randint(0, VOCAB, (1, P))

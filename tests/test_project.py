@@ -8,9 +8,10 @@ import tomllib
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from typer.testing import CliRunner
 
-from effllm_helpers import config, studies
+from effllm_helpers import config, environment, studies
 from effllm_helpers.cli import app
 
 ROOT = config.REPO_ROOT
@@ -20,14 +21,44 @@ def _norm(req: str) -> str:
     return re.sub(r"\s+", "", req).lower()
 
 
-def test_environment_yml_names_the_same_dependencies_as_pyproject():
+def _pyproject_requirements(*extras: str) -> list[Requirement]:
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_norm(r) for r in py["dependencies"] + py["optional-dependencies"]["dev"]}
+    reqs = py["dependencies"] + [r for e in extras for r in py["optional-dependencies"][e]]
+    return [Requirement(r) for r in reqs]
+
+
+@pytest.mark.parametrize(("lock", "extras"), [(environment.CPU_LOCK, ("dev",)),
+                                              (environment.CUDA_LOCK, ("dev", "gpu"))],
+                         ids=["cpu", "cuda"])
+def test_lock_pins_every_pyproject_dependency_inside_its_range(lock, extras):
+    """A dependency added or re-ranged in pyproject.toml without `make lock` fails here."""
+    pins = environment.read_lock(lock)
+    for req in _pyproject_requirements(*extras):
+        name = environment.canonical(req.name)
+        assert name in pins, f"{lock.name} does not pin {req.name}: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{lock.name} pins {name}=={pins[name]}, outside pyproject's {req}: run `make lock`")
+
+
+def test_cuda_lock_is_the_cpu_lock_plus_the_cuda_packages():
+    cpu, cuda = (environment.read_lock(p) for p in (environment.CPU_LOCK, environment.CUDA_LOCK))
+    assert {n: v for n, v in cuda.items() if n in cpu} == cpu
+    assert {"triton", "fla-core", "liger-kernel", "gemlite"} <= set(cuda) - set(cpu)
+
+
+def test_environment_yml_installs_the_cpu_lock_with_its_python():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    have = {_norm(r) for r in pip if r != "-e ."}
-    assert have == wanted
-    assert "python=3.11" in env["dependencies"]
+    assert pip == ["-c requirements/lock-cpu.txt", "-e .[dev]"]
+    locked_py = re.search(r"with Python (\d+\.\d+)", environment.CPU_LOCK.read_text()).group(1)
+    assert f"python={locked_py}" in env["dependencies"]
+
+
+def test_make_setup_installs_through_the_cpu_lock():
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"^LOCK\s+\?= requirements/lock-cpu\.txt$", make, re.M)
+    assert '-m pip install -q -c $(LOCK) -e ".[dev]"' in make
+    assert "$(STAMP): pyproject.toml $(LOCK)" in make  # a new lock reinstalls
 
 
 def test_torch_is_pinned():

@@ -47,6 +47,8 @@ def test_sweep_writes_ok_records_then_skips_them(tmp_path):
         assert rec["metrics"]["al_s"]["unit"] == "s"
         assert (tmp_path / "out" / "runs" / "sm" / rid / "run.ipynb").is_file()
         assert rec["provenance"]["git_sha"] is not None
+        assert rec["provenance"]["preset"] == "ci"  # the injected params say not which preset
+        assert rec["provenance"]["environment"]["lock"].startswith("requirements/lock-")
     again = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
     assert [o.status for o in again.outcomes] == ["cached", "cached"]
 
@@ -63,6 +65,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert res.exit_code == 1
     failed = records(tmp_path / "out")[by_fail["exception"].run.run_id]
     assert "failing on purpose" in failed["error"]["traceback_tail"]
+    assert failed["provenance"]["preset"] == "ci"
     # failed runs stay failed unless asked to retry
     assert {o.status for o in sweep.sweep(path, "ci", tmp_path / "out",
                                           progress=False).outcomes} == {"cached", "cached-failed"}

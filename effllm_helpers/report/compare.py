@@ -104,13 +104,25 @@ def _side(tidy: pd.DataFrame, name: str, *, device: str | None,
                  "size", "core"}
         metrics = [c for c in w.columns if c not in ident and not c.startswith("p.")
                    and not c.endswith((".ci95", ".n"))]
-        agg = repeat_summary(w, metrics, ["axis", "study", "size", "technique", "core", "device"])
+        keys = ["axis", "study", "size", "technique", "core", "device"]
+        agg = repeat_summary(w, metrics, keys)
         agg["axis"] = axis
+        agg = agg.merge(_locks(tidy, w, keys), on=keys, how="left")
         parts.append(agg)
     if not parts:
         raise RecommendError(f"{name}: no ok runs to compare" +
                              (f" (device {device!r}, size {size!r})" if device or size else ""))
     return pd.concat(parts, ignore_index=True)
+
+
+def _locks(tidy: pd.DataFrame, wide: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The lock label(s) of each technique's runs (``environment.lock_label``; 'unknown' for a
+    record made before records named their lock), joined with ',' when its repeats differ."""
+    per_run = (tidy.drop_duplicates("run_id").set_index("run_id")["lock"]
+               if "lock" in tidy else pd.Series(dtype=object))
+    lock = wide["run_id"].map(per_run).astype(object).fillna("unknown").astype(str)
+    return (wide.assign(lock=lock).groupby(keys, dropna=False)["lock"]
+            .agg(lambda s: ",".join(sorted(set(s)))).reset_index())
 
 
 def _match(a: pd.DataFrame, b: pd.DataFrame, by_size: bool) -> list[tuple[int, int]]:
@@ -144,7 +156,8 @@ def compare(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame, metrics: Sequence[str] |
 
     Columns: axis, study, size (A's; ``size_a->size_b`` when sizes were picked), technique (A's
     label), technique_b, metric, a, b, ratio, ratio_low, ratio_high, ci_from, rank_a, rank_b,
-    rank_changed (the technique's place among the matched ones moved) and device_a/device_b.
+    rank_changed (the technique's place among the matched ones moved), device_a/device_b and
+    lock_a/lock_b/lock_differs (the package set each side ran under; see ``lock_warnings``).
     """
     by_size = size_a is None and size_b is None
     if axis is not None:
@@ -168,10 +181,11 @@ def compare(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame, metrics: Sequence[str] |
                          "technique": ra["technique"], "technique_b": rb["technique"],
                          "metric": m, "a": va, "b": vb, "ratio": r, "ratio_low": lo,
                          "ratio_high": hi, "ci_from": src, "device_a": ra["device"],
-                         "device_b": rb["device"]})
+                         "device_b": rb["device"], "lock_a": ra["lock"], "lock_b": rb["lock"],
+                         "lock_differs": ra["lock"] != rb["lock"]})
     cols = ["axis", "study", "size", "technique", "technique_b", "metric", "a", "b", "ratio",
             "ratio_low", "ratio_high", "ci_from", "rank_a", "rank_b", "rank_changed",
-            "device_a", "device_b"]
+            "device_a", "device_b", "lock_a", "lock_b", "lock_differs"]
     if not rows:
         return pd.DataFrame(columns=cols)
     out = pd.DataFrame(rows).sort_values(["axis", "study", "size", "technique"], kind="stable")
@@ -195,6 +209,17 @@ def ranking_changes(table: pd.DataFrame) -> pd.DataFrame:
                                                          method="min").astype("Int64")
     out["rank_changed"] = (out["rank_a"] != out["rank_b"]).fillna(False).astype(bool)
     return out
+
+
+def lock_warnings(table: pd.DataFrame) -> list[str]:
+    """One line per pair of locks that matched techniques were measured under, when A's and B's
+    differ: a ratio then mixes the technique with a change of package versions."""
+    if table.empty or "lock_differs" not in table:
+        return []
+    pairs = table.loc[table["lock_differs"].astype(bool), ["lock_a", "lock_b"]].drop_duplicates()
+    return [f"A ran under lock {a}, B under {b}: package versions differ, so a ratio may "
+            "measure the upgrade as well as the technique" for a, b in pairs.itertuples(
+                index=False)]
 
 
 def changed_orders(table: pd.DataFrame) -> list[str]:
