@@ -518,7 +518,8 @@ class SmokeParams(Strict):
     n: PosInt = 64
     steps: PosInt = 5
     sleep_s: Annotated[float, Field(ge=0)] = 0.0
-    fail: Literal["none", "exception", "nan", "oom"] = "none"
+    # crash: the kernel process dies (SIGKILL, as the kernel OOM killer does it)
+    fail: Literal["none", "exception", "nan", "oom", "crash"] = "none"
     measure: MeasureSpec = MeasureSpec(warmup_steps=1)
 
 

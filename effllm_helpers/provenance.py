@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as md
+import os
 import platform
 import socket
 import subprocess
@@ -55,6 +56,8 @@ def provenance(preset: str | None = None) -> dict[str, Any]:
     return {
         **git_state(),
         "preset": preset,
+        # how the kernel started: forked from a sweep's warm zygote, or a fresh interpreter
+        "kernel_start": os.environ.get("EFFLLM_KERNEL_START", "cold"),
         "environment": environment_state(),
         "packages": package_versions(),
         "python": sys.version.split()[0],

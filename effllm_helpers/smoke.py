@@ -1,11 +1,14 @@
 """The smoke workload: a timed matmul loop that exercises params -> papermill -> Meter -> record.
 
 It proves the pipe before (and beside) the axis notebooks, and it is what the sweep tests and
-``benchmarks/runner_overhead.py`` execute, so it can also fail on purpose (exception, NaN, OOM).
+``benchmarks/runner_overhead.py`` execute, so it can also fail on purpose (exception, NaN, OOM,
+a killed kernel).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any
 
@@ -36,6 +39,8 @@ def matmul_workload(p: SmokeParams, device: str = "cpu") -> dict[str, Any]:
                 raise RuntimeError("smoke: failing on purpose (fail=exception)")
             if p.fail == "oom" and step == 1:
                 raise torch.OutOfMemoryError("smoke: simulated CUDA out of memory (fail=oom)")
+            if p.fail == "crash" and step == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
             check_finite(loss, step)
             losses.append(loss)
             if p.sleep_s:

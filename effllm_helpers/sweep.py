@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import results, studies
+from . import results, studies, warmkernel
 from .paths import outputs_dir
 from .run import NOTEBOOK_SAVED, PRESET_ENV, SWEEP_RUN_ENV, classify_failure, failure_record
 from .runenv import BATCH_ENV, THREADS_ENV
@@ -244,11 +244,16 @@ def record_busy(rec: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1) -> None:
+def _runner_entry(run_dir: str, gpu: str | None, concurrent: int | None = 1,
+                  zygote: str | None = None) -> None:
     """First thing in a runner process: own session (so a timeout kills runner + kernel as one
-    group), die with our parent, CUDA pinning, output to runner.log; then papermill."""
+    group), die with our parent, CUDA pinning, the warm-kernel zygote to ask (or none), output
+    to runner.log; then papermill."""
     os.setsid()
     _pdeathsig()
+    os.environ.pop(warmkernel.SOCKET_ENV, None)
+    if zygote:
+        os.environ[warmkernel.SOCKET_ENV] = zygote
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     if concurrent is not None:
@@ -308,22 +313,24 @@ def _pdeathsig() -> None:
         _LIBC.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _start_runner(rdir: Path, gpu: str | None, concurrent: int | None = 1):
+def _start_runner(rdir: Path, gpu: str | None, concurrent: int | None = 1,
+                  zygote: str | None = None):
     if multiprocessing.current_process().daemon:
         return _PopenRunner(rdir, gpu, concurrent)
-    proc = _runner_context().Process(target=_runner_entry, args=(str(rdir), gpu, concurrent),
-                                     daemon=False)
+    proc = _runner_context().Process(target=_runner_entry,
+                                     args=(str(rdir), gpu, concurrent, zygote), daemon=False)
     proc.start()
     return proc
 
 
 def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
-                concurrent: int | None = 1) -> dict[str, Any]:
+                concurrent: int | None = 1, zygote: str | None = None) -> dict[str, Any]:
     """Execute one run in a runner process; return ``{status, seconds, reason}``.
 
     Plain-data in and out, so the same function runs in a local thread or on a Dask worker.
     ``concurrent`` (the sweep's worker count; None if unknown) reaches the record as
-    ``extra.concurrent_runs``.
+    ``extra.concurrent_runs``; ``zygote`` is the socket of a warm-kernel zygote
+    (``warmkernel``), None for a cold kernel.
     """
     run = studies.Run.model_validate(run_dict)
     rdir = Path(run_dir).resolve()
@@ -332,14 +339,14 @@ def execute_run(run_dict: dict[str, Any], run_dir: str, gpu: str | None = None,
             return {"status": "elsewhere", "seconds": 0.0, "reason": ELSEWHERE}
         if _has_ok_record(rdir, run.run_id):  # finished by another sweep since we planned
             return {"status": "cached", "seconds": 0.0, "reason": None}
-        return _execute_locked(run, rdir, gpu, concurrent)
+        return _execute_locked(run, rdir, gpu, concurrent, zygote)
 
 
 def _execute_locked(run: studies.Run, rdir: Path, gpu: str | None,
-                    concurrent: int | None) -> dict[str, Any]:
+                    concurrent: int | None, zygote: str | None = None) -> dict[str, Any]:
     results.atomic_write_json(rdir / RUN_SPEC, run.model_dump(mode="json"))
     t0 = time.monotonic()
-    proc = _start_runner(rdir, gpu, concurrent)
+    proc = _start_runner(rdir, gpu, concurrent, zygote)
     with _LIVE_LOCK:
         _LIVE.add(proc)
     try:
@@ -440,7 +447,8 @@ def runner_main(run_dir: str) -> int:
     try:
         pm.execute_notebook(str(nb), str(rdir / RUN_NOTEBOOK), parameters=parameters,
                             cwd=str(nb.parent), progress_bar=False, kernel_name="python3",
-                            log_output=False)
+                            log_output=False,
+                            kernel_manager_class=warmkernel.manager_class())
     except pm.PapermillExecutionError as exc:
         kind = classify_failure(exc.ename, exc.evalue)
         tb = "\n".join(exc.traceback) if exc.traceback else ""
@@ -537,16 +545,27 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
     if not todo:
         return result
     _warn_shared_devices(workers, dask)
-    if not dask or dask == "local":  # remote workers fill their own caches
-        warm_data_caches(todo)
-    bar = _progress(len(todo), result.study, progress)
+    # local runs fork their kernels from a zygote that imports while the data caches warm; for
+    # one run it would only pay the same imports once more
+    zygote = (warmkernel.Zygote(env=_zygote_env(todo, workers),
+                                modules=warmkernel.preload_for({r.axis for r in todo}))
+              if not dask and len(todo) > 1 and warmkernel.enabled() else None)
     try:
-        if dask:
-            _run_dask(todo, out, dask, workers, result, bar, on_outcome)
-        else:
-            _run_local(todo, out, workers, result, bar, on_outcome)
+        if zygote:
+            zygote.ensure()
+        if not dask or dask == "local":  # remote workers fill their own caches
+            warm_data_caches(todo)
+        bar = _progress(len(todo), result.study, progress)
+        try:
+            if dask:
+                _run_dask(todo, out, dask, workers, result, bar, on_outcome)
+            else:
+                _run_local(todo, out, workers, result, bar, on_outcome, zygote)
+        finally:
+            bar.close()
     finally:
-        bar.close()
+        if zygote:
+            zygote.stop()
     order = {r.run_id: i for i, r in enumerate(runs)}
     result.outcomes.sort(key=lambda o: order[o.run.run_id])
     return result
@@ -596,8 +615,30 @@ def _record(result: SweepResult, outcome: Outcome, bar, on_outcome) -> None:
         on_outcome(outcome)
 
 
+def _zygote_env(todo: list[studies.Run], workers: int) -> dict[str, str]:
+    """The environment the zygote imports under: what a runner's kernel would see, less the
+    per-run variables (run id, preset, GPU pinning), which each kernel receives at its fork."""
+    slots = gpu_slots(max(1, workers), launch_processes(todo))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{BATCH_ENV: "1"})
+    env.update(run_thread_env(len(slots)))
+    return env
+
+
+def _zygote_socket(zygote: warmkernel.Zygote | None) -> str | None:
+    """The zygote's socket once it listens (restarted if it died since the last run); None when
+    warm kernels are off, refused or did not come up (the run then starts a cold kernel)."""
+    if zygote is None:
+        return None
+    path = zygote.ensure()
+    if path and zygote.wait_ready():
+        return path
+    if zygote.refused:
+        print(f"warning: {zygote.refused}; kernels start cold", file=sys.stderr, flush=True)
+    return None
+
+
 def _run_local(todo: list[studies.Run], out: Path, workers: int, result: SweepResult, bar,
-               on_outcome) -> None:
+               on_outcome, zygote: warmkernel.Zygote | None = None) -> None:
     slots = gpu_slots(max(1, workers), launch_processes(todo))
     free = list(range(len(slots)))
     pending: dict[Future, tuple[studies.Run, int]] = {}
@@ -608,7 +649,8 @@ def _run_local(todo: list[studies.Run], out: Path, workers: int, result: SweepRe
                 while queue and free:
                     run, slot = queue.pop(0), free.pop(0)
                     fut = pool.submit(execute_run, run.model_dump(mode="json"),
-                                      str(run_dir_for(out, run)), slots[slot], len(slots))
+                                      str(run_dir_for(out, run)), slots[slot], len(slots),
+                                      _zygote_socket(zygote))
                     pending[fut] = (run, slot)
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:

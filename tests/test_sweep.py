@@ -108,7 +108,7 @@ def test_infinite_timeout_is_a_params_error(tmp_path):
 
 
 def test_sweep_side_exception_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    def fake(run_dict, run_dir, gpu=None, concurrent=1):
+    def fake(run_dict, run_dir, gpu=None, concurrent=1, zygote=None):
         if run_dict["params"]["n"] == 16:
             raise OverflowError("timeout value is too large")
         return {"status": "ok", "seconds": 0.1, "reason": None}
