@@ -251,7 +251,8 @@ PromptFormat = Literal["auto", "chat", "plain"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 EMBEDDED_NAME = re.compile(r"^embedded(?::(?P<profile>[^@]*))?(?:@(?P<stage>.*))?$")
 MODEL_SOURCES_HELP = ("allowed: a local folder with a config.json, a hub id 'owner/name', "
-                      "'embedded[:ci|tiny|gpu][@base|sft]' or 'gguf:<path to a .gguf file>'")
+                      "'embedded[:ci|tiny|gpu][@base|sft]', 'gguf:<path to a .gguf file>' or "
+                      "'random:<shape or config.json>' (random weights of a known shape)")
 
 
 def canonical_model_key(data: Any) -> Any:
@@ -281,6 +282,14 @@ def check_model_source(name: str) -> str:
             raise ValueError(f"bad embedded model {quoted(name)}: embedded[:profile][@stage] "
                              f"with profile in {', '.join(profiles)} and stage in "
                              f"{', '.join(stages)}; {MODEL_SOURCES_HELP}")
+        return name
+    if name.startswith("random:"):
+        from .models.sources import random_config
+
+        try:
+            random_config(name)
+        except (ValueError, OSError, KeyError) as exc:
+            raise ValueError(f"{exc}; {MODEL_SOURCES_HELP}") from None
         return name
     if name.startswith("gguf:"):
         path = Path(name[len("gguf:"):]).expanduser()
@@ -349,6 +358,10 @@ class FinetuneParams(Launchable):
     quant: Literal["none", "nf4", "fp4"] = "none"  # 4-bit base (QLoRA) under any adapter method
     task: str = "arithmetic"  # 'arithmetic', 'docname', 'hf:<dataset>', 'jsonl:<path>'
     max_len: PosInt = 128
+    # batch layout (data.packing): 'pack' = the step's examples in rows of at most max_len with
+    # restarting position ids; 'group' = length-grouped, padded per batch; 'none' = padded to the
+    # longest row of the set; 'auto' = pack if the model keeps packed examples apart, else group
+    packing: Literal["auto", "none", "group", "pack"] = "auto"
     n_train: PosInt = 512
     n_eval: PosInt = 64
     # learning rate: lr_by_method[method] if set, else train.lr if set, else the method's default

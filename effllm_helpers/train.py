@@ -56,6 +56,8 @@ class TrainResult:
     tokens: int
     samples: int
     final_loss: float
+    positions: int = 0  # positions computed (batch rows x width, padding included), all steps
+    real_tokens: int = 0  # positions that are tokens of an example (not padding), all steps
     eval_history: list[dict[str, float]] = field(default_factory=list)
     # the trained module with its full parameters where training sharded them (FSDP): the
     # evaluations after training use it; None = the module passed in holds them
@@ -77,9 +79,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     drain before launching the next, and a launch-bound step would pay host plus GPU time.
     Staged through pinned memory (PyTorch's caching host allocator) the copy is queued."""
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return {k: (v if v.is_cuda else v.pin_memory()).to(device, non_blocking=True)
-            for k, v in batch.items()}
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -218,12 +220,13 @@ def train(
 
     losses_x, losses_y, joules_x, joules_y = [], [], [], []
     eval_history: list[dict[str, float]] = []
-    tokens = samples = 0
+    tokens = samples = positions = real_tokens = 0
     eval_inside_s = 0.0
     n_eval_inside = 0
     n_marks = 0  # meter.step() calls so far: training steps and evaluation ends
     eval_lat_idx: list[int] = []  # indices into meter.latencies_s() that are evaluations
     first_steps_s: list[float] = []  # wall time of the compiling (warm-up) steps
+    compile_fallback: str | None = None  # why the compiled model gave way to the eager one
     last_loss = float("nan")
     pending: list[tuple[int, int, torch.Tensor]] = []  # (step, tokens, loss on the device)
 
@@ -259,14 +262,27 @@ def train(
                 batch = next_batch(step * spec.grad_accum + micro, rank, world)
                 labels = batch.get("labels", batch["input_ids"])  # counted on the host: no sync
                 step_tokens += count_targets(labels)
-                mask = batch.get("attention_mask")  # tokens the model runs on (prompt included)
-                step_run += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                step_samples += labels.shape[0]
+                # tokens the model attends (prompt included, padding not): a packed batch says
+                # (data.packing); else the attention mask; else every position
+                real = batch.pop("_real_tokens", None)
+                mask = batch.get("attention_mask")
+                run = (int(real) if real is not None else int(mask.sum()) if mask is not None
+                       else batch["input_ids"].numel())
+                step_run += run
+                real_tokens += run * world
+                positions += batch["input_ids"].numel() * world
+                examples = batch.pop("_examples", None)  # a packed row holds several
+                step_samples += int(examples) if examples is not None else labels.shape[0]
                 batch = to_device(batch, device)
-                with acc.autocast():
-                    out = model(**batch)
-                    loss = out.loss / spec.grad_accum
-                acc.backward(loss)
+                try:
+                    loss = _forward_backward(model, batch, acc, spec.grad_accum)
+                except Exception as exc:  # a compile that fails falls back to eager, recorded
+                    if model is prepared or not _is_compile_error(exc):
+                        raise
+                    compile_fallback = f"{type(exc).__name__}: {exc}".strip()[:500]
+                    model = prepared
+                    opt.zero_grad(set_to_none=True)
+                    loss = _forward_backward(model, batch, acc, spec.grad_accum)
                 loss_acc += loss.detach()
             if spec.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
@@ -333,12 +349,17 @@ def train(
         metrics["duration_s"]["note"] = (
             f"includes {n_eval_inside} intermediate evaluation(s), {eval_inside_s:.2f} s, also "
             "in the rates, MFU, PCU, memory and energy; al_s excludes them")
-    metrics["compile_s"] = (
-        metric(sum(first_steps_s), "s", "perf_counter_first_steps", steps=len(first_steps_s),
-               step_s=first_steps_s, warmup_steps=meter_warmup,
-               note="the first optimizer steps, compilation included; Meter warm-up, so not in "
-                    "AL, rates, energy or MFU")
-        if spec.compile else missing("s", "compile off", "perf_counter_first_steps"))
+    if not spec.compile:
+        metrics["compile_s"] = missing("s", "compile off", "perf_counter_first_steps")
+    elif compile_fallback:
+        metrics["compile_s"] = missing("s", "compile failed, the run trained eagerly: "
+                                       f"{compile_fallback}", "perf_counter_first_steps")
+    else:
+        metrics["compile_s"] = metric(
+            sum(first_steps_s), "s", "perf_counter_first_steps", steps=len(first_steps_s),
+            step_s=first_steps_s, warmup_steps=meter_warmup,
+            note="the first optimizer steps, compilation included; Meter warm-up, so not in "
+                 "AL, rates, energy or MFU")
     if world > 1:  # one record for the run: every rank's Meter combined (rank 0 writes it)
         from .measure.meter import gather_rank_metrics, world_size_metric
 
@@ -348,8 +369,28 @@ def train(
     if "tt" not in metrics:
         metrics["tt"] = missing("tokens/s/param", "meter gave no training throughput")
     return TrainResult(metrics=metrics, curves=curves, steps=spec.steps, tokens=tokens,
-                       samples=samples, final_loss=last_loss, eval_history=eval_history,
+                       samples=samples, final_loss=last_loss, positions=positions,
+                       real_tokens=real_tokens, eval_history=eval_history,
                        model=full_module(prepared, acc))
+
+
+def _forward_backward(model: torch.nn.Module, batch: Batch, acc: Any,
+                      grad_accum: int) -> torch.Tensor:
+    """One micro-batch: forward under autocast, the scaled loss backward; returns that loss."""
+    with acc.autocast():
+        loss = model(**batch).loss / grad_accum
+    acc.backward(loss)
+    return loss
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """An error raised by torch.compile's tracing or code generation (not by the model)."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(exc, TorchDynamoException) or type(exc).__module__.startswith(
+        ("torch._dynamo", "torch._inductor"))
 
 
 def count_targets(labels: torch.Tensor) -> int:

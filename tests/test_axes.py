@@ -79,9 +79,16 @@ def test_attention_free_models_cache_nothing_per_token():
 def test_finetuning_run_records_every_metric(method):
     p = config.notebook_params("finetuning", "ci", None).model_copy(update={"method": method})
     res = finetuning.run(p, progress=False)
-    assert_complete(res.metrics, TRAIN_METRICS | {"adapter_bytes", "merge_max_abs_diff"})
+    assert_complete(res.metrics, TRAIN_METRICS | {"adapter_bytes", "merge_max_abs_diff",
+                                                  "computed_positions", "real_tokens",
+                                                  "loss_tokens", "padding_frac"})
     assert_complete(res.quality, {"eval_loss", "eval_loss_before", "accuracy",
                                   "accuracy_before"})
+    # the embedded Llama keeps packed examples apart, so `auto` packs them: no padding but
+    # the last row's tail, and the loss counts exactly the response targets
+    assert res.model["packing"]["mode"] == "pack"
+    assert res.metrics["padding_frac"]["value"] < 0.2
+    assert res.metrics["loss_tokens"]["value"] == res.model["train_tokens"]
     assert 0 < res.model["params_trainable"] < res.model["params_total"]
     assert res.quality["eval_loss"]["value"] < res.quality["eval_loss_before"]["value"]
     if method == "lora":

@@ -96,6 +96,33 @@ def test_compiling_steps_are_warm_up_and_timed_as_compile_s(monkeypatch):
     assert res.metrics["tokens_per_s"]["count"] == (6 - 2) * BATCH * (SEQ - 1)
 
 
+def test_a_compile_that_fails_falls_back_to_eager_with_the_reason(monkeypatch):
+    from torch._dynamo.exc import Unsupported
+
+    class Broken(torch.nn.Module):
+        """What torch.compile hands back for a model it cannot trace: fails when called."""
+
+        def forward(self, **batch):
+            raise Unsupported("graph break in a peft hook")
+
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: Broken())
+    res = run(steps=4, warmup=0, compile=True)
+    cs = res.metrics["compile_s"]
+    assert cs["value"] is None and cs["reason"].startswith("compile failed, the run trained "
+                                                           "eagerly: Unsupported: graph break")
+    assert res.steps == 4 and res.final_loss == res.final_loss  # trained, finite
+
+
+def test_an_error_of_the_model_itself_is_not_taken_for_a_compile_failure(monkeypatch):
+    class Broken(torch.nn.Module):
+        def forward(self, **batch):
+            raise ValueError("a bug in the model")
+
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: Broken())
+    with pytest.raises(ValueError, match="a bug in the model"):
+        run(steps=2, warmup=0, compile=True)
+
+
 def test_sweep_executed_notebooks_get_a_text_progress_bar(monkeypatch) -> None:
     # papermill saves no widget state: a batch run must not draw its progress as a widget
     import tqdm as tqdm_mod

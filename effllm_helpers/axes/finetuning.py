@@ -16,7 +16,8 @@ import torch
 
 from .. import data, evaluate, runenv, train
 from ..config import FinetuneParams
-from ..models import embedded
+from ..data import packing
+from ..models import embedded, sources
 from ..results import metric, missing
 from ..techniques import finetuning as ft
 from .spec import AxisResult
@@ -79,13 +80,17 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path = embedded.resolve(p.base_model, profile=p.embedded_profile, progress=progress)
     model, tokenizer = load_base(path, device, p.embedded_profile, progress)
+    random_weights = sources.has_random_weights(path)  # random:<shape>: efficiency only
+    evaluate_tasks = evaluate_tasks and not random_weights
     style = data.prompt_style(tokenizer, p.prompt_format)
     task = data.load_task(p.task, p.n_train, p.n_eval, seed=seed)
     instruction = task.instruction(style)  # the chat prompts' answer-format instruction
-    train_t = data.sft_tensors(task.train, tokenizer, p.max_len, style=style,
-                               instruction=instruction)
+    train_rows = data.sft_rows(task.train, tokenizer, p.max_len, style, instruction)
     eval_t = data.sft_tensors(task.eval, tokenizer, p.max_len, style=style,
                               instruction=instruction)
+    # the layout is chosen on the base model, before any adapter: the attention decides
+    layout, packing_info = packing.choose(p.packing, model, model.config.vocab_size, device,
+                                          next(model.parameters()).dtype)
     answer_len = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval[:16]) + 4
     max_new = min(p.max_len, answer_len)
 
@@ -103,7 +108,9 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         return {"eval_loss": evaluate.eval_loss(m, eval_t, p.train.batch_size,
                                                 p.train.eval_batches)}
 
-    res = train.train(model, train.dict_batches(train_t, p.train.batch_size, seed), p.train,
+    batches = packing.sft_batches(train_rows, p.train.batch_size, layout,
+                                  data.pad_id(tokenizer), p.max_len, seed)
+    res = train.train(model, batches, p.train,
                       p.measure, n_params=prepared.total_params, optimizer=opt,
                       evaluate=eval_fn, progress=progress,
                       flops_per_token=_flops_per_token(model, prepared, p))
@@ -118,7 +125,9 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     if evaluate_tasks:
         quality["accuracy"], examples = task_accuracy(model, tokenizer, task, max_new, style)
         quality["accuracy_before"] = acc_before
-    metrics = dict(res.metrics)
+    if random_weights:  # a loss or an exact match of random weights says nothing
+        quality = {k: missing(v["unit"], sources.RANDOM_REASON) for k, v in quality.items()}
+    metrics = dict(res.metrics) | layout_metrics(res)
     with tempfile.TemporaryDirectory() as tmp:
         adapter_bytes = ft.adapter_size_bytes(prepared, tmp)
     metrics["adapter_bytes"] = metric(adapter_bytes, "B", "save_pretrained_file_bytes")
@@ -137,6 +146,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         "method_config": prepared.config,
         "train_tokens": res.tokens,
         "train_samples": res.samples,
+        "packing": packing_info,
     }
     if save_dir is not None and runenv.is_main_rank():
         out = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -144,6 +154,22 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         tokenizer.save_pretrained(save_dir)
     return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
                       notes=notes, examples=examples)
+
+
+def layout_metrics(res: train.TrainResult) -> dict[str, Any]:
+    """What the batches made the device compute, over every step (warm-up included): positions
+    (rows x width), real tokens (example tokens, what MFU counts), loss tokens (the shifted
+    response targets) and the padding fraction (positions that were no example's token)."""
+    how = "counted_host_side_all_steps"
+    if not res.positions:
+        return {}
+    return {
+        "computed_positions": metric(res.positions, "positions", how),
+        "real_tokens": metric(res.real_tokens, "tokens", how),
+        "loss_tokens": metric(res.tokens, "tokens", how),
+        "padding_frac": metric(1 - res.real_tokens / res.positions, "fraction", how,
+                               note="1 - real_tokens / computed_positions"),
+    }
 
 
 def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared,

@@ -14,9 +14,11 @@ from effllm_helpers.data.tasks import (
     extract_answer,
     format_prompt,
     load_task,
+    pad_id,
     prompt_style,
     response_end,
     score,
+    sft_rows,
     sft_tensors,
 )
 from effllm_helpers.data.tokenizer import EOS, get_tokenizer, pack, token_blocks
@@ -36,6 +38,8 @@ __all__ = [
     "get_tokenizer",
     "load_corpus",
     "load_task",
+    "pad_id",
+    "sft_rows",
     "make_probe",
     "pack",
     "probe_accuracy",

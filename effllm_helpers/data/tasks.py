@@ -570,24 +570,20 @@ def load_task(name: str, n_train: int, n_eval: int, seed: int = 0) -> TaskData:
 
 
 # ---------------------------------------------------------------- SFT tensors
-def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
-                pad_to_max: bool = False, style: str = "plain",
-                instruction: str = "") -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask``, ``labels`` for supervised fine-tuning.
+def sft_rows(items: Sequence[Item], tokenizer: Any, max_len: int, style: str = "plain",
+             instruction: str = "") -> list[tuple[list[int], list[int]]]:
+    """``(prompt ids, response ids)`` per item for supervised fine-tuning.
 
     Each row is ``format_prompt(prompt) + response + eos`` (``style="chat"``: the chat
     template's user turn and generation prompt, then the response and the template's end of
     the assistant turn; the user turn ends with ``instruction``, as
-    :meth:`TaskData.prompts` writes it), right-padded with the pad token.
-    Labels are -100 on the prompt and on padding, so the loss is on the response (and its eos)
-    only. Too-long rows keep the *end* of the prompt (the template tail) and at least half of
+    :meth:`TaskData.prompts` writes it). The loss is on the response (and its eos) only.
+    Too-long rows keep the *end* of the prompt (the template tail) and at least half of
     ``max_len`` for the response, which is cut at the end if it still does not fit.
     """
     if not items:
         raise ValueError("no items")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token")
     instruction = instruction if style == "chat" else ""
     enc = tokenizer([format_prompt(with_instruction(it["prompt"], instruction), tokenizer, style)
@@ -602,13 +598,23 @@ def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
             p = p[len(p) - keep_p:]
             r = r[: max_len - len(p)]
         rows.append((list(p), r))
-    width = max_len if pad_to_max else max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(r, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return rows
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def sft_tensors(items: Sequence[Item], tokenizer: Any, max_len: int,
+                pad_to_max: bool = False, style: str = "plain",
+                instruction: str = "") -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``labels`` of :func:`sft_rows`, right-padded with the
+    pad token to the longest row (``max_len`` with ``pad_to_max``); labels -100 on the prompt
+    and on padding."""
+    from .packing import META_KEYS, padded
+
+    rows = sft_rows(items, tokenizer, max_len, style, instruction)
+    out = padded(rows, pad_id(tokenizer), max_len if pad_to_max else None)
+    for key in META_KEYS:
+        out.pop(key)
+    return out

@@ -81,11 +81,14 @@ def _lock(path: Path):
 
 def resolve(name: str, profile: str = "tiny", progress: bool = False) -> str:
     """A loadable model path for ``name``: real ids/paths pass through, embedded ones are built,
-    ``gguf:<file>`` is dequantised once into a cached folder (see :mod:`.sources`)."""
+    ``gguf:<file>`` is dequantised once and ``random:<shape>`` built once into cached folders
+    (see :mod:`.sources`)."""
     from . import sources
 
     if sources.is_gguf(name):
         return str(sources.gguf_folder(name))
+    if sources.is_random(name):
+        return str(sources.random_folder(name))
     parsed = parse(name, profile)
     if parsed is None:
         return name
