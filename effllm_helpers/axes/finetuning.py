@@ -113,7 +113,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     res = train.train(model, batches, p.train,
                       p.measure, n_params=prepared.total_params, optimizer=opt,
                       evaluate=eval_fn, progress=progress,
-                      flops_per_token=_flops_per_token(model, prepared, p))
+                      flops_per_token=_flops_per_token(model, prepared, p, train_rows))
     model.eval()
     quality: dict[str, Any] = {
         # bootstrap interval over eval items, as accuracy's
@@ -172,16 +172,19 @@ def layout_metrics(res: train.TrainResult) -> dict[str, Any]:
     }
 
 
-def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared,
-                     p: FinetuneParams) -> float | None:
+def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared, p: FinetuneParams,
+                     rows: list[tuple[list[int], list[int]]]) -> float | None:
     """Training FLOPs/token of the prepared model as autograd runs them (adapter matmuls, DoRA's
     extra work, no weight gradients for frozen weights, no backward below the first trainable
-    layer; see :func:`~effllm_helpers.models.flops.finetune_flops_per_token`). None when the
-    architecture is not covered (MFU is then null with the reason)."""
+    layer; see :func:`~effllm_helpers.models.flops.finetune_flops_per_token`), with attention at
+    the examples' mean length: an example attends only to itself (packed or padded), so
+    ``max_len`` would overstate it. None when the architecture is not covered (MFU is then null
+    with the reason)."""
     from ..models import flops
 
+    mean_len = max(1, round(sum(len(a) + len(b) for a, b in rows) / len(rows)))
     try:
-        return flops.finetune_flops_per_token(model, p.max_len,
-                                              p.train.batch_size * p.max_len)["total"]
+        return flops.finetune_flops_per_token(model, mean_len,
+                                              p.train.batch_size * mean_len)["total"]
     except (ValueError, NotImplementedError, AttributeError):
         return None
