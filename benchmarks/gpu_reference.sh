@@ -3,14 +3,15 @@
 # roofline benchmarks and study sweeps at the gpu preset; results land in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
 #   PART in: validate overhead mfu mfu-small mfu-large mfu-paper mfu-paper152k roofline
-#            roofline-tuning kernels kernels-bf16 quant-engine multigpu inference attention
+#            roofline-tuning kernels kernels-bf16 quant-engine finetune-1.5b finetune-1.5b-qlora
+#            multigpu inference attention
 #            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
 #            cross_modal_peft
 # env: SWEEP_ARGS (extra sweep options, e.g. "--only method=freeze,full --set train.steps=60"),
 #      SWEEP_BUDGET_S (time box per sweep, default 3000), SWEEPS (sweep output root, default
 #      outputs/gpu_sweeps: kept between calls on a warm machine, so a sweep resumes there).
 set -uo pipefail
-if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT=${OUT:-outputs/reference}
 SWEEPS=${SWEEPS:-outputs/gpu_sweeps}
 slug=$(python3 -c "import torch;from effllm_helpers.measure.device import device_slug;print(device_slug(torch.cuda.get_device_name(0)))") || exit 1
@@ -38,6 +39,10 @@ for part in "$@"; do
     quant-engine) bench quant_kernels_check.py --size 3b --engine --skip-step --precisions bf16,int4-gemlite,int4-wo --out "$dest/quant_kernels_3b_engine.json" ;;
     # fla against the references under bf16 autocast, and the timed steps beside GQA
     kernels-bf16) mkdir -p "$dest/kernels-bf16"; bench kernels_check.py --only nsa,gqa,rwkv,mamba --phases agreement_bf16,step_fla,step_reference --budget-s 240 --out "$dest/kernels-bf16" ;;
+    # issue 25: the fine-tuning methods at Qwen2.5-1.5B's shape (random weights) on ~8 packed
+    # 1024-token rows a step, compiled; QLoRA (bitsandbytes nf4 base) apart
+    finetune-1.5b) bench finetune_scale.py --shape qwen2.5-1.5b --methods full,lora,dora,rslora,freeze --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b" ;;
+    finetune-1.5b-qlora) bench finetune_scale.py --shape qwen2.5-1.5b --methods lora --quant nf4 --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     kernels)  bench kernels_check.py --out "$dest" ;;
     roofline) bench decode_roofline.py --sizes gpu:medium paper:small paper:medium paper:large --out "$dest" ;;
