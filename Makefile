@@ -45,8 +45,14 @@ $(STAMP): pyproject.toml $(LOCK)
 
 setup: $(STAMP)
 
+# one warm-kernel zygote serves every sweep below (effllm_helpers/warmkernel.py): its imports are
+# paid once, not once per study; it exits with this shell
 study: $(STAMP)
-	@status=0; for s in $(STUDIES); do \
+	@status=0; sock=$$(mktemp -u /tmp/effllm-zygote-XXXXXX); \
+	$(BIN)/python -m effllm_helpers.warmkernel serve $$sock --parent $$$$ >/dev/null 2>&1 & zpid=$$!; \
+	for i in $$(seq 1500); do [ -S $$sock ] && break; kill -0 $$zpid 2>/dev/null || break; sleep 0.2; done; \
+	if [ -S $$sock ]; then export EFFLLM_ZYGOTE=$$sock; else echo "warm kernels off: cold kernels"; fi; \
+	for s in $(STUDIES); do \
 	  echo "== $$s ($(PRESET))"; \
 	  $(BIN)/effllm sweep $$s --preset $(PRESET) --output-dir $(OUT) || status=1; \
 	done; \
@@ -56,7 +62,7 @@ study: $(STAMP)
 	done; \
 	$(BIN)/effllm collect --output-dir $(OUT) || status=1; \
 	if [ -f notebooks/00_summary.ipynb ]; then $(BIN)/effllm report --output-dir $(OUT) || status=1; fi; \
-	exit $$status
+	kill $$zpid 2>/dev/null; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import config, results, studies
+from . import config, results, studies, warmkernel
 from .paths import outputs_dir
 
 app = typer.Typer(
@@ -250,7 +250,9 @@ def report(
     pm.execute_notebook(str(nb), str(dest / "summary.ipynb"), cwd=str(nb.parent),
                         parameters={"results_dir": str(Path(src).resolve()),
                                     "output_dir": str(Path(dest).resolve())},
-                        progress_bar=False, kernel_name="python3")
+                        progress_bar=False, kernel_name="python3",
+                        # forked from $EFFLLM_ZYGOTE when one serves (make study), else cold
+                        kernel_manager_class=warmkernel.manager_class())
     typer.echo(f"report written under {dest} ({len(problems)} records skipped)")
     if strict and problems:
         raise typer.Exit(1)

@@ -545,13 +545,12 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
     if not todo:
         return result
     _warn_shared_devices(workers, dask)
-    # local runs fork their kernels from a zygote that imports while the data caches warm; for
-    # one run it would only pay the same imports once more
-    zygote = (warmkernel.Zygote(env=_zygote_env(todo, workers),
-                                modules=warmkernel.preload_for({r.axis for r in todo}))
-              if not dask and len(todo) > 1 and warmkernel.enabled() else None)
+    # local runs fork their kernels from a zygote that imports while the data caches warm (or
+    # from one that serves several sweeps, e.g. make study's, named in $EFFLLM_ZYGOTE); for one
+    # run a zygote of its own would only pay the same imports once more
+    zygote = _sweep_zygote(todo, workers) if not dask else None
     try:
-        if zygote:
+        if isinstance(zygote, warmkernel.Zygote):
             zygote.ensure()
         if not dask or dask == "local":  # remote workers fill their own caches
             warm_data_caches(todo)
@@ -564,7 +563,7 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
         finally:
             bar.close()
     finally:
-        if zygote:
+        if isinstance(zygote, warmkernel.Zygote):
             zygote.stop()
     order = {r.run_id: i for i, r in enumerate(runs)}
     result.outcomes.sort(key=lambda o: order[o.run.run_id])
@@ -624,11 +623,28 @@ def _zygote_env(todo: list[studies.Run], workers: int) -> dict[str, str]:
     return env
 
 
-def _zygote_socket(zygote: warmkernel.Zygote | None) -> str | None:
-    """The zygote's socket once it listens (restarted if it died since the last run); None when
-    warm kernels are off, refused or did not come up (the run then starts a cold kernel)."""
+def _sweep_zygote(todo: list[studies.Run], workers: int) -> warmkernel.Zygote | str | None:
+    """The zygote this sweep's kernels fork from: a shared one already listening at
+    ``$EFFLLM_ZYGOTE`` (its path), else one of our own for two or more runs, else None."""
+    if not warmkernel.enabled():
+        return None
+    shared = os.environ.get(warmkernel.SOCKET_ENV)
+    if shared and warmkernel.is_listening(shared):
+        return shared
+    if len(todo) < 2:
+        return None
+    return warmkernel.Zygote(env=_zygote_env(todo, workers),
+                            modules=warmkernel.preload_for({r.axis for r in todo}))
+
+
+def _zygote_socket(zygote: warmkernel.Zygote | str | None) -> str | None:
+    """The zygote's socket once it listens (ours restarted if it died since the last run);
+    None when warm kernels are off, refused or did not come up (the run then starts a cold
+    kernel, as it does when a shared zygote has gone)."""
     if zygote is None:
         return None
+    if isinstance(zygote, str):
+        return zygote if warmkernel.is_listening(zygote) else None
     path = zygote.ensure()
     if path and zygote.wait_ready():
         return path
@@ -638,7 +654,7 @@ def _zygote_socket(zygote: warmkernel.Zygote | None) -> str | None:
 
 
 def _run_local(todo: list[studies.Run], out: Path, workers: int, result: SweepResult, bar,
-               on_outcome, zygote: warmkernel.Zygote | None = None) -> None:
+               on_outcome, zygote: warmkernel.Zygote | str | None = None) -> None:
     slots = gpu_slots(max(1, workers), launch_processes(todo))
     free = list(range(len(slots)))
     pending: dict[Future, tuple[studies.Run, int]] = {}

@@ -66,6 +66,19 @@ def test_warm_kernels_can_be_turned_off(tmp_path, monkeypatch):
         "cold"}
 
 
+def test_a_sweep_forks_from_a_shared_zygote_named_in_the_environment(tmp_path, monkeypatch):
+    """make study starts one zygote for all its sweeps and names it in $EFFLLM_ZYGOTE."""
+    z = warmkernel.Zygote(modules=SMOKE)
+    try:
+        assert z.ensure() and z.wait_ready(), z.refused
+        monkeypatch.setenv(warmkernel.SOCKET_ENV, z.path)
+        sweep.sweep(_study(tmp_path, "n: [16]"), "ci", tmp_path / "out", progress=False)
+    finally:
+        z.stop()
+    (rec,) = _records(tmp_path / "out").values()
+    assert rec["provenance"]["kernel_start"] == "zygote"  # one run, yet warm: the shared one
+
+
 def _notebook(tmp_path: Path, *sources: str) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
