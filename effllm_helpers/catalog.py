@@ -210,3 +210,69 @@ for _name, _hib, _label, _unit in (
 # the paper's precision order in the figures (fp8 sits with the 8-bit ones)
 PRECISION_ORDER[:] = ["fp32", "bf16", "fp16", "fp8-e4m3", "int8", "int8-wo", "int4-nf4",
                       "int4-fp4", "int4-wo", "int4-gemlite"]
+
+
+# --------------------------------------------------------------------------- model shapes
+# ``random:<shape>`` (models.sources): the published config.json values of each shape (the
+# fields that set its parameter count and its kernels' shapes); the rest: the family's defaults
+_QWEN = {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+         "max_position_embeddings": 32768, "hidden_act": "silu"}
+_LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 5e5,
+          "max_position_embeddings": 131072, "hidden_act": "silu", "vocab_size": 128256,
+          "head_dim": 128}
+RANDOM_SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": _QWEN | {"hidden_size": 896, "intermediate_size": 4864,
+                             "num_hidden_layers": 24, "num_attention_heads": 14,
+                             "num_key_value_heads": 2, "vocab_size": 151936,
+                             "tie_word_embeddings": True},
+    "qwen2.5-1.5b": _QWEN | {"hidden_size": 1536, "intermediate_size": 8960,
+                             "num_hidden_layers": 28, "num_attention_heads": 12,
+                             "num_key_value_heads": 2, "vocab_size": 151936,
+                             "tie_word_embeddings": True},
+    "qwen2.5-3b": _QWEN | {"hidden_size": 2048, "intermediate_size": 11008,
+                           "num_hidden_layers": 36, "num_attention_heads": 16,
+                           "num_key_value_heads": 2, "vocab_size": 151936,
+                           "tie_word_embeddings": True},
+    "qwen2.5-7b": _QWEN | {"hidden_size": 3584, "intermediate_size": 18944,
+                           "num_hidden_layers": 28, "num_attention_heads": 28,
+                           "num_key_value_heads": 4, "vocab_size": 152064,
+                           "tie_word_embeddings": False},
+    "qwen2.5-14b": _QWEN | {"hidden_size": 5120, "intermediate_size": 13824,
+                            "num_hidden_layers": 48, "num_attention_heads": 40,
+                            "num_key_value_heads": 8, "vocab_size": 152064,
+                            "tie_word_embeddings": False},
+    "llama-3.2-1b": _LLAMA | {"hidden_size": 2048, "intermediate_size": 8192,
+                              "num_hidden_layers": 16, "num_attention_heads": 32,
+                              "num_key_value_heads": 8, "head_dim": 64,
+                              "tie_word_embeddings": True},
+    "llama-3.2-3b": _LLAMA | {"hidden_size": 3072, "intermediate_size": 8192,
+                              "num_hidden_layers": 28, "num_attention_heads": 24,
+                              "num_key_value_heads": 8, "tie_word_embeddings": True},
+    "llama-3.1-8b": _LLAMA | {"hidden_size": 4096, "intermediate_size": 14336,
+                              "num_hidden_layers": 32, "num_attention_heads": 32,
+                              "num_key_value_heads": 8, "tie_word_embeddings": False},
+}
+
+
+
+
+def random_shape_fields(name: str) -> dict[str, Any]:
+    """The config fields of ``random:<shape>`` (or ``<shape>``): a name of
+    :data:`RANDOM_SHAPES`, or a path to a ``config.json`` naming its ``model_type``."""
+    import json
+    from pathlib import Path
+
+    shape = name[len("random:"):] if name.startswith("random:") else name
+    if shape.lower() in RANDOM_SHAPES:
+        return dict(RANDOM_SHAPES[shape.lower()])
+    path = Path(shape).expanduser()
+    if not path.is_file():
+        raise ValueError(f"random:{shape}: neither a known shape ({', '.join(RANDOM_SHAPES)}) "
+                         "nor a config.json file")
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"random:{shape}: unreadable config.json ({exc})") from None
+    if not isinstance(fields, dict) or not fields.get("model_type"):
+        raise ValueError(f"random:{shape}: the config names no model_type")
+    return fields

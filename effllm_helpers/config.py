@@ -284,11 +284,9 @@ def check_model_source(name: str) -> str:
                              f"{', '.join(stages)}; {MODEL_SOURCES_HELP}")
         return name
     if name.startswith("random:"):
-        from .models.sources import random_config
-
         try:
-            random_config(name)
-        except (ValueError, OSError, KeyError) as exc:
+            catalog.random_shape_fields(name)
+        except ValueError as exc:
             raise ValueError(f"{exc}; {MODEL_SOURCES_HELP}") from None
         return name
     if name.startswith("gguf:"):

@@ -14,7 +14,10 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from ..catalog import RANDOM_SHAPES, random_shape_fields
 from ..paths import cache_dir
+
+__all__ = ["RANDOM_SHAPES", "gguf_folder", "random_config", "random_folder"]
 
 PREFIX = "gguf:"
 
@@ -89,47 +92,6 @@ def save_state_dict_copy(model, out: Path) -> None:
 RANDOM_PREFIX = "random:"
 RANDOM_REASON = "random weights: quality not measured"
 RANDOM_TOKENIZER_VOCAB = 16384  # the workbook's stdlib BPE (the gpu preset's), under any vocab
-# the published config.json values of each shape (the fields that set its parameter count and
-# its kernels' shapes); everything else takes the family config's defaults
-_QWEN = {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-         "max_position_embeddings": 32768, "hidden_act": "silu"}
-_LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 5e5,
-          "max_position_embeddings": 131072, "hidden_act": "silu", "vocab_size": 128256,
-          "head_dim": 128}
-RANDOM_SHAPES: dict[str, dict] = {
-    "qwen2.5-0.5b": _QWEN | {"hidden_size": 896, "intermediate_size": 4864,
-                             "num_hidden_layers": 24, "num_attention_heads": 14,
-                             "num_key_value_heads": 2, "vocab_size": 151936,
-                             "tie_word_embeddings": True},
-    "qwen2.5-1.5b": _QWEN | {"hidden_size": 1536, "intermediate_size": 8960,
-                             "num_hidden_layers": 28, "num_attention_heads": 12,
-                             "num_key_value_heads": 2, "vocab_size": 151936,
-                             "tie_word_embeddings": True},
-    "qwen2.5-3b": _QWEN | {"hidden_size": 2048, "intermediate_size": 11008,
-                           "num_hidden_layers": 36, "num_attention_heads": 16,
-                           "num_key_value_heads": 2, "vocab_size": 151936,
-                           "tie_word_embeddings": True},
-    "qwen2.5-7b": _QWEN | {"hidden_size": 3584, "intermediate_size": 18944,
-                           "num_hidden_layers": 28, "num_attention_heads": 28,
-                           "num_key_value_heads": 4, "vocab_size": 152064,
-                           "tie_word_embeddings": False},
-    "qwen2.5-14b": _QWEN | {"hidden_size": 5120, "intermediate_size": 13824,
-                            "num_hidden_layers": 48, "num_attention_heads": 40,
-                            "num_key_value_heads": 8, "vocab_size": 152064,
-                            "tie_word_embeddings": False},
-    "llama-3.2-1b": _LLAMA | {"hidden_size": 2048, "intermediate_size": 8192,
-                              "num_hidden_layers": 16, "num_attention_heads": 32,
-                              "num_key_value_heads": 8, "head_dim": 64,
-                              "tie_word_embeddings": True},
-    "llama-3.2-3b": _LLAMA | {"hidden_size": 3072, "intermediate_size": 8192,
-                              "num_hidden_layers": 28, "num_attention_heads": 24,
-                              "num_key_value_heads": 8, "tie_word_embeddings": True},
-    "llama-3.1-8b": _LLAMA | {"hidden_size": 4096, "intermediate_size": 14336,
-                              "num_hidden_layers": 32, "num_attention_heads": 32,
-                              "num_key_value_heads": 8, "tie_word_embeddings": False},
-}
-
-
 def is_random(name: str) -> bool:
     return name.startswith(RANDOM_PREFIX)
 
@@ -137,23 +99,10 @@ def is_random(name: str) -> bool:
 def random_config(name: str):
     """The transformers config of ``random:<shape>`` (a name of :data:`RANDOM_SHAPES`, or a path
     to a ``config.json``)."""
-    import json
-
     from transformers import AutoConfig
 
-    shape = name[len(RANDOM_PREFIX):] if is_random(name) else name
-    if shape.lower() in RANDOM_SHAPES:
-        fields = dict(RANDOM_SHAPES[shape.lower()])
-    else:
-        path = Path(shape).expanduser()
-        if not path.is_file():
-            raise ValueError(f"random:{shape}: neither a known shape ({', '.join(RANDOM_SHAPES)})"
-                             " nor a config.json file")
-        fields = json.loads(path.read_text())
-    model_type = fields.pop("model_type", None)
-    if not model_type:
-        raise ValueError(f"random:{shape}: the config names no model_type")
-    return AutoConfig.for_model(model_type, **fields)
+    fields = random_shape_fields(name)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
 def random_folder(name: str, dtype: str = "bfloat16") -> Path:
