@@ -64,3 +64,16 @@ def test_finetuning_a_random_model_records_quality_as_null_with_the_reason(
     assert res.quality and all(q["value"] is None and q["reason"] == sources.RANDOM_REASON
                                for q in res.quality.values())
     assert res.metrics["al_s"]["value"] > 0  # the efficiency columns are measured
+
+
+def test_serving_a_random_model_records_quality_and_mcr_as_null_with_the_reason(
+        tiny_config: Path) -> None:
+    from effllm_helpers.axes import inference
+
+    p = config.notebook_params("inference", "ci", {"model": f"random:{tiny_config}",
+                                                   "precision": "bf16"})
+    res = inference.run(p, progress=False)
+    assert all(q["value"] is None and q["reason"] == sources.RANDOM_REASON
+               for q in res.quality.values())
+    assert res.metrics["mcr"]["value"] is None  # its quality ratio is unknown
+    assert res.metrics["tpot_s"]["value"] > 0 and res.model["baseline_weight_bytes"] > 0

@@ -30,7 +30,7 @@ from ..decode import EngineChoice, StaticGraphDecoder, choose_engine, linear_ker
 from ..errors import SkipRun
 from ..measure import Meter, generation_metrics, timed_generate
 from ..measure.compression import compression_metrics
-from ..models import count_params, embedded, flops
+from ..models import count_params, embedded, flops, sources
 from ..results import metric, missing
 from ..techniques import precision as prec
 from .spec import AxisResult
@@ -53,7 +53,14 @@ def prompts_from_corpus(tokenizer: Any, n: int, prompt_len: int, seed: int = 0) 
 
 
 def _quality(model: torch.nn.Module, tokenizer: Any, p: InferenceParams, seq_len: int,
-             device: torch.device) -> dict[str, Any]:
+             device: torch.device, random_weights: bool = False) -> dict[str, Any]:
+    """Held-out perplexity, task accuracy (and lm-eval tasks); null with the reason for a
+    random-weight model, whose scores would say nothing (MCR's quality ratio is then null too,
+    while its sizes stay in the record)."""
+    if random_weights:
+        why = sources.RANDOM_REASON
+        return {"ppl": missing("ppl", why), "val_loss": missing("nats/token", why),
+                "task_acc": missing("fraction", why)}
     # ppl_batches x 8 blocks, spread evenly over the whole held-out split (not its first
     # documents); the metric records the targets scored and the split's size
     val = data.pack(data.load_corpus(DataSpec()).val, tokenizer, seq_len)
@@ -218,7 +225,8 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
         for k in ("it", "al_s", "ttft_s", "tpot_s", "j_per_token", "amu_gb"):
             if k in row:
                 metrics[f"{k}_bs{row['batch_size']}"] = row[k]
-    quality = _quality(model, tokenizer, p, seq_len, device)
+    random_weights = sources.has_random_weights(path)  # random:<shape>: efficiency only
+    quality = _quality(model, tokenizer, p, seq_len, device, random_weights)
     size = loaded.weight_bytes
 
     # MCR against the baseline precision, evaluated here on the same data
@@ -243,7 +251,7 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
         base = prec.load_for_inference(path, p.model_copy(update={"precision": base_prec}),
                                        device)
         base_size = base.weight_bytes
-        base_quality = _quality(base.model, tokenizer, p, seq_len, device)
+        base_quality = _quality(base.model, tokenizer, p, seq_len, device, random_weights)
         del base
     if base_quality is None:
         for k in ("mcr", "mcr_nominal"):
