@@ -218,42 +218,22 @@ PRECISION_ORDER[:] = ["fp32", "bf16", "fp16", "fp8-e4m3", "int8", "int8-wo", "in
 _QWEN = {"model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6,
          "max_position_embeddings": 32768, "hidden_act": "silu"}
 _LLAMA = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 5e5,
-          "max_position_embeddings": 131072, "hidden_act": "silu", "vocab_size": 128256,
-          "head_dim": 128}
+          "max_position_embeddings": 131072, "hidden_act": "silu", "head_dim": 128}
+_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 RANDOM_SHAPES: dict[str, dict] = {
-    "qwen2.5-0.5b": _QWEN | {"hidden_size": 896, "intermediate_size": 4864,
-                             "num_hidden_layers": 24, "num_attention_heads": 14,
-                             "num_key_value_heads": 2, "vocab_size": 151936,
-                             "tie_word_embeddings": True},
-    "qwen2.5-1.5b": _QWEN | {"hidden_size": 1536, "intermediate_size": 8960,
-                             "num_hidden_layers": 28, "num_attention_heads": 12,
-                             "num_key_value_heads": 2, "vocab_size": 151936,
-                             "tie_word_embeddings": True},
-    "qwen2.5-3b": _QWEN | {"hidden_size": 2048, "intermediate_size": 11008,
-                           "num_hidden_layers": 36, "num_attention_heads": 16,
-                           "num_key_value_heads": 2, "vocab_size": 151936,
-                           "tie_word_embeddings": True},
-    "qwen2.5-7b": _QWEN | {"hidden_size": 3584, "intermediate_size": 18944,
-                           "num_hidden_layers": 28, "num_attention_heads": 28,
-                           "num_key_value_heads": 4, "vocab_size": 152064,
-                           "tie_word_embeddings": False},
-    "qwen2.5-14b": _QWEN | {"hidden_size": 5120, "intermediate_size": 13824,
-                            "num_hidden_layers": 48, "num_attention_heads": 40,
-                            "num_key_value_heads": 8, "vocab_size": 152064,
-                            "tie_word_embeddings": False},
-    "llama-3.2-1b": _LLAMA | {"hidden_size": 2048, "intermediate_size": 8192,
-                              "num_hidden_layers": 16, "num_attention_heads": 32,
-                              "num_key_value_heads": 8, "head_dim": 64,
-                              "tie_word_embeddings": True},
-    "llama-3.2-3b": _LLAMA | {"hidden_size": 3072, "intermediate_size": 8192,
-                              "num_hidden_layers": 28, "num_attention_heads": 24,
-                              "num_key_value_heads": 8, "tie_word_embeddings": True},
-    "llama-3.1-8b": _LLAMA | {"hidden_size": 4096, "intermediate_size": 14336,
-                              "num_hidden_layers": 32, "num_attention_heads": 32,
-                              "num_key_value_heads": 8, "tie_word_embeddings": False},
+    name: family | dict(zip(_SHAPE_FIELDS, dims, strict=True)) | extra
+    for name, (family, dims, extra) in {
+        "qwen2.5-0.5b": (_QWEN, (896, 4864, 24, 14, 2, 151936, True), {}),
+        "qwen2.5-1.5b": (_QWEN, (1536, 8960, 28, 12, 2, 151936, True), {}),
+        "qwen2.5-3b": (_QWEN, (2048, 11008, 36, 16, 2, 151936, True), {}),
+        "qwen2.5-7b": (_QWEN, (3584, 18944, 28, 28, 4, 152064, False), {}),
+        "qwen2.5-14b": (_QWEN, (5120, 13824, 48, 40, 8, 152064, False), {}),
+        "llama-3.2-1b": (_LLAMA, (2048, 8192, 16, 32, 8, 128256, True), {"head_dim": 64}),
+        "llama-3.2-3b": (_LLAMA, (3072, 8192, 28, 24, 8, 128256, True), {}),
+        "llama-3.1-8b": (_LLAMA, (4096, 14336, 32, 32, 8, 128256, False), {}),
+    }.items()
 }
-
-
 
 
 def random_shape_fields(name: str) -> dict[str, Any]:
