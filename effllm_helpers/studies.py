@@ -29,6 +29,7 @@ from .config import (
     ParamsError,
     Strict,
     _allowed_keys,
+    available_presets,
     check_params_model,
     format_validation_error,
     load_preset,
@@ -73,6 +74,9 @@ class StudyFile(Strict):
     # the one metric the axis's quality is ranked on (scores and rank tables read it)
     quality: Annotated[str, Field(pattern=r"^[a-z_]+$", max_length=40)] | None = None
     timeout_s: Annotated[float, Field(gt=0, le=30 * 86400, allow_inf_nan=False)] | None = 1800
+    # the study's own adjustment of a named preset, applied over it (e.g. the domain study's item
+    # count at the gpu preset, which its finite task pool caps): base < preset < this < grid
+    per_preset: dict[str, dict[str, Any]] = {}
 
     @field_validator("grid")
     @classmethod
@@ -268,6 +272,23 @@ def select(runs: list[Run], only: dict[str, list[str]], grid: dict[str, list[Any
     return [r for r in runs if all(str(r.point[k]) in vs for k, vs in only.items())]
 
 
+def check_task_size(axis: str, params: dict[str, Any], source: str) -> None:
+    """A built-in task with a finite pool (``docname``: the functions this interpreter's
+    standard library documents) must hold ``n_train + n_eval`` items: refused before any
+    compute, not a minute into every run."""
+    if axis != "finetuning" or params.get("task") != "docname":
+        return
+    from .data.tasks import docname_pool
+
+    have = len(docname_pool())
+    want = int(params["n_train"]) + int(params["n_eval"])
+    if want > have:
+        raise ParamsError(
+            f"{source}: n_train + n_eval = {params['n_train']} + {params['n_eval']} = {want} "
+            f"docname items, but this Python's standard library gives {have}; allowed: at most "
+            f"{have} in all (e.g. --set n_train={max(1, have - int(params['n_eval']))})")
+
+
 def expand(path: str | Path, preset: str | Path | None = None,
            overrides: dict[str, Any] | None = None,
            only: dict[str, list[str]] | None = None,
@@ -292,6 +313,13 @@ def expand(path: str | Path, preset: str | Path | None = None,
         else:
             _check_dotted_key(schema, key, str(path))
     overlay = load_preset(preset, study.axis)
+    unknown = sorted(set(study.per_preset) - set(available_presets()))
+    if unknown:
+        raise ParamsError(f"{path}: per_preset: unknown preset {quoted(unknown[0])}; allowed: "
+                          f"{', '.join(available_presets())}")
+    adjust = study.per_preset.get(preset, {}) if isinstance(preset, str) else {}
+    if adjust:
+        resolve_params(study.axis, adjust, source=f"{path} [per_preset.{preset}]")
     # each layer must be valid on its own, so a bad base value is reported even when a preset
     # happens to override it
     resolve_params(study.axis, study.base, source=f"{path} [base]")
@@ -320,9 +348,10 @@ def expand(path: str | Path, preset: str | Path | None = None,
                 point[k] = v
         label = short_text(", ".join(f"{short_text(k, 60)}={short(v, 60)}"
                                      for k, v in point.items()), 300)
-        params = resolve_params(study.axis, study.base, overlay, grid_layer, overrides or {},
-                                source=f"{path} [grid point {label}]")
+        params = resolve_params(study.axis, study.base, overlay, adjust, grid_layer,
+                                overrides or {}, source=f"{path} [grid point {label}]")
         check_params_model(study.axis, params, f"{path} [grid point {label}]")
+        check_task_size(study.axis, params, f"{path} [grid point {label}]")
         for seed in seeds or study.seeds:
             rid = run_id_for(study.study, study.axis, study.notebook, params, seed)
             if rid in seen:

@@ -284,3 +284,16 @@ def test_arithmetic_levels_are_valid_tasks(tmp_path, task):
     with pytest.raises(config.ParamsError, match="arithmetic"):
         studies.expand(write(tmp_path, GOOD.replace("[arithmetic, docname]", "[arithmetic:x]"),
                             "bad.yaml"), preset="ci")
+
+
+def test_a_study_adjusts_a_named_preset_over_the_preset(tmp_path):
+    text = GOOD + "per_preset:\n  tiny: {max_len: 77}\n"
+    runs = studies.expand(write(tmp_path, text), preset="tiny")
+    assert {r.params["max_len"] for r in runs} == {77}
+    ci = studies.expand(write(tmp_path, text), preset="ci")
+    assert 77 not in {r.params["max_len"] for r in ci}  # only the preset it names
+
+
+def test_per_preset_names_a_preset_that_exists(tmp_path):
+    with pytest.raises(config.ParamsError, match="per_preset: unknown preset 'gpuu'; allowed: ci"):
+        studies.expand(write(tmp_path, GOOD + "per_preset:\n  gpuu: {max_len: 77}\n"), "ci")

@@ -328,3 +328,16 @@ def test_timeout_past_what_a_wait_accepts_and_overlong_notebook_path_are_refused
                     + "grid: {n: [16]}\n", "nb.yaml")
     with pytest.raises(config.ParamsError, match="notebook"):
         studies.expand(long_nb, "ci")
+
+
+def test_more_docname_items_than_the_stdlib_holds_are_refused_before_compute():
+    """The domain study at the gpu preset asked 8,192 + 256 items of a ~4,900-item pool."""
+    from effllm_helpers.data.tasks import docname_pool
+
+    have = len(docname_pool())
+    with pytest.raises(config.ParamsError, match=rf"standard library gives {have}; allowed: at "
+                                                 rf"most {have}"):
+        studies.expand(config.REPO_ROOT / "params/finetuning/domain.yaml", "ci",
+                       overrides={"n_train": have, "n_eval": 16})
+    assert studies.expand(config.REPO_ROOT / "params/finetuning/domain.yaml", "ci",
+                          overrides={"n_train": have - 16, "n_eval": 16})
