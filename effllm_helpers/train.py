@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .config import MeasureSpec, TrainSpec
+from .data.packing import step_indices
 from .errors import check_finite
 from .measure.latency import latency_metric
 from .results import metric, missing
@@ -486,10 +487,7 @@ def dict_batches(tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 
     order = torch.randperm(n, generator=gen)
 
     def next_batch(micro_step: int, rank: int, world: int) -> Batch:
-        start = ((micro_step * world + rank) * batch_size) % n
-        idx = order[start:start + batch_size]
-        if len(idx) < batch_size:
-            idx = torch.cat([idx, order[: batch_size - len(idx)]])
+        idx = step_indices(order, batch_size, micro_step, rank, world)
         return {k: v[idx] for k, v in tensors.items()}
 
     return next_batch

@@ -40,9 +40,10 @@ def _order(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def _indices(order: torch.Tensor, batch_size: int, micro_step: int, rank: int,
+def step_indices(order: torch.Tensor, batch_size: int, micro_step: int, rank: int,
              world: int) -> torch.Tensor:
-    """The examples of one micro-step, sharded over ranks (as ``train.dict_batches`` does)."""
+    """The examples of one micro-step, sharded over ranks: consecutive slices of an epoch's
+    ``order`` (the one sampler of ``train.dict_batches`` and :func:`sft_batches`)."""
     n = order.numel()
     start = ((micro_step * world + rank) * batch_size) % n
     idx = order[start:start + batch_size]
@@ -134,7 +135,8 @@ def sft_batches(rows: Sequence[Row], batch_size: int, mode: str, pad_id: int, ma
     width = max(lengths)
 
     def next_batch(micro_step: int, rank: int, world: int) -> Batch:
-        batch_rows = [rows[int(i)] for i in _indices(order, batch_size, micro_step, rank, world)]
+        idx = step_indices(order, batch_size, micro_step, rank, world)
+        batch_rows = [rows[int(i)] for i in idx]
         if mode == "pack":
             return packed(batch_rows, pad_id, max_len)
         return padded(batch_rows, pad_id, width if mode == "none" else None)
