@@ -51,7 +51,8 @@ study: $(STAMP)
 	@status=0; sock=$$(mktemp -u /tmp/effllm-zygote-XXXXXX); \
 	$(BIN)/python -m effllm_helpers.warmkernel serve $$sock --parent $$$$ >/dev/null 2>&1 & zpid=$$!; \
 	for i in $$(seq 1500); do [ -S $$sock ] && break; kill -0 $$zpid 2>/dev/null || break; sleep 0.2; done; \
-	if [ -S $$sock ]; then export EFFLLM_ZYGOTE=$$sock; else echo "warm kernels off: cold kernels"; fi; \
+	if [ -S $$sock ]; then export EFFLLM_ZYGOTE=$$sock; \
+	else echo "warm kernels off: cold kernels"; export EFFLLM_WARM_KERNELS=0; fi; \
 	for s in $(STUDIES); do \
 	  echo "== $$s ($(PRESET))"; \
 	  $(BIN)/effllm sweep $$s --preset $(PRESET) --output-dir $(OUT) || status=1; \

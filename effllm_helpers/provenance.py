@@ -17,6 +17,7 @@ from typing import Any
 
 from .environment import environment_state
 from .paths import REPO_ROOT
+from .warmkernel import KERNEL_ENV
 
 PACKAGES = ("effllm", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
             "tokenizers", "papermill", "pydantic", "nvidia-ml-py", "numpy", "pandas")
@@ -57,7 +58,7 @@ def provenance(preset: str | None = None) -> dict[str, Any]:
         **git_state(),
         "preset": preset,
         # how the kernel started: forked from a sweep's warm zygote, or a fresh interpreter
-        "kernel_start": os.environ.get("EFFLLM_KERNEL_START", "cold"),
+        "kernel_start": os.environ.get(KERNEL_ENV, "cold"),
         "environment": environment_state(),
         "packages": package_versions(),
         "python": sys.version.split()[0],

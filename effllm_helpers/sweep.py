@@ -645,10 +645,11 @@ def _zygote_socket(zygote: warmkernel.Zygote | str | None) -> str | None:
         return None
     if isinstance(zygote, str):
         return zygote if warmkernel.is_listening(zygote) else None
+    had = zygote.refused
     path = zygote.ensure()
     if path and zygote.wait_ready():
         return path
-    if zygote.refused:
+    if zygote.refused and not had:  # said once, not before every run
         print(f"warning: {zygote.refused}; kernels start cold", file=sys.stderr, flush=True)
     return None
 

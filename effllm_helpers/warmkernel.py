@@ -133,7 +133,8 @@ def _preload(modules: list[str] | tuple[str, ...] = PRELOAD) -> str | None:
     except OSError:
         maps = ""
     if "libcuda.so" in maps:
-        return "the imports initialised CUDA, which a forked process cannot use"
+        return ("the imports loaded the CUDA driver (libcuda), which a forked process may not "
+                "be able to use")
     return None
 
 
@@ -355,14 +356,15 @@ class Zygote:
         self.starts = 0
         self.refused: str | None = None
 
+    MAX_STARTS = 3  # a zygote that keeps dying is given up: the runs start cold
+
     def ensure(self) -> str | None:
         """Start (or restart) the zygote without waiting; the socket path to hand to runners,
-        or None when warm kernels are off."""
+        or None when warm kernels are off, refused or given up."""
         if self.refused or not enabled():
             return None
         if self.proc is None or self.proc.poll() is not None:
-            if self.proc is not None and self.proc.returncode == 3:
-                self.refused = self._log_tail() or "the zygote refused to serve"
+            if self._gave_up():
                 return None
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
@@ -376,6 +378,18 @@ class Zygote:
             self.starts += 1
         return self.path
 
+    def _gave_up(self) -> bool:
+        """After the zygote exited: whether to stop starting it (it refused to serve, or died
+        ``MAX_STARTS`` times); ``refused`` then says why."""
+        if self.proc is None or self.refused:
+            return bool(self.refused)
+        if self.proc.returncode == 3:
+            self.refused = self._log_tail() or "the zygote refused to serve"
+        elif self.starts >= self.MAX_STARTS:
+            self.refused = (f"warm kernels off: the zygote died {self.starts} times (last exit "
+                            f"{self.proc.returncode}; {self._log_tail() or 'no log'})")
+        return bool(self.refused)
+
     def wait_ready(self, timeout_s: float | None = None) -> bool:
         """Block until the zygote listens (True) or has exited / timed out (False)."""
         deadline = time.monotonic() + (self.start_timeout_s if timeout_s is None else timeout_s)
@@ -383,6 +397,7 @@ class Zygote:
             if os.path.exists(self.path):
                 return True
             if self.proc is None or self.proc.poll() is not None:
+                self._gave_up()
                 return False
             time.sleep(0.05)
         return False

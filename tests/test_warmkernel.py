@@ -158,6 +158,33 @@ def test_without_a_zygote_the_shim_starts_a_cold_kernel(tmp_path):
     assert proc.wait(120) == 0 and probe.read_text() == "None"
 
 
+def _zygote_importing(tmp_path: Path, source: str) -> warmkernel.Zygote:
+    (tmp_path / "wk_probe_mod.py").write_text(source)
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return warmkernel.Zygote(env=env, modules=["wk_probe_mod"])
+
+
+def test_a_zygote_whose_imports_start_a_thread_refuses_and_is_not_restarted(tmp_path):
+    z = _zygote_importing(tmp_path, "import threading, time\n"
+                          "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    try:
+        assert z.ensure() and not z.wait_ready(60)
+        assert "Python thread" in z.refused
+        assert z.ensure() is None and z.starts == 1
+    finally:
+        z.stop()
+
+
+def test_a_zygote_that_keeps_dying_is_given_up(tmp_path):
+    z = _zygote_importing(tmp_path, "import os\nos._exit(5)\n")
+    try:
+        while z.ensure():
+            assert not z.wait_ready(60)
+        assert z.starts == warmkernel.Zygote.MAX_STARTS and "died 3 times" in z.refused
+    finally:
+        z.stop()
+
+
 def test_preload_lists_only_the_axes_a_sweep_runs():
     mods = warmkernel.preload_for({"smoke"})
     assert "effllm_helpers.smoke" in mods and "peft" not in mods
