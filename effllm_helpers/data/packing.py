@@ -189,6 +189,8 @@ def choose(requested: str, model: torch.nn.Module, vocab_size: int, device: Any,
     if requested in ("none", "group"):
         return requested, info | {"mode": requested}
     tol = PROBE_TOLERANCE.get(dtype, 2e-2)
+    if str(device).startswith("cuda"):  # TF32 and split-K kernels round differently by shape;
+        tol = max(tol, 5e-3)            # a model that mixes examples is off by O(0.1-1)
     try:
         diff = probe(model, vocab_size, device)
     except (TypeError, ValueError, RuntimeError) as exc:  # forward refuses position_ids, ...

