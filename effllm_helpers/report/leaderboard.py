@@ -176,7 +176,9 @@ def _fmt(v: Any) -> tuple[str, str]:
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.2rem;color:#222}
-h1{font-size:1.3rem;margin:0 0 .3rem} p.note{font-size:.82rem;color:#555;max-width:70rem}
+h1{font-size:1.3rem;margin:0 0 .3rem} h2{font-size:1.1rem;margin:1.2rem 0 .3rem}
+td.ok{background:#d9f0d3} td.no{background:#fddbc7} td.na{color:#777}
+p.note{font-size:.82rem;color:#555;max-width:70rem}
 .filters{margin:.6rem 0;display:flex;gap:1rem;flex-wrap:wrap;align-items:center;font-size:.9rem}
 .wrap{overflow-x:auto} table{border-collapse:collapse;font-size:.8rem}
 th,td{border-bottom:1px solid #ddd;padding:.25rem .5rem;white-space:nowrap;text-align:right}
@@ -272,12 +274,13 @@ def _options(values: Sequence[Any], selected: str | None = None) -> str:
 def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
                 title: str = "effllm leaderboard", methods: Mapping[str, str] | None = None,
                 csv_links: Mapping[str, str] | None = None,
-                default_axis: str | None = None) -> str:
+                default_axis: str | None = None, appendix: str = "") -> str:
     """The leaderboard as one HTML string with inline CSS and JS.
 
     ``methods``: metric -> measurement methods, for the header tooltips. ``csv_links``: link
     text -> href (relative to the page). ``default_axis``: the axis shown first (default: the
     first present), so a reader meets one axis's columns, not the union of all three.
+    ``appendix``: HTML placed after the table (already escaped), e.g. the claims table.
     """
     units = dict(units or {})
     methods = dict(methods or {})
@@ -359,7 +362,7 @@ def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
         f'<div class="filters">{filters}<span id="count"></span></div>{links}'
         f'<div class="wrap"><table id="board"><thead><tr>{"".join(head)}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
-        f"{export}<script>{_JS}</script>"
+        f"{export}{appendix}<script>{_JS}</script>"
         f"<script type=\"application/json\" id=\"meta\">"
         f"{html.escape(json.dumps({'runs': len(board)}))}</script>"
         "</body></html>\n"
@@ -380,7 +383,10 @@ def write_leaderboard(tidy_df: pd.DataFrame,
     tmp = out_html.with_name(f".{out_html.name}.tmp")
     links = {p.stem.removeprefix("leaderboard_"): Path(os.path.relpath(p, out_html.parent))
              .as_posix() for p in csvs}
+    from effllm_helpers.report import claims  # draws on the figures' helpers: loaded on use
+
+    claims_html = claims.to_html(claims.claims_table(tidy_df))
     tmp.write_text(render_html(board, E.units_of(tidy_df), methods=methods_of(tidy_df),
-                               csv_links=links), encoding="utf-8")
+                               csv_links=links, appendix=claims_html), encoding="utf-8")
     os.replace(tmp, out_html)
     return out_html, csvs
