@@ -62,6 +62,7 @@ def one(args: argparse.Namespace, method: str, quant: str) -> dict[str, Any]:
                            "trainable": res.model["params_trainable"],
                            "examples_per_step": p.train.batch_size,
                            "packing": res.model["packing"], "wall_s": time.perf_counter() - t0,
+                           "wall_phases_s": res.model.get("wall_phases_s"),
                            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                            else "cpu", "hidden_size": hidden}
     for k in KEYS:

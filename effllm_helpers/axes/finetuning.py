@@ -9,6 +9,7 @@ before and after, trainable params, adapter bytes on disk and the merge check.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,12 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     """Fine-tune with ``p.method`` for ``p.train.steps`` and measure everything."""
     from ..measure.memory import mark_baseline  # AMU increment: memory above this point
     mark_baseline()
+    phases = _Phases()  # where the run's wall time goes, outside the measured window too
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path = embedded.resolve(p.base_model, profile=p.embedded_profile, progress=progress)
     model, tokenizer = load_base(path, device, p.embedded_profile, progress)
+    phases.mark("load")
     random_weights = sources.has_random_weights(path)  # random:<shape>: efficiency only
     evaluate_tasks = evaluate_tasks and not random_weights
     style = data.prompt_style(tokenizer, p.prompt_format)
@@ -91,6 +94,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
     # the layout is chosen on the base model, before any adapter: the attention decides
     layout, packing_info = packing.choose(p.packing, model, model.config.vocab_size, device,
                                           next(model.parameters()).dtype)
+    phases.mark("data")
     answer_len = max(len(tokenizer(it["response"])["input_ids"]) for it in task.eval[:16]) + 4
     max_new = min(p.max_len, answer_len)
 
@@ -99,6 +103,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         acc_before, _ = task_accuracy(model, tokenizer, task, max_new, style)
     loss_before = evaluate.eval_loss_metric(model, eval_t, p.train.batch_size)
 
+    phases.mark("eval_before")
     prepared = ft.prepare(model, p)  # UnsupportedTechnique is a SkipRun: recorded as a skip
     model = prepared.model
     # the method's LR (literature default unless the params set one): recorded in method_config
@@ -114,6 +119,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
                       p.measure, n_params=prepared.total_params, optimizer=opt,
                       evaluate=eval_fn, progress=progress,
                       flops_per_token=_flops_per_token(model, prepared, p, train_rows))
+    phases.mark("train")
     model.eval()
     quality: dict[str, Any] = {
         # bootstrap interval over eval items, as accuracy's
@@ -136,6 +142,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         ft.merge_check(prepared, eval_t["input_ids"][:2]))
     if merge_note:
         notes.append(merge_note)
+    phases.mark("eval_after")
     facts = {
         "params_total": prepared.total_params,
         "params_trainable": prepared.trainable_params,
@@ -147,6 +154,7 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         "train_tokens": res.tokens,
         "train_samples": res.samples,
         "packing": packing_info,
+        "wall_phases_s": phases.seconds,
     }
     if save_dir is not None and runenv.is_main_rank():
         out = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
@@ -154,6 +162,19 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         tokenizer.save_pretrained(save_dir)
     return AxisResult(metrics=metrics, quality=quality, curves=res.curves, model=facts,
                       notes=notes, examples=examples)
+
+
+class _Phases:
+    """Wall seconds per phase of a run (load, data, evaluations, training incl. compile)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 2)
+        self._t = now
 
 
 def layout_metrics(res: train.TrainResult) -> dict[str, Any]:
