@@ -116,7 +116,8 @@ REGISTRY: dict[str, MethodSpec] = {
     "pissa": MethodSpec("pissa", "peft",
                         "PiSSA: A,B from the top-r singular vectors, base keeps the residual",
                         lambda p, m: _lora(p, init_lora_weights=pissa_init_name(m))),
-    "freeze": MethodSpec("freeze", "freeze", "train only the last k blocks and the LM head"),
+    "freeze": MethodSpec("freeze", "freeze",
+                         "train only the last k blocks and the LM head (or output layers)"),
     "full": MethodSpec("full", "full", "train every parameter"),
 }
 assert set(REGISTRY) <= set(catalog.FINETUNE_METHODS), "a registry method is not in the catalog"
@@ -438,6 +439,8 @@ def _freeze_all_but_last(model: nn.Module, k: int, notes: list[str], resolved: d
             p.requires_grad_(True)
     for p in (q for h in heads for q in h.parameters()):
         p.requires_grad_(True)
+    if head is None:
+        resolved["output_layers"] = sorted({n for n, m in model.named_modules() if m in heads})
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if inp is not None and getattr(inp, "weight", None) is getattr(head, "weight", object()):
         notes.append("LM head is tied to the input embeddings: training it trains them too")
