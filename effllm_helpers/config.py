@@ -460,7 +460,7 @@ class CrossModalParams(Strict):
     # the DiT (and the ViT/VLM vision tower share d_model / n_layers / n_heads / patch)
     attention: Literal["mha", "mqa", "gqa", "mla"] = "mha"
     n_kv_heads: PosInt = 2  # gqa groups; mqa = 1, mha = n_heads
-    mla_latent_ratio: PosInt = 4  # MLA latent KV dim = d_model / ratio
+    mla_latent_ratio: PosInt = 8  # the text MLA's: latent KV dim = d_model / ratio
     ffn: Literal["dense", "moe"] = "dense"
     n_experts: PosInt = 4
     top_k: PosInt = 2

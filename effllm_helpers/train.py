@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from .config import MeasureSpec, TrainSpec
-from .data.packing import step_indices
 from .errors import check_finite
 from .measure.latency import latency_metric
 from .results import metric, missing
@@ -166,6 +165,49 @@ def lr_lambda(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int]
         progress = (step - warmup) / max(1, total - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
+
+
+def fit(model: torch.nn.Module, next_batch: Callable[[int, int, int], Batch], steps: int,
+        optimizer: torch.optim.Optimizer, *,
+        loss_of: Callable[[torch.nn.Module, Batch], torch.Tensor] | None = None,
+        schedule: Callable[[int], float] | None = None, clip: float | None = None) -> float:
+    """A short unmeasured loop, for what a run needs trained before it measures (a pretrained
+    base, a yardstick classifier): no Meter, no accelerate, one process. ``loss_of(model,
+    batch)`` defaults to ``model(**batch).loss``; ``schedule`` multiplies the rate per step;
+    ``clip`` bounds the gradient norm. Returns the last loss, read once at the end; a
+    non-finite one raises ``DivergedError``."""
+    device = next(model.parameters()).device
+    params = [q for q in model.parameters() if q.requires_grad]
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) if schedule else None
+    model.train()
+    loss = torch.zeros(())
+    for step in range(steps):
+        batch = {k: v.to(device) for k, v in next_batch(step, 0, 1).items()}
+        loss = loss_of(model, batch) if loss_of else model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        if sched is not None:
+            sched.step()
+    model.eval()
+    final = float(loss.detach())
+    check_finite(final, steps)
+    return final
+
+
+def pretrain(model: torch.nn.Module, next_batch: Callable[[int, int, int], Batch], steps: int,
+             lr: float) -> float:
+    """Unmeasured base training (the 'pretrained checkpoint' a fine-tuning method then adapts):
+    AdamW without weight decay, the shared loop's schedule (10% linear warm-up, cosine decay)
+    and gradient clipping at 1. Without them a ViT at constant 3e-3 stayed at chance (0.11
+    plain-digit accuracy after 300 steps at the gpu preset's width; 0.94 at 1e-3 with warm-up
+    and clipping)."""
+    device = next(model.parameters()).device
+    opt = adamw(model, lr, 0.0, device, betas=FINETUNE_BETAS)
+    return fit(model, next_batch, steps, opt, schedule=lr_lambda(max(1, steps // 10), steps),
+               clip=1.0)
 
 
 def train(
@@ -473,21 +515,5 @@ def block_batches(blocks: torch.Tensor, batch_size: int, seed: int = 0
         idx = order[start:start + batch_size]
         ids = blocks[idx]
         return {"input_ids": ids, "labels": ids}
-
-    return next_batch
-
-
-def dict_batches(tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0
-                 ) -> Callable[[int, int, int], Batch]:
-    """Batches over aligned tensors (e.g. SFT ``input_ids/attention_mask/labels``), sharded."""
-    n = next(iter(tensors.values())).shape[0]
-    if n == 0:
-        raise ValueError("no training examples")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-
-    def next_batch(micro_step: int, rank: int, world: int) -> Batch:
-        idx = step_indices(order, batch_size, micro_step, rank, world)
-        return {k: v[idx] for k, v in tensors.items()}
 
     return next_batch

@@ -89,7 +89,7 @@ def test_an_unknown_attention_is_never_counted_as_a_default() -> None:
     from effllm_helpers.models import flops, zoo
 
     with pytest.raises(ValueError, match="unknown attention variant 'gqa9'; known: mha"):
-        zoo._kv_heads("gqa9", SIZE)
+        zoo.kv_heads("gqa9", SIZE)
     cfg = type("Cfg", (), {"attention": "gqa9"})()
     with pytest.raises(ValueError, match="unknown attention variant"):
         flops._is_nsa(cfg, "effllm_decoder")

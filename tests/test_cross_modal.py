@@ -1,19 +1,17 @@
-"""Axis 4 (cross-modal): attention variants, the quality yardstick, PEFT counts, image sources."""
+"""Axis 4 (cross-modal): image sources, runs and their records, the cached bases, figures (the
+models, quality and fine-tuning door are tested in test_vision.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from effllm_helpers.axes import cross_modal as xm
 from effllm_helpers.config import CrossModalParams, notebook_params
 from effllm_helpers.data.images import load_images
-from effllm_helpers.models.zoo import count_params
 
 SIX = ("amu_gb", "pcu", "mfu", "al_s", "tt", "st", "aec_w", "mcr")
 
@@ -21,139 +19,6 @@ SIX = ("amu_gb", "pcu", "mfu", "al_s", "tt", "st", "aec_w", "mcr")
 def _params(**over) -> CrossModalParams:
     return CrossModalParams(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, image_size=8,
                             patch=2, **over)
-
-
-def _reference_attention(attn, x: torch.Tensor, kv: int, latent: bool) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V written out, each K/V head repeated for its query heads."""
-    b, n, _ = x.shape
-    h = attn.heads
-    q = attn.to_q(x)
-    src = attn.to_kv_latent(x) if latent else x
-    k, v = attn.to_k(src), attn.to_v(src)
-    d = q.shape[-1] // h
-    q = q.view(b, n, h, d).transpose(1, 2)
-    k = k.view(b, n, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
-    v = v.view(b, n, kv, d).transpose(1, 2).repeat_interleave(h // kv, dim=1)
-    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
-    out = (w @ v).transpose(1, 2).reshape(b, n, h * d)
-    return attn.to_out[0](out)
-
-
-@pytest.mark.parametrize(("attention", "kv"), [("mha", 4), ("mqa", 1), ("gqa", 2), ("mla", 4)])
-def test_dit_attention_equals_explicit_softmax_reference(attention: str, kv: int) -> None:
-    """Same conditions as the text models' attention tests: fp32, eval, atol/rtol 1e-5."""
-    torch.manual_seed(0)
-    p = _params(attention=attention)
-    dit = xm.build_dit(p, channels=1, n_classes=10).eval()
-    attn = dit.transformer_blocks[0].attn1
-    assert xm.kv_heads(p) == kv
-    assert attn.to_k.out_features == kv * (p.d_model // p.n_heads) or attention == "mla"
-    x = torch.randn(2, 16, p.d_model)
-    with torch.no_grad():
-        got = attn(x)
-        ref = _reference_attention(attn, x, kv, latent=attention == "mla")
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_mla_projects_keys_and_values_from_a_shared_low_rank_latent() -> None:
-    p = _params(attention="mla", mla_latent_ratio=4)
-    attn = xm.build_dit(p, 1, 10).transformer_blocks[0].attn1
-    assert attn.to_kv_latent.out_features == p.d_model // 4
-    assert attn.to_k.in_features == attn.to_v.in_features == p.d_model // 4
-
-
-def test_moe_ffn_runs_top_k_experts_and_counts_active_params() -> None:
-    torch.manual_seed(0)
-    p = _params(ffn="moe", n_experts=4, top_k=1)
-    dit = xm.build_dit(p, 1, 10).eval()
-    moe = dit.transformer_blocks[0].ff
-    assert isinstance(moe, xm.MoEFeedForward)
-    x = torch.randn(3, 5, p.d_model)
-    with torch.no_grad():  # top-1: each token's output is its one expert's output
-        e = moe.router(x.reshape(-1, p.d_model)).argmax(-1)
-        ref = torch.stack([moe.experts[int(i)](t) for t, i in zip(x.reshape(-1, p.d_model), e,
-                                                                     strict=True)])
-        torch.testing.assert_close(moe(x).reshape(-1, p.d_model), ref, atol=1e-5, rtol=1e-5)
-    per_expert = sum(q.numel() for q in moe.experts[0].parameters())
-    total = sum(q.numel() for q in dit.parameters())
-    assert xm.active_params(dit) == total - 3 * per_expert
-
-
-def test_moe_grouped_gemm_path_equals_the_expert_loop_with_gradients() -> None:
-    # the sync-free path (CUDA + bf16 under "auto") computes what the per-expert loop does
-    torch.manual_seed(0)
-    moe = xm.MoEFeedForward(32, 64, n_experts=4, top_k=2)
-    x = torch.randn(2, 24, 32)
-    outs, grads = {}, {}
-    for impl in ("loop", "grouped_mm"):
-        moe.impl = impl
-        moe.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = moe(x)
-        y.float().square().mean().backward()
-        assert moe.last_impl == impl
-        outs[impl] = y.float()
-        grads[impl] = torch.cat([p.grad.flatten() for p in moe.parameters()])
-    torch.testing.assert_close(outs["grouped_mm"], outs["loop"], atol=2e-2, rtol=2e-2)
-    assert (grads["grouped_mm"] - grads["loop"]).norm() <= 0.03 * grads["loop"].norm()
-
-
-def test_moe_auto_keeps_the_loop_on_cpu_and_in_fp32() -> None:
-    moe = xm.MoEFeedForward(32, 64, n_experts=4, top_k=2)
-    moe(torch.randn(1, 4, 32))
-    assert moe.last_impl == "loop"
-    moe.impl = "fused"
-    with pytest.raises(ValueError, match="allowed auto, loop, grouped_mm"):
-        moe(torch.randn(1, 4, 32))
-
-
-def test_classifier_frechet_is_zero_for_identical_sets_and_grows_with_noise() -> None:
-    torch.manual_seed(0)
-    clf = xm.FeatureCNN(1, 10).eval()
-    real = torch.rand(64, 1, 16, 16) * 2 - 1
-    assert xm.classifier_frechet(clf, real, real) == pytest.approx(0.0, abs=1e-6)
-    d = [xm.classifier_frechet(clf, real, (real + s * torch.randn_like(real)).clamp(-1, 1))
-         for s in (0.1, 0.5, 1.5)]
-    assert 0 < d[0] < d[1] < d[2]
-
-
-def test_frechet_distance_matches_the_gaussian_formula_for_shifted_means() -> None:
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(500, 3))
-    assert xm.frechet_distance(a, a + 2.0) == pytest.approx(3 * 4.0, rel=1e-9)
-
-
-@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "freeze", "full"])
-def test_vlm_trainable_params_equal_peft_count(method: str) -> None:
-    from effllm_helpers.techniques import finetuning as ft
-
-    p = _params(method=method)
-    vlm = xm.build_vlm(p, channels=1, classes=[str(i) for i in range(10)])
-    prepared = ft.prepare(vlm, xm.finetune_params(p))
-    counts = count_params(prepared.model)
-    ours, total = counts["trainable"], counts["total"]
-    assert prepared.trainable_params == ours > 0
-    if method in ("freeze", "full"):
-        assert ours == sum(q.numel() for q in vlm.parameters() if q.requires_grad)
-        assert (ours == total) == (method == "full")
-    else:
-        assert (ours, total) == tuple(prepared.model.get_nb_trainable_parameters())
-
-
-def test_vit_and_dit_adapters_count_like_peft() -> None:
-    for build in (lambda p: xm.build_vit(p, 1, 10), lambda p: xm.build_dit(p, 1, 10)):
-        p = _params(method="lora")
-        model, _ = xm.attach_method(build(p), p)
-        counts = count_params(model)
-        assert (counts["trainable"], counts["total"]) == tuple(
-            model.get_nb_trainable_parameters())
-
-
-def test_vqa_task_takes_loss_only_on_the_answer_and_eos() -> None:
-    x = torch.zeros(3, 1, 8, 8)
-    task = xm.vqa_task(x, torch.tensor([0, 7, 9]), [str(i) for i in range(10)], n_image_tokens=16)
-    assert (task.labels != -100).sum(1).tolist() == [2, 2, 2]
-    assert task.input_ids[:, task.prompt_len].tolist() == task.answers.tolist()
 
 
 def test_digits_are_read_from_the_cache_without_scikit_learn(tmp_path, monkeypatch) -> None:
@@ -261,22 +126,6 @@ def test_one_ci_dit_run_measures_training_and_sampling() -> None:
     assert 0 <= r.quality["sample_class_accuracy"]["value"] <= 1
 
 
-@pytest.mark.parametrize(("attention", "ffn"), [("mha", "dense"), ("mqa", "dense"),
-                                               ("gqa", "dense"), ("mla", "dense"), ("gqa", "moe")])
-def test_dit_flop_count_agrees_with_flop_counter_mode(attention: str, ffn: str) -> None:
-    # adaLN-Zero's conditioning runs once per image: counted per token it overstated 1.4-2x
-    from torch.utils.flop_counter import FlopCounterMode
-
-    p = notebook_params("cross_modal", "ci", {"attention": attention, "ffn": ffn})
-    dit = xm.build_dit(p, 1, 10).eval()
-    s, b = xm.n_patches(p), 3
-    x = torch.randn(b, 1, p.image_size, p.image_size)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        dit(x, timestep=torch.tensor([1, 50, 99]), class_labels=torch.tensor([0, 4, 9]))
-    ours = xm.dit_flops_per_token(dit, s, training=False) * b * s
-    assert ours == pytest.approx(fc.get_total_flops(), rel=0.05)
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_dit_samples_at_its_training_precision(dtype: str) -> None:
     p = notebook_params("cross_modal", "ci", {"attention": "gqa", "n_samples": 4,
@@ -291,37 +140,8 @@ def test_dit_samples_at_its_training_precision(dtype: str) -> None:
 def test_moe_dit_record_names_what_ran_the_experts() -> None:
     p = notebook_params("cross_modal", "ci", {"attention": "gqa", "ffn": "moe", "n_samples": 4,
                                               "sample_batch": 4, "sample_steps": 2})
-    assert xm.run(p, progress=False).model["moe_impl"] == {  # CPU: the loop in every phase
-        "train": "loop", "sampling": "loop", "eval_loss": "loop"}
-
-
-def test_moe_record_names_each_phases_path_on_cuda_bf16() -> None:
-    """On an H200 the record said ['loop'] although training ran grouped_mm: it named only the
-    last forward, the fp32 loss evaluation. Each phase is named now."""
-    dit = nn.Sequential(xm.MoEFeedForward(32, 64, n_experts=4, top_k=2))
-    assert xm.moe_impls(dit, torch.device("cuda"), torch.bfloat16) == {
-        "train": "grouped_mm", "sampling": "grouped_mm", "eval_loss": "loop"}
-    assert xm.moe_impls(nn.Sequential(nn.Linear(2, 2)), torch.device("cuda"),
-                        torch.bfloat16) is None
-
-
-def test_diffusion_noises_like_the_scheduler_without_leaving_the_device(monkeypatch) -> None:
-    # the scheduler's add_noise needed host timesteps: t.cpu() synchronised every GPU step
-    p = notebook_params("cross_modal", "ci", {"attention": "gqa"})
-    model = xm.Diffusion(xm.build_dit(p, 1, 10), p.diffusion_steps)
-    x, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
-    t = torch.tensor([0, 7, 42, p.diffusion_steps - 1])
-    expected = model.scheduler.add_noise(x, noise, t)
-    assert torch.allclose(model.add_noise(x, noise, t), expected, atol=1e-6)
-
-    def host_copy(*_a, **_k):
-        raise AssertionError("a host copy inside the training step")
-
-    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
-    monkeypatch.setattr(torch.Tensor, "item", host_copy)
-    out = model(pixel_values=torch.randn(4, 1, p.image_size, p.image_size),
-                class_labels=torch.tensor([0, 1, 2, 3]))
-    assert out.loss.ndim == 0
+    impl = xm.run(p, progress=False).model["moe_impl"]
+    assert set(impl) == {"train", "sampling", "eval_loss"} and impl["train"] == "grouped_mm"
 
 
 def _record(run_id: str, params: dict, metrics: dict, quality: dict) -> dict:
@@ -383,64 +203,6 @@ def test_peft_transfer_figure_of_one_model_fits_its_title(tmp_path) -> None:
     assert title.x0 >= 0 and title.x1 <= fig.bbox.width  # one panel used to cut the title
 
 
-class _RecordingDiT(torch.nn.Module):
-    """Predicts zero noise and records the timesteps and labels the sampler feeds it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(()))
-        self.calls: list[tuple[int, list[int]]] = []
-
-    def forward(self, x, timestep, class_labels):
-        self.calls.append((int(timestep[0]), class_labels.tolist()))
-        return type("Out", (), {"sample": torch.zeros_like(x) + self.w})()
-
-
-@pytest.mark.parametrize("train_steps", [20, 100, 1000])
-def test_diffusion_schedule_ends_in_pure_noise_at_any_step_count(train_steps: int) -> None:
-    """Sampling starts from N(0, I), so the last training timestep must carry (almost) no
-    image: the 1,000-step linear betas at 100 steps kept alpha_bar_T = 0.36."""
-    sched = xm.Diffusion(_RecordingDiT(), train_steps).scheduler
-    assert float(sched.alphas_cumprod[-1]) < 1e-3
-
-
-def test_sampler_starts_at_the_last_training_timestep_and_passes_the_labels() -> None:
-    dit = _RecordingDiT()
-    model = xm.Diffusion(dit, 100)
-    labels = torch.tensor([3, 7])
-    x = model.sample(labels, 10, (1, 4, 4), torch.Generator().manual_seed(0))
-    ts = [t for t, _ in dit.calls]
-    assert ts[0] == 99 and ts == sorted(ts, reverse=True) and len(ts) == 10
-    assert all(lab == [3, 7] for _, lab in dit.calls)
-    assert x.shape == (2, 1, 4, 4) and float(x.abs().max()) <= 1
-
-
-def test_pretrain_warms_up_then_decays_the_learning_rate() -> None:
-    """The PEFT base's pretraining follows the shared loop's schedule: at a constant 3e-3 from
-    the first step the gpu preset's ViT never left chance on plain digits."""
-    w = torch.nn.Parameter(torch.zeros(()))
-
-    class Linear(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = w
-
-        def forward(self, x):
-            return xm.LossOutput(loss=self.w * x.sum())  # gradient 1: Adam steps by the lr
-
-    seen: list[float] = []
-
-    def batches(step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
-        seen.append(float(w.detach()))
-        return {"x": torch.ones(1)}
-
-    xm._pretrain(Linear(), batches, 20, 0.1)
-    moves = -np.diff(seen)  # the first 19 updates
-    assert moves[0] == pytest.approx(0.05, rel=1e-3)  # warm-up: 2 of 20 steps, 1/2 at the first
-    assert moves.max() == pytest.approx(0.1, rel=1e-3)
-    assert moves[-1] < 0.03  # cosine decay towards 10%
-
-
 def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch, tmp_path) -> None:
     class Stop(Exception):
         pass
@@ -455,7 +217,7 @@ def test_dit_study_trains_with_dit_train_and_peft_with_train(monkeypatch, tmp_pa
 
     monkeypatch.setattr(xm.train, "train", fake_train)
     monkeypatch.setattr(xm, "feature_classifier", lambda data, steps: (None, {}))
-    monkeypatch.setattr(xm, "_pretrain", lambda *a: 0.0)
+    monkeypatch.setattr(xm.train, "pretrain", lambda *a: 0.0)
     small = {"d_model": 32, "n_layers": 1, "n_heads": 4, "image_size": 8, "patch": 4,
              "train": {"steps": 3}, "dit_train": {"steps": 7}}
     for experiment in ("dit", "peft"):

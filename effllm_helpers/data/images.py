@@ -5,12 +5,14 @@ the package, so nothing is downloaded); ``folder:<path>`` reads ImageFolder-styl
 subfolders of images; ``hf:<name or save_to_disk path>`` reads a ``datasets`` dataset with
 ``image`` and ``label`` columns (CIFAR-10, ImageNet subsets for users who have them). Every source
 is resized bilinearly to ``image_size`` and split deterministically, so the same source and seed
-give the same train/val images on any machine.
+give the same train/val images on any machine. The axis' batches (:func:`image_batches`), its
+adaptation shift and the labels the DiT is asked to draw are here too.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effllm_helpers.data.packing import dict_batches
 from effllm_helpers.paths import cache_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -150,3 +153,35 @@ def load_images(source: str, image_size: int, val_fraction: float = 0.1,
     digest = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
     return ImageData(train_x=x[tr], train_y=y[tr], val_x=x[val], val_y=y[val], classes=classes,
                      source=source, fingerprint=f"{source}@{image_size}px:{digest}")
+
+
+def image_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, n_tokens: int,
+                  seed: int = 0) -> Callable[[int, int, int], dict[str, torch.Tensor]]:
+    """Shuffled image batches for ``train.train``: ``pixel_values``, ``class_labels``, and a
+    placeholder ``labels``/``attention_mask``/``input_ids`` so the loop counts ``n_tokens`` per
+    image (it counts targets from ``labels``: ``n_tokens + 1`` columns)."""
+    inner = dict_batches({"pixel_values": x, "class_labels": y}, batch_size, seed)
+
+    def next_batch(micro_step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        b = inner(micro_step, rank, world)
+        n = b["class_labels"].shape[0]
+        b["labels"] = torch.zeros(n, n_tokens + 1, dtype=torch.long)
+        b["attention_mask"] = torch.ones(n, n_tokens, dtype=torch.long)
+        b["input_ids"] = b["labels"]  # the loop reads it unconditionally; the models ignore it
+        return b
+
+    return next_batch
+
+
+def shifted(x: torch.Tensor, shift: str) -> torch.Tensor:
+    """The adaptation task's images: inverted (negative) or rotated by 90 degrees."""
+    if shift == "invert":
+        return -x
+    if shift == "rotate":
+        return torch.rot90(x, 1, dims=(2, 3)).contiguous()
+    raise ValueError(f"unknown shift {shift!r}; known: invert, rotate")
+
+
+def balanced_labels(n: int, n_classes: int) -> torch.Tensor:
+    """``n`` class labels, every class in turn (the labels the DiT is asked to draw)."""
+    return torch.arange(n) % n_classes

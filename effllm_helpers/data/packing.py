@@ -43,13 +43,30 @@ def _order(n: int, seed: int) -> torch.Tensor:
 def step_indices(order: torch.Tensor, batch_size: int, micro_step: int, rank: int,
              world: int) -> torch.Tensor:
     """The examples of one micro-step, sharded over ranks: consecutive slices of an epoch's
-    ``order`` (the one sampler of ``train.dict_batches`` and :func:`sft_batches`)."""
+    ``order`` (the one sampler of :func:`dict_batches` and :func:`sft_batches`)."""
     n = order.numel()
     start = ((micro_step * world + rank) * batch_size) % n
     idx = order[start:start + batch_size]
     if len(idx) < batch_size:
         idx = torch.cat([idx, order[: batch_size - len(idx)]])
     return idx
+
+
+def dict_batches(tensors: dict[str, torch.Tensor], batch_size: int, seed: int = 0
+                 ) -> Callable[[int, int, int], Batch]:
+    """Batches over aligned tensors (e.g. SFT ``input_ids/attention_mask/labels``, images and
+    their labels), sharded."""
+    n = next(iter(tensors.values())).shape[0]
+    if n == 0:
+        raise ValueError("no training examples")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+
+    def next_batch(micro_step: int, rank: int, world: int) -> Batch:
+        idx = step_indices(order, batch_size, micro_step, rank, world)
+        return {k: v[idx] for k, v in tensors.items()}
+
+    return next_batch
 
 
 def padded(rows: Sequence[Row], pad_id: int, width: int | None = None) -> Batch:

@@ -16,15 +16,13 @@ tests), ``tiny`` (the default; about a minute on a 2-core CPU), ``gpu`` (about 1
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..paths import cache_dir
+from ..paths import build_once, cache_dir
+from .sources import has_config
 
 STAGES = ("base", "sft")
 BUILDER = "effllm_helpers.axes.build_embedded"  # the child's module: it trains with the axes' code
@@ -68,17 +66,6 @@ def _key(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-@contextmanager
-def _lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def resolve(name: str, profile: str = "tiny", progress: bool = False) -> str:
     """A loadable model path for ``name``: real ids/paths pass through, embedded ones are built,
     ``gguf:<file>`` is dequantised once and ``random:<shape>`` built once into cached folders
@@ -113,15 +100,8 @@ def embedded_path(profile: str = "tiny", stage: str = "base", progress: bool = F
 
 
 def _build_once(path: Path, stage: str, profile: str, base: Path | None, progress: bool) -> None:
-    if (path / "config.json").is_file():
-        return
-    with _lock(path.with_suffix(".lock")):
-        if (path / "config.json").is_file():  # another worker built it meanwhile
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _build_in_child(stage, profile, tmp, base, progress)
-        tmp.rename(path)
+    build_once(path, lambda tmp: _build_in_child(stage, profile, tmp, base, progress),
+               ready=has_config)
 
 
 def _build_in_child(stage: str, profile: str, out: Path, base: Path | None,

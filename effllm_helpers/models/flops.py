@@ -46,6 +46,7 @@ __all__ = [
     "flops_per_token",
     "training_flops_breakdown",
     "executed_flops_per_token",
+    "dit_flops_per_token",
     "generation_flops",
     "hf_deepseek_v3_caches_latent",
     "hf_kv_cache_bytes_per_token",
@@ -542,4 +543,38 @@ def recurrent_state_bytes(config: Any, dtype_bytes: int = 2) -> int:
         return int(n_layers * (2 * config.hidden_size + 3 * config.attention_hidden_size)
                    * dtype_bytes)
     return 0
+
+
+# ---------------------------------------------------------------- the DiT (axis 4)
+# DiT weights that run once per image, not per patch token: each block's adaLN-Zero
+# conditioning (its own timestep MLP and the 6·d modulation) and the final shift/scale
+DIT_PER_IMAGE = ("norm1.emb.", "norm1.linear", "proj_out_1")
+
+
+def dit_flops_per_token(dit: Any, n_tokens: int, training: bool) -> float:
+    """FLOPs per patch token of a DiT (``models/vision.py``), counted from its modules: 2 per
+    matmul weight a token runs through (``nn.Linear``/``nn.Conv2d``; embedding tables, norms and
+    biases excluded); an MoE block by the text MoE's rule (router + ``top_k`` SwiGLU experts,
+    :func:`_mlp_flops` of its Mixtral config); attention scores and mixing ``4·L·S·d`` (every
+    patch attends all ``S``; MLA's query/key and value heads are ``head_dim`` wide, so its
+    scores cost the same); and the per-image conditioning weights (:data:`DIT_PER_IMAGE`) spread
+    over the image's ``S`` tokens. Training is 3x forward. Counting the conditioning per token
+    overstated the work 1.4-2x against ``FlopCounterMode`` (tests pin agreement within 5 %)."""
+    from torch import nn
+
+    per_token = per_image = 0.0
+    for m in dit.modules():  # an MoE block: its router and top_k experts (not nn.Linear)
+        if hasattr(m, "gate") and hasattr(getattr(m, "experts", None), "num_experts"):
+            per_token += _mlp_flops(m.experts.config, "mixtral", 0) / 2
+    for name, m in dit.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if any(part in name for part in DIT_PER_IMAGE):
+            per_image += m.weight.numel()
+        else:
+            per_token += m.weight.numel()
+    cfg = dit.config
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    fwd = 2 * per_token + 4 * cfg.num_layers * n_tokens * d + 2 * per_image / n_tokens
+    return float(3 * fwd if training else fwd)
 

@@ -6,17 +6,17 @@ how many real models reach a machine without a hub. transformers can load one
 (``from_pretrained(dir, gguf_file=...)``) but dequantises it on every load, and the loaded model
 cannot always ``save_pretrained`` ("not serializable"). Every run here loads its model by
 folder, so a GGUF file is turned into an ordinary HF folder once, keyed by the file's hash (a
-changed file is a new folder), built under a file lock so parallel sweep workers build once.
+changed file is a new folder), built once under the shared file lock (``paths.build_once``) so
+parallel sweep workers build it once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from ..catalog import RANDOM_SHAPES, random_shape_fields
-from ..paths import cache_dir
+from ..paths import build_once, cache_dir
 
 __all__ = ["RANDOM_SHAPES", "gguf_folder", "random_config", "random_folder"]
 
@@ -25,6 +25,11 @@ PREFIX = "gguf:"
 
 def is_gguf(name: str) -> bool:
     return name.startswith(PREFIX)
+
+
+def has_config(folder: Path) -> bool:
+    """Whether a cached model folder is complete (``config.json`` is in it)."""
+    return (folder / "config.json").is_file()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -37,21 +42,11 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def gguf_folder(name: str) -> Path:
     """The cached HF folder of ``gguf:<file>``, dequantising the file when it is not there."""
-    from .embedded import _lock
-
     path = Path(name[len(PREFIX):] if is_gguf(name) else name).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"gguf: no such file {str(path)!r}")
     out = cache_dir("models") / f"gguf-{path.stem[:60]}-{file_sha256(path)[:16]}"
-    if (out / "config.json").is_file():
-        return out
-    with _lock(out.with_suffix(".lock")):
-        if (out / "config.json").is_file():  # another worker built it meanwhile
-            return out
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        dequantise(path, tmp)
-        tmp.rename(out)
+    build_once(out, lambda tmp: dequantise(path, tmp), ready=has_config)
     return out
 
 
@@ -117,20 +112,13 @@ def random_folder(name: str, dtype: str = "bfloat16") -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .embedded import _lock
-
     cfg = random_config(name)
     key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
                          + dtype.encode()).hexdigest()[:16]
     shape = Path(name[len(RANDOM_PREFIX):]).name.removesuffix(".json")[:40]
     out = cache_dir("models") / f"random-{shape}-{key}"
-    if (out / "config.json").is_file():
-        return out
-    with _lock(out.with_suffix(".lock")):
-        if (out / "config.json").is_file():
-            return out
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path) -> None:
         torch.manual_seed(0)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with torch.device(device):
@@ -140,7 +128,8 @@ def random_folder(name: str, dtype: str = "bfloat16") -> Path:
         _workbook_tokenizer().save_pretrained(tmp)
         (tmp / "effllm_source.json").write_text(json.dumps(
             {"source": name, "weights": "random", "dtype": dtype, "reason": RANDOM_REASON}))
-        tmp.rename(out)
+
+    build_once(out, build, ready=has_config)
     return out
 
 

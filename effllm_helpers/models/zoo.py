@@ -75,7 +75,7 @@ from .. import catalog
 from ..config import ModelSpec, SizeSpec
 from .decoder import EffllmConfig, EffllmDecoderForCausalLM
 
-__all__ = ["build", "count_params", "ROPE_THETA"]
+__all__ = ["build", "count_params", "kv_heads", "mla_fields", "moe_fields", "ROPE_THETA"]
 
 ROPE_THETA = 10000.0  # one theta for every RoPE model, so variants differ only where intended
 MOE_AUX_LOSS_COEF = 0.02  # Mixtral router load-balancing loss weight (Mixtral/Switch use 0.01-0.02)
@@ -85,8 +85,9 @@ def _rope(theta: float = ROPE_THETA) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": theta}
 
 
-def _kv_heads(attention: str, size: SizeSpec) -> int:
-    """K/V heads by the catalog's rule for the variant; an unknown variant raises."""
+def kv_heads(attention: str, size: SizeSpec | Any) -> int:
+    """K/V heads by the catalog's rule for the variant; an unknown variant raises. ``size`` is
+    anything with ``n_heads`` and ``n_kv_heads`` (a size, the DiT's params)."""
     rule = catalog.attention(attention).kv_heads
     return {"all": size.n_heads, "one": 1, "grouped": size.n_kv_heads}[rule]
 
@@ -99,6 +100,26 @@ def _common(size: SizeSpec, vocab_size: int, max_seq_len: int) -> dict[str, Any]
             "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
+def mla_fields(d_model: int, n_heads: int, latent_ratio: int) -> dict[str, Any]:
+    """The one MLA shape (DeepSeek-V3's ``DeepseekV3Attention``), for the text model and the
+    DiT alike: K and V from a shared latent of ``d_model // latent_ratio`` (normed), no query
+    low-rank, and half of each query/key head decoupled for RoPE (``qk_rope_head_dim``)."""
+    head_dim = d_model // n_heads
+    if head_dim % 4:
+        raise ValueError(f"MLA needs head_dim divisible by 4 (got {head_dim})")
+    return {"num_key_value_heads": n_heads, "kv_lora_rank": max(1, d_model // latent_ratio),
+            "q_lora_rank": None, "qk_rope_head_dim": head_dim // 2,
+            "qk_nope_head_dim": head_dim // 2, "v_head_dim": head_dim, "rope_interleave": True,
+            "attention_bias": False}
+
+
+def moe_fields(n_experts: int, top_k: int) -> dict[str, Any]:
+    """The one MoE (Mixtral's top-k router over SwiGLU experts) with its load-balancing loss,
+    for the text model and the DiT alike."""
+    return {"num_local_experts": n_experts, "num_experts_per_tok": top_k,
+            "output_router_logits": True, "router_aux_loss_coef": MOE_AUX_LOSS_COEF}
+
+
 def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
                  max_seq_len: int) -> PreTrainedModel:
     common = _common(size, vocab_size, max_seq_len)
@@ -108,18 +129,14 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
         if spec.positional != "rope":
             raise ValueError("MLA is DeepSeek's decoupled-RoPE attention; only positional='rope' "
                              f"is supported (got {spec.positional!r})")
-        if head_dim % 4:
-            raise ValueError(f"MLA needs head_dim divisible by 4 (got {head_dim})")
         moe = spec.ffn == "moe"
         cfg = DeepseekV3Config(
-            **common, intermediate_size=size.d_ff, moe_intermediate_size=size.d_ff,
-            num_key_value_heads=size.n_heads,
-            kv_lora_rank=max(1, size.d_model // spec.mla_latent_ratio), q_lora_rank=None,
-            qk_rope_head_dim=head_dim // 2, qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim,
+            **common, **mla_fields(size.d_model, size.n_heads, spec.mla_latent_ratio),
+            intermediate_size=size.d_ff, moe_intermediate_size=size.d_ff,
             n_routed_experts=spec.n_experts, num_experts_per_tok=spec.top_k,
             n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=True,
             routed_scaling_factor=1.0, first_k_dense_replace=0 if moe else size.n_layers,
-            rope_parameters=_rope(), rope_interleave=True, attention_bias=False)
+            rope_parameters=_rope())
         with warnings.catch_warnings():  # the empty shared expert (n_shared_experts=0) warns
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             return DeepseekV3ForCausalLM(cfg)
@@ -129,21 +146,19 @@ def _transformer(spec: ModelSpec, size: SizeSpec, vocab_size: int,
             raise ValueError("MoE is built on Mixtral (RoPE, dense attention); got attention="
                              f"{spec.attention!r}, positional={spec.positional!r}")
         cfg = MixtralConfig(**common, intermediate_size=size.d_ff,
-                            num_key_value_heads=_kv_heads(spec.attention, size),
-                            head_dim=head_dim, num_local_experts=spec.n_experts,
-                            num_experts_per_tok=spec.top_k, rms_norm_eps=1e-6,
-                            rope_parameters=_rope(), output_router_logits=True,
-                            router_aux_loss_coef=MOE_AUX_LOSS_COEF)
+                            num_key_value_heads=kv_heads(spec.attention, size),
+                            head_dim=head_dim, **moe_fields(spec.n_experts, spec.top_k),
+                            rms_norm_eps=1e-6, rope_parameters=_rope())
         return MixtralForCausalLM(cfg)
 
     if variant.builder == "llama" and spec.positional == "rope":
         cfg = LlamaConfig(**common, intermediate_size=size.d_ff,
-                          num_key_value_heads=_kv_heads(spec.attention, size),
+                          num_key_value_heads=kv_heads(spec.attention, size),
                           rope_parameters=_rope(), rms_norm_eps=1e-6)
         return LlamaForCausalLM(cfg)
 
     cfg = EffllmConfig(**common, intermediate_size=size.d_ff,
-                       num_key_value_heads=_kv_heads(spec.attention, size),
+                       num_key_value_heads=kv_heads(spec.attention, size),
                        positional=spec.positional, attention=spec.attention,
                        rope_theta=ROPE_THETA, nsa_window=spec.nsa_window,
                        nsa_block=spec.nsa_block, nsa_stride=spec.nsa_stride,
@@ -185,12 +200,26 @@ def _is_expert_param(name: str) -> bool:
     return "experts" in parts and "shared_experts" not in parts
 
 
+def _moe_blocks(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``<block>.experts.`` -> (top_k, n_experts) of each MoE block found among the modules (a
+    ``top_k`` beside an ``experts`` module that knows its count): the count of a model whose
+    config names no experts, such as the DiT with the house's MoE in its blocks."""
+    found: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        k, n = getattr(module, "top_k", None), getattr(getattr(module, "experts", None),
+                                                       "num_experts", None)
+        if isinstance(k, int) and isinstance(n, int):
+            found[f"{name}.experts." if name else "experts."] = (k, n)
+    return found
+
+
 def count_params(model: nn.Module) -> dict[str, int]:
     """Total, active-per-token and trainable parameter counts: the one count every axis uses.
 
     ``active`` counts every parameter except routed experts, of which only ``top_k / n_experts``
     of each MoE layer's expert weights are used per token (the router and any shared expert are
-    always active). Dense models: active == total. Shared tensors count once, and a bitsandbytes
+    always active); where the config names no experts, the MoE blocks among the modules say it.
+    Dense models: active == total. Shared tensors count once, and a bitsandbytes
     4-bit weight (``Params4bit``, packed two values per byte) counts its unpacked values, as
     ``PeftModel.get_nb_trainable_parameters`` does, so peft and non-peft methods count alike.
     """
@@ -198,6 +227,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
     n_exp = (getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts", None)
              or getattr(cfg, "num_experts", None))
     top_k = getattr(cfg, "num_experts_per_tok", None)
+    routed = {} if n_exp and top_k else _moe_blocks(model)
     total = active = trainable = 0
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -209,8 +239,11 @@ def count_params(model: nn.Module) -> dict[str, int]:
             n *= 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
+        block = next((kn for prefix, kn in routed.items() if name.startswith(prefix)), None)
         if n_exp and top_k and _is_expert_param(name):
             active += n * top_k // n_exp
+        elif block is not None:
+            active += n * block[0] // block[1]
         else:
             active += n
     return {"total": total, "active": active, "trainable": trainable}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -116,7 +116,8 @@ REGISTRY: dict[str, MethodSpec] = {
     "pissa": MethodSpec("pissa", "peft",
                         "PiSSA: A,B from the top-r singular vectors, base keeps the residual",
                         lambda p, m: _lora(p, init_lora_weights=pissa_init_name(m))),
-    "freeze": MethodSpec("freeze", "freeze", "train only the last k blocks and the LM head"),
+    "freeze": MethodSpec("freeze", "freeze",
+                         "train only the last k blocks and the LM head (or output layers)"),
     "full": MethodSpec("full", "full", "train every parameter"),
 }
 assert set(REGISTRY) <= set(catalog.FINETUNE_METHODS), "a registry method is not in the catalog"
@@ -356,8 +357,14 @@ def method_lr(params: FinetuneParams) -> tuple[float, str]:
     return lr, f"method default: {source}"
 
 
-def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = True) -> Prepared:
+def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = True,
+            task_type: str | None = TASK_TYPE, output_layers: Sequence[str] = ()) -> Prepared:
     """Set ``model`` up for ``params.method`` (and ``params.quant``); return a ``Prepared``.
+
+    The one door for every model type: a causal LM (the default ``task_type``) or, with
+    ``task_type=None``, any module (a ViT, a DiT), which peft then wraps as a plain
+    ``PeftModel`` whose forward passes straight through. ``output_layers``: names of the layers
+    after the blocks that ``freeze`` trains with the last blocks, for a model without an LM head.
 
     peft methods wrap the model (the base is modified in place: adapter layers injected, and PiSSA
     rewrites base weights to their residual); freeze/full only flip ``requires_grad``. With
@@ -382,12 +389,13 @@ def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = Tr
             for p in model.parameters():
                 p.requires_grad_(True)
         else:
-            _freeze_all_but_last(model, params.freeze_last_k, notes, resolved)
+            _freeze_all_but_last(model, params.freeze_last_k, notes, resolved, output_layers)
     else:
         if spec.config is not None:
             peft_config = spec.config(params, model)  # type: ignore[misc]
         else:
             peft_config = _generic_config(spec.name, params, notes)
+        peft_config.task_type = task_type
         if params.quant != "none":
             model = _attach_quantized(model, peft_config, spec, params, double_quant, notes)
         else:
@@ -411,22 +419,28 @@ def prepare(model: nn.Module, params: FinetuneParams, *, double_quant: bool = Tr
                     notes=notes, config=resolved)
 
 
-def _freeze_all_but_last(model: nn.Module, k: int, notes: list[str],
-                         resolved: dict[str, Any]) -> None:
-    """Freeze everything, then unfreeze the last ``k`` blocks and the LM head."""
+def _freeze_all_but_last(model: nn.Module, k: int, notes: list[str], resolved: dict[str, Any],
+                         output_layers: Sequence[str] = ()) -> None:
+    """Freeze everything, then unfreeze the last ``k`` blocks and the LM head (or, for a model
+    without one, the layers named in ``output_layers``)."""
     name, blocks = find_blocks(model)
     if k > len(blocks):
         raise ValueError(f"freeze_last_k={k} exceeds the {len(blocks)} blocks in {name!r}")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} exposes no output embeddings (LM head)")
+    heads = [head] if head is not None else [
+        m for n, m in model.named_modules() if n.split(".")[-1] in output_layers]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} exposes no output embeddings (LM head) and "
+                         f"no output layer named {list(output_layers)}")
     for p in model.parameters():
         p.requires_grad_(False)
     for block in list(blocks)[-k:]:
         for p in block.parameters():
             p.requires_grad_(True)
-    for p in head.parameters():
+    for p in (q for h in heads for q in h.parameters()):
         p.requires_grad_(True)
+    if head is None:
+        resolved["output_layers"] = sorted({n for n, m in model.named_modules() if m in heads})
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if inp is not None and getattr(inp, "weight", None) is getattr(head, "weight", object()):
         notes.append("LM head is tied to the input embeddings: training it trains them too")
