@@ -350,7 +350,11 @@ def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
             "comparison set (same study, device and model size / base model / model), then a "
             "weighted harmonic mean (weights from the study's params, default equal). Rank 1 = "
             "best in its set. Null metrics are left out of that run's score and named in the "
-            "score note. Failed runs are listed without a score.")
+            "score note; so is a metric whose spread over the set is within its noise (the "
+            f"larger of {E.DEFAULT_NOISE_FLOOR_REL:.0%} of its median and its spread over repeats "
+            "of one technique), e.g. a "
+            "CPU's PCU, which reads ~0.98 for every method. Failed runs are listed without a "
+            "score.")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"

@@ -21,6 +21,14 @@ differ from the paper:
   column of :func:`score_frame`). The paper had no missing values; we prefer a score over fewer
   metrics, noted, to an invented number. A run with no usable metric gets NaN.
 * Min and max are taken over the comparison set's non-null values only.
+* **Spread beyond noise**: an efficiency metric enters a comparison set's score only when its
+  spread over the set's runs (max - min) exceeds its noise: the larger of a stated floor
+  (:data:`NOISE_FLOOR_REL`, a fraction of the set's median) and the largest spread among
+  repeats (seeds) of one technique in the set. Min-max scaling stretches any spread to the full
+  [0.1, 1], so a metric that does not tell techniques apart on a device would otherwise rank the
+  machine's noise: a CPU's PCU (process CPU time over wall time) reads 0.97-0.99 for every
+  method. A left-out metric is named, with why, in every row's ``excluded`` note of that set
+  (:func:`scores_by_set`). The quality metric is never left out (it is what the study ranks).
 """
 
 from __future__ import annotations
@@ -77,6 +85,13 @@ RANK_COLUMNS: dict[str, str | None] = {
 }
 
 SEED_PARAMS = ("p.seed", "p.train.seed")
+
+# the stated noise floor of an efficiency metric: a spread over a comparison set at most this
+# fraction of the set's median does not rank techniques. 2 %: on the 2-core reference machine
+# repeats (seeds) of one method spread up to 1.0 % in CPU PCU, while PCU over all methods of a
+# set spread 0.5-1.1 % (0.975-0.988); memory, latency and throughput spread 12 % or more
+DEFAULT_NOISE_FLOOR_REL = 0.02
+NOISE_FLOOR_REL: dict[str, float] = {}  # per-metric floors where one differs from the default
 
 
 # ---------------------------------------------------------------- wide table
@@ -333,6 +348,41 @@ def resolve_weights(metrics: Sequence[str], weights: Mapping[str, float] | None,
     return out
 
 
+def repeat_noise(df: pd.DataFrame, metric: str) -> float:
+    """The largest spread (max - min) of ``metric`` among repeats of one technique in ``df``
+    (rows sharing a ``technique`` label); 0 when no technique is repeated."""
+    if "technique" not in df or metric not in df:
+        return 0.0
+    x = pd.to_numeric(df[metric], errors="coerce")
+    spans = x.groupby(df["technique"]).agg(lambda v: v.max() - v.min() if v.notna().sum() > 1
+                                           else 0.0)
+    return float(spans.max()) if len(spans) and spans.notna().any() else 0.0
+
+
+def spread_note(df: pd.DataFrame, metric: str) -> str | None:
+    """Why ``metric`` does not rank the runs of ``df`` (one comparison set), or None when it
+    does: its spread is within its noise (see the module docstring, "Spread beyond noise").
+
+    A constant column or a set of fewer than two values is left to :func:`normalise` (every
+    row scales to 1.0, which moves no rank)."""
+    if metric not in df:
+        return None
+    x = pd.to_numeric(df[metric], errors="coerce").dropna()
+    if len(x) < 2 or x.max() == x.min():
+        return None
+    spread = float(x.max() - x.min())
+    centre = abs(float(x.median()))
+    floor_rel = NOISE_FLOOR_REL.get(metric, DEFAULT_NOISE_FLOOR_REL)
+    floor, repeats = floor_rel * centre, repeat_noise(df, metric)
+    noise = max(floor, repeats)
+    if spread > noise:
+        return None
+    why = (f"repeats of one technique spread {repeats:.3g}" if repeats >= floor
+           else f"the {floor_rel:.0%} noise floor of its median is {floor:.3g}")
+    return (f"{metric}: left out of this set's score, it does not rank the techniques (spread "
+            f"{spread:.3g} over the set; {why})")
+
+
 def score_frame(wide_df: pd.DataFrame, metrics: Sequence[str],
                 weights: Mapping[str, float] | None = None, *,
                 higher_is_better: Mapping[str, bool] | None = None,
@@ -407,17 +457,21 @@ def ok_rows(wide: pd.DataFrame) -> pd.DataFrame:
 
 def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | None = None,
                   metrics: Sequence[str] | None = None,
-                  by: Iterable[str] | None = None) -> pd.DataFrame:
+                  by: Iterable[str] | None = None, *,
+                  beyond_noise: bool = True) -> pd.DataFrame:
     """Score every ok run within its comparison set (:data:`COMPARISON_KEYS`) of ``axis``.
 
     Returns a frame indexed like ``wide`` with ``score``, ``n_metrics``, ``excluded``, ``flag``,
-    ``metrics`` (those scored, comma-separated) and ``set`` (a label of the comparison set).
-    Failed runs get NaN and ``excluded = "run failed"``.
+    ``metrics`` (those scored, comma-separated), ``set`` (a label of the comparison set) and
+    ``not_ranking`` (efficiency metrics left out of that set's score because their spread is
+    within their noise, :func:`spread_note`, comma-separated; also named in ``excluded``; off
+    with ``beyond_noise=False``). Failed runs get NaN and ``excluded = "run failed"``.
     """
     out = pd.DataFrame({"score": np.nan, "n_metrics": 0, "excluded": "run failed",
-                        "metrics": "", "set": "", "flag": ""}, index=wide.index)
+                        "metrics": "", "set": "", "flag": "", "not_ranking": ""},
+                       index=wide.index)
     out = out.astype({"score": float, "n_metrics": int, "excluded": object, "metrics": object,
-                      "set": object, "flag": object})
+                      "set": object, "flag": object, "not_ranking": object})
     ok = ok_rows(wide)
     if ok.empty:
         return out
@@ -428,11 +482,18 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
         sub = ok.loc[idx]
         ms = list(metrics) if metrics is not None else default_metrics(sub, axis)
         ms = [m for m in ms if m in sub]
-        sf = score_frame(sub, ms, weights, quality=quality_metric(sub, axis))
+        quality = quality_metric(sub, axis)
+        notes = {m: spread_note(sub, m) for m in ms if m != quality} if beyond_noise else {}
+        notes = {m: n for m, n in notes.items() if n}
+        ms = [m for m in ms if m not in notes]
+        sf = score_frame(sub, ms, weights, quality=quality)
         label = " / ".join(str(g) for g in (gkey if isinstance(gkey, tuple) else (gkey,)))
         out.loc[idx, "score"] = sf["score"]
         out.loc[idx, "n_metrics"] = sf["n_metrics"]
-        out.loc[idx, "excluded"] = sf["excluded"]
+        left = list(notes.values())
+        out.loc[idx, "excluded"] = [
+            "; ".join([*left, e] if e else left) for e in sf["excluded"]]
+        out.loc[idx, "not_ranking"] = ",".join(notes)
         out.loc[idx, "flag"] = sf["flag"]
         out.loc[idx, "metrics"] = ",".join(ms)
         out.loc[idx, "set"] = label
@@ -522,5 +583,6 @@ __all__: list[Any] = [
     "FLOOR", "HIGHER_IS_BETTER", "RANK_COLUMNS", "COMPARISON_KEYS", "wide_table", "normalise",
     "efficiency_scores", "score_frame", "scores_by_set", "rank_table", "quality_metric",
     "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
-    "quality_flags", "tie_with_best", "no_difference",
+    "quality_flags", "tie_with_best", "no_difference", "spread_note", "repeat_noise",
+    "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL",
 ]
