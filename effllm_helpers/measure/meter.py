@@ -480,8 +480,10 @@ class Meter:
                     peak, pm, notes = comp.peak_flops(self.device, self.dtype,
                                                       n_devices=max(1, len(self.cuda_indices)))
                     if not self.is_gpu:
+                        peak_dtype = notes.get("peak_dtype", self.dtype)
+
                         def on_exceed(achieved: float) -> None:
-                            comp.raise_cpu_peak(self.dtype, achieved)
+                            comp.raise_cpu_peak(peak_dtype, achieved)
                 out["mfu"] = comp.mfu_metric(self.flops_per_token, self._flop_tokens, dur, peak,
                                              pm, on_exceed, dtype=self.dtype, **notes)
             except Exception as exc:
