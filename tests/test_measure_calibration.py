@@ -180,6 +180,18 @@ def test_force_replaces_a_higher_kept_peak(monkeypatch: pytest.MonkeyPatch,
     assert json.loads((calib_dir / comp.CALIB_FILE).read_text())[key]["flops"] == 3e11
 
 
+def test_the_calibrate_command_refuses_a_busy_peak(monkeypatch: pytest.MonkeyPatch,
+                                                   calib_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from effllm_helpers.cli import app
+
+    on_two_cores(monkeypatch, busy_window(), 4e10)
+    res = CliRunner().invoke(app, ["calibrate", "--force"])
+    assert res.exit_code == 1 and "busy machine" in res.output
+    assert not (calib_dir / comp.CALIB_FILE).exists()
+
+
 # ---------------------------------------------------------------- one peak per CPU (29.4)
 def test_every_precision_is_held_against_the_cpu_fp32_peak(monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
