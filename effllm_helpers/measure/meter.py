@@ -420,6 +420,8 @@ class Meter:
             return {k: missing("GB", reason, method)
                     for k in ("amu_increment_gb", "peak_increment_gb")}
         extra = {"baseline_gb": base / GB, "n_samples": len(vs)}
+        if self._baseline.get("libraries"):
+            extra["imported_before_baseline"] = self._baseline["libraries"]
         if kind != "preload":
             extra["note"] = ("no memory.mark_baseline() before the model was loaded: baseline "
                              "is the RSS when effllm_helpers.measure was imported")

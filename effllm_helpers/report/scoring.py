@@ -67,6 +67,9 @@ WORSE_THAN_UNIFORM = "worse than uniform (ppl > vocabulary size): not ranked on 
 # efficiency metrics of the default score per axis (the paper's figure axes for that axis)
 EFFICIENCY_METRICS: dict[str, tuple[str, ...]] = {
     s.name: s.efficiency_metrics for s in _STUDY_SPECS}
+# the memory each axis ranks on: the total, or the increment above the post-import baseline
+MEMORY_METRIC: dict[str, str] = {s.name: s.memory_metric for s in _STUDY_SPECS}
+TOTAL_MEMORY = "amu_gb"
 
 # what a run is compared against: runs that share these columns form one comparison set
 COMPARISON_KEYS: dict[str, tuple[str, ...]] = {s.name: s.comparison_keys for s in _STUDY_SPECS}
@@ -244,9 +247,19 @@ def _unflagged(wide: pd.DataFrame, quality: str | None) -> tuple[pd.DataFrame, p
     return out, flags
 
 
+def memory_metric(wide: pd.DataFrame, axis: str) -> str:
+    """The memory ``axis`` ranks on (:data:`MEMORY_METRIC`), or the total ``amu_gb`` for
+    records that do not hold it (made before the increment was recorded)."""
+    m = MEMORY_METRIC.get(axis, TOTAL_MEMORY)
+    return m if m in wide and wide[m].notna().any() else TOTAL_MEMORY
+
+
 def default_metrics(wide: pd.DataFrame, axis: str, include_quality: bool = True) -> list[str]:
-    """Metrics of the default score for ``axis``: its efficiency metrics (+ quality) present."""
-    ms = [m for m in EFFICIENCY_METRICS.get(axis, ()) if m in wide and wide[m].notna().any()]
+    """Metrics of the default score for ``axis``: its efficiency metrics (+ quality) present
+    (its memory metric falls back to the total where the rows lack it)."""
+    mem = MEMORY_METRIC.get(axis, TOTAL_MEMORY)
+    ms = [memory_metric(wide, axis) if m == mem else m for m in EFFICIENCY_METRICS.get(axis, ())]
+    ms = [m for m in dict.fromkeys(ms) if m in wide and wide[m].notna().any()]
     q = quality_metric(wide, axis) if include_quality else None
     return ([q] if q else []) + ms
 
@@ -506,7 +519,9 @@ def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
     ok = ok_rows(wide)
     q = quality_metric(ok, axis)
     ok, flags = _unflagged(ok, q)
-    cols = {k: (q if v is None else v) for k, v in RANK_COLUMNS.items()}
+    mem = memory_metric(ok, axis)  # the AMU column: what the axis ranks memory on
+    cols = {k: (q if v is None else mem if v == TOTAL_MEMORY else v)
+            for k, v in RANK_COLUMNS.items()}
     metrics = [m for m in dict.fromkeys(v for v in cols.values() if v)
                if m in ok and ok[m].notna().any()]
     if ok.empty or not metrics:
@@ -547,6 +562,7 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
     ``score`` (mean efficiency score), ``n_techniques``, ``perf_metric``, ``flag`` (quality not
     ranked, e.g. perplexity worse than uniform) and ``ties`` (columns whose rank the technique
     shares). Differences inside the recorded 95 % intervals are ties (:func:`tie_with_best`).
+    AMU ranks each axis's :func:`memory_metric` (inference: the increment above the baseline).
     """
     cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "n_techniques", "perf_metric",
             "flag", "ties"]
@@ -584,5 +600,5 @@ __all__: list[Any] = [
     "efficiency_scores", "score_frame", "scores_by_set", "rank_table", "quality_metric",
     "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
     "quality_flags", "tie_with_best", "no_difference", "spread_note", "repeat_noise",
-    "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL",
+    "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL", "MEMORY_METRIC", "memory_metric",
 ]
