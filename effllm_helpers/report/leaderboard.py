@@ -33,7 +33,7 @@ AXES = E.STUDY_AXES
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
 KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl",
                "frechet_classifier_distance", "sample_class_accuracy", "amu_gb",
-               "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
+               "amu_increment_gb", "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
                "aec_w", "energy_j", "j_per_token", "mcr")
 SIZE_COLUMN = {a: SPECS[a].size_column for a in AXES}
 DEFAULT_UNITS = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
@@ -50,6 +50,8 @@ DEFINITIONS = {
                                     "CNN classifier's feature space (not FID)"),
     "sample_class_accuracy": "that classifier's accuracy on generated images (conditioning)",
     "amu_gb": "AMU: average memory used over the measured window",
+    "amu_increment_gb": ("AMU above the baseline taken after every library is imported: the "
+                         "memory the technique adds (model, activations, cache)"),
     "pcu": "PCU: peak compute utilisation (achieved / peak FLOP/s)",
     "mfu": "MFU: model FLOP utilisation (model FLOPs / peak FLOP/s)",
     "al_s": "AL: average latency per step or request",
