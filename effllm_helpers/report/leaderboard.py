@@ -33,8 +33,8 @@ AXES = E.STUDY_AXES
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
 KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl",
                "frechet_classifier_distance", "sample_class_accuracy", "amu_gb",
-               "amu_increment_gb", "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
-               "aec_w", "energy_j", "j_per_token", "mcr")
+               "amu_increment_gb", "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it",
+               "tokens_per_s", "aec_w", "energy_j", "j_per_token", "mcr")
 SIZE_COLUMN = {a: SPECS[a].size_column for a in AXES}
 DEFAULT_UNITS = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
 # one line per metric, for header tooltips (units come from the records, directions from
