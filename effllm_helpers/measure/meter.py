@@ -23,9 +23,9 @@ samples are those of the measured steps, summed over all devices the run uses.
 
 ``pause()`` / ``resume()`` (or ``with m.paused():``) leave work inside the window out of every
 metric, e.g. an evaluation between training steps: its wall time, CPU time, energy and sampled
-memory/utilisation are subtracted, and its interval is not an AL step. Before, intermediate
-evaluations were 8.6-12.2 % of the H200 attention runs' windows and inflated nothing but
-lowered the rates, MFU and PCU and moved AEC.
+memory/utilisation are subtracted, and its interval is not an AL step. (Intermediate
+evaluations were 8.6-12.2 % of the H200 attention runs' windows, lowering their rates and MFU
+and moving PCU, memory and AEC.)
 """
 
 from __future__ import annotations
