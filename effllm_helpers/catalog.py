@@ -196,6 +196,10 @@ for _name, _hib, _label, _unit in (
     ("energy_j", False, "Energy", "J"), ("j_per_token", False, "Energy/token", "J/token"),
     ("tokens_per_s", True, "Throughput", "tokens/s"), ("ttft_s", False, "TTFT", "s"),
     ("tpot_s", False, "TPOT", "s"), ("peak_gb", False, "Peak mem", "GB"),
+    # memory above the baseline taken after every library is imported (model, activations,
+    # cache): what a technique adds, without the interpreter, the libraries or a CUDA context
+    ("amu_increment_gb", False, "AMU (model)", "GB"),
+    ("peak_increment_gb", False, "Peak mem (model)", "GB"),
     ("amu_frac", False, None, None), ("size_bytes", False, None, None),
     ("duration_s", False, None, None), ("samples_per_s", True, None, None),
     # axis 4 (cross-modal): sample quality and the sampling phase

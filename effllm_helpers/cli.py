@@ -364,6 +364,39 @@ def compare(
     typer.echo("written: " + ", ".join(str(p) for p in paths))
 
 
+@app.command()
+def calibrate(
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-measure and replace the kept peak even when it is higher (e.g. one "
+                        "calibrated under a load that was not recorded).")] = False,
+    budget_s: Annotated[float | None, typer.Option(
+        "--budget-s", help="Seconds for the timing (default $EFFLLM_CALIB_BUDGET_S or 4).")] = None,
+) -> None:
+    """Measure this machine's CPU matmul peak (MFU's denominator on a CPU) on purpose.
+
+    Run it on an idle machine: the load is measured with the peak, and a peak measured on a
+    busy machine is not kept (exit code 1). Without --force an existing peak is only shown.
+    """
+    from .measure import compute as comp
+
+    cal = comp.cpu_calibration(comp.CPU_REFERENCE_DTYPE, budget_s=budget_s, force=force)
+    load = cal.get("load") or {}
+    typer.echo(f"{cal['key']}: {cal['flops'] / 1e9:.1f} GFLOP/s ({cal['source']}, "
+               f"{cal.get('measured_at', '?')})")
+    if load:
+        share = load.get("own_share")
+        other = load.get("other_busy")
+        typer.echo(f"load: 1-min {load.get('load_1m_start')}, own threads' share "
+                   f"{'n/a' if share is None else f'{share:.0%}'}, other processes "
+                   f"{'n/a' if other is None else f'{other:.0%}'}")
+    if cal.get("busy"):
+        _fail(f"{cal['busy']}: not kept; rerun on an idle machine", code=1)
+    if cal["source"] == "file":
+        typer.echo(f"kept in {cal['file']}; --force re-measures it")
+    else:
+        typer.echo(f"written to {cal['file']}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -16,9 +16,9 @@ What the training record counts (so TT, J/token and AL mean what they say):
 
 * tokens are *targets*: a causal LM with ``labels`` predicts label ``t+1`` from position ``t``,
   so a sequence of S tokens trains on S-1 of them (fewer where labels are -100);
-* AL is per optimizer step: an intermediate evaluation inside the measured window is bracketed
-  by its own Meter marks and its interval is dropped from AL (it stays in the duration, rates
-  and energy, which the Meter cannot pause; ``duration_s`` says how long it took);
+* AL is per optimizer step: an intermediate evaluation inside the measured window pauses the
+  Meter, so it is in no metric (AL, duration, rates, MFU, PCU, memory, energy);
+  ``duration_s.eval_inside_s`` says how long the evaluations took;
 * with ``compile`` the first steps compile: they are Meter warm-up (at least
   ``COMPILE_WARMUP_STEPS``), and their wall time is ``compile_s``, never in AL/TT/AEC/MFU.
 """
@@ -36,7 +36,6 @@ import torch
 
 from .config import MeasureSpec, TrainSpec
 from .errors import check_finite
-from .measure.latency import latency_metric
 from .results import metric, missing
 
 Batch = dict[str, torch.Tensor]
@@ -228,8 +227,8 @@ def train(
     ``next_batch(micro_step, rank, world)`` returns this process' micro-batch (``input_ids``,
     optional ``attention_mask``, ``labels`` with -100 where no loss is taken). ``evaluate`` is
     called every ``spec.eval_every`` steps and after the last one. The final call is outside the
-    measured window; intermediate calls inside it are left out of AL, and ``duration_s`` notes
-    how many and how long (the rates, the energy and MFU still include them).
+    measured window; intermediate calls inside it pause the Meter (left out of every metric),
+    and ``duration_s`` notes how many and how long.
     """
     from .measure import Meter
     from .runenv import progress_bar
@@ -266,8 +265,6 @@ def train(
     tokens = samples = positions = real_tokens = 0
     eval_inside_s = 0.0
     n_eval_inside = 0
-    n_marks = 0  # meter.step() calls so far: training steps and evaluation ends
-    eval_lat_idx: list[int] = []  # indices into meter.latencies_s() that are evaluations
     first_steps_s: list[float] = []  # wall time of the compiling (warm-up) steps
     compile_fallback: str | None = None  # why the compiled model gave way to the eager one
     last_loss = float("nan")
@@ -337,7 +334,6 @@ def train(
             # the Meter measures this process' device(s) with this rank's counts; with several
             # ranks the metrics are combined at the end (gather_rank_metrics)
             meter.step(tokens=step_tokens, samples=step_samples, flop_tokens=step_run)
-            n_marks += 1
             if timing_compile:
                 _sync(device)
                 first_steps_s.append(time.perf_counter() - t_step)
@@ -351,14 +347,11 @@ def train(
             bar.update(1)
             if evaluate and not last and (step + 1) % spec.eval_every == 0:
                 t_ev = time.perf_counter()
-                eval_history.append({"step": step + 1, "tokens": tokens,
-                                     **_evaluate(prepared, acc, evaluate)})
-                if n_marks >= meter_warmup:  # inside the measured window
-                    # a mark of its own ends the evaluation's interval, which AL then drops;
-                    # in warm-up a mark would count as a warm-up step, and nothing is measured
-                    eval_lat_idx.append(n_marks - meter_warmup)
-                    meter.step(tokens=0, samples=0, flop_tokens=0)
-                    n_marks += 1
+                inside = meter.measuring  # in warm-up nothing is measured: nothing to pause
+                with meter.paused():  # the evaluation is in no metric (AL, rates, energy, ...)
+                    eval_history.append({"step": step + 1, "tokens": tokens,
+                                         **_evaluate(prepared, acc, evaluate)})
+                if inside:
                     n_eval_inside += 1
                     eval_inside_s += time.perf_counter() - t_ev
         meter.stop()  # the final evaluation is not training time
@@ -385,13 +378,14 @@ def train(
                                         "y_unit": k}
     metrics = meter.metrics()
     if metrics["al_s"]["value"] is not None:
-        metrics["al_s"] = step_latency(meter.latencies_s(), eval_lat_idx,
-                                       metrics["al_s"]["method"])
+        metrics["al_s"]["what"] = "per optimizer step"
+        if n_eval_inside:
+            metrics["al_s"]["excluded_eval_intervals"] = n_eval_inside
     if n_eval_inside and metrics["duration_s"]["value"] is not None:
         metrics["duration_s"]["eval_inside_s"] = eval_inside_s
         metrics["duration_s"]["note"] = (
-            f"includes {n_eval_inside} intermediate evaluation(s), {eval_inside_s:.2f} s, also "
-            "in the rates, MFU, PCU, memory and energy; al_s excludes them")
+            f"excludes {n_eval_inside} intermediate evaluation(s), {eval_inside_s:.2f} s: the "
+            "Meter was paused, so they are in no rate, MFU, PCU, memory, energy or AL")
     if not spec.compile:
         metrics["compile_s"] = missing("s", "compile off", "perf_counter_first_steps")
     elif compile_fallback:
@@ -440,17 +434,6 @@ def count_targets(labels: torch.Tensor) -> int:
     """Tokens a causal LM is trained on: labels shifted by one (the first has no prediction),
     -100 excluded. S-token sequences give S-1 targets each."""
     return int((labels[..., 1:] != -100).sum())
-
-
-def step_latency(latencies: list[float], eval_idx: list[int], method: str) -> dict[str, Any]:
-    """AL over optimizer steps only: the Meter's per-mark latencies without evaluation ones."""
-    drop = set(eval_idx)
-    steps = [x for i, x in enumerate(latencies) if i not in drop]
-    out = latency_metric(steps, method)
-    out["what"] = "per optimizer step"
-    if drop:
-        out["excluded_eval_intervals"] = len(drop)
-    return out
 
 
 def _sync(device: torch.device) -> None:

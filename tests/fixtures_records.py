@@ -153,6 +153,7 @@ def inference_records(rng: np.random.Generator) -> list[dict]:
                 axis="inference", params={"model": model, "precision": prec, "seed": 0},
                 metrics={
                     "it": _m(it, "tokens/s"), "amu_gb": _m(size / 1e9 + 0.2, "GB"),
+                    "amu_increment_gb": _m(size / 1e9 + 0.01, "GB"),
                     "al_s": _m(0.02 * lat * scale, "s"), "ttft_s": _m(0.01 * lat, "s"),
                     "tpot_s": _m(0.005 * lat, "s"), "aec_w": _m(40.0 + 10 * lat, "W"),
                     "j_per_token": _m((40.0 + 10 * lat) / it, "J/token"),

@@ -67,3 +67,36 @@ def test_dora_costs_more_than_lora() -> None:
     lora = finetune_flops_per_token(_prepared("lora"), SEQ, BATCH * SEQ)
     dora = finetune_flops_per_token(_prepared("dora"), SEQ, BATCH * SEQ)
     assert dora["forward"] > lora["forward"] and dora["backward"] > lora["backward"]
+
+
+def test_fine_tuning_flops_count_attention_at_each_examples_length() -> None:
+    """The axis's FLOPs/token times the real tokens equal FlopCounterMode over every example
+    trained at its own length (issue 29.2: the count used max_len, then the mean length; with
+    a short and a long example the mean length's (L+1)/2 keys understate attention ~40 %)."""
+    from effllm_helpers.axes.finetuning import _flops_per_token
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(  # small layers, so attention is a large share
+        hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=256,
+        tie_word_embeddings=False, attn_implementation="eager"))
+    prepared = ft.prepare(model, FinetuneParams(method="full"))
+    rows = [([1] * 4, [2] * 4), ([1] * 60, [2] * 60)]  # 8 and 120 tokens
+    counted = 0.0
+    for p, r in rows:
+        ids = torch.tensor([p + r])
+        with FlopCounterMode(display=False) as fc:
+            prepared.model(input_ids=ids, labels=ids).loss.backward()
+        counted += fc.get_total_flops()
+    per_token = _flops_per_token(prepared.model, prepared, FinetuneParams(max_len=128), rows)
+    assert per_token is not None
+    # causal attention (the axis's count) vs the counter's full score matrices: compare on
+    # the non-causal count, which is what eager attention executes
+    lengths = [len(p) + len(r) for p, r in rows]
+    full = finetune_flops_per_token(prepared.model, 64, 64, causal_discount=False,
+                                    lengths=lengths)["total"]
+    assert full * sum(lengths) == pytest.approx(counted, rel=0.01)
+    mean_len = finetune_flops_per_token(prepared.model, 64, 64, causal_discount=False)["total"]
+    assert abs(mean_len * sum(lengths) - counted) > 0.05 * counted  # the old count's error
+    assert per_token == pytest.approx(finetune_flops_per_token(
+        prepared.model, 64, 64, lengths=lengths)["total"])

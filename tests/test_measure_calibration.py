@@ -113,3 +113,92 @@ def test_mfu_above_a_datasheet_or_user_peak_is_null_with_the_rate_kept() -> None
     with Meter("cpu", flops_per_token=1e6, peak_flops=1.0, sample_interval_s=0.05) as mt:
         mt.step(tokens=10)
     assert mt.metrics()["mfu"]["value"] is None
+
+
+# ---------------------------------------------------------------- load at calibration (29.3)
+def snap(t: float, own: float, busy: float, total: float, load: float = 0.5) -> dict:
+    return {"t": t, "own_cpu_s": own, "machine": (busy, total), "load_1m": load}
+
+
+def busy_window() -> list[dict]:
+    """4 s on a 2-core machine: our 2 threads got 2 of their 8 CPU s, others took 5."""
+    return [snap(0.0, 0.0, 0.0, 0.0, load=3.1), snap(4.0, 2.0, 7.0, 8.0, load=3.4)]
+
+
+def quiet_window() -> list[dict]:
+    return [snap(0.0, 0.0, 0.0, 0.0), snap(4.0, 7.8, 7.9, 8.0)]
+
+
+def on_two_cores(monkeypatch: pytest.MonkeyPatch, snaps: list[dict], rate: float) -> None:
+    """A calibration on 2 cores and 2 threads whose timing gives ``rate`` over ``snaps``."""
+    monkeypatch.setattr(comp, "_time_cpu_matmuls", fake_timer({512: rate}, []))
+    monkeypatch.setattr(comp, "_load_snapshot", lambda: snaps.pop(0))
+    monkeypatch.setattr(comp.cont, "machine_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+
+def test_judge_load_names_why_a_window_was_busy() -> None:
+    load = comp.judge_load(*busy_window(), threads=2, cores=2)
+    assert load["own_share"] == pytest.approx(0.25)
+    assert load["other_busy"] == pytest.approx(5 / 8)
+    assert "busy machine" in load["busy"] and "25%" in load["busy"]
+    assert comp.judge_load(*quiet_window(), threads=2, cores=2)["busy"] is None
+
+
+def test_a_calibration_on_a_busy_machine_is_used_flagged_and_not_kept(
+        monkeypatch: pytest.MonkeyPatch, calib_dir: Path) -> None:
+    on_two_cores(monkeypatch, busy_window(), 4e10)
+    peak, method, notes = comp.peak_flops("cpu", "fp32")
+    assert peak == 4e10 and method == comp.CPU_REFERENCE_METHOD
+    assert "busy machine" in notes["flag"] and notes["calibration_load"]["own_share"] == 0.25
+    assert not (calib_dir / comp.CALIB_FILE).exists()
+
+
+def test_a_quiet_calibration_is_kept_with_its_load(monkeypatch: pytest.MonkeyPatch,
+                                                   calib_dir: Path) -> None:
+    on_two_cores(monkeypatch, quiet_window(), 3e11)
+    comp.cpu_calibration("fp32")
+    (entry,) = json.loads((calib_dir / comp.CALIB_FILE).read_text()).values()
+    assert entry["busy"] is None and entry["load"]["window_s"] == 4.0
+    assert entry["load"]["own_share"] > comp.CALIB_MIN_OWN_SHARE
+
+
+def test_an_entry_without_its_load_is_flagged(calib_dir: Path) -> None:
+    key = comp.cpu_calib_key("fp32", comp.CPU_CALIB_SIZES)
+    comp._update_calib_file(key, {"flops": 3.1e11, "threads": torch.get_num_threads()})
+    _, _, notes = comp.peak_flops("cpu", "fp32")
+    assert "not recorded" in notes["flag"] and "--force" in notes["flag"]
+
+
+def test_force_replaces_a_higher_kept_peak(monkeypatch: pytest.MonkeyPatch,
+                                           calib_dir: Path) -> None:
+    key = comp.cpu_calib_key("fp32", comp.CPU_CALIB_SIZES)
+    comp._update_calib_file(key, {"flops": 9e11, "threads": torch.get_num_threads()})
+    monkeypatch.setattr(comp, "_time_cpu_matmuls", fake_timer({512: 3e11}, []))
+    assert comp.cpu_calibration("fp32")["flops"] == 9e11  # kept: read, not measured
+    assert comp.cpu_calibration("fp32", force=True)["flops"] == 3e11
+    assert json.loads((calib_dir / comp.CALIB_FILE).read_text())[key]["flops"] == 3e11
+
+
+def test_the_calibrate_command_refuses_a_busy_peak(monkeypatch: pytest.MonkeyPatch,
+                                                   calib_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from effllm_helpers.cli import app
+
+    on_two_cores(monkeypatch, busy_window(), 4e10)
+    res = CliRunner().invoke(app, ["calibrate", "--force"])
+    assert res.exit_code == 1 and "busy machine" in res.output
+    assert not (calib_dir / comp.CALIB_FILE).exists()
+
+
+# ---------------------------------------------------------------- one peak per CPU (29.4)
+def test_every_precision_is_held_against_the_cpu_fp32_peak(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    by_dtype = {torch.float32: 2.9e11, torch.float16: 9.7e9, torch.bfloat16: 3e10}
+    monkeypatch.setattr(comp, "_time_cpu_matmuls",
+                        lambda tdt, sizes, budget: {n: by_dtype[tdt] for n in sizes})
+    for dtype in ("fp32", "fp16", "bf16"):
+        peak, method, notes = comp.peak_flops("cpu", dtype)
+        assert peak == 2.9e11 and method == "calibrated_matmul_fp32_reference"
+        assert notes["peak_dtype"] == "fp32" and notes["compute_dtype"] == dtype

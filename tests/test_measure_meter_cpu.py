@@ -110,7 +110,7 @@ def test_mfu_of_a_known_matmul_count_with_a_patched_peak(monkeypatch: pytest.Mon
     out = m.metrics()
     dur = out["duration_s"]["value"]
     assert 0 < dur <= t_out
-    assert out["mfu"]["method"] == "analytic_flops/calibrated_matmul"
+    assert out["mfu"]["method"] == "analytic_flops/calibrated_matmul_fp32_reference"
     assert out["mfu"]["achieved_flops"] == pytest.approx(2.0 * n**3 * k / dur)
     assert out["mfu"]["value"] == pytest.approx(2.0 * n**3 * k / dur / 5e12)
 

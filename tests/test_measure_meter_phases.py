@@ -47,3 +47,38 @@ def test_mfu_counts_flop_tokens_and_throughput_counts_tokens() -> None:
 def test_meter_rejects_devices_it_has_no_probes_for() -> None:
     with pytest.raises(ValueError, match="only 'cpu' and 'cuda'"):
         Meter("meta")
+
+
+def test_a_pause_is_in_no_metric() -> None:
+    """What runs while paused (an evaluation between training steps) leaves the duration, the
+    rates, the CPU time and AL; only the steps' own time remains."""
+    t_all = time.perf_counter()
+    with Meter("cpu", sample_interval_s=0.05) as m:
+        for i in range(4):
+            time.sleep(0.01)
+            m.step(tokens=10)
+            if i == 1:
+                with m.paused():
+                    time.sleep(0.5)
+    t_all = time.perf_counter() - t_all
+    out = m.metrics()
+    dur = out["duration_s"]
+    assert dur["n_pauses"] == 1 and dur["paused_s"] >= 0.5
+    assert dur["value"] == pytest.approx(dur["window_s"] - dur["paused_s"])
+    assert dur["value"] <= t_all - 0.5
+    assert out["tokens_per_s"]["value"] == pytest.approx(40 / dur["value"])
+    assert out["al_s"]["n"] == 4 and m.measured_steps == 4  # the pause is no step
+    assert max(m.latencies_s()) < 0.5
+
+
+def test_step_while_paused_is_an_error_and_a_warm_up_pause_does_nothing() -> None:
+    with Meter("cpu", warmup_steps=1) as m:
+        with m.paused():  # warm-up: nothing is measured yet
+            pass
+        m.step(tokens=1)  # ends the warm-up
+        m.pause()
+        with pytest.raises(RuntimeError, match="while paused"):
+            m.step(tokens=1)
+        m.resume()
+        m.step(tokens=1)
+    assert m.metrics()["duration_s"]["n_pauses"] == 1  # the warm-up one was not a pause

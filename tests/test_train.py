@@ -41,6 +41,23 @@ def test_an_intermediate_evaluation_is_not_in_the_step_latency():
     assert res.metrics["duration_s"]["eval_inside_s"] >= 3 * eval_s
 
 
+def test_an_intermediate_evaluation_is_in_no_rate_or_duration():
+    """Issue 29.6: evaluations were 8.6-12.2 % of the H200 attention runs' windows and sat in
+    the rates, MFU and energy; the Meter is paused for them now."""
+    eval_s = 1.0  # seven tiny-model steps take far less, however loaded the machine
+
+    def slow_eval(model):
+        time.sleep(eval_s)
+        return {"val_loss": 1.0}
+
+    res = run(steps=8, warmup=1, evaluate=slow_eval, eval_every=2)
+    dur = res.metrics["duration_s"]
+    assert dur["n_pauses"] == 3 and dur["paused_s"] >= 3 * eval_s
+    assert dur["value"] < dur["eval_inside_s"]  # the window is the steps alone
+    tps = res.metrics["tokens_per_s"]
+    assert tps["value"] == pytest.approx(tps["count"] / dur["value"])
+
+
 def test_an_evaluation_during_warm_up_is_neither_measured_nor_a_warm_up_step():
     res = run(steps=6, warmup=3, evaluate=lambda m: {"val_loss": 1.0}, eval_every=1)
     assert res.metrics["al_s"]["n"] == 6 - 3

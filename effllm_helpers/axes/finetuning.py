@@ -195,17 +195,21 @@ def layout_metrics(res: train.TrainResult) -> dict[str, Any]:
 
 def _flops_per_token(model: torch.nn.Module, prepared: ft.Prepared, p: FinetuneParams,
                      rows: list[tuple[list[int], list[int]]]) -> float | None:
-    """Training FLOPs/token of the prepared model as autograd runs them (adapter matmuls, DoRA's
-    extra work, no weight gradients for frozen weights, no backward below the first trainable
-    layer; see :func:`~effllm_helpers.models.flops.finetune_flops_per_token`), with attention at
-    the examples' mean length: an example attends only to itself (packed or padded), so
-    ``max_len`` would overstate it. None when the architecture is not covered (MFU is then null
-    with the reason)."""
+    """Training FLOPs per real (attended) token of the prepared model as autograd runs them
+    (adapter matmuls, DoRA's extra work, no weight gradients for frozen weights, no backward
+    below the first trainable layer; see ``models.flops.finetune_flops_per_token``),
+    with attention at each example's own length: an example attends only to itself (packed or
+    padded), so ``max_len`` overstates it and the mean length understates it (attention grows
+    with the square of a length). The sampler draws every row equally often, so this mean over
+    the rows is the expected count per real token, which is what the Meter multiplies it by
+    (``flop_tokens``: example tokens, not padding). None when the architecture is not covered
+    (MFU is then null with the reason)."""
     from ..models import flops
 
-    mean_len = max(1, round(sum(len(a) + len(b) for a, b in rows) / len(rows)))
+    lengths = [len(a) + len(b) for a, b in rows]
+    mean_len = max(1, round(sum(lengths) / len(lengths)))
     try:
-        return flops.finetune_flops_per_token(model, mean_len,
-                                              p.train.batch_size * mean_len)["total"]
+        return flops.finetune_flops_per_token(model, mean_len, p.train.batch_size * mean_len,
+                                              lengths=lengths)["total"]
     except (ValueError, NotImplementedError, AttributeError):
         return None

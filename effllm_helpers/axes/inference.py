@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .. import data, evaluate
+from .. import catalog, data, evaluate
 from ..config import DataSpec, InferenceParams, MeasureSpec
 from ..decode import EngineChoice, StaticGraphDecoder, choose_engine, linear_kernels, timing_metrics
 from ..errors import SkipRun
@@ -188,10 +188,18 @@ def decode_benchmark(model: torch.nn.Module, tokenizer: Any, p: InferenceParams,
     return m, {"name": engine.name, **served}
 
 
+# imported before the memory baseline, whichever precision runs: every precision's loading
+# library (bitsandbytes alone is ~50 MB of RSS on a CPU) and transformers, so that the
+# increment (amu_increment_gb, what precisions rank on) counts the model, its activations and
+# cache only
+BASELINE_LIBRARIES: tuple[str, ...] = ("transformers", *sorted(
+    {q.library for q in catalog.PRECISIONS.values()} - {"torch"}))
+
+
 def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
     """Load at ``p.precision``, benchmark decode at every batch size, score quality and MCR."""
     from ..measure.memory import mark_baseline  # AMU increment: memory above this point
-    mark_baseline()
+    mark_baseline(BASELINE_LIBRARIES)
     from transformers import AutoTokenizer
 
     from .. import models  # noqa: F401 - registers our custom model classes with Auto*
@@ -222,7 +230,8 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
     headline.pop("batch_size")
     metrics = headline
     for row in per_batch[1:]:
-        for k in ("it", "al_s", "ttft_s", "tpot_s", "j_per_token", "amu_gb"):
+        for k in ("it", "al_s", "ttft_s", "tpot_s", "j_per_token", "amu_gb",
+                  "amu_increment_gb"):
             if k in row:
                 metrics[f"{k}_bs{row['batch_size']}"] = row[k]
     random_weights = sources.has_random_weights(path)  # random:<shape>: efficiency only

@@ -8,6 +8,14 @@ device or dtype not in the table (and every CPU) we measure large matmuls instea
 MFU against it reads higher. A CPU peak is measured once per machine (several sizes, a few
 seconds, the max) and kept on disk, so runs on other days share one denominator; MFU never
 exceeds 1 (see :func:`mfu_metric`).
+
+The load a CPU calibration ran under is recorded with it: on a busy machine (other processes
+took the cores, or ours did not get them) the peak is too low, so it is used for that process
+only, flagged, and not kept; ``effllm calibrate`` re-measures on purpose. A CPU has one
+reference peak, the fp32 matmul peak, for every precision (method
+``calibrated_matmul_fp32_reference``): a per-dtype peak made MFU incomparable across
+precisions (fp16 matmuls run ~30x slower than fp32 on a CPU, so fp16 decode read 24x fp32's
+MFU while decoding slower). A GPU keeps the datasheet peak of the dtype it computes in.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 import torch
 
 from effllm_helpers import results
+from effllm_helpers.measure import contention as cont
 from effllm_helpers.measure import device as dev
 from effllm_helpers.results import metric, missing
 
@@ -107,6 +116,7 @@ def table_peak_flops(device_name: str, dtype: str) -> float | None:
 # short single-size timing on a CPU swings with contention and cache state (9.6-98.8 GFLOP/s
 # seen for one machine), and MFU against a low peak exceeds 1.
 _CALIB_CACHE: dict[tuple[Any, ...], float] = {}
+_CALIB_INFO: dict[tuple[Any, ...], dict[str, Any]] = {}  # the CPU entry behind each cached peak
 _CALIB_LOCK = threading.Lock()
 
 CPU_CALIB_SIZES: tuple[int, ...] = (256, 512, 1024, 2048)  # model-sized GEMMs, not toy ones
@@ -114,6 +124,14 @@ CPU_CALIB_BUDGET_S = 4.0
 CALIB_DIR_ENV = "EFFLLM_CALIB_DIR"  # where the per-machine CPU peak file lives
 CALIB_BUDGET_ENV = "EFFLLM_CALIB_BUDGET_S"  # total seconds for one CPU calibration
 CALIB_FILE = "cpu_peak_flops.json"
+# a calibration is busy (not kept) when, over its window, other processes used more than this
+# share of the machine's CPU time, or our process got less than this share of its threads' time
+CALIB_MAX_OTHER_BUSY = 0.25
+CALIB_MIN_OWN_SHARE = 0.8
+CALIB_MIN_WINDOW_S = 0.5  # a shorter window (a test's budget) is too short to judge the load
+# the one peak every precision is held against on a CPU (see the module docstring)
+CPU_REFERENCE_DTYPE = "fp32"
+CPU_REFERENCE_METHOD = "calibrated_matmul_fp32_reference"
 
 
 def calib_dir() -> Path:
@@ -144,9 +162,11 @@ def _read_calib_file(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _update_calib_file(key: str, entry: dict[str, Any], path: Path | None = None) -> None:
+def _update_calib_file(key: str, entry: dict[str, Any], path: Path | None = None,
+                       replace: bool = False) -> None:
     """Merge ``entry`` under ``key``, keeping the higher peak (another process may have written
-    one meanwhile); a lock file serialises writers, a rename keeps readers whole."""
+    one meanwhile) unless ``replace`` (a re-calibration on purpose); a lock file serialises
+    writers, a rename keeps readers whole."""
     path = path or calib_dir() / CALIB_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -158,7 +178,8 @@ def _update_calib_file(key: str, entry: dict[str, Any], path: Path | None = None
             pass
         data = _read_calib_file(path)
         old = data.get(key)
-        if isinstance(old, dict) and float(old.get("flops", 0)) >= float(entry["flops"]):
+        if not replace and isinstance(old, dict) \
+                and float(old.get("flops", 0)) >= float(entry["flops"]):
             return
         data[key] = entry
         results.atomic_write_json(path, data)
@@ -195,12 +216,56 @@ def _time_cpu_matmuls(tdt: torch.dtype, sizes: tuple[int, ...], budget_s: float
     return rates
 
 
+def _load_snapshot() -> dict[str, Any]:
+    """What the load judgement of a calibration window needs at one instant."""
+    return {"t": time.perf_counter(), "own_cpu_s": process_cpu_seconds(),
+            "machine": cont.cpu_times(), "load_1m": cont.load_1m()}
+
+
+def judge_load(start: dict[str, Any], stop: dict[str, Any], threads: int,
+               cores: int | None = None) -> dict[str, Any]:
+    """The load a calibration window ran under, and ``busy`` (why its peak is too low) or None.
+
+    ``own_share``: our CPU seconds over wall x torch threads (below
+    :data:`CALIB_MIN_OWN_SHARE` our threads waited for cores); ``other_busy``: the machine's
+    busy CPU seconds not ours over wall x cores (above :data:`CALIB_MAX_OTHER_BUSY` another
+    process competed). A window shorter than :data:`CALIB_MIN_WINDOW_S` is not judged."""
+    cores = cores or cont.machine_cores()
+    wall = stop["t"] - start["t"]
+    own = stop["own_cpu_s"] - start["own_cpu_s"]
+    out: dict[str, Any] = {"window_s": wall, "load_1m_start": start.get("load_1m"),
+                           "load_1m_stop": stop.get("load_1m"), "machine_cores": cores,
+                           "own_share": None, "other_busy": None, "busy": None}
+    if wall < CALIB_MIN_WINDOW_S:
+        out["judged"] = f"not judged: a {wall:.2f} s window is too short"
+        return out
+    out["own_share"] = own / (wall * max(1, threads))
+    m0, m1 = start.get("machine"), stop.get("machine")
+    if m0 is not None and m1 is not None and m1[1] > m0[1]:
+        # machine CPU seconds are summed over cores: busy seconds not ours over wall x cores
+        out["other_busy"] = max(0.0, (m1[0] - m0[0]) * wall / (m1[1] - m0[1]) * cores - own
+                                ) / (wall * cores)
+    why = []
+    if out["own_share"] < CALIB_MIN_OWN_SHARE:
+        why.append(f"our {threads} thread(s) got {out['own_share']:.0%} of their time "
+                   f"(< {CALIB_MIN_OWN_SHARE:.0%})")
+    if out["other_busy"] is not None and out["other_busy"] > CALIB_MAX_OTHER_BUSY:
+        why.append(f"other processes used {out['other_busy']:.0%} of the machine's CPU "
+                   f"(> {CALIB_MAX_OTHER_BUSY:.0%})")
+    if why:
+        out["busy"] = "calibrated on a busy machine: " + "; ".join(why)
+    return out
+
+
 def cpu_calibration(dtype: str = "fp32", sizes: tuple[int, ...] | None = None,
-                    budget_s: float | None = None) -> dict[str, Any]:
+                    budget_s: float | None = None, *, force: bool = False) -> dict[str, Any]:
     """This machine's CPU matmul peak: the max FLOP/s over ``sizes`` at torch's current thread
     count, read from the per-machine file when there, else measured (``budget_s`` seconds in
-    all; ``$EFFLLM_CALIB_BUDGET_S``) and saved. Returns the file entry (``flops``, ``by_size``,
-    ``threads``, ``load_1m``, ``source``: "file" | "measured")."""
+    all; ``$EFFLLM_CALIB_BUDGET_S``) with the load it ran under (:func:`judge_load`), and saved
+    unless the machine was busy (``busy`` says why; the peak then holds for this process only).
+    ``force`` re-measures and replaces the file's entry even when lower (``effllm calibrate``).
+    Returns the entry (``flops``, ``by_size``, ``threads``, ``load``, ``busy``, ``source``:
+    "file" | "measured")."""
     key_dtype = canonical_dtype(dtype)
     tdt = _TORCH_DTYPES.get(key_dtype)
     if tdt is None:
@@ -209,18 +274,24 @@ def cpu_calibration(dtype: str = "fp32", sizes: tuple[int, ...] | None = None,
     key = cpu_calib_key(key_dtype, sizes)
     path = calib_dir() / CALIB_FILE
     entry = _read_calib_file(path).get(key)
-    if isinstance(entry, dict) and float(entry.get("flops") or 0) > 0:
+    if not force and isinstance(entry, dict) and float(entry.get("flops") or 0) > 0:
         return {**entry, "source": "file", "file": str(path), "key": key}
     budget = _calib_budget(budget_s)
+    threads = torch.get_num_threads()
+    start = _load_snapshot()
     rates = _time_cpu_matmuls(tdt, sizes, budget)
+    load = judge_load(start, _load_snapshot(), threads)
     entry = {"flops": max(r for r in rates.values() if r), "by_size": {str(k): v for k, v in
                                                                        rates.items()},
-             "threads": torch.get_num_threads(), "budget_s": budget,
-             "load_1m": _load_1m(), "measured_at": results.now_iso()}
-    try:
-        _update_calib_file(key, entry, path)
-    except OSError as exc:  # read-only home: the peak still holds for this process
-        entry["cache_error"] = f"{type(exc).__name__}: {exc}"
+             "threads": threads, "budget_s": budget, "load_1m": load["load_1m_start"],
+             "load": load, "busy": load["busy"], "measured_at": results.now_iso()}
+    if load["busy"]:
+        entry["not_saved"] = "a peak measured on a busy machine is not kept"
+    else:
+        try:
+            _update_calib_file(key, entry, path, replace=force)
+        except OSError as exc:  # read-only home: the peak still holds for this process
+            entry["cache_error"] = f"{type(exc).__name__}: {exc}"
     return {**entry, "source": "measured", "file": str(path), "key": key}
 
 
@@ -229,12 +300,14 @@ def raise_cpu_peak(dtype: str, achieved: float, sizes: tuple[int, ...] | None = 
     every rate seen, so the file (and this process' cache) take the achieved rate."""
     sizes = tuple(sizes or CPU_CALIB_SIZES)
     key = cpu_calib_key(dtype, sizes)
+    entry = {"flops": achieved, "threads": torch.get_num_threads(), "raised_by_run": True,
+             "load_1m": _load_1m(), "measured_at": results.now_iso()}
     with _CALIB_LOCK:
-        _CALIB_CACHE[("cpu", canonical_dtype(dtype), sizes, torch.get_num_threads())] = achieved
+        pkey = ("cpu", canonical_dtype(dtype), sizes, torch.get_num_threads())
+        _CALIB_CACHE[pkey] = achieved
+        _CALIB_INFO[pkey] = entry
     try:
-        _update_calib_file(key, {"flops": achieved, "threads": torch.get_num_threads(),
-                                 "raised_by_run": True, "load_1m": _load_1m(),
-                                 "measured_at": results.now_iso()})
+        _update_calib_file(key, entry)
     except OSError:
         pass
 
@@ -264,9 +337,11 @@ def calibrate_matmul(device: str | torch.device = "cpu", dtype: str = "fp32", n:
         with _CALIB_LOCK:
             if pkey in _CALIB_CACHE:
                 return _CALIB_CACHE[pkey]
-        best = float(cpu_calibration(key_dtype, sizes, budget_s)["flops"])
+        entry = cpu_calibration(key_dtype, sizes, budget_s)
+        best = float(entry["flops"])
         with _CALIB_LOCK:
             _CALIB_CACHE[pkey] = best
+            _CALIB_INFO[pkey] = entry
         return best
     n = n or 8192
     key = (str(d), key_dtype, n)
@@ -336,13 +411,38 @@ def peak_flops(device: str | torch.device, dtype: str, n_devices: int = 1
             return per * n_devices, "peak_table", notes
         notes["table_miss"] = f"no datasheet peak for {name!r} in {peak_dtype}"
     else:
-        notes["device_name"] = dev.cpu_model()
-        notes["torch_threads"] = torch.get_num_threads()
-        notes["peak_note"] = (f"max matmul FLOP/s over n={list(CPU_CALIB_SIZES)} at "
-                              f"{torch.get_num_threads()} torch threads, cached per machine in "
-                              f"{calib_dir() / CALIB_FILE}; a run faster than it raises it")
+        return cpu_peak_flops(peak_dtype, n_devices)
     per = calibrate_matmul(d, peak_dtype)
     return per * n_devices, "calibrated_matmul", notes
+
+
+def cpu_peak_flops(dtype: str, n_devices: int = 1) -> tuple[float, str, dict[str, Any]]:
+    """The CPU's one reference peak (fp32 matmuls) whatever ``dtype`` computes, with the
+    calibration's load, and a ``flag`` when it was measured on a busy machine or its load was
+    never recorded (see the module docstring)."""
+    threads = torch.get_num_threads()
+    per = calibrate_matmul("cpu", CPU_REFERENCE_DTYPE)
+    notes: dict[str, Any] = {
+        "device_name": dev.cpu_model(), "torch_threads": threads,
+        "compute_dtype": canonical_dtype(dtype), "peak_dtype": CPU_REFERENCE_DTYPE,
+        "peak_note": (f"one reference peak per CPU for every precision: max {CPU_REFERENCE_DTYPE}"
+                      f" matmul FLOP/s over n={list(CPU_CALIB_SIZES)} at {threads} torch "
+                      f"threads, cached per machine in {calib_dir() / CALIB_FILE}; a run "
+                      "faster than it raises it")}
+    with _CALIB_LOCK:
+        entry = _CALIB_INFO.get(("cpu", CPU_REFERENCE_DTYPE, CPU_CALIB_SIZES, threads), {})
+    if entry.get("raised_by_run"):
+        pass  # a rate a run reached: the load of a calibration does not apply
+    elif entry.get("busy"):
+        notes["calibration_load"] = entry.get("load")
+        notes["flag"] = (f"{entry['busy']}: the peak is low and MFU high; run `effllm "
+                         "calibrate` on an idle machine")
+    elif entry and "load" not in entry:
+        notes["flag"] = ("the load this peak was calibrated under was not recorded (an older "
+                         "entry): `effllm calibrate --force` re-measures it")
+    elif entry:
+        notes["calibration_load"] = entry["load"]
+    return per * n_devices, CPU_REFERENCE_METHOD, notes
 
 
 def mfu_metric(flops_per_token: float | None, tokens: float, duration_s: float | None,
@@ -367,7 +467,7 @@ def mfu_metric(flops_per_token: float | None, tokens: float, duration_s: float |
         return missing("fraction", "no peak FLOP/s available", method)
     achieved = flops_per_token * tokens / duration_s
     if achieved > peak:
-        if on_exceed is not None and peak_method == "calibrated_matmul":
+        if on_exceed is not None and peak_method.startswith("calibrated_matmul"):
             on_exceed(achieved)  # later runs are held against this rate
             out = missing("fraction", f"achieved {achieved:.4g} FLOP/s beat the calibrated peak "
                           f"{peak:.4g} FLOP/s: the peak was raised to it for later runs; this "

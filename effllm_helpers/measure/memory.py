@@ -7,8 +7,10 @@ no number at all; then we fall back to the device's used memory and say so (``sc
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -91,12 +93,32 @@ def _cuda_allocated() -> dict[int, int] | None:
         return None
 
 
-def mark_baseline() -> dict[str, Any]:
+def import_libraries(names: Sequence[str]) -> dict[str, str]:
+    """Import each named module that is installed: name -> "imported" or why not.
+
+    Any exception counts as "not importable" (a GPU library may refuse a machine without one)."""
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - whatever stops the import, it is not loaded
+            out[name] = f"not imported: {type(exc).__name__}: {str(exc)[:120]}"
+        else:
+            out[name] = "imported"
+    return out
+
+
+def mark_baseline(libraries: Sequence[str] = ()) -> dict[str, Any]:
     """Record this process tree's memory now, before a model is loaded (each call replaces the
-    last); the Meter's ``amu_increment_gb`` is measured above it."""
+    last); the Meter's ``amu_increment_gb`` is measured above it.
+
+    ``libraries`` are imported first: a library that one technique imports while loading
+    (bitsandbytes: ~50 MB of RSS on a CPU) would otherwise count as that technique's memory,
+    and int4 would read more than fp32. The baseline records which were imported."""
+    imported = import_libraries(libraries)
     _BASELINE.clear()
     _BASELINE.update(rss_bytes=ProcessTree().rss_bytes(), cuda_allocated_bytes=_cuda_allocated(),
-                     kind="preload", t=time.time())
+                     kind="preload", t=time.time(), libraries=imported)
     return dict(_BASELINE)
 
 

@@ -567,11 +567,25 @@ def _peft_scores(wide: pd.DataFrame) -> pd.DataFrame:
     if "technique" in ok:  # names every setting varied in the study (QLoRA: "lora+nf4")
         ok["p.method"] = ok["technique"]
     ms = [m for m in E.EFFICIENCY_METRICS["finetuning"] if m in ok]
-    ok["score"] = E.scores_by_set(ok, "finetuning", metrics=ms)["score"]
+    sets = E.scores_by_set(ok, "finetuning", metrics=ms)
+    ok["score"] = sets["score"]
     loss = "eval_loss" if "eval_loss" in ok and ok["eval_loss"].notna().any() else None
     agg = repeat_summary(ok, ["score"] + ([loss] if loss else []), ["p.base_model", "p.method"])
     agg["loss_metric"] = loss or ""
+    left_out = sorted({m for v in sets["not_ranking"] for m in str(v).split(",") if m})
+    agg.attrs["score_metrics"] = [m for m in ms if ok[m].notna().any() and m not in left_out]
+    agg.attrs["not_ranking"] = left_out
     return agg
+
+
+def _score_over(agg: pd.DataFrame) -> str:
+    """What the PEFT score is over, and which metric was left out of it and why (a metric that
+    does not spread beyond its noise, e.g. a CPU's PCU: :func:`scoring.spread_note`)."""
+    used = ", ".join(LABEL.get(m, m) for m in agg.attrs.get("score_metrics", []))
+    out = agg.attrs.get("not_ranking", [])
+    why = (f"; {', '.join(LABEL.get(m, m) for m in out)} left out: spread within its noise, "
+           "it does not rank the methods here" if out else "")
+    return f"score over {used}{why}"
 
 
 def _peft_panels(tidy_df: pd.DataFrame) -> tuple[pd.DataFrame, list, list] | str:
@@ -624,8 +638,7 @@ def fig4a_peft_score_loss(tidy_df: pd.DataFrame, out_dir: str | Path,
     down.set_xlabel("base model", fontsize=9)
     up.legend(loc="upper left", bbox_to_anchor=(1.01, 1),
               fontsize=8, frameon=False, title="method", title_fontsize=8)
-    fig.suptitle(title + "\n(score over AMU, PCU, AL, ST, AEC within each base model)",
-                 fontsize=11)
+    fig.suptitle(title + f"\n({_score_over(agg)}; within each base model)", fontsize=11)
     return _done(name, fig, out_dir)
 
 
@@ -660,17 +673,19 @@ def fig4b_peft_area_loss(tidy_df: pd.DataFrame, out_dir: str | Path,
         else:
             ax.text(0.99, 0.95, "no eval loss recorded", transform=ax.transAxes, ha="right",
                     va="top", fontsize=8)
-    handles = [Patch(color="#4c72b0", alpha=0.35, label="efficiency score (AMU, PCU, AL, ST, "
-                     "AEC)"), Line2D([], [], color="#c44e52", marker="s", label="eval loss")]
+    handles = [Patch(color="#4c72b0", alpha=0.35, label="efficiency score"),
+               Line2D([], [], color="#c44e52", marker="s", label="eval loss")]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8)
-    fig.suptitle(title, fontsize=12)
+    fig.suptitle(f"{title}\n({_score_over(agg)})", fontsize=11)
     return _done(name, fig, out_dir)
 
 
 # ---------------------------------------------------------------- Fig. 5
-POLAR_RINGS = ["perf", "it", "amu_gb", "al_s", "aec_w", "mcr"]
-RING_LABEL = {"perf": "Performance", "it": "IT", "amu_gb": "AMU", "al_s": "AL", "aec_w": "AEC",
-              "mcr": "MCR"}
+# AMU is the memory a precision adds (the increment above the post-import baseline): the total
+# is mostly the fixed baseline (interpreter, libraries, CUDA context), the same for every one
+POLAR_RINGS = ["perf", "it", "amu_increment_gb", "al_s", "aec_w", "mcr"]
+RING_LABEL = {"perf": "Performance", "it": "IT", "amu_increment_gb": "AMU (model)", "al_s": "AL",
+              "aec_w": "AEC", "mcr": "MCR"}
 
 
 def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,

@@ -33,8 +33,8 @@ AXES = E.STUDY_AXES
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
 KEY_METRICS = ("val_ppl", "probe_acc", "eval_loss", "accuracy", "task_acc", "ppl",
                "frechet_classifier_distance", "sample_class_accuracy", "amu_gb",
-               "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it", "tokens_per_s",
-               "aec_w", "energy_j", "j_per_token", "mcr")
+               "amu_increment_gb", "pcu", "mfu", "al_s", "ttft_s", "tpot_s", "tt", "st", "it",
+               "tokens_per_s", "aec_w", "energy_j", "j_per_token", "mcr")
 SIZE_COLUMN = {a: SPECS[a].size_column for a in AXES}
 DEFAULT_UNITS = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
 # one line per metric, for header tooltips (units come from the records, directions from
@@ -50,6 +50,8 @@ DEFINITIONS = {
                                     "CNN classifier's feature space (not FID)"),
     "sample_class_accuracy": "that classifier's accuracy on generated images (conditioning)",
     "amu_gb": "AMU: average memory used over the measured window",
+    "amu_increment_gb": ("AMU above the baseline taken after every library is imported: the "
+                         "memory the technique adds (model, activations, cache)"),
     "pcu": "PCU: peak compute utilisation (achieved / peak FLOP/s)",
     "mfu": "MFU: model FLOP utilisation (model FLOPs / peak FLOP/s)",
     "al_s": "AL: average latency per step or request",
@@ -353,7 +355,11 @@ def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
             "comparison set (same study, device and model size / base model / model), then a "
             "weighted harmonic mean (weights from the study's params, default equal). Rank 1 = "
             "best in its set. Null metrics are left out of that run's score and named in the "
-            "score note. Failed runs are listed without a score.")
+            "score note; so is a metric whose spread over the set is within its noise (the "
+            f"larger of {E.DEFAULT_NOISE_FLOOR_REL:.0%} of its median and its spread over repeats "
+            "of one technique), e.g. a "
+            "CPU's PCU, which reads ~0.98 for every method. Failed runs are listed without a "
+            "score.")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"

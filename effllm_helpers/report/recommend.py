@@ -41,6 +41,9 @@ SIZE_COLUMN: dict[str, str] = {
 SET_KEYS: dict[str, tuple[str, ...]] = {
     axis: tuple(k for k in keys if k != "study") for axis, keys in E.COMPARISON_KEYS.items()
 }
+# MEMORY is the total, what a budget (--max-memory-gb) must hold; the Pareto objective and the
+# tie-break use the axis's memory metric (inference: the increment above the post-import
+# baseline, what a precision adds; see scoring.memory_metric)
 MEMORY, ENERGY = "amu_gb", "j_per_token"
 LATENCY_DEFAULT, TPOT = "al_s", "tpot_s"
 UNITS = {MEMORY: "GB", LATENCY_DEFAULT: "s", TPOT: "s", ENERGY: "J/token"}  # as recorded
@@ -237,8 +240,9 @@ def choose_in_set(agg: pd.DataFrame, constraints: Sequence[str | Constraint] | S
     """
     cons: list[Constraint] = list(constraints)
     table = agg.reset_index(drop=True).copy()
-    higher = {m: E.HIGHER_IS_BETTER.get(m, False) for m in (MEMORY, latency, ENERGY)}
-    objectives = [m for m in (quality, MEMORY, latency, ENERGY)
+    mem = E.memory_metric(table, axis)
+    higher = {m: E.HIGHER_IS_BETTER.get(m, False) for m in (MEMORY, mem, latency, ENERGY)}
+    objectives = [m for m in (quality, mem, latency, ENERGY)
                   if m and m in table and table[m].notna().any()]
     if quality:
         higher[quality] = E.HIGHER_IS_BETTER.get(quality, True)
@@ -267,7 +271,7 @@ def choose_in_set(agg: pd.DataFrame, constraints: Sequence[str | Constraint] | S
     pick, break_metric = order[0], None
     if tied:
         pool = [order[0], *tied]
-        pick, break_metric = _break_tie(front.loc[pool], [MEMORY, latency, ENERGY], higher)
+        pick, break_metric = _break_tie(front.loc[pool], [mem, latency, ENERGY], higher)
         ch.tie, ch.tie_break = True, break_metric
     # runner-up: the next best quality among all feasible runs (dominated ones included: the
     # question "why not X?" is about any run that fits)
@@ -367,7 +371,7 @@ def _explain(ch: Choice, table: pd.DataFrame, pick: Any, runner: Any,
     if runner is not None:
         r = table.loc[runner]
         parts = []
-        for m in [q, MEMORY, latency, ENERGY]:
+        for m in [q, E.memory_metric(table, ch.axis), latency, ENERGY]:
             if not m or _val(best, m) is None or _val(r, m) is None:
                 continue
             d = _val(best, m) - _val(r, m)
@@ -422,7 +426,8 @@ def recommend(tidy: pd.DataFrame, axis: str = "inference", *,
                             max_energy_j_per_token=max_energy_j_per_token,
                             min_quality=min_quality, quality=q,
                             quality_higher_is_better=E.HIGHER_IS_BETTER.get(q or "", True))
-    agg = aggregate(wide, axis, [m for m in (q, MEMORY, latency, ENERGY) if m])
+    mems = dict.fromkeys((MEMORY, E.memory_metric(wide, axis)))  # the budget's, the ranked
+    agg = aggregate(wide, axis, [m for m in (q, *mems, latency, ENERGY) if m])
     keys = [k for k in SET_KEYS.get(axis, ("device",)) if k in agg]
     out = []
     for gkey, sub in agg.groupby(keys, dropna=False, sort=True) if keys else [((), agg)]:

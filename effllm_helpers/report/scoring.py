@@ -21,6 +21,14 @@ differ from the paper:
   column of :func:`score_frame`). The paper had no missing values; we prefer a score over fewer
   metrics, noted, to an invented number. A run with no usable metric gets NaN.
 * Min and max are taken over the comparison set's non-null values only.
+* **Spread beyond noise**: an efficiency metric enters a comparison set's score only when its
+  spread over the set's runs (max - min) exceeds its noise: the larger of a stated floor
+  (:data:`NOISE_FLOOR_REL`, a fraction of the set's median) and the largest spread among
+  repeats (seeds) of one technique in the set. Min-max scaling stretches any spread to the full
+  [0.1, 1], so a metric that does not tell techniques apart on a device would otherwise rank the
+  machine's noise: a CPU's PCU (process CPU time over wall time) reads 0.97-0.99 for every
+  method. A left-out metric is named, with why, in every row's ``excluded`` note of that set
+  (:func:`scores_by_set`). The quality metric is never left out (it is what the study ranks).
 """
 
 from __future__ import annotations
@@ -59,6 +67,9 @@ WORSE_THAN_UNIFORM = "worse than uniform (ppl > vocabulary size): not ranked on 
 # efficiency metrics of the default score per axis (the paper's figure axes for that axis)
 EFFICIENCY_METRICS: dict[str, tuple[str, ...]] = {
     s.name: s.efficiency_metrics for s in _STUDY_SPECS}
+# the memory each axis ranks on: the total, or the increment above the post-import baseline
+MEMORY_METRIC: dict[str, str] = {s.name: s.memory_metric for s in _STUDY_SPECS}
+TOTAL_MEMORY = "amu_gb"
 
 # what a run is compared against: runs that share these columns form one comparison set
 COMPARISON_KEYS: dict[str, tuple[str, ...]] = {s.name: s.comparison_keys for s in _STUDY_SPECS}
@@ -77,6 +88,13 @@ RANK_COLUMNS: dict[str, str | None] = {
 }
 
 SEED_PARAMS = ("p.seed", "p.train.seed")
+
+# the stated noise floor of an efficiency metric: a spread over a comparison set at most this
+# fraction of the set's median does not rank techniques. 2 %: on the 2-core reference machine
+# repeats (seeds) of one method spread up to 1.0 % in CPU PCU, while PCU over all methods of a
+# set spread 0.5-1.1 % (0.975-0.988); memory, latency and throughput spread 12 % or more
+DEFAULT_NOISE_FLOOR_REL = 0.02
+NOISE_FLOOR_REL: dict[str, float] = {}  # per-metric floors where one differs from the default
 
 
 # ---------------------------------------------------------------- wide table
@@ -229,9 +247,19 @@ def _unflagged(wide: pd.DataFrame, quality: str | None) -> tuple[pd.DataFrame, p
     return out, flags
 
 
+def memory_metric(wide: pd.DataFrame, axis: str) -> str:
+    """The memory ``axis`` ranks on (:data:`MEMORY_METRIC`), or the total ``amu_gb`` for
+    records that do not hold it (made before the increment was recorded)."""
+    m = MEMORY_METRIC.get(axis, TOTAL_MEMORY)
+    return m if m in wide and wide[m].notna().any() else TOTAL_MEMORY
+
+
 def default_metrics(wide: pd.DataFrame, axis: str, include_quality: bool = True) -> list[str]:
-    """Metrics of the default score for ``axis``: its efficiency metrics (+ quality) present."""
-    ms = [m for m in EFFICIENCY_METRICS.get(axis, ()) if m in wide and wide[m].notna().any()]
+    """Metrics of the default score for ``axis``: its efficiency metrics (+ quality) present
+    (its memory metric falls back to the total where the rows lack it)."""
+    mem = MEMORY_METRIC.get(axis, TOTAL_MEMORY)
+    ms = [memory_metric(wide, axis) if m == mem else m for m in EFFICIENCY_METRICS.get(axis, ())]
+    ms = [m for m in dict.fromkeys(ms) if m in wide and wide[m].notna().any()]
     q = quality_metric(wide, axis) if include_quality else None
     return ([q] if q else []) + ms
 
@@ -333,6 +361,41 @@ def resolve_weights(metrics: Sequence[str], weights: Mapping[str, float] | None,
     return out
 
 
+def repeat_noise(df: pd.DataFrame, metric: str) -> float:
+    """The largest spread (max - min) of ``metric`` among repeats of one technique in ``df``
+    (rows sharing a ``technique`` label); 0 when no technique is repeated."""
+    if "technique" not in df or metric not in df:
+        return 0.0
+    x = pd.to_numeric(df[metric], errors="coerce")
+    spans = x.groupby(df["technique"]).agg(lambda v: v.max() - v.min() if v.notna().sum() > 1
+                                           else 0.0)
+    return float(spans.max()) if len(spans) and spans.notna().any() else 0.0
+
+
+def spread_note(df: pd.DataFrame, metric: str) -> str | None:
+    """Why ``metric`` does not rank the runs of ``df`` (one comparison set), or None when it
+    does: its spread is within its noise (see the module docstring, "Spread beyond noise").
+
+    A constant column or a set of fewer than two values is left to :func:`normalise` (every
+    row scales to 1.0, which moves no rank)."""
+    if metric not in df:
+        return None
+    x = pd.to_numeric(df[metric], errors="coerce").dropna()
+    if len(x) < 2 or x.max() == x.min():
+        return None
+    spread = float(x.max() - x.min())
+    centre = abs(float(x.median()))
+    floor_rel = NOISE_FLOOR_REL.get(metric, DEFAULT_NOISE_FLOOR_REL)
+    floor, repeats = floor_rel * centre, repeat_noise(df, metric)
+    noise = max(floor, repeats)
+    if spread > noise:
+        return None
+    why = (f"repeats of one technique spread {repeats:.3g}" if repeats >= floor
+           else f"the {floor_rel:.0%} noise floor of its median is {floor:.3g}")
+    return (f"{metric}: left out of this set's score, it does not rank the techniques (spread "
+            f"{spread:.3g} over the set; {why})")
+
+
 def score_frame(wide_df: pd.DataFrame, metrics: Sequence[str],
                 weights: Mapping[str, float] | None = None, *,
                 higher_is_better: Mapping[str, bool] | None = None,
@@ -407,17 +470,21 @@ def ok_rows(wide: pd.DataFrame) -> pd.DataFrame:
 
 def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | None = None,
                   metrics: Sequence[str] | None = None,
-                  by: Iterable[str] | None = None) -> pd.DataFrame:
+                  by: Iterable[str] | None = None, *,
+                  beyond_noise: bool = True) -> pd.DataFrame:
     """Score every ok run within its comparison set (:data:`COMPARISON_KEYS`) of ``axis``.
 
     Returns a frame indexed like ``wide`` with ``score``, ``n_metrics``, ``excluded``, ``flag``,
-    ``metrics`` (those scored, comma-separated) and ``set`` (a label of the comparison set).
-    Failed runs get NaN and ``excluded = "run failed"``.
+    ``metrics`` (those scored, comma-separated), ``set`` (a label of the comparison set) and
+    ``not_ranking`` (efficiency metrics left out of that set's score because their spread is
+    within their noise, :func:`spread_note`, comma-separated; also named in ``excluded``; off
+    with ``beyond_noise=False``). Failed runs get NaN and ``excluded = "run failed"``.
     """
     out = pd.DataFrame({"score": np.nan, "n_metrics": 0, "excluded": "run failed",
-                        "metrics": "", "set": "", "flag": ""}, index=wide.index)
+                        "metrics": "", "set": "", "flag": "", "not_ranking": ""},
+                       index=wide.index)
     out = out.astype({"score": float, "n_metrics": int, "excluded": object, "metrics": object,
-                      "set": object, "flag": object})
+                      "set": object, "flag": object, "not_ranking": object})
     ok = ok_rows(wide)
     if ok.empty:
         return out
@@ -428,11 +495,18 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
         sub = ok.loc[idx]
         ms = list(metrics) if metrics is not None else default_metrics(sub, axis)
         ms = [m for m in ms if m in sub]
-        sf = score_frame(sub, ms, weights, quality=quality_metric(sub, axis))
+        quality = quality_metric(sub, axis)
+        notes = {m: spread_note(sub, m) for m in ms if m != quality} if beyond_noise else {}
+        notes = {m: n for m, n in notes.items() if n}
+        ms = [m for m in ms if m not in notes]
+        sf = score_frame(sub, ms, weights, quality=quality)
         label = " / ".join(str(g) for g in (gkey if isinstance(gkey, tuple) else (gkey,)))
         out.loc[idx, "score"] = sf["score"]
         out.loc[idx, "n_metrics"] = sf["n_metrics"]
-        out.loc[idx, "excluded"] = sf["excluded"]
+        left = list(notes.values())
+        out.loc[idx, "excluded"] = [
+            "; ".join([*left, e] if e else left) for e in sf["excluded"]]
+        out.loc[idx, "not_ranking"] = ",".join(notes)
         out.loc[idx, "flag"] = sf["flag"]
         out.loc[idx, "metrics"] = ",".join(ms)
         out.loc[idx, "set"] = label
@@ -445,7 +519,9 @@ def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
     ok = ok_rows(wide)
     q = quality_metric(ok, axis)
     ok, flags = _unflagged(ok, q)
-    cols = {k: (q if v is None else v) for k, v in RANK_COLUMNS.items()}
+    mem = memory_metric(ok, axis)  # the AMU column: what the axis ranks memory on
+    cols = {k: (q if v is None else mem if v == TOTAL_MEMORY else v)
+            for k, v in RANK_COLUMNS.items()}
     metrics = [m for m in dict.fromkeys(v for v in cols.values() if v)
                if m in ok and ok[m].notna().any()]
     if ok.empty or not metrics:
@@ -486,6 +562,7 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
     ``score`` (mean efficiency score), ``n_techniques``, ``perf_metric``, ``flag`` (quality not
     ranked, e.g. perplexity worse than uniform) and ``ties`` (columns whose rank the technique
     shares). Differences inside the recorded 95 % intervals are ties (:func:`tie_with_best`).
+    AMU ranks each axis's :func:`memory_metric` (inference: the increment above the baseline).
     """
     cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "n_techniques", "perf_metric",
             "flag", "ties"]
@@ -522,5 +599,6 @@ __all__: list[Any] = [
     "FLOOR", "HIGHER_IS_BETTER", "RANK_COLUMNS", "COMPARISON_KEYS", "wide_table", "normalise",
     "efficiency_scores", "score_frame", "scores_by_set", "rank_table", "quality_metric",
     "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
-    "quality_flags", "tie_with_best", "no_difference",
+    "quality_flags", "tie_with_best", "no_difference", "spread_note", "repeat_noise",
+    "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL", "MEMORY_METRIC", "memory_metric",
 ]
