@@ -71,7 +71,7 @@ SWEEP_RUN_ENV = "EFFLLM_SWEEP_RUN_ID"
 # ... and the name of the preset that resolved the injected params (a sweep injects them with
 # ``preset=None``), so the record can say which preset produced them
 PRESET_ENV = "EFFLLM_PRESET"
-NOTEBOOK_SAVED = "notebook_saved"
+NOTEBOOK_SAVED = results.NOTEBOOK_SAVED
 
 
 @dataclass
