@@ -5,7 +5,12 @@
   message, exit 2, no traceback, within a time limit;
 * kill: a smoke sweep SIGKILLed at several moments, then resumed: every run must end with exactly
   one ok record, and nothing the killed sweep started may outlive it;
-* concurrency: two sweeps into one folder: no run executed twice, no record lost.
+* concurrency: two sweeps into one folder: no run executed twice, no record lost; six
+  ``collect`` into one folder: none crashes; two sweeps side by side: each record counts both;
+* hostile inputs (issue 29's held-out run): task files that run code, size bombs, control
+  characters, over-long paths, silent grid overrides, hostile CLI options;
+* corrupt records (facts past float range, negative or overflowing metrics, unsealed records,
+  looping links) through collect, recommend and compare: each reported invalid, none taken.
 
 Usage: ``python benchmarks/robustness.py [--fuzz N] [--kills N] [--json out.json]``.
 """
@@ -85,6 +90,62 @@ def mutations(rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
+SMOKE_HEAD = "study: h\naxis: smoke\nnotebook: notebooks/smoke.ipynb\n"
+INFER_HEAD = "study: h\naxis: inference\nnotebook: notebooks/03_inference.ipynb\n"
+FT_HEAD = "study: h\naxis: finetuning\nnotebook: notebooks/02_finetuning.ipynb\n"
+
+
+def hostile_cases() -> list[tuple[str, str | None]]:
+    """The held-out run's classes (issue 29): code in a params value, size bombs, keys and
+    characters that used to raise, over-long paths, silent mislabels. ``None``: a FIFO."""
+    twelve = ", ".join(str(i) for i in range(12))
+    return [
+        ("task file runs code", INFER_HEAD + "grid: {lm_eval_tasks: [[/tmp/t/evil.yaml]]}\n"),
+        ("task file relative", INFER_HEAD + "grid: {lm_eval_tasks: [[evil.yaml]]}\n"),
+        ("grid bomb 6x12", SMOKE_HEAD + "grid: {" + ", ".join(  # valid keys: ~3M runs
+            f"{k}: [{twelve}]" for k in ("n", "steps", "measure.warmup_steps", "measure.repeats",
+                                         "sleep_s", "measure.min_duration_s")
+        ).replace("[0, ", "[12, ") + "}\n"),
+        ("alias string bomb", SMOKE_HEAD + f'x: &s "{"y" * 200_000}"\n'
+         "grid: {n: [" + ", ".join(["*s"] * 50) + "]}\n"),
+        ("million-element list", SMOKE_HEAD + "grid: {n: [" + ",".join(["1"] * 1_000_000)
+         + "]}\n"),
+        ("5000-element list", SMOKE_HEAD + "grid: {n: [" + ",".join(["1"] * 5000) + "]}\n"),
+        ("list as key", SMOKE_HEAD + "grid: {n: [1]}\n? [1, 2]\n: 3\n"),
+        ("mapping as key", SMOKE_HEAD + "grid: {n: [1]}\n? {a: 1}\n: 3\n"),
+        ("NUL in value", SMOKE_HEAD + 'grid: {n: [1]}\ndescription: "a\\0b"\n'),
+        ("NUL in notebook", SMOKE_HEAD.replace("smoke.ipynb", 'smoke\\0.ipynb"').replace(
+            "notebook: ", 'notebook: "') + "grid: {n: [1]}\n"),
+        ("bell in value", SMOKE_HEAD + 'grid: {fail: ["none\\a"]}\n'),
+        ("escape in key", SMOKE_HEAD + 'grid: {"n\\e[31m": [1]}\n'),
+        ("escape in model", INFER_HEAD + 'grid: {model: ["x\\e[2J/y"]}\n'),
+        ("surrogate", SMOKE_HEAD + 'grid: {fail: ["\\ud800"]}\n'),
+        ("long notebook path", SMOKE_HEAD.replace("notebooks/smoke.ipynb", "a/" * 3000 + "x")
+         + "grid: {n: [1]}\n"),
+        ("long model path", INFER_HEAD + f"grid: {{model: [./{'m' * 5000}]}}\n"),
+        ("long hub-like model", INFER_HEAD + f"grid: {{model: [{'m' * 300}/{'n' * 5000}]}}\n"),
+        ("long gguf path", INFER_HEAD + f"grid: {{model: ['gguf:{'g' * 5000}']}}\n"),
+        ("long corpus path", "study: h\naxis: architecture\nnotebook: "
+         f"notebooks/01_architecture.ipynb\ngrid: {{data.corpus: ['text:{'c' * 5000}']}}\n"),
+        ("long task path", FT_HEAD + f"grid: {{task: ['jsonl:{'t' * 5000}']}}\n"),
+        ("long image folder", "study: h\naxis: cross_modal\nnotebook: "
+         f"notebooks/04_cross_modal.ipynb\ngrid: {{data: ['folder:{'f' * 5000}']}}\n"),
+        ("missing jsonl task", FT_HEAD + "grid: {task: ['jsonl:/no/such.jsonl']}\n"),
+        ("n: true", SMOKE_HEAD + "grid: {n: [true]}\n"),
+        ("variant overrides grid key", SMOKE_HEAD + "grid: {n: [32], v: [{name: a, n: 64}]}\n"),
+        ("fifo", None),
+    ]
+
+
+CLI_CASES = [("--workers 1e9", ["sweep", "params/smoke/smoke.yaml", "-p", "ci", "-w",
+                                "1000000000", "--dry-run"]),
+             ("--preset ''", ["validate", "params/smoke/smoke.yaml", "--preset", ""]),
+             ("--set NUL", ["validate", "params/smoke/smoke.yaml", "-p", "ci", "--set",
+                            "fail=a\x00b"]),
+             ("--only escape", ["validate", "params/smoke/smoke.yaml", "-p", "ci", "--only",
+                                "n=\x1b[31m"])]
+
+
 def classify(res, elapsed: float, text_ok: bool) -> str:
     if elapsed > FUZZ_LIMIT_S:
         return "hung"
@@ -103,18 +164,30 @@ def fuzz(n: int, seed: int = 0) -> dict[str, int]:
     cases = mutations(rng)
     while len(cases) < n:
         cases += mutations(rng)
-    cases = cases[:n]
+    cases = cases[:n] + hostile_cases()
     figures = {k: 0 for k in ("refused clearly", "weak", "traceback", "accepted wrongly", "hung")}
     examples: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
         for i, (label, text) in enumerate(cases):
             path = Path(tmp) / f"case{i}.yaml"
-            path.write_bytes(text.encode("utf-8", "surrogateescape")
-                             if not text.startswith("\xff") else b"\xff\xfe" + text[2:].encode())
+            if text is None:
+                os.mkfifo(path)
+            else:
+                path.write_bytes(text.encode("utf-8", "surrogateescape")
+                                 if not text.startswith("\xff")
+                                 else b"\xff\xfe" + text[2:].encode())
+            jobs.append((label, ["validate", str(path), "-p", "ci"]))
+        jobs += CLI_CASES
+        for label, args in jobs:
             signal.alarm(int(FUZZ_LIMIT_S * 3))  # a real hang ends here, counted as hung
             t0 = time.monotonic()
             try:
-                res = CliRunner().invoke(app, ["validate", str(path), "-p", "ci"])
+                res = CliRunner().invoke(app, args)
+            except TimeoutError:
+                figures["hung"] += 1
+                examples.setdefault("hung", []).append(label)
+                continue
             finally:
                 signal.alarm(0)
             elapsed = time.monotonic() - t0
@@ -125,7 +198,7 @@ def fuzz(n: int, seed: int = 0) -> dict[str, int]:
             figures[kind] += 1
             if kind != "refused clearly":
                 examples.setdefault(kind, []).append(f"{label}: {res.output[:200]!r}")
-    return {"cases": len(cases), **figures, "examples": examples}
+    return {"cases": len(jobs), **figures, "examples": examples}
 
 
 # ---------------------------------------------------------------- kill and concurrency
@@ -206,6 +279,105 @@ def concurrent() -> dict[str, int]:
                 "duplicated": max(0, executed - len(expected)), **figs}
 
 
+def _alarm(*_: object) -> None:
+    raise TimeoutError("no answer in time")
+
+
+# ---------------------------------------------------------------- corrupt records
+def _corrupt_records(root: Path) -> dict[str, str]:
+    """One run folder per corruption the held-out run found taken silently or crashing."""
+    from effllm_helpers import results
+
+    def rec(rid: str, **over) -> dict:
+        r = results.new_record(run_id=rid, study="c", axis="smoke", params={"n": 1},
+                               metrics={"al_s": results.metric(0.5, "s", "timer")})
+        return {**r, **over}
+
+    cases = {
+        "model fact 10**400": json.dumps(rec("c1", model={"n_params": 1})).replace(
+            '"n_params": 1', '"n_params": 1' + "0" * 400),
+        "latency -5 s": json.dumps(rec("c2", metrics={"al_s": {"value": -5.0, "unit": "s",
+                                                               "method": "timer"}})),
+        "overflowing metric": json.dumps(rec("c3", metrics={"it": {
+            "value": 1e300, "unit": "tokens/s", "method": "timer"}})),
+        "unsealed": json.dumps(rec("c4", notebook_saved=False)),
+        "looping symlink": "",
+    }
+    for i, (label, text) in enumerate(cases.items()):
+        d = root / f"r{i}"
+        d.mkdir(parents=True)
+        if label == "looping symlink":
+            os.symlink(d / "record.json", d / "record.json")
+        else:
+            (d / "record.json").write_text(text)
+    good = root / "good"
+    good.mkdir()
+    (good / "record.json").write_text(json.dumps(rec("ok1")))
+    return {f"r{i}": label for i, label in enumerate(cases)}
+
+
+def corrupt() -> dict[str, int]:
+    """collect, recommend and compare over corrupt records: each reported invalid, none taken,
+    no crash."""
+    figures = {"records": 0, "reported invalid": 0, "taken": 0, "crashes": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "runs"
+        labels = _corrupt_records(root)
+        figures["records"] = len(labels)
+        res = CliRunner().invoke(app, ["collect", "-r", str(root), "-o", str(Path(tmp) / "o")])
+        if res.exit_code != 0 or "Traceback" in res.output:
+            figures["crashes"] += 1
+        for folder in labels:
+            if f"/{folder}/record.json" in res.output:
+                figures["reported invalid"] += 1
+            else:
+                figures["taken"] += 1
+        for args in (["recommend", "-r", str(root), "-a", "smoke"],
+                     ["compare", str(root), str(root), "--out", str(Path(tmp) / "cmp")]):
+            r = CliRunner().invoke(app, args)
+            if r.exception is not None and not isinstance(r.exception, SystemExit):
+                figures["crashes"] += 1
+    return figures
+
+
+def concurrent_collects(n: int = 6) -> dict[str, int]:
+    """n ``effllm collect`` into one folder at once: each must end with exit 0."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from fixtures_records import write_all
+
+        src = write_all(Path(tmp) / "recs")
+        cmd = [sys.executable, "-m", "effllm_helpers.cli", "collect", "-r", str(src), "-o",
+               str(Path(tmp) / "out")]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(n)]
+        crashed = sum(p.wait(timeout=600) != 0 for p in procs)
+        return {"collects": n, "crashed": crashed,
+                "temps_left": len(list((Path(tmp) / "out" / "results").glob(".*tmp")))}
+
+
+def concurrency_count() -> dict[str, int]:
+    """Two sweeps of different studies at once on this machine: the records they write should
+    say 2 runs shared it (each sweep runs one at a time)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = []
+        procs = []
+        for name in ("ca", "cb"):
+            study = Path(tmp) / f"{name}.yaml"
+            study.write_text(SMOKE_STUDY.replace("study: rb", f"study: {name}")
+                             .replace("sleep_s: [0.2]", "sleep_s: [3]"))
+            out = Path(tmp) / f"out_{name}"
+            outs.append((out, name))
+            procs.append(subprocess.Popen(_cmd(study, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        for p in procs:
+            p.wait(timeout=600)
+        counts = [json.loads(r.read_text()).get("extra", {}).get("concurrent_runs", 0)
+                  for out, name in outs for r in (out / "runs" / name).glob("*/record.json")]
+        return {"records": len(counts), "saying 2 or more": sum(c >= 2 for c in counts),
+                "saying 1": sum(c == 1 for c in counts)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fuzz", type=int, default=120, help="malformed params inputs (>= 100)")
@@ -213,6 +385,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     os.chdir(ROOT)
+    signal.signal(signal.SIGALRM, _alarm)
     report = {"fuzz": fuzz(args.fuzz)}
     print("fuzz:", json.dumps({k: v for k, v in report["fuzz"].items() if k != "examples"}),
           flush=True)
@@ -223,6 +396,12 @@ def main() -> int:
         print("kill:", json.dumps(report["kill"]), flush=True)
     report["concurrent"] = concurrent()
     print("concurrent:", json.dumps(report["concurrent"]), flush=True)
+    report["corrupt"] = corrupt()
+    print("corrupt records:", json.dumps(report["corrupt"]), flush=True)
+    report["concurrent_collects"] = concurrent_collects()
+    print("concurrent collects:", json.dumps(report["concurrent_collects"]), flush=True)
+    report["concurrency_count"] = concurrency_count()
+    print("concurrency count:", json.dumps(report["concurrency_count"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 
 from . import config, results, studies, warmkernel
 from .paths import outputs_dir
+from .runenv import TASK_FILES_ENV
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True,
@@ -36,14 +38,31 @@ OnlyOpt = Annotated[list[str] | None, typer.Option(
     "--only", help="Run only the grid points whose choice of a grid key is one of these, "
                    "GRIDKEY=VALUE[,VALUE...], e.g. --only precision=int8,int4-nf4 (repeat for "
                    "several keys). Keeps the run ids, so the records merge with a full sweep.")]
+TaskFilesOpt = Annotated[bool, typer.Option(
+    "--allow-task-files", help="Allow params lm_eval_tasks to name lm-eval task YAML files (a "
+                               "task file's !function imports and runs Python beside it, in "
+                               "the run's kernel); without it only task names of lm-eval's "
+                               f"registry are accepted. Same as {TASK_FILES_ENV}=1.")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--output-dir", "-o", help="Root for runs/, results/ and figures/ (default: $EFFLLM_OUTPUTS, "
                                "else <repo>/outputs).")]
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(msg, fg=typer.colors.RED, err=True)
+    typer.secho(config.printable(msg), fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _echo(text: str) -> None:
+    """Print: control characters escaped (a key or a path from a file must not drive the
+    terminal) and lone surrogates escaped (a strict UTF-8 terminal raises on them)."""
+    typer.echo(config.printable(text))
+
+
+def _allow_task_files(allowed: bool) -> None:
+    """``--allow-task-files``: said in the environment, which the runs' kernels inherit."""
+    if allowed:
+        os.environ[TASK_FILES_ENV] = "1"
 
 
 def _output_root(path: Path | None, writable: bool = True, option: str = "--output-dir") -> Path:
@@ -73,7 +92,11 @@ def _output_root(path: Path | None, writable: bool = True, option: str = "--outp
 
 
 def _preset(name: str | None, path: Path | None) -> str | Path | None:
-    """``--preset NAME`` or ``--preset-file PATH``, not both."""
+    """``--preset NAME`` or ``--preset-file PATH``, not both; an empty name is no preset
+    silently, so it is refused."""
+    if name is not None and not name.strip():
+        _fail(f"--preset {name!r}: empty; allowed: {', '.join(config.available_presets())} "
+              "(or leave --preset out for the schema defaults)")
     if name and path:
         _fail("--preset and --preset-file: give one of them")
     return path if path else name
@@ -86,7 +109,8 @@ StrictOpt = Annotated[bool, typer.Option(
 
 def _warn_skipped(problems: list[tuple[Path, str]]) -> None:
     for path, reason in problems:
-        typer.secho(f"warning: skipped {path}: {reason}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(config.printable(f"warning: skipped {path}: {reason}"),
+                    fg=typer.colors.YELLOW, err=True)
 
 
 def _results_folder(path: Path) -> Path:
@@ -100,16 +124,19 @@ def _results_folder(path: Path) -> Path:
 @app.command()
 def validate(study: StudyArg, preset: PresetOpt = None, set_: SetOpt = None,
              only: OnlyOpt = None, preset_file: PresetFileOpt = None,
-             trusted_notebook: TrustedOpt = False) -> None:
+             trusted_notebook: TrustedOpt = False, allow_task_files: TaskFilesOpt = False
+             ) -> None:
     """Validate a study file under a preset and print how many runs it expands to (no compute)."""
+    _allow_task_files(allow_task_files)
     try:
         runs = studies.expand(study, _preset(preset, preset_file), studies.parse_overrides(set_),
                              studies.parse_only(only), trusted_notebook)
     except config.ParamsError as exc:
         _fail(str(exc))
-    typer.echo(f"{study}: ok, {len(runs)} runs")
+    _echo(f"{config.shown_path(study)}: ok, {len(runs)} runs")
 
 
+MAX_WORKERS = 256  # runs at once on one machine or cluster; more is a typo, not a plan
 StudiesArg = Annotated[list[Path], typer.Argument(
     help="One or more study params files (e.g. params/cross_modal/*.yaml), swept in order.")]
 
@@ -120,7 +147,7 @@ def sweep(
     preset: PresetOpt = None,
     output_dir: OutOpt = None,
     workers: Annotated[int, typer.Option(
-        "--workers", "-w", min=1,
+        "--workers", "-w", min=1, max=MAX_WORKERS,
         help="Runs executed at once, as separate processes; each is pinned to one GPU "
              "(CUDA_VISIBLE_DEVICES) when the machine has GPUs.")] = 1,
     dask: Annotated[str | None, typer.Option(
@@ -142,6 +169,7 @@ def sweep(
     only: OnlyOpt = None,
     preset_file: PresetFileOpt = None,
     trusted_notebook: TrustedOpt = False,
+    allow_task_files: TaskFilesOpt = False,
     seeds: Annotated[str | None, typer.Option(
         "--seeds", help="Comma-separated seeds replacing the study's (e.g. 0,1,2): repeats "
                         "whose spread the figures and ranks read.")] = None,
@@ -155,6 +183,7 @@ def sweep(
     """
     from . import sweep as sw
 
+    _allow_task_files(allow_task_files)
     out = _output_root(output_dir, writable=False)
     expanded = []
     try:
@@ -172,8 +201,8 @@ def sweep(
         _output_root(out)
     if dry_run:
         for runs in expanded:
-            typer.echo(sw.dry_run_table(runs, out))
-        typer.echo(f"{sum(len(r) for r in expanded)} runs")
+            _echo(sw.dry_run_table(runs, out))
+        _echo(f"{sum(len(r) for r in expanded)} runs")
         return
     exit_code = 0
     for study in study_files:
@@ -188,8 +217,8 @@ def sweep(
             raise typer.Exit(130) from None
         except (config.ParamsError, sw.DaskConnectError) as exc:
             _fail(str(exc))
-        typer.echo(sw.summary_table(res, out))
-        typer.echo(f"records under {out / 'runs' / res.study}")
+        _echo(sw.summary_table(res, out))
+        _echo(f"records under {out / 'runs' / res.study}")
         exit_code = max(exit_code, res.exit_code)
     raise typer.Exit(exit_code)
 
@@ -213,7 +242,7 @@ def collect(
     _warn_skipped(problems)
     pq, csv = results.write_tidy(df, out / "results")
     n_runs = df["run_id"].nunique() if len(df) else 0
-    typer.echo(f"{n_runs} runs, {len(df)} rows, {len(problems)} records skipped -> {pq} and "
+    _echo(f"{n_runs} runs, {len(df)} rows, {len(problems)} records skipped -> {pq} and "
                f"{csv}")
     if strict and problems:
         raise typer.Exit(1)
@@ -253,7 +282,7 @@ def report(
                         progress_bar=False, kernel_name="python3",
                         # forked from $EFFLLM_ZYGOTE when one serves (make study), else cold
                         kernel_manager_class=warmkernel.manager_class())
-    typer.echo(f"report written under {dest} ({len(problems)} records skipped)")
+    _echo(f"report written under {dest} ({len(problems)} records skipped)")
     if strict and problems:
         raise typer.Exit(1)
 
@@ -313,7 +342,7 @@ def recommend(
     except rec.RecommendError as exc:
         _fail(str(exc))
     for ch in choices:
-        typer.echo(rec.format_choice(ch) + "\n")
+        _echo(rec.format_choice(ch) + "\n")
     if not any(ch.feasible for ch in choices):
         raise typer.Exit(1)
 
@@ -356,12 +385,12 @@ def compare(
     dest = Path(out_dir) if out_dir else _output_root(output_dir) / "compare"
     short = ["/".join(Path(x).resolve().parts[-2:]) for x in (a, b)]
     paths = cmp.write_compare(table, dest, title=f"B / A: B = {short[1]}, A = {short[0]}")
-    typer.echo(cmp.format_table(table))
+    _echo(cmp.format_table(table))
     for line in cmp.lock_warnings(table):
-        typer.echo(f"warning: {line}")
+        _echo(f"warning: {line}")
     for line in cmp.changed_orders(table):
-        typer.echo(f"ranking changed: {line}")
-    typer.echo("written: " + ", ".join(str(p) for p in paths))
+        _echo(f"ranking changed: {line}")
+    _echo("written: " + ", ".join(str(p) for p in paths))
 
 
 @app.command()

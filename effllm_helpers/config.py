@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -34,6 +35,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from . import catalog
+from .runenv import TASK_FILES_ENV, task_files_allowed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
@@ -66,6 +68,37 @@ class Strict(BaseModel):
     def _int64(cls, v: Any) -> Any:
         _check_int64(v)
         return v
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """``n: true`` is not 1: pydantic's lax mode turns a boolean into a number."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and not _admits_bool(field.annotation) and _has_bool(v):
+            raise PydanticCustomError("bool_not_number",
+                                      "a number or text is expected, not true/false")
+        return v
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a boolean somewhere (``bool``, ``Any``, a union with one);
+    a sub-model counts as taking one (its own fields are checked by its own validator)."""
+    if annotation is bool or annotation is Any or (
+            isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return True
+    return any(_admits_bool(a) for a in get_args(annotation))
+
+
+def _has_bool(v: Any, depth: int = 0) -> bool:
+    if isinstance(v, bool):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(v, dict):
+        return any(_has_bool(x, depth + 1) for x in v.values())
+    if isinstance(v, list | tuple):
+        return any(_has_bool(x, depth + 1) for x in v)
+    return False
 
 
 def _check_int64(v: Any, depth: int = 0) -> None:
@@ -324,6 +357,9 @@ def check_params_model(axis: str, params: dict[str, Any], source: str) -> None:
         check_model_source(params[key])
     except ValueError as exc:
         raise ParamsError(f"{source}: {key}: {exc}") from None
+    except OSError as exc:  # a name too long for the filesystem, a loop of links
+        raise ParamsError(f"{source}: {key}: unusable path {quoted(params[key], 120)} "
+                          f"({exc.strerror or exc}); {MODEL_SOURCES_HELP}") from None
 
 
 def check_method(v: str) -> str:
@@ -403,6 +439,24 @@ class FinetuneParams(Launchable):
                          "or 'jsonl:<path>'")
 
 
+# an lm-eval registry name (tasks, groups, tags: letters, digits, '_', '-', '.')
+LM_EVAL_TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]{0,199}$")
+
+
+def check_lm_eval_task(task: str) -> str:
+    """A task of lm-eval's registry by name. A task YAML file is code (its ``!function``
+    imports a Python file beside it into the notebook kernel), so a path is refused unless
+    ``--allow-task-files`` (``$EFFLLM_ALLOW_TASK_FILES=1``) says otherwise."""
+    if task_files_allowed():
+        return task
+    if LM_EVAL_TASK.match(task) and not task.lower().endswith((".yaml", ".yml")):
+        return task
+    raise ValueError(f"{quoted(task, 80)} is not an lm-eval task name; allowed: names from "
+                     "lm-eval's task registry (e.g. hellaswag, leaderboard_bbh). A task file "
+                     "runs code, so it needs --allow-task-files (or "
+                     f"{TASK_FILES_ENV}=1)")
+
+
 def peft_method_names() -> set[str]:
     """Every tuner name the installed peft registers (lower-case ``PeftType`` values); empty
     without peft. Imported on demand: only a method outside the catalog needs it."""
@@ -446,6 +500,13 @@ class InferenceParams(Strict):
     def _non_empty(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("needs at least one batch size")
+        return v
+
+    @field_validator("lm_eval_tasks")
+    @classmethod
+    def _task_names(cls, v: list[str]) -> list[str]:
+        for task in v:
+            check_lm_eval_task(task)
         return v
 
 
@@ -543,8 +604,11 @@ AXES: dict[str, type[Strict]] = {
 }
 
 # ---------------------------------------------------------------- YAML
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that rejects duplicate mapping keys instead of silently keeping the last."""
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """A safe loader that rejects duplicate mapping keys instead of silently keeping the last.
+
+    libyaml's parser when PyYAML has it: the pure-Python one takes seconds on a file at the size
+    limit, which a refusal should not cost."""
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
@@ -552,12 +616,17 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base``: merged by flatten_mapping
             continue
+        if not isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key: unhashable
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a mapping key must be a plain name, got a "
+                f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}",
+                key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {quoted(key, 80)}", key_node.start_mark)
         seen[key] = True
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+    return yaml.constructor.SafeConstructor.construct_mapping(loader, node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -566,6 +635,12 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 # (the "billion laughs"), which every later walk (merge, validation, messages) would pay for
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 64
+# the largest study is ~2 KB: a file past this is no params file, and reading it costs seconds
+MAX_PARAMS_BYTES = 256 * 1024
+# text once aliases are expanded (a 200 KB string repeated through 50,000 aliases is 10 GB when
+# the run id hashes it); a list longer than this is no grid or batch-size list
+MAX_EXPANDED_CHARS = 1_000_000
+MAX_LIST_LEN = 1_000
 
 
 def _check_expansion(node: yaml.Node, source: str) -> None:
@@ -574,39 +649,49 @@ def _check_expansion(node: yaml.Node, source: str) -> None:
     Sizes are memoised per node, so a document of nested aliases is measured in time linear in
     its text, before anything expands it.
     """
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # node -> (values, characters) once expanded
     depths: dict[int, int] = {}
     active: set[int] = set()
 
-    def walk(n: yaml.Node, level: int) -> tuple[int, int]:
+    def walk(n: yaml.Node, level: int, where: str) -> tuple[int, int, int]:
         key = id(n)
         if key in sizes:
-            return sizes[key], depths[key]
+            return *sizes[key], depths[key]
         if level > MAX_YAML_DEPTH:
             raise ParamsError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels; "
                               "a params file needs a few")
         if key in active:
             raise ParamsError(f"{source}: an alias refers to itself (recursive structure)")
         active.add(key)
-        size, depth = 1, 0
+        size, chars, depth = 1, 0, 0
         if isinstance(n, yaml.SequenceNode):
-            children = list(n.value)
+            if len(n.value) > MAX_LIST_LEN:
+                raise ParamsError(f"{source}: {where or '<top>'}: a list of {len(n.value)} "
+                                  f"values; allowed: at most {MAX_LIST_LEN}")
+            children = [(c, f"{where}[{i}]") for i, c in enumerate(n.value)]
         elif isinstance(n, yaml.MappingNode):
-            children = [c for pair in n.value for c in pair]
-        else:
             children = []
-        for child in children:
-            s, d = walk(child, level + 1)
-            size += s
-            depth = max(depth, d + 1)
+            for k, v in n.value:
+                name = short_text(k.value, 60) if isinstance(k, yaml.ScalarNode) else "?"
+                children += [(k, where), (v, f"{where}.{name}" if where else name)]
+        else:
+            chars = len(n.value)
+            children = []
+        for child, at in children:
+            s, c, d = walk(child, level + 1, at)
+            size, chars, depth = size + s, chars + c, max(depth, d + 1)
             if size > MAX_YAML_NODES:
                 raise ParamsError(f"{source}: expands to more than {MAX_YAML_NODES} values "
                                   "(nested aliases?); refused")
+            if chars > MAX_EXPANDED_CHARS:
+                raise ParamsError(f"{source}: {where or '<top>'}: expands to more than "
+                                  f"{MAX_EXPANDED_CHARS} characters of text (aliases repeating "
+                                  "a long string?); allowed: at most that in the whole file")
         active.discard(key)
-        sizes[key], depths[key] = size, depth
-        return size, depth
+        sizes[key], depths[key] = (size, chars), depth
+        return size, chars, depth
 
-    walk(node, 0)
+    walk(node, 0, "")
 
 
 def short(value: Any, limit: int = 200) -> str:
@@ -657,14 +742,21 @@ def short(value: Any, limit: int = 200) -> str:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping safely (no tags execute, duplicate keys are an error)."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: no such params file")
+    problem = file_problem(path)
+    if problem:
+        raise ParamsError(f"{shown_path(path)}: " + ("no such params file" if problem ==
+                          "no such file" else f"{problem}; a params file is a YAML file"))
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{shown_path(path)}: {path.stat().st_size} bytes; allowed: a params "
+                          f"file of at most {MAX_PARAMS_BYTES} bytes")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ParamsError(f"{shown_path(path)}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
     except OSError as exc:
-        raise ParamsError(f"{path}: cannot read params file: {exc.strerror or exc}") from None
+        raise ParamsError(f"{shown_path(path)}: cannot read params file: "
+                          f"{exc.strerror or exc}") from None
     loader = _UniqueKeyLoader(text)
     try:
         node = loader.get_single_node()
@@ -672,6 +764,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             _check_expansion(node, str(path))
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own limit, before ours is reached
+            raise ParamsError(f"{path}: nested deeper than libyaml reads; a params file needs "
+                              "a few levels") from None
         raise ParamsError(f"{path}: malformed YAML: {short_text(str(exc), 600)}") from None
     except RecursionError:
         raise ParamsError(f"{path}: nested too deeply to read") from None
@@ -681,7 +776,67 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    check_plain_text(data, str(path))
     return data
+
+
+# control characters (NUL, escape sequences that drive a terminal, C1) and lone surrogates,
+# which no key or value needs and which break paths, terminals and strict UTF-8 output
+_BAD_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def bad_char(text: str) -> str | None:
+    """The first control character or lone surrogate in ``text``, escaped (``'\\x1b'``)."""
+    m = _BAD_CHARS.search(text)
+    return None if m is None else m.group().encode("unicode_escape", "backslashreplace").decode()
+
+
+def check_plain_text(data: Any, source: str, where: str = "") -> None:
+    """Refuse control characters and lone surrogates in every key and string value (tab and
+    newline stay allowed): the message names the key and the character, escaped."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            at = f"{where}.{k}" if where else str(k)
+            if isinstance(k, str) and (c := bad_char(k)):
+                raise ParamsError(f"{source}: key {quoted(at)}: contains the control "
+                                  f"character {c}; allowed: printable text")
+            check_plain_text(v, source, at)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            check_plain_text(v, source, f"{where}[{i}]")
+    elif isinstance(data, str) and (c := bad_char(data)):
+        raise ParamsError(f"{source}: {printable(where) or '<top>'}: {quoted(data, 80)} "
+                          f"contains the control character {c}; allowed: printable text")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for any terminal: control characters and lone surrogates escaped, tab and
+    newline kept (an echoed key must not drive the terminal nor crash strict UTF-8 output)."""
+    return _BAD_CHARS.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace")
+                          .decode(), str(text))
+
+
+def shown_path(path: str | Path) -> str:
+    """A path for a message: printable and at most 200 characters."""
+    return short_text(printable(str(path)), 200)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file (absent, a FIFO or device, a folder, a name
+    the filesystem refuses), or None. ``Path.is_file`` raises on a name too long and on NUL."""
+    import stat
+
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, ValueError) as exc:
+        return f"unusable path ({getattr(exc, 'strerror', None) or exc})"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None
 
 
 # ---------------------------------------------------------------- errors

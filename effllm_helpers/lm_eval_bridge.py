@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .results import metric, missing
+from .runenv import TASK_FILES_ENV, task_files_allowed
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,12 @@ def evaluate_tasks(
         lm = make_lm(model, tokenizer, batch_size=batch_size)
         for task in tasks:
             key, method = f"lm_eval/{task}", f"lm_eval:{task}"
+            if not task_files_allowed() and task not in tm.all_tasks:
+                # lm-eval reads an unregistered name as a task file path, whose !function runs
+                # code: refused here too, whatever the params validation saw
+                out[key] = missing(UNIT, f"{task!r} is not a task of lm-eval's registry (a task "
+                                   f"file needs {TASK_FILES_ENV}=1)", method=method)
+                continue
             try:
                 loaded = tm.load([task])
             except Exception as exc:  # unknown name, dataset not cached, missing extra deps

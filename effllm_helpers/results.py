@@ -15,7 +15,8 @@ import os
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from .environment import lock_label
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
+# false while the sweep's runner has not yet checked that papermill saved the run's notebook
+NOTEBOOK_SAVED = "notebook_saved"
 Status = Literal["ok", "failed", "skipped"]
 
 
@@ -66,6 +69,39 @@ def validate_metric(name: str, obj: Any) -> None:
             finite = False
         if not finite:
             raise ValueError(f"metric {name!r} value is not a finite float")
+        if abs(float(v)) > MAX_METRIC_ABS:
+            raise ValueError(f"metric {name!r} value {float(v):.3g} is out of range; allowed: "
+                             f"|value| <= {MAX_METRIC_ABS:g} (ratios of it would overflow)")
+        if v < 0 and name.rpartition(".")[2] in _catalog_metrics():
+            raise ValueError(f"metric {name!r} value {v!r} is negative; allowed: >= 0 (a time, "
+                             "memory, energy, rate, loss or score)")
+
+
+# a metric value past this is a corrupt record, not a measurement: its ratios and products
+# overflow float64 and rank it first or crash the comparison
+MAX_METRIC_ABS = 1e30
+
+
+def _catalog_metrics() -> set[str]:
+    """The catalog's metrics, all non-negative by what they measure (a -5 s latency is corrupt,
+    and would rank first). Imported late: the catalog is the floor above this module."""
+    from .catalog import METRICS
+
+    return set(METRICS)
+
+
+def check_model_facts(model: Mapping[str, Any]) -> None:
+    """A record's numeric model facts (parameter counts, sizes) fit a finite float: a fact of
+    10**400 parses as a JSON integer and crashes every table that reads it as a number."""
+    for name, val in model.items():
+        if isinstance(val, int | float) and not isinstance(val, bool):
+            try:
+                ok = math.isfinite(float(val)) and abs(float(val)) <= MAX_METRIC_ABS
+            except OverflowError:
+                ok = False
+            if not ok:
+                raise ValueError(f"model fact {name!r} is out of range; allowed: a finite number "
+                                 f"with |value| <= {MAX_METRIC_ABS:g}")
 
 
 # ---------------------------------------------------------------- record
@@ -134,6 +170,7 @@ def validate_record(rec: Mapping[str, Any]) -> None:
     for section in ("metrics", "quality"):
         for name, val in rec[section].items():
             validate_metric(f"{section}.{name}", val)
+    check_model_facts(rec.get("model") or {})
 
 
 REQUIRED_MAPPINGS = ("params", "metrics", "quality")
@@ -198,9 +235,11 @@ def load_record(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``NaN``/``Infinity`` (which Python's json writes and reads, unlike JSON) are refused, and so
     are oversized or too deeply nested documents.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:  # a record is a file of its run folder, never a link (to another run's, or a loop)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
+        if os.path.islink(path):
+            raise RecordError("a symbolic link, not a record file") from None
         raise RecordError(f"cannot open: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
@@ -240,6 +279,15 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
+def record_paths(root: str | os.PathLike[str]) -> list[Path]:
+    """Every file entry named ``record.json`` under ``root``, sorted, links included (a link
+    that loops or points elsewhere is then reported by :func:`load_record`, where ``rglob``
+    passed over it silently); linked folders are not followed."""
+    found = [Path(d) / RECORD_NAME for d, dirs, files in os.walk(root)
+             if RECORD_NAME in files or RECORD_NAME in dirs]
+    return sorted(found)
+
+
 def iter_records(root: str | os.PathLike[str],
                  problems: list[tuple[Path, str]] | None = None,
                  ) -> Iterable[tuple[Path, dict[str, Any]]]:
@@ -249,7 +297,7 @@ def iter_records(root: str | os.PathLike[str],
     run id already seen is skipped; ``(path, reason)`` is appended to ``problems`` for it.
     """
     seen: dict[str, Path] = {}
-    for path in sorted(Path(root).rglob(RECORD_NAME)):
+    for path in record_paths(root):
         try:
             rec = load_record(path)
             validate_record(rec)
@@ -259,10 +307,16 @@ def iter_records(root: str | os.PathLike[str],
             reason = str(exc)[:300]
         else:
             first = seen.setdefault(rec["run_id"], path)
-            if first == path:
+            if rec.get(NOTEBOOK_SAVED) is False:
+                reason = ("unsealed: its notebook was not saved after the last cell (the run "
+                          "was killed before sealing); the next sweep redoes it")
+                if first == path:
+                    del seen[rec["run_id"]]
+            elif first == path:
                 yield path, rec
                 continue
-            reason = f"duplicate run_id {rec['run_id']!r} (kept {first})"
+            else:
+                reason = f"duplicate run_id {rec['run_id']!r} (kept {first})"
         if problems is not None:
             problems.append((path, reason))
 
@@ -355,17 +409,25 @@ def collect(root: str | os.PathLike[str],
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def csv_cell(v: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``..., also
+    after leading spaces) with a leading ``'``; anything else as it is."""
+    if isinstance(v, str) and v.lstrip(" ").startswith(FORMULA_START):
+        return "'" + v
+    return v
+
+
 def csv_safe(df):  # -> pandas.DataFrame
-    """Text cells that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``...) get a
-    leading ``'``; a model name or a reason from a record must not execute when the CSV opens.
-    Numbers stay numbers; the parquet table keeps the raw text."""
+    """Every text cell and column name through :func:`csv_cell`: a model name or a reason from a
+    record must not execute when the CSV opens. Numbers stay numbers; the parquet table keeps
+    the raw text."""
     from pandas.api.types import is_numeric_dtype
 
     out = df.copy()
     for col in out.columns:
         if not is_numeric_dtype(out[col]):
-            out[col] = out[col].map(lambda v: "'" + v if isinstance(v, str)
-                                    and v.startswith(FORMULA_START) else v)
+            out[col] = out[col].map(csv_cell)
+    out.columns = [csv_cell(c) for c in out.columns]
     return out
 
 
@@ -377,23 +439,42 @@ def run_counts(df):  # -> pandas.DataFrame
             .reset_index())
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp path of its own beside ``path``, renamed over ``path`` once the block wrote it.
+
+    The name is unique (``mkstemp``): two ``collect``/``report`` writing into one folder each
+    rename their own file, where a fixed ``.name.tmp`` had one rename the other's away."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_csv(df, path: str | os.PathLike[str]) -> Path:  # df: pandas.DataFrame
+    """The one CSV writer of the workbook: formula-looking text escaped (``csv_safe``), written
+    atomically. Every CSV a spreadsheet may open (results, leaderboards, compare) goes here."""
+    with atomic_path(path) as tmp:
+        csv_safe(df).to_csv(tmp, index=False)
+    return Path(path)
+
+
 def write_tidy(df, out_dir: str | os.PathLike[str], name: str = "results") -> tuple[Path, Path]:
     """Write the tidy table as parquet and CSV (both atomically)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("parquet", "csv"):
-        final = out_dir / f"{name}.{ext}"
-        tmp = out_dir / f".{name}.{ext}.tmp"
-        df2 = df.copy()
-        for col in df2.columns:  # mixed-type param columns do not fit an arrow column
-            if df2[col].dtype == object:
-                df2[col] = df2[col].map(lambda v: v if v is None or isinstance(v, str) else
-                                        json.dumps(v))
-        if ext == "parquet":
-            df2.to_parquet(tmp, index=False)
-        else:
-            csv_safe(df2).to_csv(tmp, index=False)
-        os.replace(tmp, final)
-        paths.append(final)
-    return paths[0], paths[1]
+    df2 = df.copy()
+    for col in df2.columns:  # mixed-type param columns do not fit an arrow column
+        if df2[col].dtype == object:
+            df2[col] = df2[col].map(lambda v: v if v is None or isinstance(v, str) else
+                                    json.dumps(v))
+    pq = out_dir / f"{name}.parquet"
+    with atomic_path(pq) as tmp:
+        df2.to_parquet(tmp, index=False)
+    return pq, write_csv(df2, out_dir / f"{name}.csv")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config, results, studies
+from . import config, libnoise, results, studies
 from .errors import SkipRun
 from .paths import outputs_dir
 from .provenance import provenance
@@ -71,7 +71,7 @@ SWEEP_RUN_ENV = "EFFLLM_SWEEP_RUN_ID"
 # ... and the name of the preset that resolved the injected params (a sweep injects them with
 # ``preset=None``), so the record can say which preset produced them
 PRESET_ENV = "EFFLLM_PRESET"
-NOTEBOOK_SAVED = "notebook_saved"
+NOTEBOOK_SAVED = results.NOTEBOOK_SAVED
 
 
 @dataclass
@@ -134,6 +134,7 @@ def start_run(axis: str, *, params: dict[str, Any] | None = None, preset: str | 
     hand, the notebook gets its axis defaults under ``preset`` and an id hashed from them, and
     writes under ``outputs/runs/interactive/``.
     """
+    libnoise.install()  # known library messages once, with their meaning, before any import
     p = config.notebook_params(axis, preset, params)
     study = study or f"{axis}_interactive"
     rid = run_id or studies.run_id_for(study, axis, "interactive", p.model_dump(mode="json"), seed)

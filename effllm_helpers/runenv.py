@@ -11,6 +11,15 @@ from typing import Any
 
 THREADS_ENV = "EFFLLM_THREADS"  # torch threads for this run, set by the sweep
 BATCH_ENV = "EFFLLM_BATCH_RUN"  # set by the sweep's runner: nobody watches this notebook live
+# "1": lm_eval_tasks may name task YAML files, whose ``!function`` imports and runs Python next
+# to them; off, a params file stays data (task names from lm-eval's registry only). Set by
+# ``effllm validate/sweep --allow-task-files``; the runs inherit it.
+TASK_FILES_ENV = "EFFLLM_ALLOW_TASK_FILES"
+
+
+def task_files_allowed() -> bool:
+    """Whether this process was explicitly allowed to load lm-eval task files (see above)."""
+    return os.environ.get(TASK_FILES_ENV) == "1"
 
 
 def progress_bar(**kwargs: Any) -> Any:
@@ -32,4 +41,5 @@ def is_main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-__all__ = ["BATCH_ENV", "THREADS_ENV", "is_main_rank", "progress_bar"]
+__all__ = ["BATCH_ENV", "TASK_FILES_ENV", "THREADS_ENV", "is_main_rank", "progress_bar",
+           "task_files_allowed"]

@@ -31,6 +31,8 @@ from .config import (
     _allowed_keys,
     available_presets,
     check_params_model,
+    check_plain_text,
+    file_problem,
     format_validation_error,
     load_preset,
     load_yaml,
@@ -40,6 +42,7 @@ from .config import (
     set_dotted,
     short,
     short_text,
+    shown_path,
 )
 
 # the axes a study file may name, in the specs' order
@@ -185,14 +188,12 @@ def load_study(path: str | Path, trusted_notebook: bool = False) -> StudyFile:
             msg += f"\n  (allowed top-level keys: {', '.join(_allowed_keys(StudyFile))})"
         raise ParamsError(msg) from None
     nb = notebook_path(study.notebook)
-    try:
-        found = nb.is_file()
-    except OSError as exc:  # e.g. a name too long for the filesystem
-        raise ParamsError(f"{path}: notebook: unusable path {quoted(study.notebook)} "
-                          f"({exc.strerror or exc})") from None
-    if not found:
+    problem = file_problem(nb)
+    if problem == "no such file":
         raise ParamsError(f"{path}: notebook: no such notebook {quoted(study.notebook)} "
                           f"(looked at {short_text(str(nb))})")
+    if problem:  # e.g. a name too long for the filesystem, a FIFO, a folder
+        raise ParamsError(f"{path}: notebook: {quoted(study.notebook)}: {problem}")
     expected = NOTEBOOK_AXES.get(_repo_relative(nb))
     if expected is None and not trusted_notebook:
         allowed = [n for n, a in NOTEBOOK_AXES.items() if a == study.axis]
@@ -236,6 +237,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ParamsError(f"--set {quoted(item)}: value is not valid YAML: "
                               f"{short_text(str(exc), 400)}") from None
+        check_plain_text({key.strip(): value}, "--set")
         set_dotted(layer, key.strip(), value)
     return layer
 
@@ -249,6 +251,7 @@ def parse_only(items: list[str] | None) -> dict[str, list[str]]:
         if not sep or not key.strip() or not values:
             raise ParamsError(f"--only {quoted(item)}: expected GRIDKEY=VALUE[,VALUE...], "
                               "e.g. --only precision=int8,int4-nf4")
+        check_plain_text({key.strip(): values}, "--only")
         only.setdefault(key.strip(), []).extend(values)
     return only
 
@@ -302,6 +305,8 @@ def expand(path: str | Path, preset: str | Path | None = None,
     path = Path(path)
     study = load_study(path, trusted_notebook)
     schema = AXES[study.axis]
+    check_run_count(study, seeds, str(path))
+    check_grid_conflicts(study.grid, str(path))
     for key, choices in study.grid.items():
         if all(isinstance(c, dict) for c in choices):
             for c in choices:
@@ -352,6 +357,8 @@ def expand(path: str | Path, preset: str | Path | None = None,
                                 overrides or {}, source=f"{path} [grid point {label}]")
         check_params_model(study.axis, params, f"{path} [grid point {label}]")
         check_task_size(study.axis, params, f"{path} [grid point {label}]")
+        check_data_paths(study.axis, params, notebook_path(study.notebook).parent,
+                         f"{path} [grid point {label}]")
         for seed in seeds or study.seeds:
             rid = run_id_for(study.study, study.axis, study.notebook, params, seed)
             if rid in seen:
@@ -369,6 +376,77 @@ def expand(path: str | Path, preset: str | Path | None = None,
             " (an --set of a grid key replaces its choices, so --only cannot match them)"
             if overrides else ""))
     return runs
+
+
+# a study is a few to a few hundred runs; past this its grid is a typo or a bomb (6 keys of 12
+# values are 3 million runs, which validation would resolve one by one)
+MAX_RUNS_PER_STUDY = 2_000
+
+
+def check_run_count(study: StudyFile, seeds: list[int] | None, source: str) -> int:
+    """Refuse a study whose grid times seeds passes ``MAX_RUNS_PER_STUDY``, from the lengths
+    alone: nothing is expanded (``--only`` selects after expansion, so it does not count)."""
+    n_seeds = len(seeds or study.seeds)
+    total = math.prod(len(v) for v in study.grid.values()) * n_seeds
+    if total > MAX_RUNS_PER_STUDY:
+        sizes = " x ".join(f"{short_text(k, 40)}: {len(v)}" for k, v in study.grid.items())
+        raise ParamsError(f"{source}: grid: {sizes} x {n_seeds} seed(s) = {total} runs; allowed: "
+                          f"at most {MAX_RUNS_PER_STUDY} runs per study (split it into "
+                          "several studies)")
+    return total
+
+
+def grid_sets(key: str, choices: list[Any]) -> set[str]:
+    """The dotted params keys a grid key sets: itself, or its variants' keys."""
+    if choices and all(isinstance(c, dict) for c in choices):
+        return {dk for c in choices for dk in c if dk != "name"}
+    return {key}
+
+
+def check_grid_conflicts(grid: dict[str, list[Any]], source: str) -> None:
+    """Refuse two grid keys that set the same params key (or one inside the other): the later
+    silently wins, so a run that measured n=64 would be labelled (and --only-selected) n=32."""
+    owners: dict[str, str] = {}
+    for key, choices in grid.items():
+        for dk in grid_sets(key, choices):
+            for other, owner in owners.items():
+                if owner != key and (other == dk or other.startswith(dk + ".")
+                                     or dk.startswith(other + ".")):
+                    raise ParamsError(
+                        f"{source}: grid.{short_text(key, 60)} sets {quoted(dk, 60)}, which "
+                        f"grid.{short_text(owner, 60)} sets too ({quoted(other, 60)}); allowed: "
+                        "each params key set by one grid key (drop it from one of them)")
+            owners[dk] = key
+
+
+def check_data_paths(axis: str, params: dict[str, Any], base: Path, source: str) -> None:
+    """The local data a run will read exists (no compute): a ``text:``/``jsonl:`` corpus, a
+    ``jsonl:`` task, a ``folder:`` image set. Relative paths are read from the notebook's
+    folder, where the run's kernel starts; ``hf:`` sources are left to the run (a hub name)."""
+    specs: list[tuple[str, str]] = []
+    if axis == "architecture" and isinstance(params.get("data"), dict):
+        specs.append(("data.corpus", str(params["data"].get("corpus", ""))))
+    elif axis == "finetuning":
+        specs.append(("task", str(params.get("task", ""))))
+    elif axis == "cross_modal":
+        specs.append(("data", str(params.get("data", ""))))
+    for key, spec in specs:
+        kind, sep, arg = spec.partition(":")
+        if not sep or kind not in ("text", "jsonl", "folder"):
+            continue
+        target = Path(arg).expanduser()
+        target = target if target.is_absolute() else base / target
+        problem = file_problem(target)
+        if kind == "jsonl" and problem is None:
+            continue
+        if kind != "jsonl" and problem in (None, "a folder, not a file"):
+            if kind == "folder" and problem is None:
+                problem = "a file, not a folder of class subfolders"
+            else:
+                continue
+        raise ParamsError(f"{source}: {key}: {quoted(spec, 120)}: {problem} (looked at "
+                          f"{shown_path(target)}; a relative path is read from the notebook's "
+                          "folder)")
 
 
 def parse_seeds(text: str | None) -> list[int] | None:

@@ -136,6 +136,88 @@ def _clean_stale_temps(rdir: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+def lock_held_elsewhere(rdir: Path) -> bool:
+    """Whether another open file (the sweep's) holds ``<rdir>/.lock``: a runner asks before
+    sealing, so a run whose sweep was killed is never sealed ok by a runner that outlived it."""
+    try:
+        fd = os.open(rdir / RUN_LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the lock we may just have taken
+    return False
+
+
+# ---------------------------------------------------------------- sweeps on this machine
+RUNTIME_ENV = "EFFLLM_RUNTIME_DIR"  # where sweeps say they are running (default: a tmp folder)
+PRESENCE_SUFFIX = ".sweep"
+
+
+def runtime_dir() -> Path:
+    """The folder of this user's live sweeps' presence files (one per sweep, flock'ed)."""
+    import tempfile
+
+    given = os.environ.get(RUNTIME_ENV)
+    return Path(given) if given else Path(tempfile.gettempdir()) / f"effllm-{os.getuid()}"
+
+
+@contextmanager
+def sweep_presence(slots: int) -> Iterator[Path | None]:
+    """Say, for as long as the block runs, that this sweep runs ``slots`` runs at once here.
+
+    The file is flock'ed (the kernel drops it with a killed sweep, so a stale file is known as
+    such) and appears under its final name only once locked and written. None when the folder
+    cannot be used: the count is then this sweep's own."""
+    import uuid
+
+    folder = runtime_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = folder / f".{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield None
+        return
+    path = tmp.with_name(tmp.name[1:-4] + PRESENCE_SUFFIX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, str(int(slots)).encode())
+        os.replace(tmp, path)
+        yield path
+    finally:
+        for f in (tmp, path):
+            f.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def other_sweeps_runs(own: Path | None) -> int:
+    """Runs the other live sweeps of this user run at once on this machine (their presence
+    files); a file nobody holds is a killed sweep's and is removed."""
+    total = 0
+    for path in runtime_dir().glob(f"*{PRESENCE_SUFFIX}"):
+        if path == own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: a live sweep
+                raw = os.read(fd, 32).decode(errors="replace").strip()
+                total += int(raw) if raw.isdigit() else 1
+            else:
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    return total
+
+
 def finished_ok(rec: dict[str, Any] | None, run_id: str) -> bool:
     """A finished ok run: its record says ok and does not say its notebook went unsaved (a runner
     killed between the notebook's last cell and papermill's save leaves ``notebook_saved:
@@ -469,6 +551,10 @@ def runner_main(run_dir: str) -> int:
         results.write_record(rdir, failure_record(spec, kind, f"{type(exc).__name__}: {exc}",
                                                   traceback.format_exc(), started))
         return 1
+    if not lock_held_elsewhere(rdir):  # our sweep is gone: leave the record unsealed (redone)
+        print("the sweep that started this run has gone; its record is left unsealed",
+              file=sys.stderr, flush=True)
+        return 3
     rec = seal_record(rdir, run.run_id)
     if rec is None:
         results.write_record(rdir, failure_record(spec, "exception",
@@ -559,7 +645,9 @@ def sweep(study_path: str | Path, preset: str | Path | None = None,
             if dask:
                 _run_dask(todo, out, dask, workers, result, bar, on_outcome)
             else:
-                _run_local(todo, out, workers, result, bar, on_outcome, zygote)
+                slots = len(gpu_slots(max(1, workers), launch_processes(todo)))
+                with sweep_presence(slots) as own:
+                    _run_local(todo, out, workers, result, bar, on_outcome, zygote, own)
         finally:
             bar.close()
     finally:
@@ -579,8 +667,10 @@ def warm_data_caches(runs: Iterable[studies.Run], timeout_s: float = 3600) -> li
     specs = sorted({json.dumps(r.params["data"], sort_keys=True) for r in runs
                     if r.axis == "architecture" and isinstance(r.params.get("data"), dict)})
     if specs:
+        # dies with the sweep (PR_SET_PDEATHSIG): a killed sweep leaves no warm-up behind
         subprocess.run([sys.executable, "-m", "effllm_helpers.data.warm", *specs],
-                       check=False, timeout=timeout_s, stdout=subprocess.DEVNULL)
+                       check=False, timeout=timeout_s, stdout=subprocess.DEVNULL,
+                       preexec_fn=_pdeathsig)
     return specs
 
 
@@ -655,7 +745,10 @@ def _zygote_socket(zygote: warmkernel.Zygote | str | None) -> str | None:
 
 
 def _run_local(todo: list[studies.Run], out: Path, workers: int, result: SweepResult, bar,
-               on_outcome, zygote: warmkernel.Zygote | str | None = None) -> None:
+               on_outcome, zygote: warmkernel.Zygote | str | None = None,
+               presence: Path | None = None) -> None:
+    """Run ``todo`` on ``workers`` local slots. Each run is told the runs on this machine at
+    its start: this sweep's slots plus the other live sweeps' (``presence`` is ours)."""
     slots = gpu_slots(max(1, workers), launch_processes(todo))
     free = list(range(len(slots)))
     pending: dict[Future, tuple[studies.Run, int]] = {}
@@ -666,7 +759,8 @@ def _run_local(todo: list[studies.Run], out: Path, workers: int, result: SweepRe
                 while queue and free:
                     run, slot = queue.pop(0), free.pop(0)
                     fut = pool.submit(execute_run, run.model_dump(mode="json"),
-                                      str(run_dir_for(out, run)), slots[slot], len(slots),
+                                      str(run_dir_for(out, run)), slots[slot],
+                                      len(slots) + other_sweeps_runs(presence),
                                       _zygote_socket(zygote))
                     pending[fut] = (run, slot)
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)

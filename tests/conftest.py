@@ -25,9 +25,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config._effllm_calib_dir = calib  # type: ignore[attr-defined]
     os.environ[comp.CALIB_DIR_ENV] = calib
     os.environ[comp.CALIB_BUDGET_ENV] = TEST_CALIB_BUDGET_S
+    # the sweeps of this session count each other, not those of whoever else tests on the host
+    runtime = tempfile.mkdtemp(prefix="effllm-test-runtime-")
+    config._effllm_runtime_dir = runtime  # type: ignore[attr-defined]
+    os.environ["EFFLLM_RUNTIME_DIR"] = runtime
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    calib = getattr(config, "_effllm_calib_dir", None)
-    if calib:
-        shutil.rmtree(calib, ignore_errors=True)
+    for attr in ("_effllm_calib_dir", "_effllm_runtime_dir"):
+        folder = getattr(config, attr, None)
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -118,3 +118,11 @@ def test_export_writes_the_current_view_as_latex_and_markdown(page) -> None:
     assert page.get_attribute("#export-dl", "download") == "leaderboard.md"
     page.select_option("#f-size", "")
     page.select_option("#f-axis", "")
+
+
+def test_latex_export_escapes_every_tex_special_once(page) -> None:
+    esc = page.evaluate(r"""window.effllmBoard.texEscape('^^5cinput{x} a\\b ~ 50% #1 $_&')""")
+    assert "^" not in esc.replace("\\textasciicircum{}", "")  # ^^5c would compile to \input
+    assert esc.startswith("\\textasciicircum{}\\textasciicircum{}5cinput\\{x\\}")
+    assert "a\\textbackslash{}b" in esc  # its braces are not escaped a second time
+    assert "\\textasciitilde{} 50\\% \\#1 \\$\\_\\&" in esc

@@ -110,6 +110,20 @@ def scores(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast,
                                  include_defaults=False, batch_size=4)
 
 
+def test_task_file_is_not_loaded_without_the_opt_in(model: LlamaForCausalLM,
+                                                    tok: PreTrainedTokenizerFast, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EFFLLM_ALLOW_TASK_FILES", raising=False)
+    marker = tmp_path / "ran"
+    (tmp_path / "utils.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef f(x): return x\n")
+    task = tmp_path / "evil.yaml"
+    task.write_text("task: evil\ndataset_path: json\nprocess_docs: !function utils.f\n")
+    out = bridge.evaluate_tasks(model, tok, [str(task)], include_defaults=False, limit=1)
+    assert out[f"lm_eval/{task}"]["value"] is None
+    assert "not a task of lm-eval's registry" in out[f"lm_eval/{task}"]["reason"]
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_scores_are_fractions_over_all_items(scores: dict[str, dict[str, Any]]) -> None:
     assert set(scores) == {"lm_eval/toy_mc", "lm_eval/toy_acc", "lm_eval/mean"}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..results import write_csv
 from . import scoring as E
 from .recommend import SIZE_COLUMN, RecommendError, load_tidy
 
@@ -279,8 +280,7 @@ def write_compare(table: pd.DataFrame, out_dir: str | Path, title: str = "B / A 
     """compare.csv plus the ratio figure (PNG + PDF) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    csv = out / "compare.csv"
-    table.to_csv(csv, index=False)
+    csv = write_csv(table, out / "compare.csv")
     return [csv, *draw(table, out, title=title)]
 
 

@@ -122,7 +122,8 @@ def save(fig: Figure, out_dir: str | Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         p = out / f"{name}.{ext}"
-        fig.savefig(p, dpi=DPI, facecolor="white")  # constrained layout keeps all inside
+        with R.atomic_path(p) as tmp:  # two reports into one folder each rename their own
+            fig.savefig(tmp, format=ext, dpi=DPI, facecolor="white")  # constrained layout
         paths.append(p)
     return paths
 

@@ -28,6 +28,7 @@ from effllm_helpers import catalog
 from effllm_helpers.axes.spec import SPECS
 from effllm_helpers.paths import outputs_dir
 from effllm_helpers.report import scoring as E
+from effllm_helpers.results import atomic_path, write_csv
 
 AXES = E.STUDY_AXES
 # key metrics shown, in order (quality first); columns empty for an axis are dropped in its CSV
@@ -155,11 +156,7 @@ def write_csvs(board: pd.DataFrame, out_dir: str | os.PathLike[str]) -> list[Pat
     paths = []
     for axis, sub in board.groupby("axis", sort=True):
         keep = [c for c in sub.columns if c in ID_COLUMNS or sub[c].notna().any()]
-        p = out_dir / f"leaderboard_{axis}.csv"
-        tmp = out_dir / f".{p.name}.tmp"
-        sub[keep].to_csv(tmp, index=False)
-        os.replace(tmp, p)
-        paths.append(p)
+        paths.append(write_csv(sub[keep], out_dir / f"leaderboard_{axis}.csv"))
     return paths
 
 
@@ -232,9 +229,13 @@ _JS = r"""
     return {head:cols.map(i=>heads[i].dataset.label),
             rows:rows.map(r=>cols.map(i=>r.cells[i].textContent.trim()))};
   }
+  // every TeX special in one pass (a second pass would escape the braces of the first's
+  // \textbackslash{}); ^ and ~ too: ^^5c is TeX's notation for a backslash (^^5cinput = \input)
+  const TEX={'\\':'\\textbackslash{}','&':'\\&','%':'\\%','$':'\\$','#':'\\#','_':'\\_',
+    '{':'\\{','}':'\\}','^':'\\textasciicircum{}','~':'\\textasciitilde{}','–':'--'};
+  const texEscape=t=>t.replace(/[\\&%$#_{}^~–]/g,c=>TEX[c]);
   function latex(){
-    const esc=t=>t.replace(/\\/g,'\\textbackslash{}').replace(/([&%$#_{}])/g,'\\$1')
-      .replace(/–/g,'--');
+    const esc=texEscape;
     const v=view();
     const spec=v.head.map((h,i)=>heads.find(t=>t.dataset.label===h).dataset.type==='num'?'r':'l');
     const line=cells=>cells.map(esc).join(' & ')+' \\\\';
@@ -259,7 +260,7 @@ _JS = r"""
   }
   document.getElementById('export-latex').addEventListener('click',()=>exportAs('latex'));
   document.getElementById('export-md').addEventListener('click',()=>exportAs('markdown'));
-  window.effllmBoard={sortBy:sortBy,apply:apply,exportAs:exportAs};
+  window.effllmBoard={sortBy:sortBy,apply:apply,exportAs:exportAs,texEscape:texEscape};
   apply();
 })();
 """
@@ -386,13 +387,12 @@ def write_leaderboard(tidy_df: pd.DataFrame,
     board = leaderboard_frame(tidy_df, weights)
     csvs = write_csvs(board, out_csv_dir)
     out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(f".{out_html.name}.tmp")
     links = {p.stem.removeprefix("leaderboard_"): Path(os.path.relpath(p, out_html.parent))
              .as_posix() for p in csvs}
     from effllm_helpers.report import claims  # draws on the figures' helpers: loaded on use
 
     claims_html = claims.to_html(claims.claims_table(tidy_df))
-    tmp.write_text(render_html(board, E.units_of(tidy_df), methods=methods_of(tidy_df),
-                               csv_links=links, appendix=claims_html), encoding="utf-8")
-    os.replace(tmp, out_html)
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(render_html(board, E.units_of(tidy_df), methods=methods_of(tidy_df),
+                                   csv_links=links, appendix=claims_html), encoding="utf-8")
     return out_html, csvs

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from effllm_helpers import catalog
 from effllm_helpers.config import InferenceParams
 from effllm_helpers.errors import UnsupportedTechnique
+from effllm_helpers.libnoise import import_bitsandbytes
+from effllm_helpers.libnoise import install as install_libnoise
 from effllm_helpers.techniques import gemlite_int4
 from effllm_helpers.techniques.probe import probe_input, reference_linear, relative_error
 
@@ -149,7 +150,7 @@ def probe_bnb(kind: Literal["bnb8", "bnb4"], device: str, backward: bool = False
     kernels exist, and only running one tells. ``backward`` also checks QLoRA's gradient path.
     """
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()  # its CPU backend's Hub kernel fetch stays offline
     except Exception as exc:  # ImportError or a broken native library
         return f"bitsandbytes cannot be imported: {type(exc).__name__}: {exc}"
     try:
@@ -195,18 +196,13 @@ TORCHAO_MIN_CAPABILITY: dict[str, tuple[int, int]] = {"int4-wo": (8, 0), "fp8-e4
 
 
 def import_torchao() -> Any:
-    """Import torchao without its log noise: on a CPU torch it warns once per CUDA extension
-    (``_C_cutlass_90a``, ``_C_mxfp8``) it cannot load, which none of our precisions use."""
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)
-    try:
-        import torchao
-        import torchao.quantization  # noqa: F401 - the configs and quantize_
-    finally:
-        for lg, level in zip(quiet, levels, strict=True):
-            lg.setLevel(level)
+    """Import torchao: on a CPU torch it warns once per CUDA extension (``_C_cutlass_90a``,
+    ``_C_mxfp8``) it cannot load, which none of our precisions use; ``libnoise`` says that once,
+    with its meaning, and lets any other torchao message through."""
+    install_libnoise()
+    import torchao
+    import torchao.quantization  # noqa: F401 - the configs and quantize_
+
     return torchao
 
 
