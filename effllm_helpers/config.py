@@ -270,9 +270,18 @@ class ArchitectureParams(Launchable):
 
     @model_validator(mode="after")
     def _size_known(self) -> ArchitectureParams:
+        shape = catalog.RANDOM_SHAPES.get(self.model.size.lower())
+        if self.model.size not in self.sizes and shape is not None:
+            # the names random:<shape> takes on the other axes: that model's dimensions (the
+            # vocabulary stays the data's tokenizer's, data.vocab_size)
+            self.sizes[self.model.size] = SizeSpec(
+                d_model=shape["hidden_size"], n_layers=shape["num_hidden_layers"],
+                n_heads=shape["num_attention_heads"], n_kv_heads=shape["num_key_value_heads"],
+                d_ff=shape["intermediate_size"])
         if self.model.size not in self.sizes:
-            raise ValueError(f"model.size {self.model.size!r} is not one of the sizes "
-                             f"{sorted(self.sizes)}")
+            raise ValueError(f"model.size {self.model.size!r} is neither one of the sizes "
+                             f"{sorted(self.sizes)} nor a known shape "
+                             f"({', '.join(catalog.RANDOM_SHAPES)})")
         return self
 
 

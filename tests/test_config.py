@@ -136,7 +136,7 @@ BAD = {
                           .replace("base: {rank: 8}", "base: {}")
                           .replace("  method: [lora, dora]\n  task: [arithmetic, docname]\n",
                                    "  model.size: [huge]\n"),
-                          "model.size 'huge' is not one of the sizes"),
+                          "model.size 'huge' is neither one of the sizes"),
     "precision misspelt": (GOOD.replace("axis: finetuning", "axis: inference")
                            .replace("02_finetuning", "03_inference")
                            .replace("base: {rank: 8}", "base: {}")

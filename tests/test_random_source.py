@@ -77,3 +77,21 @@ def test_serving_a_random_model_records_quality_and_mcr_as_null_with_the_reason(
                for q in res.quality.values())
     assert res.metrics["mcr"]["value"] is None  # its quality ratio is unknown
     assert res.metrics["tpot_s"]["value"] > 0 and res.model["baseline_weight_bytes"] > 0
+
+
+def test_the_architecture_axis_takes_the_same_shape_names_as_its_dimensions() -> None:
+    from effllm_helpers import config
+
+    p = config.notebook_params("architecture", "tiny", {"model": {"size": "qwen2.5-0.5b"}})
+    size = p.sizes["qwen2.5-0.5b"]
+    assert (size.d_model, size.n_layers, size.n_heads, size.n_kv_heads, size.d_ff) == (
+        896, 24, 14, 2, 4864)
+
+
+def test_an_unknown_architecture_size_names_the_shapes_too() -> None:
+    import pytest
+
+    from effllm_helpers import config
+
+    with pytest.raises(ValueError, match="nor a known shape .*qwen2.5-1.5b"):
+        config.notebook_params("architecture", "tiny", {"model": {"size": "qwen9"}})

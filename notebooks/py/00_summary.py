@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -60,6 +60,38 @@ for p in paths:
     if p.suffix == ".png":
         print(p.name)
         display(Image(filename=str(p)))
+
+# %% [markdown]
+# ## The paper's claims on this hardware
+#
+# Each claim of EfficientLLM beside what these records measured, judged by the rule written next
+# to it: holds, does not hold, or not measured here (and why). Rebuilt from whatever records
+# exist; `run_ids` names the runs each row used.
+
+# %%
+from effllm_helpers.report import claims
+
+claim_table = claims.claims_table(tidy)
+results.write_csv(claim_table, out / "results" / "claims.csv")
+claim_table.drop(columns=["run_ids", "id"])
+
+# %% [markdown]
+# ## Where does a technique start to pay?
+#
+# Each technique's efficiency as a ratio to its peer on the same model (int4-wo / bf16 TPOT,
+# LoRA / full s/step, MoE / dense peak memory, ...) against model size, with the crossover
+# (ratio = 1) marked or "no crossover up to N B". Sweep `params/scaling/*.yaml` on a GPU for
+# the sizes where it appears; a study of one size gives one point per pair.
+
+# %%
+from effllm_helpers.report import scaling
+
+crossovers = scaling.table(tidy)
+results.write_csv(crossovers, out / "results" / "crossovers.csv")
+for p in scaling.draw(tidy, out / "figures"):
+    if p.suffix == ".png":
+        display(Image(filename=str(p)))
+crossovers
 
 # %% [markdown]
 # ## Which technique should I use?
