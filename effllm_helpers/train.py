@@ -314,6 +314,10 @@ def train(
                 examples = batch.pop("_examples", None)  # a packed row holds several
                 step_samples += int(examples) if examples is not None else labels.shape[0]
                 batch = to_device(batch, device)
+                if spec.compile:  # rows per step vary (packing): one graph for every count
+                    for v in batch.values():
+                        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                            torch._dynamo.maybe_mark_dynamic(v, 0)
                 try:
                     loss = _forward_backward(model, batch, acc, spec.grad_accum)
                 except Exception as exc:  # a compile that fails falls back to eager, recorded

@@ -114,6 +114,14 @@ def test_layout_counts_and_padding_fraction() -> None:
     assert packing.layout_counts(pk) == {"positions": 9, "real_tokens": 9, "loss_tokens": 3}
 
 
+def test_fixed_width_rows_are_max_len_wide_and_count_the_padding() -> None:
+    rows = [([1, 2], [3]), ([1, 2, 3, 4], [5, 6])]  # 3 and 6 tokens
+    pk = packing.packed(rows, PAD, max_len=16, fixed_width=True)
+    assert pk["input_ids"].shape == (1, 16)
+    assert packing.layout_counts(pk) == {"positions": 16, "real_tokens": 9, "loss_tokens": 3}
+    assert pk["position_ids"][0, 9:].tolist() == list(range(7))  # padding: its own sequence
+
+
 def test_first_fit_decreasing_fills_rows_within_capacity() -> None:
     lengths = [9, 3, 7, 2, 5, 1]
     bins = packing.first_fit_decreasing(lengths, 10)

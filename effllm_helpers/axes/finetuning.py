@@ -113,8 +113,11 @@ def run(p: FinetuneParams, seed: int = 0, save_dir: str | Path | None = None,
         return {"eval_loss": evaluate.eval_loss(m, eval_t, p.train.batch_size,
                                                 p.train.eval_batches)}
 
+    # compiled: packed rows of one width (the row count varies; train marks it dynamic), so
+    # the step compiles once instead of once per new width inside the measured window
     batches = packing.sft_batches(train_rows, p.train.batch_size, layout,
-                                  data.pad_id(tokenizer), p.max_len, seed)
+                                  data.pad_id(tokenizer), p.max_len, seed,
+                                  fixed_width=p.train.compile)
     res = train.train(model, batches, p.train,
                       p.measure, n_params=prepared.total_params, optimizer=opt,
                       evaluate=eval_fn, progress=progress,

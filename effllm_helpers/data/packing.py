@@ -101,14 +101,16 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def packed(rows: Sequence[Row], pad_id: int, max_len: int) -> Batch:
+def packed(rows: Sequence[Row], pad_id: int, max_len: int, fixed_width: bool = False) -> Batch:
     """The examples packed into rows of at most ``max_len`` tokens (see the module docstring);
-    rows are padded to the longest packed row, padding on position ids of its own."""
+    rows are padded to the longest packed row (to ``max_len`` with ``fixed_width``: a compiled
+    step then sees one row width, not a recompile per width), padding on position ids of its
+    own."""
     lengths = [len(p) + len(r) for p, r in rows]
     if max(lengths) > max_len:
         raise ValueError(f"an example of {max(lengths)} tokens does not fit max_len {max_len}")
     bins = first_fit_decreasing(lengths, max_len)
-    width = max(sum(lengths[i] for i in b) for b in bins)
+    width = max_len if fixed_width else max(sum(lengths[i] for i in b) for b in bins)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(bins), width), dtype=torch.long)
     labels = torch.full((len(bins), width), -100, dtype=torch.long)
@@ -141,8 +143,9 @@ def group_order(lengths: Sequence[int], batch_size: int, seed: int) -> torch.Ten
 
 
 def sft_batches(rows: Sequence[Row], batch_size: int, mode: str, pad_id: int, max_len: int,
-                seed: int = 0) -> Callable[[int, int, int], Batch]:
-    """``next_batch(micro_step, rank, world)`` over SFT rows in the given layout."""
+                seed: int = 0, fixed_width: bool = False) -> Callable[[int, int, int], Batch]:
+    """``next_batch(micro_step, rank, world)`` over SFT rows in the given layout (packed rows
+    ``max_len`` wide with ``fixed_width``, for a compiled step)."""
     if mode not in MODES:
         raise ValueError(f"packing {mode!r}: allowed {', '.join(MODES)}")
     if not rows:
@@ -155,7 +158,7 @@ def sft_batches(rows: Sequence[Row], batch_size: int, mode: str, pad_id: int, ma
         idx = step_indices(order, batch_size, micro_step, rank, world)
         batch_rows = [rows[int(i)] for i in idx]
         if mode == "pack":
-            return packed(batch_rows, pad_id, max_len)
+            return packed(batch_rows, pad_id, max_len, fixed_width)
         return padded(batch_rows, pad_id, width if mode == "none" else None)
 
     return next_batch
