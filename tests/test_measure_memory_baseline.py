@@ -53,3 +53,16 @@ def test_without_a_mark_the_import_baseline_is_used_and_said(monkeypatch: pytest
     inc = m.metrics()["amu_increment_gb"]
     assert inc["method"] == "psutil_rss_sampled_minus_import_time_baseline"
     assert "mark_baseline" in inc["note"]
+
+
+def test_memory_freed_below_the_baseline_is_a_null_increment_with_the_reason(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    marked = mem.mark_baseline()
+    # a baseline that held 1 TB more than the run ever uses (freed after the mark)
+    monkeypatch.setitem(mem._BASELINE, "rss_bytes", marked["rss_bytes"] + 1e12)
+    with Meter("cpu", sample_interval_s=0.01) as m:
+        time.sleep(0.05)
+        m.step()
+    inc = m.metrics()["amu_increment_gb"]
+    assert inc["value"] is None
+    assert "below its baseline" in inc["reason"]

@@ -512,8 +512,14 @@ class Meter:
         if kind != "preload":
             extra["note"] = ("no memory.mark_baseline() before the model was loaded: baseline "
                              "is the RSS when effllm_helpers.measure was imported")
-        return {"amu_increment_gb": metric((avg - base) / GB, "GB", method, **extra),
-                "peak_increment_gb": metric((max(vs) - base) / GB, "GB", method, **extra)}
+        out = {}
+        for key, v in (("amu_increment_gb", avg), ("peak_increment_gb", max(vs))):
+            # below the baseline: memory held at the mark was freed later (another process's
+            # baseline, a cache dropped), so the difference is not what the run added
+            out[key] = (metric((v - base) / GB, "GB", method, **extra) if v >= base else
+                        missing("GB", f"{name} fell {(base - v) / GB:.3f} GB below its baseline: "
+                                "memory held at the mark was freed later", method))
+        return out
 
     def _contention_metrics(self, dur: float) -> dict[str, dict[str, Any]]:
         """How busy the machine was around the measured window (see ``measure.contention``)."""
