@@ -132,7 +132,23 @@ class Run(BaseModel):
     weights: dict[str, float]
     timeout_s: float | None
     preset: str | None = None  # the preset's name (or file) that resolved ``params``
+    quality: str | None = None  # the study file's ``quality:`` (None: the axis's default)
 
+
+
+def scoring_facts(run: Run | dict[str, Any]) -> dict[str, Any] | None:
+    """What a run's record says its study ranks on: the quality metric (the study file's
+    ``quality:``, else the axis's default) and the study's ``weights`` ({} = equal).
+
+    Why in the record: a report over another machine's records must rank them as their study
+    said, not as the study file in this checkout says today. None for a run that is no study's
+    (an interactive notebook run), whose record then carries no scoring.
+    """
+    r = run.model_dump() if isinstance(run, Run) else run
+    if "weights" not in r or r.get("axis") not in SPECS:
+        return None
+    return {"quality": r.get("quality") or SPECS[r["axis"]].quality,
+            "weights": {str(k): float(v) for k, v in (r.get("weights") or {}).items()}}
 
 
 _MISSING = object()
@@ -366,7 +382,8 @@ def expand(path: str | Path, preset: str | Path | None = None,
             seen.add(rid)
             runs.append(Run(run_id=rid, study=study.study, axis=study.axis,
                             notebook=study.notebook, seed=seed, point=point, params=params,
-                            weights=study.weights, timeout_s=study.timeout_s,
+                            weights=study.weights, quality=study.quality,
+                            timeout_s=study.timeout_s,
                             preset=None if preset is None else str(preset)))
     if only:
         runs = select(runs, only, study.grid)

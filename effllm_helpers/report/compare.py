@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results import write_csv
+from ..results import SCORING_QUALITY, SCORING_WEIGHTS, write_csv
 from . import scoring as E
 from .recommend import SIZE_COLUMN, RecommendError, load_tidy
 
@@ -102,7 +102,7 @@ def _side(tidy: pd.DataFrame, name: str, *, device: str | None,
         w["core"] = ["+".join(str(r[c]) for c in core_cols if not pd.isna(r[c]))
                      for _, r in w.iterrows()]
         ident = {"run_id", "study", "axis", "status", "device", "finished_at", "technique",
-                 "size", "core"}
+                 "size", "core", SCORING_QUALITY, SCORING_WEIGHTS}
         metrics = [c for c in w.columns if c not in ident and not c.startswith("p.")
                    and not c.endswith((".ci95", ".n"))]
         keys = ["axis", "study", "size", "technique", "core", "device"]
