@@ -295,7 +295,7 @@ def check_task_size(axis: str, params: dict[str, Any], source: str) -> None:
     """A built-in task with a finite pool (``docname``: the functions this interpreter's
     standard library documents) must hold ``n_train + n_eval`` items: refused before any
     compute, not a minute into every run."""
-    if axis != "finetuning" or params.get("task") != "docname":
+    if "task" not in SPECS[axis].local_data or params.get("task") != "docname":
         return
     from .data.tasks import docname_pool
 
@@ -371,7 +371,7 @@ def expand(path: str | Path, preset: str | Path | None = None,
                                      for k, v in point.items()), 300)
         params = resolve_params(study.axis, study.base, overlay, adjust, grid_layer,
                                 overrides or {}, source=f"{path} [grid point {label}]")
-        check_params_model(study.axis, params, f"{path} [grid point {label}]")
+        check_params_model(SPECS[study.axis].model_key, params, f"{path} [grid point {label}]")
         check_task_size(study.axis, params, f"{path} [grid point {label}]")
         check_data_paths(study.axis, params, notebook_path(study.notebook).parent,
                          f"{path} [grid point {label}]")
@@ -440,13 +440,8 @@ def check_data_paths(axis: str, params: dict[str, Any], base: Path, source: str)
     """The local data a run will read exists (no compute): a ``text:``/``jsonl:`` corpus, a
     ``jsonl:`` task, a ``folder:`` image set. Relative paths are read from the notebook's
     folder, where the run's kernel starts; ``hf:`` sources are left to the run (a hub name)."""
-    specs: list[tuple[str, str]] = []
-    if axis == "architecture" and isinstance(params.get("data"), dict):
-        specs.append(("data.corpus", str(params["data"].get("corpus", ""))))
-    elif axis == "finetuning":
-        specs.append(("task", str(params.get("task", ""))))
-    elif axis == "cross_modal":
-        specs.append(("data", str(params.get("data", ""))))
+    specs = [(key, str(v)) for key in SPECS[axis].local_data
+             if (v := _get_dotted(params, key)) is not _MISSING and not isinstance(v, dict)]
     for key, spec in specs:
         kind, sep, arg = spec.partition(":")
         if not sep or kind not in ("text", "jsonl", "folder"):

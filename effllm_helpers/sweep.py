@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results, studies, warmkernel
+from .axes.spec import SPECS
 from .paths import outputs_dir
 from .run import NOTEBOOK_SAVED, PRESET_ENV, SWEEP_RUN_ENV, classify_failure, failure_record
 from .runenv import BATCH_ENV, THREADS_ENV
@@ -668,8 +669,9 @@ def warm_data_caches(runs: Iterable[studies.Run], timeout_s: float = 3600) -> li
     stayed in that run's AMU). Returns the data specs warmed; a failure is left to the runs."""
     import subprocess
 
-    specs = sorted({json.dumps(r.params["data"], sort_keys=True) for r in runs
-                    if r.axis == "architecture" and isinstance(r.params.get("data"), dict)})
+    keys = {r.run_id: SPECS[r.axis].warm_data for r in runs}
+    specs = sorted({json.dumps(r.params[k], sort_keys=True) for r in runs
+                    if (k := keys[r.run_id]) and isinstance(r.params.get(k), dict)})
     if specs:
         # dies with the sweep (PR_SET_PDEATHSIG): a killed sweep leaves no warm-up behind
         subprocess.run([sys.executable, "-m", "effllm_helpers.data.warm", *specs],
@@ -872,8 +874,6 @@ def record_headline(rec: dict[str, Any] | None) -> dict[str, str]:
     Each cell is ``value unit`` with the metric's name where the column can hold several
     (``acc 0.42``, ``tpot_s 0.012 s``); ``-`` when the record has none with a value.
     """
-    from .axes.spec import SPECS
-
     rec = rec or {}
     # the study's quality metric first (the one its scores rank on, as the record says, else
     # the axis's default), then any other

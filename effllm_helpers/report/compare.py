@@ -33,16 +33,13 @@ from ..results import SCORING_QUALITY, SCORING_WEIGHTS, write_csv
 from . import scoring as E
 from .recommend import SIZE_COLUMN, RecommendError, load_tidy
 
-__all__ = ["compare", "headline_metrics", "ratio_interval", "ranking_changes", "write_compare",
-           "load_tidy", "RecommendError"]
+__all__ = ["compare", "headline_metrics", "one_sided_axes", "ratio_interval", "ranking_changes",
+           "write_compare", "load_tidy", "RecommendError"]
 
 KEY = ["axis", "study", "size", "technique"]
-# headline metrics per axis beyond quality: memory, latency, throughput, energy, compression
-HEADLINE: dict[str, tuple[str, ...]] = {
-    "architecture": ("amu_gb", "al_s", "tt", "j_per_token"),
-    "finetuning": ("amu_gb", "al_s", "st", "j_per_token"),
-    "inference": ("amu_gb", "al_s", "tpot_s", "it", "j_per_token", "mcr"),
-}
+# headline metrics per axis beyond quality (memory, latency, throughput, energy, compression),
+# from the axis specs
+HEADLINE: dict[str, tuple[str, ...]] = {a: E.spec_of(a).headline for a in E.STUDY_AXES}
 
 
 def ratio_interval(a: float, b: float, ci_a: float | None,
@@ -221,6 +218,16 @@ def lock_warnings(table: pd.DataFrame) -> list[str]:
     return [f"A ran under lock {a}, B under {b}: package versions differ, so a ratio may "
             "measure the upgrade as well as the technique" for a, b in pairs.itertuples(
                 index=False)]
+
+
+def one_sided_axes(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame) -> list[str]:
+    """One line per study axis with runs on one side only: nothing of it can be compared, and
+    the reader should be told so rather than meet a table without it."""
+    have = [set(t["axis"].dropna().astype(str)) if "axis" in t else set()
+            for t in (tidy_a, tidy_b)]
+    return [f"{axis}: runs in {side} only, nothing to compare"
+            for axis in E.STUDY_AXES for side, mine, other in (("A", *have), ("B", *have[::-1]))
+            if axis in mine and axis not in other]
 
 
 def changed_orders(table: pd.DataFrame) -> list[str]:

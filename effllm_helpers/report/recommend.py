@@ -31,12 +31,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..axes import spec as _spec
 from . import scoring as E
 
-# the model-size column of each axis (what "same size" means for it)
-SIZE_COLUMN: dict[str, str] = {
-    "architecture": "p.model.size", "finetuning": "p.base_model", "inference": "p.model",
-}
+# the model-size column of each axis (what "same size" means for it), from the axis specs
+SIZE_COLUMN: dict[str, str] = {a: s.size_column for a in E.STUDY_AXES
+                               if (s := E.spec_of(a)).size_column}
 # columns that define a comparison set: device, the size, and (fine-tuning) the task
 SET_KEYS: dict[str, tuple[str, ...]] = {
     axis: tuple(k for k in keys if k != "study") for axis, keys in E.COMPARISON_KEYS.items()
@@ -393,15 +393,15 @@ def aggregate(wide: pd.DataFrame, axis: str, metrics: Sequence[str]) -> pd.DataF
     return repeat_summary(wide, [m for m in metrics if m in wide], [*keys, "technique"])
 
 
-def recommend(tidy: pd.DataFrame, axis: str = "inference", *,
+def recommend(tidy: pd.DataFrame, axis: str = _spec.DEFAULT_AXIS, *,
               max_memory_gb: float | None = None, max_latency_ms: float | None = None,
               max_tpot_ms: float | None = None, max_energy_j_per_token: float | None = None,
               min_quality: float | None = None, device: str | None = None,
               size: str | None = None, quality: str | None = None) -> list[Choice]:
     """One :class:`Choice` per (device, model size) of ``axis`` in the tidy table.
 
-    ``quality`` forces the quality metric; by default it is the efficiency module's choice for
-    the axis (inference: task accuracy if it separates the runs, else perplexity).
+    ``quality`` forces the quality metric; by default it is the study's, as the runs' records
+    carry it, else the axis's default (:func:`effllm_helpers.report.scoring.study_scoring`).
     """
     wide = E.ok_rows(E.wide_table(tidy, axis, with_ci=True))
     if wide.empty:

@@ -55,6 +55,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {k: m.higher_is_better for k, m in catalog.M
 # the per-axis tables below are views of the axis specs (axes/spec.py), kept by these names for
 # the scores, figures and leaderboard that read them
 STUDY_AXES = _spec.STUDY_AXES
+spec_of = _spec.spec
 _STUDY_SPECS = [_spec.SPECS[a] for a in STUDY_AXES]
 
 # the one quality metric of each axis, unless its study file names another (``quality:``); a
