@@ -165,3 +165,8 @@ def test_an_axis_on_one_side_only_is_named() -> None:
     b = pd.DataFrame({"axis": ["inference", "architecture"]})
     assert C.one_sided_axes(a, b) == ["architecture: runs in B only, nothing to compare",
                                       "cross_modal: runs in A only, nothing to compare"]
+
+
+def test_an_unknown_metric_is_refused_not_ranked_as_higher_is_better(a_b) -> None:
+    with pytest.raises(C.RecommendError, match="'made_up'; known: "):
+        C.compare(*a_b, ["made_up"])

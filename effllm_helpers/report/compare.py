@@ -158,6 +158,11 @@ def compare(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame, metrics: Sequence[str] |
     lock_a/lock_b/lock_differs (the package set each side ran under; see ``lock_warnings``).
     """
     by_size = size_a is None and size_b is None
+    for m in metrics or ():
+        try:
+            E.higher_is_better(m)
+        except KeyError as exc:
+            raise RecommendError(exc.args[0]) from None
     if axis is not None:
         tidy_a, tidy_b = (t[t["axis"] == axis] for t in (tidy_a, tidy_b))
     a = _side(tidy_a, "A", device=device_a, size=size_a)
@@ -200,7 +205,7 @@ def ranking_changes(table: pd.DataFrame) -> pd.DataFrame:
     out["rank_a"] = pd.array([pd.NA] * len(out), dtype="Int64")
     out["rank_b"] = pd.array([pd.NA] * len(out), dtype="Int64")
     for (_, _, _, m), sub in out.groupby(["axis", "study", "size", "metric"], dropna=False):
-        higher = E.HIGHER_IS_BETTER.get(str(m), True)
+        higher = E.higher_is_better(str(m))
         for side in ("a", "b"):
             v = pd.to_numeric(sub[side], errors="coerce")
             out.loc[sub.index, f"rank_{side}"] = v.rank(ascending=not higher,

@@ -715,7 +715,7 @@ def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,
         q = E.quality_metric(s, INFERENCE)
         s = s.assign(perf=s[q] if q else np.nan)
         agg = repeat_summary(s, ["perf", *POLAR_RINGS[1:]], ["p.model", "p.precision"])
-        hib = {"perf": bool(E.HIGHER_IS_BETTER.get(q, True)) if q else True}
+        hib = {"perf": E.higher_is_better(q) if q else True}
         n = E.normalise(agg, POLAR_RINGS, hib)
         n[["p.model", "p.precision"]] = agg[["p.model", "p.precision"]]
         n["perf_metric"] = q or ""
@@ -796,7 +796,7 @@ def _pareto_panel(ax: Axes, tidy: pd.DataFrame, wide: pd.DataFrame, axis: str,
         return
     lab = (agg[varying].astype(str).map(_short).agg(" ".join, axis=1) if varying
            else pd.Series(["run"] * len(agg)))
-    front = pareto_mask(agg[xm], agg[q], E.HIGHER_IS_BETTER.get(q, True))
+    front = pareto_mask(agg[xm], agg[q], E.higher_is_better(q))
     groups = _order(agg[colour_by], ["small", "medium", "large"]) if colour_by else ["all"]
     pal = _palette(groups)
     for g in groups:

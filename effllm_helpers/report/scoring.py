@@ -300,12 +300,20 @@ def default_metrics(wide: pd.DataFrame, axis: str, include_quality: bool = True)
 
 
 # ---------------------------------------------------------------- scaling and score
-def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool:
-    table = {**HIGHER_IS_BETTER, **(higher_is_better or {})}
+def higher_is_better(metric: str, overrides: Mapping[str, bool] | None = None) -> bool:
+    """Whether a higher ``metric`` is better (the catalog's direction, or ``overrides``').
+
+    An unknown metric raises, naming it and the known ones: a guessed direction would rank it
+    backwards without a word."""
+    table = {**HIGHER_IS_BETTER, **(overrides or {})}
     if metric not in table:
-        raise KeyError(f"no direction known for metric {metric!r}; pass higher_is_better="
-                       f"{{{metric!r}: True|False}}")
+        raise KeyError(f"no direction known for metric {metric!r}; known: "
+                       f"{', '.join(sorted(table))} (a new metric is a catalog.py entry; or "
+                       f"pass higher_is_better={{{metric!r}: True|False}})")
     return table[metric]
+
+
+_direction = higher_is_better
 
 
 def _ci_of(df: pd.DataFrame, metric: str,
@@ -645,5 +653,5 @@ __all__: list[Any] = [
     "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
     "quality_flags", "tie_with_best", "no_difference", "spread_note", "repeat_noise",
     "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL", "MEMORY_METRIC", "memory_metric",
-    "StudyScoring", "study_scoring",
+    "StudyScoring", "study_scoring", "higher_is_better",
 ]
