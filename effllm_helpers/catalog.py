@@ -14,8 +14,32 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-# torch dtype attribute per short dtype name (the one dtype map; torch-side code looks it up)
+# torch dtype attribute per short dtype name (the one dtype map; torch-side code looks it up
+# through torch_dtype / dtype_name)
 DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a short name (``bf16`` -> ``torch.bfloat16``); an unknown name raises
+    with the known ones. torch is imported here, on use, so the catalog stays importable
+    without it."""
+    import torch
+
+    if name not in DTYPES:
+        raise KeyError(f"unknown dtype {name!r}; known: {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
+
+
+def dtype_name(dtype: Any, default: str | None = None) -> str:
+    """The short name of a torch dtype (``torch.bfloat16`` -> ``bf16``); ``default`` for one
+    the catalog does not name (an error when no default is given)."""
+    attr = str(dtype).removeprefix("torch.")
+    for name, a in DTYPES.items():
+        if a == attr:
+            return name
+    if default is None:
+        raise KeyError(f"no short name for dtype {dtype!r}; known: {', '.join(DTYPES.values())}")
+    return default
 
 
 @dataclass(frozen=True)
@@ -200,8 +224,13 @@ for _name, _hib, _label, _unit in (
     # cache): what a technique adds, without the interpreter, the libraries or a CUDA context
     ("amu_increment_gb", False, "AMU (model)", "GB"),
     ("peak_increment_gb", False, "Peak mem (model)", "GB"),
-    ("amu_frac", False, None, None), ("size_bytes", False, None, None),
-    ("duration_s", False, None, None), ("samples_per_s", True, None, None),
+    ("amu_frac", False, None, "fraction"), ("size_bytes", False, None, None),
+    ("duration_s", False, None, "s"), ("samples_per_s", True, None, "samples/s"),
+    # the Meter's context of a measurement (how busy the machine was, what torch held): read
+    # beside the metrics, never scored; lower is the quieter machine, the smaller footprint
+    ("load_1m", False, None, "tasks"), ("cpu_share", False, None, "fraction"),
+    ("machine_cpu_busy", False, None, "fraction"), ("torch_threads", False, None, "threads"),
+    ("torch_max_allocated_gb", False, None, "GB"), ("torch_max_reserved_gb", False, None, "GB"),
     # axis 4 (cross-modal): sample quality and the sampling phase
     ("frechet_classifier_distance", False, "FD (CNN)", "frechet"),
     ("sample_class_accuracy", True, "Sample acc", "fraction"), ("val_loss", False, "Loss", "nats"),

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from . import config, results, studies, warmkernel
+from .axes.spec import DEFAULT_AXIS, SPECS, STUDY_AXES
 from .paths import outputs_dir
 from .runenv import TASK_FILES_ENV
 
@@ -288,8 +289,8 @@ def report(
 
 
 AxisOpt = Annotated[str, typer.Option(
-    "--axis", "-a", help="Study axis whose techniques compete: inference, finetuning or "
-                         "architecture.")]
+    "--axis", "-a", help="Study axis whose techniques compete: "
+                         f"{', '.join(STUDY_AXES)}.")]
 
 
 @app.command()
@@ -297,7 +298,7 @@ def recommend(
     results_dir: Annotated[Path, typer.Option(
         "--results", "-r", help="A records folder (searched recursively), a report folder with "
                                 "results/results.csv, or a results .csv/.parquet table.")],
-    axis: AxisOpt = "inference",
+    axis: AxisOpt = DEFAULT_AXIS,
     max_memory_gb: Annotated[float | None, typer.Option(
         "--max-memory-gb", help="Memory (AMU, amu_gb) at most this many GB.")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(
@@ -314,14 +315,17 @@ def recommend(
                               "accuracy, <= for perplexity/loss (the output names the metric).")
     ] = None,
     quality: Annotated[str | None, typer.Option(
-        "--quality", help="Quality metric to use (default: the efficiency score's choice for "
-                          "the axis; inference: task_acc if it separates runs, else ppl).")
+        "--quality", help="Quality metric to use (default: the study's quality metric as its "
+                          "records carry it, else the axis's: "
+                          + ", ".join(f"{n}: {s.quality}" for n, s in SPECS.items()
+                                      if s.study) + ").")
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="Only this device name.")
                       ] = None,
     size: Annotated[str | None, typer.Option(
-        "--size", help="Only this model size (architecture: small/medium/large; fine-tuning: "
-                       "the base model; inference: the model).")] = None,
+        "--size", help="Only this model size, the value of the axis's size column ("
+                       + "; ".join(f"{n}: {s.size_column}" for n, s in SPECS.items()
+                                   if s.study) + ").")] = None,
 ) -> None:
     """Which technique should I use? The best quality under your constraints, per device and size.
 
@@ -357,7 +361,8 @@ def compare(
     metric: Annotated[list[str] | None, typer.Option(
         "--metric", "-m", help="Metric to compare (repeatable; default: the axis's quality and "
                                "headline metrics).")] = None,
-    axis: Annotated[str | None, typer.Option("--axis", "-a", help="Only this axis.")] = None,
+    axis: Annotated[str | None, typer.Option(
+        "--axis", "-a", help=f"Only this axis ({', '.join(STUDY_AXES)}; default: all).")] = None,
     device_a: Annotated[str | None, typer.Option("--device-a", help="Only A's runs on this "
                                                                     "device.")] = None,
     device_b: Annotated[str | None, typer.Option("--device-b", help="Only B's runs on this "
@@ -378,8 +383,9 @@ def compare(
     if (size_a is None) != (size_b is None):
         _fail("give both --size-a and --size-b (or neither)")
     try:
-        table = cmp.compare(cmp.load_tidy(a), cmp.load_tidy(b), metric, device_a=device_a,
-                            device_b=device_b, size_a=size_a, size_b=size_b, axis=axis)
+        tidy_a, tidy_b = cmp.load_tidy(a), cmp.load_tidy(b)
+        table = cmp.compare(tidy_a, tidy_b, metric, device_a=device_a, device_b=device_b,
+                            size_a=size_a, size_b=size_b, axis=axis)
     except cmp.RecommendError as exc:
         _fail(str(exc))
     dest = Path(out_dir) if out_dir else _output_root(output_dir) / "compare"
@@ -388,6 +394,9 @@ def compare(
     _echo(cmp.format_table(table))
     for line in cmp.lock_warnings(table):
         _echo(f"warning: {line}")
+    if axis is None:
+        for line in cmp.one_sided_axes(tidy_a, tidy_b):
+            _echo(f"note: {line}")
     for line in cmp.changed_orders(table):
         _echo(f"ranking changed: {line}")
     _echo("written: " + ", ".join(str(p) for p in paths))

@@ -352,14 +352,11 @@ def check_model_source(name: str) -> str:
     return name
 
 
-MODEL_KEYS = {"finetuning": "base_model", "inference": "model"}
-
-
-def check_params_model(axis: str, params: dict[str, Any], source: str) -> None:
-    """The model a run will load can be found (no compute, no network): see
+def check_params_model(key: str | None, params: dict[str, Any], source: str) -> None:
+    """The model a run will load (``params[key]``, the axis spec's ``model_key``; None: the
+    axis loads no named model) can be found (no compute, no network): see
     :func:`check_model_source`. Run by ``studies.expand``, so ``validate`` and ``sweep`` refuse a
     missing model before any run starts rather than each run failing a minute in."""
-    key = MODEL_KEYS.get(axis)
     if key is None or not isinstance(params.get(key), str):
         return
     try:
@@ -960,7 +957,10 @@ def resolve_params(axis: str, *layers: dict[str, Any], source: str = "<params>")
     if axis not in AXES:
         raise ParamsError(f"{source}: axis {axis!r} unknown; allowed: {', '.join(AXES)}")
     merged: dict[str, Any] = {}
-    if axis == "finetuning":  # each layer's 'model' alias is renamed before the layers merge
+    fields = AXES[axis].model_fields
+    # a schema whose model is ``base_model`` (fine-tuning) takes ``model`` as its alias: each
+    # layer's alias is renamed before the layers merge
+    if "base_model" in fields and "model" not in fields:
         try:
             layers = tuple(canonical_model_key(layer) for layer in layers)
         except ValueError as exc:

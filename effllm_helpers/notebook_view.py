@@ -17,17 +17,13 @@ from typing import Any
 
 import pandas as pd
 
-from .config import deep_merge, set_dotted
+from .axes.spec import SPECS, of_params
+from .config import ArchitectureParams, FinetuneParams, InferenceParams, deep_merge, set_dotted
 from .paths import outputs_dir
 
 # metrics that are measured on another axis's workload and never describe this one (training
 # throughputs on an inference run, decode latencies on a pretraining run)
-FOREIGN_METRICS: dict[str, frozenset[str]] = {
-    "architecture": frozenset({"st", "samples_per_s", "it", "ttft_s", "tpot_s", "mcr",
-                               "mcr_nominal", "size_bytes"}),
-    "finetuning": frozenset({"tt", "it", "ttft_s", "tpot_s", "mcr", "mcr_nominal"}),
-    "inference": frozenset({"tt", "st", "samples_per_s"}),
-}
+FOREIGN_METRICS: dict[str, frozenset[str]] = {n: s.foreign_metrics for n, s in SPECS.items()}
 TABLE_COLUMNS = ["kind", "value", "unit", "method", "reason"]
 _BATCH_SUFFIX = re.compile(r"_bs\d+$")
 
@@ -142,7 +138,7 @@ def _embedded_cached(profile: str, stage: str) -> bool:
 def announce(axis: str, p: Any) -> None:
     """Print what the long cell is about to do: the embedded-model build note when one will be
     built first (fine-tuning and inference), then the axis's one-line description."""
-    model = {"finetuning": "base_model", "inference": "model"}.get(axis)
+    model = SPECS[axis].model_key if axis in SPECS else None
     note = embedded_build_note(getattr(p, model), p.embedded_profile) if model else None
     if note:
         print(note, flush=True)
@@ -150,17 +146,19 @@ def announce(axis: str, p: Any) -> None:
 
 
 def describe(axis: str, p: Any) -> str:
-    """What the axis's long cell is about to do, in one line (printed before it starts)."""
-    if axis == "architecture":
+    """What the axis's long cell is about to do, in one line (printed before it starts).
+
+    Told apart by the params' class (the spec binds each axis to one), not the axis's name."""
+    if isinstance(p, ArchitectureParams):
         m = p.model
         return (f"pretraining {m.family}/{m.attention}/{m.positional}/{m.ffn} at size {m.size} "
                 f"for {p.train.steps} steps (batch {p.train.batch_size}) on '{p.data.corpus}', "
                 "then measuring; the train bar shows progress …")
-    if axis == "finetuning":
+    if isinstance(p, FinetuneParams):
         quant = f" on a {p.quant} base" if p.quant != "none" else ""
         return (f"fine-tuning {p.base_model} with {p.method} (rank {p.rank}){quant} on "
                 f"'{p.task}' for {p.train.steps} steps; the train bar shows progress …")
-    if axis == "inference":
+    if isinstance(p, InferenceParams):
         import torch
 
         base = p.baseline_precision
@@ -188,7 +186,7 @@ def baseline_rows(model: str, precision: str, runs: str | Path | None = None
         except (OSError, ValueError):
             continue
         p = rec.get("params") or {}
-        if (rec.get("axis") == "inference" and rec.get("status") == "ok"
+        if (rec.get("axis") == of_params(InferenceParams).name and rec.get("status") == "ok"
                 and p.get("model") == model and p.get("precision") == precision
                 and (rec.get("extra") or {}).get("per_batch")):
             when = str(rec.get("finished_at") or "")

@@ -26,6 +26,10 @@ SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
 # false while the sweep's runner has not yet checked that papermill saved the run's notebook
 NOTEBOOK_SAVED = "notebook_saved"
+# the study's quality metric and weights, as the sweep ran it (``studies.scoring_facts``)
+SCORING = "scoring"
+# the tidy table's columns that carry them (the weights as sorted JSON text, "{}" = equal)
+SCORING_QUALITY, SCORING_WEIGHTS = "scoring.quality", "scoring.weights"
 Status = Literal["ok", "failed", "skipped"]
 
 
@@ -124,8 +128,12 @@ def new_record(
     provenance: Mapping[str, Any] | None = None,
     started_at: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    scoring: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a record in the versioned layout (``SCHEMA_VERSION``, checked by ``validate``)."""
+    """Assemble a record in the versioned layout (``SCHEMA_VERSION``, checked by ``validate``).
+
+    ``scoring``: the study's quality metric and weights (``studies.scoring_facts``), so that a
+    report ranks the run as its study said, whatever checkout reads it."""
     rec: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
@@ -144,6 +152,9 @@ def new_record(
     }
     if extra:
         rec["extra"] = dict(extra)
+    if scoring:
+        rec[SCORING] = {"quality": scoring.get("quality"),
+                        "weights": dict(scoring.get("weights") or {})}
     return rec
 
 
@@ -161,7 +172,7 @@ def validate_record(rec: Mapping[str, Any]) -> None:
         if not isinstance(rec[key], str) or not rec[key]:
             raise ValueError(f"record {key} must be a non-empty string, got {_short(rec[key])}")
     for key in ("params", "metrics", "quality", "curves", "model", "provenance", "extra",
-                "error"):
+                "error", SCORING):
         val = rec.get(key)
         if not (isinstance(val, Mapping) or (val is None and key not in REQUIRED_MAPPINGS)):
             raise ValueError(f"record {key} must be a mapping, got {type(val).__name__}")
@@ -171,6 +182,23 @@ def validate_record(rec: Mapping[str, Any]) -> None:
         for name, val in rec[section].items():
             validate_metric(f"{section}.{name}", val)
     check_model_facts(rec.get("model") or {})
+    check_scoring(rec.get(SCORING))
+
+
+def check_scoring(scoring: Mapping[str, Any] | None) -> None:
+    """The record's study scoring, when it has one: a metric name and non-negative weights."""
+    if scoring is None:
+        return
+    q = scoring.get("quality")
+    if q is not None and not isinstance(q, str):
+        raise ValueError(f"record scoring.quality must be a metric name, got {_short(q)}")
+    weights = scoring.get("weights")
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"record scoring.weights must be a mapping, got {_short(weights)}")
+    for k, v in weights.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"record scoring.weights.{_short(k)} must be a number >= 0, "
+                             f"got {_short(v)}")
 
 
 REQUIRED_MAPPINGS = ("params", "metrics", "quality")
@@ -332,11 +360,19 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
         out[prefix] = obj
 
 
+def _scoring_columns(scoring: Any) -> dict[str, Any]:
+    if not isinstance(scoring, Mapping):
+        return {SCORING_QUALITY: None, SCORING_WEIGHTS: None}
+    return {SCORING_QUALITY: scoring.get("quality"),
+            SCORING_WEIGHTS: json.dumps(dict(scoring.get("weights") or {}), sort_keys=True)}
+
+
 def tidy_rows(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per (run, metric): the long format the summary notebook and figures read.
 
     Columns: run identity, ``p.<param>`` for every resolved param, device, preset, lock (see
-    ``environment.lock_label``), then
+    ``environment.lock_label``), the study's scoring (``scoring.quality``, ``scoring.weights``
+    as JSON text; null for a record made before records held it), then
     ``section`` (metrics|quality|model), ``metric``, ``value``, ``unit``, ``method``, ``reason``,
     ``n``, ``std``, ``ci95``.
     """
@@ -349,6 +385,7 @@ def tidy_rows(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         "preset": (rec.get("provenance") or {}).get("preset"),
         "lock": lock_label((rec.get("provenance") or {}).get("environment")),
         "finished_at": rec.get("finished_at"),
+        **_scoring_columns(rec.get(SCORING)),
     }
     flat: dict[str, Any] = {}
     _flatten("", rec.get("params") or {}, flat)

@@ -51,6 +51,7 @@ def failure_record(run: dict[str, Any], kind: str, message: str, tb: str = "",
         provenance=provenance(run.get("preset") or os.environ.get(PRESET_ENV)),
         started_at=started_at,
         extra={"seed": run.get("seed"), "point": run.get("point", {}), **_concurrency()},
+        scoring=studies.scoring_facts(run),
     )
 
 

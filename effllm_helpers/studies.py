@@ -132,7 +132,23 @@ class Run(BaseModel):
     weights: dict[str, float]
     timeout_s: float | None
     preset: str | None = None  # the preset's name (or file) that resolved ``params``
+    quality: str | None = None  # the study file's ``quality:`` (None: the axis's default)
 
+
+
+def scoring_facts(run: Run | dict[str, Any]) -> dict[str, Any] | None:
+    """What a run's record says its study ranks on: the quality metric (the study file's
+    ``quality:``, else the axis's default) and the study's ``weights`` ({} = equal).
+
+    Why in the record: a report over another machine's records must rank them as their study
+    said, not as the study file in this checkout says today. None for a run that is no study's
+    (an interactive notebook run), whose record then carries no scoring.
+    """
+    r = run.model_dump() if isinstance(run, Run) else run
+    if "weights" not in r or r.get("axis") not in SPECS:
+        return None
+    return {"quality": r.get("quality") or SPECS[r["axis"]].quality,
+            "weights": {str(k): float(v) for k, v in (r.get("weights") or {}).items()}}
 
 
 _MISSING = object()
@@ -279,7 +295,7 @@ def check_task_size(axis: str, params: dict[str, Any], source: str) -> None:
     """A built-in task with a finite pool (``docname``: the functions this interpreter's
     standard library documents) must hold ``n_train + n_eval`` items: refused before any
     compute, not a minute into every run."""
-    if axis != "finetuning" or params.get("task") != "docname":
+    if "task" not in SPECS[axis].local_data or params.get("task") != "docname":
         return
     from .data.tasks import docname_pool
 
@@ -355,7 +371,7 @@ def expand(path: str | Path, preset: str | Path | None = None,
                                      for k, v in point.items()), 300)
         params = resolve_params(study.axis, study.base, overlay, adjust, grid_layer,
                                 overrides or {}, source=f"{path} [grid point {label}]")
-        check_params_model(study.axis, params, f"{path} [grid point {label}]")
+        check_params_model(SPECS[study.axis].model_key, params, f"{path} [grid point {label}]")
         check_task_size(study.axis, params, f"{path} [grid point {label}]")
         check_data_paths(study.axis, params, notebook_path(study.notebook).parent,
                          f"{path} [grid point {label}]")
@@ -366,7 +382,8 @@ def expand(path: str | Path, preset: str | Path | None = None,
             seen.add(rid)
             runs.append(Run(run_id=rid, study=study.study, axis=study.axis,
                             notebook=study.notebook, seed=seed, point=point, params=params,
-                            weights=study.weights, timeout_s=study.timeout_s,
+                            weights=study.weights, quality=study.quality,
+                            timeout_s=study.timeout_s,
                             preset=None if preset is None else str(preset)))
     if only:
         runs = select(runs, only, study.grid)
@@ -423,13 +440,8 @@ def check_data_paths(axis: str, params: dict[str, Any], base: Path, source: str)
     """The local data a run will read exists (no compute): a ``text:``/``jsonl:`` corpus, a
     ``jsonl:`` task, a ``folder:`` image set. Relative paths are read from the notebook's
     folder, where the run's kernel starts; ``hf:`` sources are left to the run (a hub name)."""
-    specs: list[tuple[str, str]] = []
-    if axis == "architecture" and isinstance(params.get("data"), dict):
-        specs.append(("data.corpus", str(params["data"].get("corpus", ""))))
-    elif axis == "finetuning":
-        specs.append(("task", str(params.get("task", ""))))
-    elif axis == "cross_modal":
-        specs.append(("data", str(params.get("data", ""))))
+    specs = [(key, str(v)) for key in SPECS[axis].local_data
+             if (v := _get_dotted(params, key)) is not _MISSING and not isinstance(v, dict)]
     for key, spec in specs:
         kind, sep, arg = spec.partition(":")
         if not sep or kind not in ("text", "jsonl", "folder"):

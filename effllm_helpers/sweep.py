@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from . import results, studies, warmkernel
+from .axes.spec import SPECS
 from .paths import outputs_dir
 from .run import NOTEBOOK_SAVED, PRESET_ENV, SWEEP_RUN_ENV, classify_failure, failure_record
 from .runenv import BATCH_ENV, THREADS_ENV
@@ -245,16 +246,20 @@ def notebook_state(path: Path) -> str | None:
     return None
 
 
-def seal_record(rdir: Path, run_id: str) -> dict[str, Any] | None:
+def seal_record(rdir: Path, run_id: str,
+                scoring: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """After papermill has returned (so it has saved ``run.ipynb``), rewrite the run's record
     atomically with ``notebook_saved``: true only if the saved notebook shows no cell still
     running. The notebook writes its record in its last cell, before papermill saves, so only
-    the runner can say the two agree."""
+    the runner can say the two agree. ``scoring`` (``studies.scoring_facts``) is the study's
+    quality metric and weights, which the notebook does not know: the runner adds them here."""
     rec = results.read_record(rdir)
     if rec is None or rec.get("run_id") != run_id:
         return rec
     why = notebook_state(rdir / RUN_NOTEBOOK)
     rec = {**rec, NOTEBOOK_SAVED: why is None}
+    if scoring:
+        rec[results.SCORING] = scoring
     if why is not None:
         rec["notebook_problem"] = why
     results.write_record(rdir, rec)
@@ -555,7 +560,7 @@ def runner_main(run_dir: str) -> int:
         print("the sweep that started this run has gone; its record is left unsealed",
               file=sys.stderr, flush=True)
         return 3
-    rec = seal_record(rdir, run.run_id)
+    rec = seal_record(rdir, run.run_id, studies.scoring_facts(run))
     if rec is None:
         results.write_record(rdir, failure_record(spec, "exception",
                                                   "the notebook finished without writing its "
@@ -664,8 +669,9 @@ def warm_data_caches(runs: Iterable[studies.Run], timeout_s: float = 3600) -> li
     stayed in that run's AMU). Returns the data specs warmed; a failure is left to the runs."""
     import subprocess
 
-    specs = sorted({json.dumps(r.params["data"], sort_keys=True) for r in runs
-                    if r.axis == "architecture" and isinstance(r.params.get("data"), dict)})
+    keys = {r.run_id: SPECS[r.axis].warm_data for r in runs}
+    specs = sorted({json.dumps(r.params[k], sort_keys=True) for r in runs
+                    if (k := keys[r.run_id]) and isinstance(r.params.get(k), dict)})
     if specs:
         # dies with the sweep (PR_SET_PDEATHSIG): a killed sweep leaves no warm-up behind
         subprocess.run([sys.executable, "-m", "effllm_helpers.data.warm", *specs],
@@ -868,12 +874,11 @@ def record_headline(rec: dict[str, Any] | None) -> dict[str, str]:
     Each cell is ``value unit`` with the metric's name where the column can hold several
     (``acc 0.42``, ``tpot_s 0.012 s``); ``-`` when the record has none with a value.
     """
-    from .report.scoring import QUALITY_METRIC, _study_quality_names
-
     rec = rec or {}
-    # the axis's own quality metric first (the one its scores rank on), then any other
-    own = _study_quality_names().get(str(rec.get("study"))) or QUALITY_METRIC.get(
-        str(rec.get("axis")))
+    # the study's quality metric first (the one its scores rank on, as the record says, else
+    # the axis's default), then any other
+    own = (rec.get(results.SCORING) or {}).get("quality") or getattr(
+        SPECS.get(str(rec.get("axis"))), "quality", None)
     out: dict[str, str] = {}
     for col, keys in HEADLINE_COLUMNS:
         cell = "-"

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import catalog
 from .config import MeasureSpec, TrainSpec
 from .errors import check_finite
 from .results import metric, missing
@@ -69,7 +70,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec]
+    return catalog.torch_dtype(spec)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,7 +84,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPE_NAMES = {catalog.torch_dtype(k): k for k in catalog.DTYPES}
 
 
 STRATEGY_ENV = "EFFLLM_LAUNCH_STRATEGY"  # set by effllm_helpers.launch in every process
@@ -125,7 +126,8 @@ def make_accelerator(dtype: torch.dtype, strategy: str | None = None):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one notebook may train twice
-    mp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    mp = catalog.dtype_name(dtype, "no")
+    mp = mp if mp in ("bf16", "fp16") else "no"  # accelerate's mixed precision: none for fp32
     strategy = strategy or launch_strategy()
     # on a machine without CUDA, accelerate sees several launched processes (gloo) only with cpu
     kw: dict[str, Any] = {} if torch.cuda.is_available() else {"cpu": True}

@@ -6,10 +6,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from effllm_helpers import config, studies
+from effllm_helpers import config, notebook_view, studies
 from effllm_helpers.axes import spec as S
-from effllm_helpers.report import figures, leaderboard, scoring
+from effllm_helpers.cli import app
+from effllm_helpers.report import compare, figures, leaderboard, recommend, scoring
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,21 @@ def test_the_study_tables_are_views_of_the_specs() -> None:
     assert studies.NOTEBOOK_AXES["notebooks/04_cross_modal.ipynb"] == "cross_modal"
     assert scoring.QUALITY_METRIC["cross_modal"] == S.spec("cross_modal").quality
     assert leaderboard.SIZE_COLUMN["cross_modal"] == "p.target"
+
+
+def test_compare_recommend_and_the_repeats_figure_cover_every_study_axis() -> None:
+    for table in (recommend.SIZE_COLUMN, compare.HEADLINE, figures.REPEAT_METRICS):
+        assert tuple(table) == S.STUDY_AXES
+    assert all(len(m) == 4 for m in figures.REPEAT_METRICS.values())  # four panels a row
+    assert notebook_view.FOREIGN_METRICS["inference"] == S.spec("inference").foreign_metrics
+
+
+@pytest.mark.parametrize("command", ["recommend", "compare"])
+def test_the_cli_help_lists_every_study_axis(command: str) -> None:
+    res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0
+    for axis in S.STUDY_AXES:
+        assert axis in res.output
 
 
 def test_every_axis_figure_is_drawn_and_in_report_order() -> None:

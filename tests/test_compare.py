@@ -110,7 +110,9 @@ def test_a_side_mixing_devices_must_pick_one() -> None:
 def test_cpu_tiny_reference_against_itself_is_all_ones_without_flags() -> None:
     tidy = C.load_tidy(REPO / "outputs/reference/cpu-tiny/results/results.csv")
     t = C.compare(tidy, tidy)
-    assert len(t) > 0 and set(t["axis"]) == {"architecture", "finetuning", "inference"}
+    # cross-modal included: the compare used to drop its runs
+    assert len(t) > 0 and set(t["axis"]) == {"architecture", "finetuning", "inference",
+                                             "cross_modal"}
     assert (t["ratio"].dropna() == 1.0).all() and not t["rank_changed"].any()
 
 
@@ -148,3 +150,23 @@ def test_help_lists_out_and_metric() -> None:
     assert res.exit_code == 0
     for opt in ("--out", "--metric", "--size-a", "--size-b", "--device-a", "--device-b"):
         assert opt in res.output
+
+
+def test_cross_modal_runs_are_compared() -> None:
+    # `effllm compare` used to drop every cross-modal run: its axis had no size column here
+    tidy = C.load_tidy(REPO / "outputs/reference/nvidia-h200/runs/cross_modal_dit_attention")
+    t = C.compare(tidy, tidy)
+    assert set(t["axis"]) == {"cross_modal"} and set(t["size"]) == {"vit"}
+    assert "frechet_classifier_distance" in set(t["metric"])
+
+
+def test_an_axis_on_one_side_only_is_named() -> None:
+    a = pd.DataFrame({"axis": ["inference", "cross_modal"]})
+    b = pd.DataFrame({"axis": ["inference", "architecture"]})
+    assert C.one_sided_axes(a, b) == ["architecture: runs in B only, nothing to compare",
+                                      "cross_modal: runs in A only, nothing to compare"]
+
+
+def test_an_unknown_metric_is_refused_not_ranked_as_higher_is_better(a_b) -> None:
+    with pytest.raises(C.RecommendError, match="'made_up'; known: "):
+        C.compare(*a_b, ["made_up"])

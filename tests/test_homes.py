@@ -78,3 +78,54 @@ def test_optimizer_betas_pretrain_vs_finetune() -> None:
     assert pre.param_groups[0]["betas"] == PRETRAIN_BETAS == (0.9, 0.95)
     assert fine.param_groups[0]["betas"] == (0.9, 0.999)
     assert [g["weight_decay"] for g in pre.param_groups] == [0.1, 0.0]  # matrix, then bias
+
+
+def _dtype_maps(source: str) -> list[int]:
+    """Lines of dict literals pairing a short dtype name with a torch dtype (a dtype map)."""
+    from effllm_helpers import catalog
+
+    names, attrs = set(catalog.DTYPES), set(catalog.DTYPES.values())
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Dict):
+            continue
+        items = [n for n in (*node.keys, *node.values) if n is not None]
+        if any(isinstance(n, ast.Attribute) and n.attr in attrs for n in items) and any(
+                isinstance(n, ast.Constant) and n.value in names for n in items):
+            out.append(node.lineno)
+    return out
+
+
+def test_one_dtype_map_in_the_catalog() -> None:
+    assert _dtype_maps('M = {"bf16": torch.bfloat16}') == [1]
+    found = {str(f.relative_to(PKG)): lines for f in PKG.rglob("*.py")
+             if (lines := _dtype_maps(f.read_text()))}
+    assert found == {}  # catalog.DTYPES is the map; torch_dtype / dtype_name read it
+
+
+def test_dtype_names_round_trip_through_the_catalog() -> None:
+    from effllm_helpers import catalog
+
+    assert catalog.torch_dtype("bf16") is torch.bfloat16
+    assert catalog.dtype_name(torch.float16) == "fp16"
+    assert catalog.dtype_name(torch.int8, "fp32") == "fp32"
+
+
+def test_the_meter_reads_its_units_from_the_catalog() -> None:
+    from effllm_helpers import catalog
+    from effllm_helpers.measure import meter
+
+    assert set(meter.UNITS) == {*meter.METRIC_KEYS, *meter.GPU_KEYS}
+    assert all(meter.UNITS[k] == catalog.METRICS[k].unit is not None for k in meter.UNITS)
+
+
+def test_an_unknown_metric_has_no_guessed_direction() -> None:
+    import pytest
+
+    from effllm_helpers.report import scoring
+
+    with pytest.raises(KeyError, match=r"'made_up_metric'; known: .*amu_gb"):
+        scoring.higher_is_better("made_up_metric")
+    guesses = [str(f.relative_to(PKG)) for f in PKG.rglob("*.py")
+               if "HIGHER_IS_BETTER.get(" in f.read_text()]
+    assert guesses == []

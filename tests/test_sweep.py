@@ -37,7 +37,7 @@ def sealed(out: Path, name: str = "sm") -> dict[str, dict]:
 
 
 def test_sweep_writes_ok_records_then_skips_them(tmp_path):
-    path = study(tmp_path, "n: [16, 24]")
+    path = study(tmp_path, "n: [16, 24]", "weights: {tt: 3}")
     res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
     assert [o.status for o in res.outcomes] == ["ok", "ok"] and res.exit_code == 0
     recs = records(tmp_path / "out")
@@ -49,6 +49,7 @@ def test_sweep_writes_ok_records_then_skips_them(tmp_path):
         assert rec["provenance"]["git_sha"] is not None
         assert rec["provenance"]["preset"] == "ci"  # the injected params say not which preset
         assert rec["provenance"]["environment"]["lock"].startswith("requirements/lock-")
+        assert rec["scoring"] == {"quality": None, "weights": {"tt": 3.0}}  # the study's
     again = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
     assert [o.status for o in again.outcomes] == ["cached", "cached"]
 
@@ -66,6 +67,7 @@ def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path):
     failed = records(tmp_path / "out")[by_fail["exception"].run.run_id]
     assert "failing on purpose" in failed["error"]["traceback_tail"]
     assert failed["provenance"]["preset"] == "ci"
+    assert failed["scoring"] == {"quality": None, "weights": {}}
     # failed runs stay failed unless asked to retry
     assert {o.status for o in sweep.sweep(path, "ci", tmp_path / "out",
                                           progress=False).outcomes} == {"cached", "cached-failed"}
@@ -114,7 +116,7 @@ def test_sweep_side_exception_is_recorded_and_the_sweep_goes_on(tmp_path, monkey
         return {"status": "ok", "seconds": 0.1, "reason": None}
 
     monkeypatch.setattr(sweep, "execute_run", fake)
-    path = study(tmp_path, "n: [16, 24]")
+    path = study(tmp_path, "n: [16, 24]", "weights: {tt: 3}")
     res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
     by_n = {o.run.params["n"]: o for o in res.outcomes}
     assert by_n[24].status == "ok"

@@ -58,7 +58,7 @@ from ..models.vision import (
 from ..models.zoo import count_params, kv_heads
 from ..paths import build_once
 from ..results import metric, missing
-from .spec import AxisResult
+from .spec import AxisResult, of_module
 
 
 def _device() -> torch.device:
@@ -89,7 +89,7 @@ def base_path(p: CrossModalParams, data: ImageData, batch_size: int, seed: int) 
     key.update(data=data.fingerprint, pretrain_batch=batch_size, seed=seed,
                version=BASE_VERSION)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir("cross_modal", "bases") / f"{p.target}-{digest}.pt"
+    return cache_dir(of_module(__name__).name, "bases") / f"{p.target}-{digest}.pt"
 
 
 def pretrained_base(model: nn.Module, p: CrossModalParams, data: ImageData, batches: Any,

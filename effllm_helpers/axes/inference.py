@@ -101,9 +101,8 @@ def compute_dtype(model: torch.nn.Module) -> str:
     for mod in model.modules():
         cd = getattr(mod, "compute_dtype", None)
         if isinstance(cd, torch.dtype):
-            return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[cd]
-    dt = next(model.parameters()).dtype
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
+            return catalog.dtype_name(cd)
+    return catalog.dtype_name(next(model.parameters()).dtype, "fp32")
 
 
 def request_flops(config: Any, prompt_len: int, gen_tokens: int

@@ -68,10 +68,18 @@ class AxisSpec:
     the memory its runs are ranked on (the rank table's AMU column, ``effllm recommend``'s
     memory objective): the total ``amu_gb``, or ``amu_increment_gb`` (above a baseline taken
     after every library is imported) where a fixed baseline would rank the machine, not the
-    technique. ``figures`` maps each
-    of its figures (a name in ``report.figures.FIGURES``) to the params whose variation selects
-    the runs it draws: a figure draws the axis's runs of the studies that vary the first of them,
-    whatever those study files are called.
+    technique. ``headline`` are the efficiency metrics ``effllm compare`` shows beside quality,
+    ``repeat_metrics`` the four panels of the repeats figure (quality first),
+    ``foreign_metrics`` those measured on another axis's workload that never describe this one
+    (the notebook's tables hide them), ``model_key`` the param naming the model a run loads
+    (checked before a sweep starts), ``local_data`` the dotted params that may name local
+    data (checked to exist before a sweep starts; a ``task`` here is a training task whose
+    finite built-in pools are sized then too), ``warm_data`` the param whose corpus spec has
+    its tokenizer and token cache built before any run (so no run pays for it in its measured
+    process). ``figures`` maps each of its figures (a name in
+    ``report.figures.FIGURES``) to the params whose variation selects the runs it draws: a
+    figure draws the axis's runs of the studies that vary the first of them, whatever those
+    study files are called.
     """
 
     name: str
@@ -85,6 +93,12 @@ class AxisSpec:
     technique_params: tuple[str, ...] = ()
     size_column: str | None = None
     memory_metric: str = "amu_gb"
+    headline: tuple[str, ...] = ()
+    repeat_metrics: tuple[str, ...] = ()
+    foreign_metrics: frozenset[str] = frozenset()
+    model_key: str | None = None
+    local_data: tuple[str, ...] = ()
+    warm_data: str | None = None
     figures: dict[str, tuple[str, ...]] = field(default_factory=dict)
     study: bool = True  # False: a pipe test (smoke), not ranked, scored or drawn
     result: type = AxisResult
@@ -103,7 +117,11 @@ SPECS: dict[str, AxisSpec] = {s.name: s for s in (
         comparison_keys=("study", "device", "p.model.size"),
         technique_params=("p.model.attention", "p.model.positional", "p.model.ffn",
                           "p.model.family"),
-        size_column="p.model.size",
+        size_column="p.model.size", local_data=("data.corpus",), warm_data="data",
+        headline=("amu_gb", "al_s", "tt", "j_per_token"),
+        repeat_metrics=("val_ppl", "al_s", "amu_gb", "energy_j"),
+        foreign_metrics=frozenset({"st", "samples_per_s", "it", "ttft_s", "tpot_s", "mcr",
+                                   "mcr_nominal", "size_bytes"}),
         figures={"fig3a_attention_radar": ("p.model.attention",),
                  "fig3b_positional_bars": ("p.model.positional",),
                  "fig3c_moe_bubbles": ("p.model.ffn", "p.model.d_ff_mult")},
@@ -115,7 +133,10 @@ SPECS: dict[str, AxisSpec] = {s.name: s for s in (
         efficiency_metrics=("amu_gb", "pcu", "al_s", "st", "aec_w"),
         comparison_keys=("study", "device", "p.base_model", "p.task"),
         technique_params=("p.method", "p.quant"),
-        size_column="p.base_model",
+        size_column="p.base_model", model_key="base_model", local_data=("task",),
+        headline=("amu_gb", "al_s", "st", "j_per_token"),
+        repeat_metrics=("eval_loss", "al_s", "amu_gb", "aec_w"),
+        foreign_metrics=frozenset({"tt", "it", "ttft_s", "tpot_s", "mcr", "mcr_nominal"}),
         figures={"fig4a_peft_score_loss": ("p.method",),
                  "fig4b_peft_area_loss": ("p.method",)},
     ),
@@ -128,7 +149,10 @@ SPECS: dict[str, AxisSpec] = {s.name: s for s in (
         efficiency_metrics=("amu_increment_gb", "al_s", "it", "aec_w", "mcr"),
         comparison_keys=("study", "device", "p.model"),
         technique_params=("p.precision",),
-        size_column="p.model", memory_metric="amu_increment_gb",
+        size_column="p.model", memory_metric="amu_increment_gb", model_key="model",
+        headline=("amu_gb", "al_s", "tpot_s", "it", "j_per_token", "mcr"),
+        repeat_metrics=("task_acc", "it", "amu_gb", "j_per_token"),
+        foreign_metrics=frozenset({"tt", "st", "samples_per_s"}),
         figures={"fig5_precision_polar": ("p.precision",)},
     ),
     AxisSpec(
@@ -140,7 +164,9 @@ SPECS: dict[str, AxisSpec] = {s.name: s for s in (
         efficiency_metrics=("amu_gb", "al_s", "st", "aec_w"),
         comparison_keys=("study", "device", "p.experiment", "p.target", "p.data"),
         technique_params=("p.attention", "p.ffn", "p.method"),
-        size_column="p.target",
+        size_column="p.target", local_data=("data",),
+        headline=("amu_gb", "al_s", "st", "j_per_token"),
+        repeat_metrics=("frechet_classifier_distance", "al_s", "amu_gb", "aec_w"),
         figures={"fig6a_dit_attention": ("p.attention",),
                  "fig6b_peft_transfer": ("p.method",)},
     ),
@@ -152,6 +178,8 @@ SPECS: dict[str, AxisSpec] = {s.name: s for s in (
 
 # the study axes, in figure order (the smoke axis only tests the pipe)
 STUDY_AXES: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.study)
+# the axis ``effllm recommend`` asks about when none is named: the serving question
+DEFAULT_AXIS = "inference"
 
 
 def spec(axis: str) -> AxisSpec:
@@ -160,6 +188,22 @@ def spec(axis: str) -> AxisSpec:
         return SPECS[axis]
     except KeyError:
         raise KeyError(f"unknown axis {axis!r}; known: {', '.join(SPECS)}") from None
+
+
+def of_module(module: str) -> AxisSpec:
+    """The spec whose axis module is ``module`` (an axis module's own ``__name__``)."""
+    for s in SPECS.values():
+        if s.module == module:
+            return s
+    raise KeyError(f"no axis runs module {module!r}")
+
+
+def of_params(params: type) -> AxisSpec:
+    """The spec whose params class is ``params`` (code that holds a params object)."""
+    for s in SPECS.values():
+        if s.params is params:
+            return s
+    raise KeyError(f"no axis takes params {params.__name__}")
 
 
 def axis_of_figure(figure: str) -> tuple[AxisSpec, tuple[str, ...]]:

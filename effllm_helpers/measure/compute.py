@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from effllm_helpers import results
+from effllm_helpers import catalog, results
 from effllm_helpers.measure import contention as cont
 from effllm_helpers.measure import device as dev
 from effllm_helpers.results import metric, missing
@@ -80,8 +80,8 @@ DTYPE_ALIASES = {
     "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "half": "fp16", "fp16": "fp16",
     "fp8": "fp8", "float8": "fp8", "int8": "int8",
 }
-_TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
-                 "fp16": torch.float16}
+# the catalog's dtypes, and tf32 (fp32 tensors, TF32 matmuls)
+_TORCH_DTYPES = {**{k: catalog.torch_dtype(k) for k in catalog.DTYPES}, "tf32": torch.float32}
 
 
 def canonical_dtype(dtype: str | torch.dtype) -> str:

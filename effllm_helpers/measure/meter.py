@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from effllm_helpers import catalog
 from effllm_helpers.measure import compute as comp
 from effllm_helpers.measure import contention as cont
 from effllm_helpers.measure import device as dev
@@ -55,13 +56,8 @@ METRIC_KEYS = ("amu_gb", "amu_frac", "peak_gb", "amu_increment_gb", "peak_increm
                "energy_j", "j_per_token", "duration_s", "load_1m", "cpu_share",
                "machine_cpu_busy", "torch_threads")
 GPU_KEYS = ("torch_max_allocated_gb", "torch_max_reserved_gb")
-UNITS = {"amu_gb": "GB", "amu_frac": "fraction", "peak_gb": "GB", "amu_increment_gb": "GB",
-         "peak_increment_gb": "GB", "load_1m": "tasks", "cpu_share": "fraction",
-         "machine_cpu_busy": "fraction", "torch_threads": "threads", "pcu": "fraction",
-         "mfu": "fraction", "al_s": "s", "tt": "tokens/s/param", "st": "samples/s/param",
-         "it": "tokens/s", "tokens_per_s": "tokens/s", "samples_per_s": "samples/s",
-         "aec_w": "W", "energy_j": "J", "j_per_token": "J/token", "duration_s": "s",
-         "torch_max_allocated_gb": "GB", "torch_max_reserved_gb": "GB"}
+# the unit of each metric the Meter writes, as the catalog names it (one home for units)
+UNITS = {k: catalog.METRICS[k].unit for k in (*METRIC_KEYS, *GPU_KEYS)}
 
 
 class Meter:

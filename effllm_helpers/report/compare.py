@@ -29,20 +29,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..results import write_csv
+from ..results import SCORING_QUALITY, SCORING_WEIGHTS, write_csv
 from . import scoring as E
 from .recommend import SIZE_COLUMN, RecommendError, load_tidy
 
-__all__ = ["compare", "headline_metrics", "ratio_interval", "ranking_changes", "write_compare",
-           "load_tidy", "RecommendError"]
+__all__ = ["compare", "headline_metrics", "one_sided_axes", "ratio_interval", "ranking_changes",
+           "write_compare", "load_tidy", "RecommendError"]
 
 KEY = ["axis", "study", "size", "technique"]
-# headline metrics per axis beyond quality: memory, latency, throughput, energy, compression
-HEADLINE: dict[str, tuple[str, ...]] = {
-    "architecture": ("amu_gb", "al_s", "tt", "j_per_token"),
-    "finetuning": ("amu_gb", "al_s", "st", "j_per_token"),
-    "inference": ("amu_gb", "al_s", "tpot_s", "it", "j_per_token", "mcr"),
-}
+# headline metrics per axis beyond quality (memory, latency, throughput, energy, compression),
+# from the axis specs
+HEADLINE: dict[str, tuple[str, ...]] = {a: E.spec_of(a).headline for a in E.STUDY_AXES}
 
 
 def ratio_interval(a: float, b: float, ci_a: float | None,
@@ -102,7 +99,7 @@ def _side(tidy: pd.DataFrame, name: str, *, device: str | None,
         w["core"] = ["+".join(str(r[c]) for c in core_cols if not pd.isna(r[c]))
                      for _, r in w.iterrows()]
         ident = {"run_id", "study", "axis", "status", "device", "finished_at", "technique",
-                 "size", "core"}
+                 "size", "core", SCORING_QUALITY, SCORING_WEIGHTS}
         metrics = [c for c in w.columns if c not in ident and not c.startswith("p.")
                    and not c.endswith((".ci95", ".n"))]
         keys = ["axis", "study", "size", "technique", "core", "device"]
@@ -161,6 +158,11 @@ def compare(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame, metrics: Sequence[str] |
     lock_a/lock_b/lock_differs (the package set each side ran under; see ``lock_warnings``).
     """
     by_size = size_a is None and size_b is None
+    for m in metrics or ():
+        try:
+            E.higher_is_better(m)
+        except KeyError as exc:
+            raise RecommendError(exc.args[0]) from None
     if axis is not None:
         tidy_a, tidy_b = (t[t["axis"] == axis] for t in (tidy_a, tidy_b))
     a = _side(tidy_a, "A", device=device_a, size=size_a)
@@ -203,7 +205,7 @@ def ranking_changes(table: pd.DataFrame) -> pd.DataFrame:
     out["rank_a"] = pd.array([pd.NA] * len(out), dtype="Int64")
     out["rank_b"] = pd.array([pd.NA] * len(out), dtype="Int64")
     for (_, _, _, m), sub in out.groupby(["axis", "study", "size", "metric"], dropna=False):
-        higher = E.HIGHER_IS_BETTER.get(str(m), True)
+        higher = E.higher_is_better(str(m))
         for side in ("a", "b"):
             v = pd.to_numeric(sub[side], errors="coerce")
             out.loc[sub.index, f"rank_{side}"] = v.rank(ascending=not higher,
@@ -221,6 +223,16 @@ def lock_warnings(table: pd.DataFrame) -> list[str]:
     return [f"A ran under lock {a}, B under {b}: package versions differ, so a ratio may "
             "measure the upgrade as well as the technique" for a, b in pairs.itertuples(
                 index=False)]
+
+
+def one_sided_axes(tidy_a: pd.DataFrame, tidy_b: pd.DataFrame) -> list[str]:
+    """One line per study axis with runs on one side only: nothing of it can be compared, and
+    the reader should be told so rather than meet a table without it."""
+    have = [set(t["axis"].dropna().astype(str)) if "axis" in t else set()
+            for t in (tidy_a, tidy_b)]
+    return [f"{axis}: runs in {side} only, nothing to compare"
+            for axis in E.STUDY_AXES for side, mine, other in (("A", *have), ("B", *have[::-1]))
+            if axis in mine and axis not in other]
 
 
 def changed_orders(table: pd.DataFrame) -> list[str]:

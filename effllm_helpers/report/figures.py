@@ -46,6 +46,11 @@ NO_DATA = "no data"
 
 # labels, units and orders are the catalog's (the orders are live: a registered entry shows)
 LABEL = {k: m.label for k, m in catalog.METRICS.items() if m.label}
+# the axis each figure family draws, found through the spec by one of its figures' names, so
+# that no figure names an axis of its own
+ARCHITECTURE = axis_of_figure("fig3a_attention_radar")[0].name
+FINETUNING = axis_of_figure("fig4a_peft_score_loss")[0].name
+INFERENCE = axis_of_figure("fig5_precision_polar")[0].name
 DEFAULT_UNIT = {k: m.unit for k, m in catalog.METRICS.items() if m.unit}
 ATTENTION_ORDER = catalog.ATTENTION  # orders are registration orders
 POSITIONAL_ORDER = catalog.POSITIONAL
@@ -316,9 +321,9 @@ def _arch_rows(tidy_df: pd.DataFrame | None, vary: Sequence[str],
     studies that vary its setting when there are any; it needs runs of one device and at least
     two distinct values of the varied setting to compare.
     """
-    wide = _wide(tidy_df, "architecture")
+    wide = _wide(tidy_df, ARCHITECTURE)
     if wide.empty or E.ok_rows(wide).empty:
-        return _why_empty(tidy_df, "architecture", what)
+        return _why_empty(tidy_df, ARCHITECTURE, what)
     studies = studies_varying(wide, vary[0])
     if studies:
         wide = wide[wide["study"].isin(studies)]
@@ -328,7 +333,7 @@ def _arch_rows(tidy_df: pd.DataFrame | None, vary: Sequence[str],
     sub = _hold_fixed(wide, vary)
     key = vary[0]
     if sub.empty or key not in sub or sub[key].isna().all():
-        return _why_empty(tidy_df, "architecture", what)
+        return _why_empty(tidy_df, ARCHITECTURE, what)
     cols = [c for c in vary if c in sub]
     cfgs = sub[cols].astype(str).where(sub[cols].notna(), "").drop_duplicates()
     if len(cfgs) < 2:
@@ -567,8 +572,8 @@ def _peft_scores(wide: pd.DataFrame) -> pd.DataFrame:
         ok["p.base_model"] = ok["p.base_model"].astype(str) + " · " + ok["p.task"].astype(str)
     if "technique" in ok:  # names every setting varied in the study (QLoRA: "lora+nf4")
         ok["p.method"] = ok["technique"]
-    ms = [m for m in E.EFFICIENCY_METRICS["finetuning"] if m in ok]
-    sets = E.scores_by_set(ok, "finetuning", metrics=ms)
+    ms = [m for m in E.EFFICIENCY_METRICS[FINETUNING] if m in ok]
+    sets = E.scores_by_set(ok, FINETUNING, metrics=ms)
     ok["score"] = sets["score"]
     loss = "eval_loss" if "eval_loss" in ok and ok["eval_loss"].notna().any() else None
     agg = repeat_summary(ok, ["score"] + ([loss] if loss else []), ["p.base_model", "p.method"])
@@ -591,9 +596,9 @@ def _score_over(agg: pd.DataFrame) -> str:
 
 def _peft_panels(tidy_df: pd.DataFrame) -> tuple[pd.DataFrame, list, list] | str:
     """(scores per base x method, base panels, methods in paper order), or why there is none."""
-    wide = _wide(tidy_df, "finetuning")
+    wide = _wide(tidy_df, FINETUNING)
     if wide.empty or E.ok_rows(wide).empty or "p.method" not in wide:
-        return _why_empty(tidy_df, "finetuning", "a method")
+        return _why_empty(tidy_df, FINETUNING, "a method")
     why = _one_device(wide)
     if why:
         return why
@@ -697,20 +702,20 @@ def fig5_precision_polar(tidy_df: pd.DataFrame, out_dir: str | Path,
     for that model), so the total radius reads as "how good is this precision for this model".
     """
     name, title = "fig5_precision_polar", "Fig. 5 - precision per model (stacked normalised)"
-    wide = _wide(tidy_df, "inference")
+    wide = _wide(tidy_df, INFERENCE)
     ok = E.ok_rows(wide) if not wide.empty else wide
     if ok.empty or "p.precision" not in ok:
-        return _done(name, _no_data_figure(title, _why_empty(tidy_df, "inference",
+        return _done(name, _no_data_figure(title, _why_empty(tidy_df, INFERENCE,
                                                              "a precision")), out_dir)
     why = _one_device(ok)
     if why:
         return _done(name, _no_data_figure(title, why), out_dir)
     parts = []
     for _, s in ok.groupby("p.model", dropna=False):
-        q = E.quality_metric(s, "inference")
+        q = E.quality_metric(s, INFERENCE)
         s = s.assign(perf=s[q] if q else np.nan)
         agg = repeat_summary(s, ["perf", *POLAR_RINGS[1:]], ["p.model", "p.precision"])
-        hib = {"perf": bool(E.HIGHER_IS_BETTER.get(q, True)) if q else True}
+        hib = {"perf": E.higher_is_better(q) if q else True}
         n = E.normalise(agg, POLAR_RINGS, hib)
         n[["p.model", "p.precision"]] = agg[["p.model", "p.precision"]]
         n["perf_metric"] = q or ""
@@ -791,7 +796,7 @@ def _pareto_panel(ax: Axes, tidy: pd.DataFrame, wide: pd.DataFrame, axis: str,
         return
     lab = (agg[varying].astype(str).map(_short).agg(" ".join, axis=1) if varying
            else pd.Series(["run"] * len(agg)))
-    front = pareto_mask(agg[xm], agg[q], E.HIGHER_IS_BETTER.get(q, True))
+    front = pareto_mask(agg[xm], agg[q], E.higher_is_better(q))
     groups = _order(agg[colour_by], ["small", "medium", "large"]) if colour_by else ["all"]
     pal = _palette(groups)
     for g in groups:
@@ -935,11 +940,9 @@ def show(fig: Figure, dpi: int = 110) -> Any:
 
 
 # ---------------------------------------------------------------- repeats
-REPEAT_METRICS = {
-    "architecture": ["val_ppl", "al_s", "amu_gb", "energy_j"],
-    "finetuning": ["eval_loss", "al_s", "amu_gb", "aec_w"],
-    "inference": ["task_acc", "it", "amu_gb", "j_per_token"],
-}
+# the four panels per axis (quality first), from the axis specs
+REPEAT_METRICS: dict[str, list[str]] = {a: list(E.spec_of(a).repeat_metrics)
+                                        for a in E.STUDY_AXES}
 
 
 def fig_repeat_error_bars(tidy_df: pd.DataFrame, out_dir: str | Path,

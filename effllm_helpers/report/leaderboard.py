@@ -79,7 +79,8 @@ ID_TIPS = {
     "status": "ok, failed or skipped",
 }
 ID_COLUMNS = ["axis", "study", "rank", "technique", "size", "device", "status", "score",
-              "n_metrics", "score_metrics", "excluded", "comparison_set", "run_id"]
+              "n_metrics", "score_metrics", "excluded", "scoring_note", "comparison_set",
+              "run_id"]
 
 
 def methods_of(tidy_df: pd.DataFrame | None) -> dict[str, str]:
@@ -135,6 +136,7 @@ def leaderboard_frame(tidy_df: pd.DataFrame,
             "device": wide.get("device", pd.Series(pd.NA, index=wide.index)),
             "status": wide["status"], "score": sc["score"], "n_metrics": sc["n_metrics"],
             "score_metrics": sc["metrics"], "excluded": sc["excluded"],
+            "scoring_note": sc["scoring_note"],
             "comparison_set": sc["set"], "run_id": wide["run_id"],
         })
         for m in KEY_METRICS:
@@ -329,6 +331,8 @@ def render_html(board: pd.DataFrame, units: Mapping[str, str] | None = None,
         note = str(d["excluded"] or "")
         if d["score_metrics"]:
             note = f"over {d['score_metrics']}" + (f"; left out {note}" if note else "")
+        if d.get("scoring_note"):
+            note = "; ".join(p for p in (note, str(d["scoring_note"])) if p)
         cells.append(f'<td class="s" data-sort="{html.escape(note)}">{html.escape(note)}</td>')
         rid = str(d["run_id"])
         cells.append(f'<td class="s" data-sort="{html.escape(rid)}"><code>{html.escape(rid)}'

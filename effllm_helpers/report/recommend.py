@@ -31,12 +31,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..axes import spec as _spec
 from . import scoring as E
 
-# the model-size column of each axis (what "same size" means for it)
-SIZE_COLUMN: dict[str, str] = {
-    "architecture": "p.model.size", "finetuning": "p.base_model", "inference": "p.model",
-}
+# the model-size column of each axis (what "same size" means for it), from the axis specs
+SIZE_COLUMN: dict[str, str] = {a: s.size_column for a in E.STUDY_AXES
+                               if (s := E.spec_of(a)).size_column}
 # columns that define a comparison set: device, the size, and (fine-tuning) the task
 SET_KEYS: dict[str, tuple[str, ...]] = {
     axis: tuple(k for k in keys if k != "study") for axis, keys in E.COMPARISON_KEYS.items()
@@ -241,11 +241,11 @@ def choose_in_set(agg: pd.DataFrame, constraints: Sequence[str | Constraint] | S
     cons: list[Constraint] = list(constraints)
     table = agg.reset_index(drop=True).copy()
     mem = E.memory_metric(table, axis)
-    higher = {m: E.HIGHER_IS_BETTER.get(m, False) for m in (MEMORY, mem, latency, ENERGY)}
+    higher = {m: E.higher_is_better(m) for m in (MEMORY, mem, latency, ENERGY)}
     objectives = [m for m in (quality, mem, latency, ENERGY)
                   if m and m in table and table[m].notna().any()]
     if quality:
-        higher[quality] = E.HIGHER_IS_BETTER.get(quality, True)
+        higher[quality] = E.higher_is_better(quality)
     ch = Choice(axis, set_label, quality, objectives, table)
     status: dict[int, str] = {}
     misses: dict[int, dict[str, float | None]] = {}
@@ -393,15 +393,15 @@ def aggregate(wide: pd.DataFrame, axis: str, metrics: Sequence[str]) -> pd.DataF
     return repeat_summary(wide, [m for m in metrics if m in wide], [*keys, "technique"])
 
 
-def recommend(tidy: pd.DataFrame, axis: str = "inference", *,
+def recommend(tidy: pd.DataFrame, axis: str = _spec.DEFAULT_AXIS, *,
               max_memory_gb: float | None = None, max_latency_ms: float | None = None,
               max_tpot_ms: float | None = None, max_energy_j_per_token: float | None = None,
               min_quality: float | None = None, device: str | None = None,
               size: str | None = None, quality: str | None = None) -> list[Choice]:
     """One :class:`Choice` per (device, model size) of ``axis`` in the tidy table.
 
-    ``quality`` forces the quality metric; by default it is the efficiency module's choice for
-    the axis (inference: task accuracy if it separates the runs, else perplexity).
+    ``quality`` forces the quality metric; by default it is the study's, as the runs' records
+    carry it, else the axis's default (:func:`effllm_helpers.report.scoring.study_scoring`).
     """
     wide = E.ok_rows(E.wide_table(tidy, axis, with_ci=True))
     if wide.empty:
@@ -420,12 +420,15 @@ def recommend(tidy: pd.DataFrame, axis: str = "inference", *,
     q = quality or E.quality_metric(wide, axis)
     if q is not None and q not in wide:
         raise RecommendError(f"quality metric {q!r} is not recorded in these runs")
+    if q is not None and q not in E.HIGHER_IS_BETTER:
+        raise RecommendError(f"quality metric {q!r} has no known direction; known: "
+                             f"{', '.join(sorted(E.HIGHER_IS_BETTER))}")
     latency = TPOT if max_tpot_ms is not None else LATENCY_DEFAULT
     cons = constraints_from(max_memory_gb=max_memory_gb, max_latency_ms=max_latency_ms,
                             max_tpot_ms=max_tpot_ms,
                             max_energy_j_per_token=max_energy_j_per_token,
                             min_quality=min_quality, quality=q,
-                            quality_higher_is_better=E.HIGHER_IS_BETTER.get(q or "", True))
+                            quality_higher_is_better=E.higher_is_better(q) if q else True)
     mems = dict.fromkeys((MEMORY, E.memory_metric(wide, axis)))  # the budget's, the ranked
     agg = aggregate(wide, axis, [m for m in (q, *mems, latency, ENERGY) if m])
     keys = [k for k in SET_KEYS.get(axis, ("device",)) if k in agg]

@@ -13,9 +13,11 @@ differ from the paper:
   finite and stops one worst metric from zeroing a row. A constant column (max == min, including a
   set of one run) scales to 1.0: nothing in the set is worse on it. The paper does not say what it
   does with ties or singletons.
-* **Weights** default to equal. A weights mapping (from the study's params file) need not name
-  every metric: metrics it omits keep weight 1.0; weight 0 drops a metric. The key ``"quality"``
-  stands for whichever quality metric the axis uses (val_ppl, eval_loss, task_acc, ...).
+* **Weights** are the study's ``weights:`` as its runs' records carry them
+  (:func:`study_scoring`), equal where the records carry none (a note says so). A weights
+  mapping need not name every metric: metrics it omits keep weight 1.0; weight 0 drops a
+  metric. The key ``"quality"`` stands for whichever quality metric the axis uses (val_ppl,
+  eval_loss, task_acc, ...).
 * **Nulls**: a metric that is null for one run is left out of *that run's* mean (the other weights
   renormalise), and the exclusion is recorded (``Series.attrs["excluded"]`` and the ``excluded``
   column of :func:`score_frame`). The paper had no missing values; we prefer a score over fewer
@@ -33,8 +35,9 @@ differ from the paper:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,7 @@ import pandas as pd
 
 from effllm_helpers import catalog
 from effllm_helpers.axes import spec as _spec
+from effllm_helpers.results import SCORING_QUALITY, SCORING_WEIGHTS
 
 FLOOR = 0.1  # the bottom of the scaled range, as in the paper's figures
 
@@ -51,6 +55,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {k: m.higher_is_better for k, m in catalog.M
 # the per-axis tables below are views of the axis specs (axes/spec.py), kept by these names for
 # the scores, figures and leaderboard that read them
 STUDY_AXES = _spec.STUDY_AXES
+spec_of = _spec.spec
 _STUDY_SPECS = [_spec.SPECS[a] for a in STUDY_AXES]
 
 # the one quality metric of each axis, unless its study file names another (``quality:``); a
@@ -112,8 +117,8 @@ def wide_table(tidy_df: pd.DataFrame, axis: str | None = None, *,
     df = tidy_df if axis is None else tidy_df[tidy_df["axis"] == axis]
     if df.empty:
         return pd.DataFrame(columns=["run_id", "study", "axis", "status", "device", "technique"])
-    id_cols = [c for c in ("run_id", "study", "axis", "status", "device", "finished_at")
-               if c in df]
+    id_cols = [c for c in ("run_id", "study", "axis", "status", "device", "finished_at",
+                           SCORING_QUALITY, SCORING_WEIGHTS) if c in df]
     p_cols = [c for c in df.columns if c.startswith("p.")]
     ident = df.drop_duplicates("run_id")[id_cols + p_cols].set_index("run_id")
     p_cols = [c for c in p_cols if ident[c].notna().any()]  # params of other axes
@@ -188,34 +193,64 @@ def technique_labels(wide: pd.DataFrame) -> pd.Series:
     return labels
 
 
-@lru_cache(maxsize=1)
-def _study_quality_names() -> dict[str, str]:
-    """study name -> the quality metric its study file names (``quality:``), from ``params/``."""
-    import yaml
+@dataclass(frozen=True)
+class StudyScoring:
+    """What a set of runs is ranked on, as their records say: the quality metric, the weights,
+    and a note where the records do not say it (or disagree) and the defaults stand in."""
 
-    from ..paths import REPO_ROOT
-
-    out: dict[str, str] = {}
-    for path in sorted((REPO_ROOT / "params").glob("**/*.yaml")):
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("study"), str) \
-                and isinstance(doc.get("quality"), str):
-            out[doc["study"]] = doc["quality"]
-    return out
+    quality: str | None
+    weights: dict[str, float]
+    note: str = ""
 
 
-def quality_metric(wide: pd.DataFrame, axis: str, study: str | None = None) -> str | None:
-    """The axis's one quality metric: the study file's ``quality:``, else :data:`QUALITY_METRIC`.
+def _recorded(wide: pd.DataFrame, col: str) -> tuple[list[str], int]:
+    """The distinct recorded values of ``col`` and how many runs carry none."""
+    if col not in wide:
+        return [], len(wide)
+    v = wide[col]
+    return sorted(set(v.dropna().astype(str))), int(v.isna().sum())
+
+
+def study_scoring(wide: pd.DataFrame, axis: str) -> StudyScoring:
+    """The quality metric and weights the runs' study chose, read from their records
+    (``scoring.quality`` / ``scoring.weights`` columns, :func:`effllm_helpers.results.tidy_rows`).
+
+    Why from the records: a report over another machine's records must not depend on the study
+    files of this checkout. Records made before they carried it, or runs of studies that chose
+    differently, fall back to the axis's default quality metric (:data:`QUALITY_METRIC`) and
+    equal weights, and the note says so.
+    """
+    default = QUALITY_METRIC.get(axis)
+    qs, q_missing = _recorded(wide, SCORING_QUALITY)
+    ws, w_missing = _recorded(wide, SCORING_WEIGHTS)
+    notes = []
+    quality, weights = default, {}
+    if len(qs) == 1:
+        quality = qs[0]
+    elif len(qs) > 1:
+        notes.append(f"the runs' studies rank on different quality metrics ({', '.join(qs)}): "
+                     f"the axis's default {default}")
+    if len(ws) == 1:
+        weights = {str(k): float(v) for k, v in json.loads(ws[0]).items()}
+    elif len(ws) > 1:
+        notes.append("the runs' studies weight the metrics differently: equal weights")
+    if not qs and not ws and len(wide):
+        notes.append(f"the records carry no study scoring (made before records held it): "
+                     f"equal weights, the axis's default quality {default}")
+    elif (q_missing or w_missing) and len(wide) and (len(qs) == 1 or len(ws) == 1):
+        notes.append(f"{max(q_missing, w_missing)} of {len(wide)} records carry no study "
+                     "scoring: ranked as the others' study says")
+    return StudyScoring(quality, weights, "; ".join(notes))
+
+
+def quality_metric(wide: pd.DataFrame, axis: str) -> str | None:
+    """The axis's one quality metric: the study's choice as recorded (:func:`study_scoring`),
+    else :data:`QUALITY_METRIC`.
 
     Why fixed: picking "the first column that varies" let a ranking rest on 1 vs 2 correct
     items out of 32 while perplexity was ignored. None when the rows do not record it.
     """
-    if study is None and "study" in wide and wide["study"].nunique(dropna=True) == 1:
-        study = str(wide["study"].dropna().iloc[0])
-    name = _study_quality_names().get(study or "") or QUALITY_METRIC.get(axis)
+    name = study_scoring(wide, axis).quality
     if name and name in wide and wide[name].notna().any():
         return name
     return None
@@ -265,12 +300,20 @@ def default_metrics(wide: pd.DataFrame, axis: str, include_quality: bool = True)
 
 
 # ---------------------------------------------------------------- scaling and score
-def _direction(metric: str, higher_is_better: Mapping[str, bool] | None) -> bool:
-    table = {**HIGHER_IS_BETTER, **(higher_is_better or {})}
+def higher_is_better(metric: str, overrides: Mapping[str, bool] | None = None) -> bool:
+    """Whether a higher ``metric`` is better (the catalog's direction, or ``overrides``').
+
+    An unknown metric raises, naming it and the known ones: a guessed direction would rank it
+    backwards without a word."""
+    table = {**HIGHER_IS_BETTER, **(overrides or {})}
     if metric not in table:
-        raise KeyError(f"no direction known for metric {metric!r}; pass higher_is_better="
-                       f"{{{metric!r}: True|False}}")
+        raise KeyError(f"no direction known for metric {metric!r}; known: "
+                       f"{', '.join(sorted(table))} (a new metric is a catalog.py entry; or "
+                       f"pass higher_is_better={{{metric!r}: True|False}})")
     return table[metric]
+
+
+_direction = higher_is_better
 
 
 def _ci_of(df: pd.DataFrame, metric: str,
@@ -455,6 +498,8 @@ def efficiency_scores(wide_df: pd.DataFrame | Iterable[Mapping[str, Any]],
                         and wide_df["axis"].notna().any() else "")
         metrics = default_metrics(wide_df, axis)
     quality = quality_metric(wide_df, axis) if axis else None
+    if weights is None and axis:
+        weights = study_scoring(wide_df, axis).weights
     sf = score_frame(wide_df, metrics, weights, higher_is_better=higher_is_better,
                      quality=quality)
     s = sf["score"].rename("score")
@@ -474,17 +519,21 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
                   beyond_noise: bool = True) -> pd.DataFrame:
     """Score every ok run within its comparison set (:data:`COMPARISON_KEYS`) of ``axis``.
 
-    Returns a frame indexed like ``wide`` with ``score``, ``n_metrics``, ``excluded``, ``flag``,
+    ``weights`` default to the study's as its runs' records carry them (:func:`study_scoring`,
+    per set); given, they replace them. Returns a frame indexed like ``wide`` with ``score``,
+    ``n_metrics``, ``excluded``, ``scoring_note`` (where the records' scoring fell back to the
+    defaults, and why), ``flag``,
     ``metrics`` (those scored, comma-separated), ``set`` (a label of the comparison set) and
     ``not_ranking`` (efficiency metrics left out of that set's score because their spread is
     within their noise, :func:`spread_note`, comma-separated; also named in ``excluded``; off
     with ``beyond_noise=False``). Failed runs get NaN and ``excluded = "run failed"``.
     """
     out = pd.DataFrame({"score": np.nan, "n_metrics": 0, "excluded": "run failed",
-                        "metrics": "", "set": "", "flag": "", "not_ranking": ""},
-                       index=wide.index)
+                        "metrics": "", "set": "", "flag": "", "not_ranking": "",
+                        "scoring_note": ""}, index=wide.index)
     out = out.astype({"score": float, "n_metrics": int, "excluded": object, "metrics": object,
-                      "set": object, "flag": object, "not_ranking": object})
+                      "set": object, "flag": object, "not_ranking": object,
+                      "scoring_note": object})
     ok = ok_rows(wide)
     if ok.empty:
         return out
@@ -499,7 +548,10 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
         notes = {m: spread_note(sub, m) for m in ms if m != quality} if beyond_noise else {}
         notes = {m: n for m, n in notes.items() if n}
         ms = [m for m in ms if m not in notes]
-        sf = score_frame(sub, ms, weights, quality=quality)
+        recorded = study_scoring(sub, axis)
+        sf = score_frame(sub, ms, recorded.weights if weights is None else weights,
+                         quality=quality)
+        out.loc[idx, "scoring_note"] = recorded.note
         label = " / ".join(str(g) for g in (gkey if isinstance(gkey, tuple) else (gkey,)))
         out.loc[idx, "score"] = sf["score"]
         out.loc[idx, "n_metrics"] = sf["n_metrics"]
@@ -601,4 +653,5 @@ __all__: list[Any] = [
     "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
     "quality_flags", "tie_with_best", "no_difference", "spread_note", "repeat_noise",
     "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL", "MEMORY_METRIC", "memory_metric",
+    "StudyScoring", "study_scoring", "higher_is_better",
 ]
