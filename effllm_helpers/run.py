@@ -2,8 +2,8 @@
 
 Every axis notebook starts with ``ctx = start_run(...)`` on its parameters cell's values and ends
 with ``ctx.finish(...)``; the sweep runner only looks at the ``record.json`` this writes. A run that
-raises inside the notebook is recorded as failed by the runner (see ``sweep.py``), with the reason
-classified here so both sides agree on the words.
+raises inside the notebook is recorded as failed by the runner (see ``sweep/runner.py``), with the
+reason classified here so both sides agree on the words.
 """
 
 from __future__ import annotations

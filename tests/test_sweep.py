@@ -92,7 +92,7 @@ def test_timeout_kills_the_run_and_records_it(tmp_path, monkeypatch):
         # checked as the kill returns, i.e. before a next run could start on the device
         alive.extend(p for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
 
-    monkeypatch.setattr(sweep, "_kill_group", spy)
+    monkeypatch.setattr(sweep.runner, "_kill_group", spy)  # where it is looked up
     path = study(tmp_path, "n: [16]\nsleep_s: [2.0]")
     res = sweep.sweep(path, "ci", tmp_path / "out", timeout_s=4, progress=False)
     (o,) = res.outcomes
@@ -115,7 +115,7 @@ def test_sweep_side_exception_is_recorded_and_the_sweep_goes_on(tmp_path, monkey
             raise OverflowError("timeout value is too large")
         return {"status": "ok", "seconds": 0.1, "reason": None}
 
-    monkeypatch.setattr(sweep, "execute_run", fake)
+    monkeypatch.setattr(sweep.driver, "execute_run", fake)
     path = study(tmp_path, "n: [16, 24]", "weights: {tt: 3}")
     res = sweep.sweep(path, "ci", tmp_path / "out", progress=False)
     by_n = {o.run.params["n"]: o for o in res.outcomes}
@@ -128,7 +128,7 @@ def test_sweep_side_exception_is_recorded_and_the_sweep_goes_on(tmp_path, monkey
 
 def test_more_workers_than_devices_warns_and_records_concurrency(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(sweep, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(sweep.driver, "_cuda_count", lambda: 0)
     path = study(tmp_path, "n: [16, 24]")
     res = sweep.sweep(path, "ci", tmp_path / "out", workers=2, progress=False)
     assert sorted(o.status for o in res.outcomes) == ["ok", "ok"]
@@ -158,7 +158,7 @@ def test_gpu_slots_pin_one_gpu_per_worker(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert sweep.gpu_slots(3) == ["2", "5", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(sweep, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(sweep.driver, "_cuda_count", lambda: 0)
     assert sweep.gpu_slots(2) == [None, None]
 
 

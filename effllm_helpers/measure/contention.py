@@ -3,7 +3,7 @@
 Why: latency, throughput and MFU on a shared CPU depend on what else runs. A record that says the
 1-min load exceeded the cores, or that the machine was busier than the run itself, tells a
 reader the numbers are contended. (The sweep side, C // N threads for each of N runs on C cores,
-is in ``sweep.py`` and ``run.py``, which must not import torch.)
+is in ``sweep/locking.py`` and ``run.py``, which must not import torch.)
 """
 
 from __future__ import annotations
