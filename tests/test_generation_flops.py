@@ -130,3 +130,20 @@ def test_rwkv_generation_matmuls_match_flop_counter() -> None:
     wkv = (P + N - 1) * flops_breakdown(model.config, 1)["recurrence"]
     assert "elementwise" in g["method"]
     assert _close(counted, g["total"] - wkv), (counted, g["total"], wkv)
+
+
+def test_rwkv_batched_decode_executes_batch_times_the_model_flops_and_says_so() -> None:
+    """transformers' cached RWKV step at batch B runs B x B rows: the executed FLOPs per
+    sequence grow with B while the model's do not; the method string names the gap."""
+    torch.manual_seed(0)
+    model = build(ModelSpec(family="rwkv"), SIZE, VOCAB, 64).eval().requires_grad_(False)
+
+    def step_flops(batch: int) -> float:
+        with torch.no_grad():
+            state = model(torch.randint(0, VOCAB, (batch, 4)), use_cache=True).state
+            with FlopCounterMode(display=False) as fc:
+                model(torch.randint(0, VOCAB, (batch, 1)), state=state, use_cache=True)
+        return fc.get_total_flops() / batch
+
+    assert step_flops(4) == pytest.approx(4 * step_flops(1))
+    assert "B x these FLOPs per sequence" in generation_flops(model.config, P, N)["method"]

@@ -297,7 +297,10 @@ def _executed_note(config: Any, mt: str) -> str:
         return ("Mamba's scan is counted one FLOP per elementwise op; only its C.h contraction "
                 "is a matmul")
     if mt == "rwkv":
-        return "RWKV's WKV recurrence is counted one FLOP per elementwise op (no matmul)"
+        return ("RWKV's WKV recurrence is counted one FLOP per elementwise op (no matmul); "
+                "transformers' cached RWKV decode at batch B executes B x these FLOPs per "
+                "sequence (B x B rows: a sequence's state meets every row of the batch), so "
+                "batched-decode MFU counts the model's work, not the executed work")
     return ""
 
 
