@@ -28,9 +28,6 @@ KNOWN: dict[str, int] = {
     # architecture and fine-tuning presets, and the image classifier's cache folder is named so
     "effllm_helpers/models/embedded.py": 4,
     "effllm_helpers/evaluate_images.py": 1,
-    # the paper's claims and the scaling pairs each name the axis they are about
-    "effllm_helpers/report/claims.py": 17,
-    "effllm_helpers/report/scaling.py": 5,
 }
 
 

@@ -178,6 +178,8 @@ SPECS: dict[str, AxisSpec] = {s.name: s for s in (
 
 # the study axes, in figure order (the smoke axis only tests the pipe)
 STUDY_AXES: tuple[str, ...] = tuple(n for n, s in SPECS.items() if s.study)
+# the names, for modules about one axis (the paper's claims, the scaling pairs): spelled here only
+ARCHITECTURE, FINETUNING, INFERENCE, CROSS_MODAL = STUDY_AXES
 # the axis ``effllm recommend`` asks about when none is named: the serving question
 DEFAULT_AXIS = "inference"
 

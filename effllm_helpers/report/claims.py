@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from effllm_helpers.axes import spec as A
 from effllm_helpers.report import figures as F
 from effllm_helpers.report import scaling as S
 from effllm_helpers.report import scoring as E
@@ -101,7 +102,7 @@ def _ratio_claim(tidy: pd.DataFrame, pairs: Sequence[S.Pair], metric: str, axis:
 
 
 def _int4_pairs() -> list[S.Pair]:
-    return [p for p in S.PAIRS if p.axis == "inference" and p.technique["p.precision"] in INT4]
+    return [p for p in S.PAIRS if p.axis == A.INFERENCE and p.technique["p.precision"] in INT4]
 
 
 # ------------------------------------------------------------------ the judges
@@ -110,7 +111,7 @@ def _int4_memory(tidy: pd.DataFrame) -> Finding:
     a = _largest_ratios(tidy, _int4_pairs(), "amu_gb")
     if w.empty or a.empty:
         return _not("no int4 and bf16 runs of one model with weight bytes and AMU "
-                    f"({_metric_reason(tidy, 'inference', 'amu_gb')})")
+                    f"({_metric_reason(tidy, A.INFERENCE, 'amu_gb')})")
     top = w["size"].max()
     w, a = w[w["size"] == top], a[a["size"] == top]
     wb, am = 1 / w["ratio"].min(), 1 / a["ratio"].min()
@@ -122,12 +123,12 @@ def _int4_memory(tidy: pd.DataFrame) -> Finding:
 
 
 def _int4_energy(tidy: pd.DataFrame) -> Finding:
-    return _ratio_claim(tidy, _int4_pairs(), "j_per_token", "inference", lambda r: r <= 1 / 1.5,
+    return _ratio_claim(tidy, _int4_pairs(), "j_per_token", A.INFERENCE, lambda r: r <= 1 / 1.5,
                         "J/token")
 
 
 def _int4_accuracy(tidy: pd.DataFrame) -> Finding:
-    w = _wide(tidy, "inference")
+    w = _wide(tidy, A.INFERENCE)
     if w.empty or "p.precision" not in w:
         return _not("no inference runs")
     for q in ("task_acc", "ppl"):
@@ -149,15 +150,15 @@ def _int4_accuracy(tidy: pd.DataFrame) -> Finding:
                     f"vs bf16 on {model}")
             return Finding(HOLDS if drop <= 0.05 else FAILS, text, dev, None, runs)
     return _not("quality needs real checkpoints: "
-                + _metric_reason(tidy, "inference", "task_acc"))
+                + _metric_reason(tidy, A.INFERENCE, "task_acc"))
 
 
 def _bf16_fp16(metric: str) -> Callable[[pd.DataFrame], Finding]:
-    pair = S.Pair("bf16 vs fp16", "inference", {"p.precision": "bf16"}, {"p.precision": "fp16"},
+    pair = S.Pair("bf16 vs fp16", A.INFERENCE, {"p.precision": "bf16"}, {"p.precision": "fp16"},
                   (metric,), "p.model")
 
     def judge(tidy: pd.DataFrame) -> Finding:
-        f = _ratio_claim(tidy, [pair], metric, "inference", lambda r: r < 1, metric)
+        f = _ratio_claim(tidy, [pair], metric, A.INFERENCE, lambda r: r < 1, metric)
         if f.verdict != UNMEASURED and not any(h in str(f.device) for h in ("H100", "H200",
                                                                             "GH200")):
             return Finding(UNMEASURED, f"{f.measured} on {f.device}: the claim is about Hopper "
@@ -168,14 +169,14 @@ def _bf16_fp16(metric: str) -> Callable[[pd.DataFrame], Finding]:
 
 
 def _moe_pair(peer_mult: str, metrics: tuple[str, ...]) -> S.Pair:
-    return S.Pair(f"moe vs dense ({peer_mult})", "architecture", {"p.model.ffn": "moe"},
+    return S.Pair(f"moe vs dense ({peer_mult})", A.ARCHITECTURE, {"p.model.ffn": "moe"},
                   {"p.model.ffn": "dense", "p.model.d_ff_mult": S.SameAs(peer_mult)}, metrics,
                   "p.model.size")
 
 
 def _moe_flops(tidy: pd.DataFrame) -> Finding:
     return _ratio_claim(tidy, [_moe_pair("p.model.n_experts", ("flops_per_token_train",))],
-                        "flops_per_token_train", "architecture", lambda r: r < 1,
+                        "flops_per_token_train", A.ARCHITECTURE, lambda r: r < 1,
                         "FLOPs/token (vs the dense model of equal total params)")
 
 
@@ -193,14 +194,14 @@ def _moe_memory(tidy: pd.DataFrame) -> Finding:
 
 def _moe_quality(tidy: pd.DataFrame) -> Finding:
     pair = _moe_pair("p.model.top_k", ("val_ppl",))
-    return _ratio_claim(tidy, [pair], "val_ppl", "architecture", lambda r: r < 1,
+    return _ratio_claim(tidy, [pair], "val_ppl", A.ARCHITECTURE, lambda r: r < 1,
                         "perplexity (vs the dense model of equal active params)")
 
 
 def _attention_best(metric_of: Callable[[pd.DataFrame], pd.Series], variant: str, what: str,
                     lowest: bool = True) -> Callable[[pd.DataFrame], Finding]:
     def judge(tidy: pd.DataFrame) -> Finding:
-        w = _wide(tidy, "architecture")
+        w = _wide(tidy, A.ARCHITECTURE)
         if w.empty or "p.model.attention" not in w:
             return _not("no attention-variant runs")
         w = w[w["study"].isin(F.studies_varying(w, "p.model.attention"))]
@@ -229,25 +230,25 @@ def _nsa_slow(tidy: pd.DataFrame) -> Finding:
 def _nsa_energy(tidy: pd.DataFrame) -> Finding:
     f = _attention_best(lambda w: _num(w, "energy_j"), "nsa", "energy (J)")(tidy)
     if f.verdict == UNMEASURED:
-        return _not(_metric_reason(tidy, "architecture", "energy_j"))
+        return _not(_metric_reason(tidy, A.ARCHITECTURE, "energy_j"))
     return f
 
 
 def _mamba(metric: str) -> Callable[[pd.DataFrame], Finding]:
-    pair = S.Pair("mamba vs transformer", "architecture", {"p.model.family": "mamba"},
+    pair = S.Pair("mamba vs transformer", A.ARCHITECTURE, {"p.model.family": "mamba"},
                   {"p.model.family": "transformer"}, (metric,), "p.model.size")
 
     def judge(tidy: pd.DataFrame) -> Finding:
-        f = _ratio_claim(tidy, [pair], metric, "architecture", lambda r: r <= 0.85, metric)
+        f = _ratio_claim(tidy, [pair], metric, A.ARCHITECTURE, lambda r: r <= 0.85, metric)
         if f.verdict == UNMEASURED:
-            return _not(_metric_reason(tidy, "architecture", metric))
+            return _not(_metric_reason(tidy, A.ARCHITECTURE, metric))
         return f
 
     return judge
 
 
 def _rslora(tidy: pd.DataFrame) -> Finding:
-    pair = S.Pair("rslora vs lora", "finetuning", {"p.method": "rslora"}, {"p.method": "lora"},
+    pair = S.Pair("rslora vs lora", A.FINETUNING, {"p.method": "rslora"}, {"p.method": "lora"},
                   ("al_s",), "p.base_model")
     r = S.ratios(tidy, pair)
     if r.empty:
@@ -264,7 +265,7 @@ def _rslora(tidy: pd.DataFrame) -> Finding:
 
 def _dit(tidy: pd.DataFrame, tech: dict[str, Any], peer: dict[str, Any], metric: str
          ) -> pd.DataFrame:
-    w = _wide(tidy, "cross_modal")
+    w = _wide(tidy, A.CROSS_MODAL)
     if w.empty or metric not in w:
         return pd.DataFrame()
     out = []

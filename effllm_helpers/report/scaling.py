@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.ticker import FuncFormatter
 
+from effllm_helpers.axes import spec as A
 from effllm_helpers.report import figures as F
 from effllm_helpers.report import scoring as E
 
@@ -51,17 +52,17 @@ class Pair:
 _INFER = ("tpot_s", "tpot_s_bs16", "amu_gb", "j_per_token", "weight_bytes")
 _TUNE = ("al_s", "peak_gb", "j_per_token")
 PAIRS: tuple[Pair, ...] = (
-    *(Pair(f"{p} vs bf16", "inference", {"p.precision": p}, {"p.precision": "bf16"}, _INFER,
+    *(Pair(f"{p} vs bf16", A.INFERENCE, {"p.precision": p}, {"p.precision": "bf16"}, _INFER,
            "p.model") for p in ("int4-wo", "int8-wo", "fp8-e4m3", "int4-nf4", "int4-gemlite")),
-    *(Pair(f"{m} vs full", "finetuning", {"p.method": m, "p.quant": "none"},
+    *(Pair(f"{m} vs full", A.FINETUNING, {"p.method": m, "p.quant": "none"},
            {"p.method": "full", "p.quant": "none"}, _TUNE, "p.base_model")
       for m in ("lora", "dora", "rslora", "freeze")),
-    Pair("qlora vs full", "finetuning", {"p.method": "lora", "p.quant": "nf4"},
+    Pair("qlora vs full", A.FINETUNING, {"p.method": "lora", "p.quant": "nf4"},
          {"p.method": "full", "p.quant": "none"}, _TUNE, "p.base_model"),
-    Pair("moe vs dense (same active)", "architecture", {"p.model.ffn": "moe"},
+    Pair("moe vs dense (same active)", A.ARCHITECTURE, {"p.model.ffn": "moe"},
          {"p.model.ffn": "dense", "p.model.d_ff_mult": SameAs("p.model.top_k")},
          ("peak_gb", "al_s", "flops_per_token_train"), "p.model.size"),
-    *(Pair(f"{a} vs mha", "architecture", {"p.model.attention": a},
+    *(Pair(f"{a} vs mha", A.ARCHITECTURE, {"p.model.attention": a},
            {"p.model.attention": "mha"}, ("kv_bytes_per_token_measured", "peak_gb", "al_s"),
            "p.model.size") for a in ("mqa", "gqa", "mla")),
 )
