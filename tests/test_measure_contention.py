@@ -36,7 +36,8 @@ def test_threads_the_user_exported_win_over_the_sweeps_share() -> None:
     assert sweep.run_thread_env(1, cores=32, env={THREADS_ENV: "0"})[THREADS_ENV] == "32"
 
 
-def test_run_side_sets_torch_threads_from_the_sweep() -> None:
+def test_run_side_sets_torch_threads_from_the_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cont, "free_cores", lambda: None)  # the machine's load unknown
     before = torch.get_num_threads()
     try:
         assert _apply_threads({THREADS_ENV: "1"}) == 1
@@ -44,6 +45,27 @@ def test_run_side_sets_torch_threads_from_the_sweep() -> None:
     finally:
         torch.set_num_threads(before)
     assert _apply_threads({}) is None
+
+
+def test_a_run_takes_no_more_threads_than_the_cores_others_leave_free(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cont, "free_cores", lambda: 1)  # a busy loop holds one of two cores
+    before = torch.get_num_threads()
+    try:
+        assert _apply_threads({THREADS_ENV: "2"}) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("busy", "free"), [(0.5, 1), (0.1, 2), (0.0, 2), (1.0, 1)])
+def test_free_cores_counts_a_core_from_three_quarters_busy(
+        monkeypatch: pytest.MonkeyPatch, busy: float, free: int) -> None:
+    readings = iter([(0.0, 0.0), (busy * 2.0, 2.0)])  # (busy, total) CPU seconds, 2 cores
+    monkeypatch.setattr(cont, "cpu_times", lambda: next(readings))
+    monkeypatch.setattr(cont, "machine_cores", lambda: 2)
+    monkeypatch.setattr(cont.time, "sleep", lambda s: None)
+    assert cont.free_cores() == free
 
 
 @pytest.fixture

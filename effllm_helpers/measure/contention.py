@@ -9,6 +9,7 @@ is in ``sweep/locking.py`` and ``run.py``, which must not import torch.)
 from __future__ import annotations
 
 import os
+import time
 
 from effllm_helpers.runenv import THREADS_ENV  # noqa: F401 - the Meter records it beside the count
 
@@ -45,6 +46,19 @@ def busy_fraction(t0: tuple[float, float] | None, t1: tuple[float, float] | None
     if t0 is None or t1 is None or t1[1] <= t0[1]:
         return None
     return min(1.0, max(0.0, (t1[0] - t0[0]) / (t1[1] - t0[1])))
+
+
+def free_cores(window_s: float = 0.25) -> int | None:
+    """Cores no other process is using now: the machine's cores less those busy over a short
+    window while this process sleeps (a core counts from 0.75 of it busy, so background noise
+    does not take one). None where the machine's CPU times cannot be read."""
+    t0 = cpu_times()
+    time.sleep(window_s)
+    busy = busy_fraction(t0, cpu_times())
+    if busy is None:
+        return None
+    cores = machine_cores()
+    return max(1, cores - int(busy * cores + 0.25))
 
 
 def busy_message(loads: list[float | None], cores: int) -> str | None:
