@@ -156,9 +156,9 @@ def _apply_threads(env: dict[str, str] | None = None) -> int | None:
     cores no other process is using when the run starts.
 
     Why the cap: OpenMP threads spin-wait for each other, so a thread on a core that another
-    process holds stalls every parallel region. On 2 cores beside one busy loop, a tiny-preset
-    LoRA run took 5.0-5.7 s a step with 2 threads and 0.10 s with 1 (0.06 s quiet with 2)."""
-    from .measure.contention import free_cores
+    process holds stalls every parallel region; beside one busy process a 2-thread run on 2
+    cores was an order of magnitude slower than a 1-thread one (the cpu-tiny reference page)."""
+    from .measure.contention import free_cores, machine_cores
 
     raw = (os.environ if env is None else env).get(THREADS_ENV)
     try:
@@ -172,17 +172,11 @@ def _apply_threads(env: dict[str, str] | None = None) -> int | None:
 
     want = n if n >= 1 else torch.get_num_threads()
     if free is not None and free < want:
-        print(f"{machine_cores_text(free)}: torch threads {want} -> {free}")
+        print(f"{machine_cores() - free} of {machine_cores()} cores busy with other processes: "
+              f"torch threads {want} -> {free}")
         want = free
     torch.set_num_threads(want)
     return want
-
-
-def machine_cores_text(free: int) -> str:
-    """Why a run uses fewer threads than it asked for, as its output says."""
-    from .measure.contention import machine_cores
-
-    return f"{machine_cores() - free} of {machine_cores()} cores busy with other processes"
 
 
 def _seed_everything(seed: int) -> None:
