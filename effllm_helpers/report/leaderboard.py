@@ -79,8 +79,8 @@ ID_TIPS = {
     "status": "ok, failed or skipped",
 }
 ID_COLUMNS = ["axis", "study", "rank", "technique", "size", "device", "status", "score",
-              "n_metrics", "score_metrics", "excluded", "scoring_note", "comparison_set",
-              "run_id"]
+              "score_lo", "score_hi", "n_metrics", "score_metrics", "excluded", "scoring_note",
+              "comparison_set", "run_id"]
 
 
 def methods_of(tidy_df: pd.DataFrame | None) -> dict[str, str]:
@@ -117,6 +117,9 @@ def leaderboard_frame(tidy_df: pd.DataFrame,
                       weights: Mapping[str, float] | None = None) -> pd.DataFrame:
     """One row per run of every axis, ranked by efficiency score within its comparison set.
 
+    A rank is shared where the scores' 95 % intervals overlap (``score_lo``/``score_hi``,
+    :func:`scoring.rank_with_ties`): a run is behind only the runs it is clearly behind.
+
     Columns :data:`ID_COLUMNS` then one per key metric named ``<metric> [<unit>]``. Failed runs
     stay in with no score (``excluded = "run failed"``) so the board shows what is missing.
     """
@@ -128,13 +131,16 @@ def leaderboard_frame(tidy_df: pd.DataFrame,
         if wide.empty:
             continue
         sc = E.scores_by_set(wide, axis, weights=weights)
-        rank = sc.groupby("set")["score"].rank(ascending=False, method="min")
+        rank = pd.Series(pd.NA, index=sc.index, dtype="Int64")
+        for _, g in sc.groupby("set"):
+            rank[g.index] = E.rank_with_ties(g["score"], g["score_lo"], g["score_hi"])
         f = pd.DataFrame({
             "axis": axis, "study": wide["study"], "rank": rank.astype("Int64"),
             "technique": wide["technique"],
             "size": wide.get(SIZE_COLUMN[axis], pd.Series(pd.NA, index=wide.index)),
             "device": wide.get("device", pd.Series(pd.NA, index=wide.index)),
-            "status": wide["status"], "score": sc["score"], "n_metrics": sc["n_metrics"],
+            "status": wide["status"], "score": sc["score"], "score_lo": sc["score_lo"],
+            "score_hi": sc["score_hi"], "n_metrics": sc["n_metrics"],
             "score_metrics": sc["metrics"], "excluded": sc["excluded"],
             "scoring_note": sc["scoring_note"],
             "comparison_set": sc["set"], "run_id": wide["run_id"],

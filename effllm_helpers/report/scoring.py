@@ -31,6 +31,12 @@ differ from the paper:
   machine's noise: a CPU's PCU (process CPU time over wall time) reads 0.97-0.99 for every
   method. A left-out metric is named, with why, in every row's ``excluded`` note of that set
   (:func:`scores_by_set`). The quality metric is never left out (it is what the study ranks).
+  Repeats on the same device in other sets count too (:func:`device_repeat_noise`): a set
+  without repeats cannot measure its machine's run-to-run noise.
+* **Intervals and tied ranks**: each score has an interval (:func:`score_interval`: the row's
+  metrics moved by their noise to either side), and ranks count only the rows whose whole
+  interval lies above (:func:`rank_with_ties`), so equal-cost methods share a rank however a
+  busy machine orders their point scores.
 """
 
 from __future__ import annotations
@@ -415,9 +421,34 @@ def repeat_noise(df: pd.DataFrame, metric: str) -> float:
     return float(spans.max()) if len(spans) and spans.notna().any() else 0.0
 
 
-def spread_note(df: pd.DataFrame, metric: str) -> str | None:
+def device_repeat_noise(runs: pd.DataFrame, metric: str,
+                        keys: Sequence[str] = ()) -> float:
+    """The largest relative spread ((max - min) / |median|) of ``metric`` among repeats of one
+    technique within one comparison set (``keys``), over every set of ``runs``; 0 when nothing
+    is repeated.
+
+    Why: a set without repeats cannot say how far its machine moves a metric from run to run,
+    but repeats elsewhere on the same device can (on the 2-core reference CPU, seeds of one
+    method spread 4-16 % in step time, against a 2 % floor)."""
+    if "technique" not in runs or metric not in runs:
+        return 0.0
+    x = pd.to_numeric(runs[metric], errors="coerce")
+    by = [runs[k].astype(str) for k in keys if k in runs] + [runs["technique"].astype(str)]
+
+    def rel(v: pd.Series) -> float:
+        v = v.dropna()
+        med = abs(float(v.median())) if len(v) else 0.0
+        return float(v.max() - v.min()) / med if len(v) > 1 and med > 0 else 0.0
+
+    spreads = x.groupby(by, dropna=False).agg(rel)
+    return float(spreads.max()) if len(spreads) and spreads.notna().any() else 0.0
+
+
+def spread_note(df: pd.DataFrame, metric: str, device_rel: float = 0.0) -> str | None:
     """Why ``metric`` does not rank the runs of ``df`` (one comparison set), or None when it
-    does: its spread is within its noise (see the module docstring, "Spread beyond noise").
+    does: its spread is within its noise (see the module docstring, "Spread beyond noise");
+    ``device_rel`` is the relative repeat spread on the set's device
+    (:func:`device_repeat_noise`).
 
     A constant column or a set of fewer than two values is left to :func:`normalise` (every
     row scales to 1.0, which moves no rank)."""
@@ -429,14 +460,104 @@ def spread_note(df: pd.DataFrame, metric: str) -> str | None:
     spread = float(x.max() - x.min())
     centre = abs(float(x.median()))
     floor_rel = NOISE_FLOOR_REL.get(metric, DEFAULT_NOISE_FLOOR_REL)
-    floor, repeats = floor_rel * centre, repeat_noise(df, metric)
-    noise = max(floor, repeats)
+    floor, repeats, device = floor_rel * centre, repeat_noise(df, metric), device_rel * centre
+    noise = max(floor, repeats, device)
     if spread > noise:
         return None
-    why = (f"repeats of one technique spread {repeats:.3g}" if repeats >= floor
-           else f"the {floor_rel:.0%} noise floor of its median is {floor:.3g}")
+    why = (f"repeats of one technique spread {repeats:.3g}" if repeats >= max(floor, device)
+           else f"repeats on this device spread {device_rel:.0%} of its median, {device:.3g}"
+           if device >= floor else
+           f"the {floor_rel:.0%} noise floor of its median is {floor:.3g}")
     return (f"{metric}: left out of this set's score, it does not rank the techniques (spread "
             f"{spread:.3g} over the set; {why})")
+
+
+def metric_noise(df: pd.DataFrame, metric: str, *, floor: bool = True,
+                 device_rel: float = 0.0) -> pd.Series:
+    """95 % half-width of ``metric`` per row of one comparison set: the largest of the run's
+    recorded interval (``<metric>.ci95``), the spread among repeats of one technique in the set
+    (:func:`repeat_noise`) and, with ``floor``, the stated noise floor and the device's relative
+    repeat spread (``device_rel``, :func:`device_repeat_noise`) of the set's median.
+
+    Why the largest: a run's own interval says how steady it was inside its window, not how much
+    the machine moved between runs; the repeats and the floor say that."""
+    x = pd.to_numeric(df[metric], errors="coerce").astype(float) if metric in df else \
+        pd.Series(np.nan, index=df.index)
+    ci = _ci_of(df, metric, None)
+    half = (ci.fillna(0.0).clip(lower=0.0) if ci is not None
+            else pd.Series(0.0, index=df.index))
+    half = half.clip(lower=repeat_noise(df, metric))
+    if floor and x.notna().any():
+        rel = max(NOISE_FLOOR_REL.get(metric, DEFAULT_NOISE_FLOOR_REL), device_rel)
+        half = half.clip(lower=rel * abs(float(x.median())))
+    return half.where(x.notna())
+
+
+def score_interval(df: pd.DataFrame, metrics: Sequence[str],
+                   weights: Mapping[str, float] | None = None, *,
+                   higher_is_better: Mapping[str, bool] | None = None,
+                   quality: str | None = None,
+                   device_rel: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """The interval (``score_lo``, ``score_hi``) of each row's score in one comparison set.
+
+    Why: the score min-max scales every metric, so a 1 % difference between two methods of
+    equal cost becomes a full-scale difference and a rank. A row's bounds are its score with
+    all its metrics moved by their noise (:func:`metric_noise`; the quality metric without the
+    floor, as it is what the study ranks) to the worse side, then to the better side, the other
+    rows staying where they are, and with differences inside that noise tied with the best (as
+    :func:`normalise` ties them inside the recorded intervals). The score only rises as a row's
+    oriented metric rises, so these two are its extremes. The bounds always hold the point
+    score. Rows with no score get NaN.
+    """
+    metrics = list(metrics)
+    df, _ = _unflagged(df, quality)
+    w = resolve_weights(metrics, weights, quality)
+    used = [m for m in metrics if w[m] > 0]
+    point = score_frame(df, used, w, higher_is_better=higher_is_better,
+                        quality=quality)["score"]
+    out = pd.DataFrame({"score_lo": np.nan, "score_hi": np.nan}, index=df.index)
+    if not used or df.empty:
+        return out
+    rel = device_rel or {}
+    noise = {m: metric_noise(df, m, floor=m != quality, device_rel=rel.get(m, 0.0))
+             for m in used}
+    wv = pd.Series({m: w[m] for m in used}, dtype=float)
+
+    def score_of(frame: pd.DataFrame, row: Any) -> float:
+        scaled = normalise(frame, used, higher_is_better, ci=noise).loc[row]
+        mask = scaled.notna()
+        if not mask.any():
+            return float("nan")
+        return float(wv[mask].sum() / (wv[mask] / scaled[mask]).sum())
+
+    for row in df.index:
+        if pd.isna(point[row]):
+            continue
+        bounds = []
+        for side in (-1.0, 1.0):
+            moved = df.copy()
+            for m in used:
+                v = pd.to_numeric(df.at[row, m], errors="coerce") if m in df else np.nan
+                if pd.notna(v):
+                    up = 1.0 if _direction(m, higher_is_better) else -1.0
+                    moved[m] = pd.to_numeric(moved[m], errors="coerce").astype(float)
+                    moved.at[row, m] = float(v) + side * up * float(noise[m][row])
+            bounds.append(score_of(moved, row))
+        out.at[row, "score_lo"] = min(bounds[0], float(point[row]))
+        out.at[row, "score_hi"] = max(bounds[1], float(point[row]))
+    return out
+
+
+def rank_with_ties(score: pd.Series, lo: pd.Series, hi: pd.Series) -> pd.Series:
+    """Rank 1 = best, where a row is behind only the rows whose whole score interval lies above
+    its own: ``1 + #{j : lo_j > hi_i}``. Rows whose intervals overlap share ranks, so the noise
+    of a machine cannot order two methods of equal cost. NaN scores get no rank."""
+    ok = score.notna() & lo.notna() & hi.notna()
+    los = lo[ok].to_numpy()
+    ranks = pd.Series(pd.NA, index=score.index, dtype="Int64")
+    for i in score[ok].index:
+        ranks[i] = 1 + int((los > hi[i]).sum())
+    return ranks
 
 
 def score_frame(wide_df: pd.DataFrame, metrics: Sequence[str],
@@ -521,19 +642,22 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
 
     ``weights`` default to the study's as its runs' records carry them (:func:`study_scoring`,
     per set); given, they replace them. Returns a frame indexed like ``wide`` with ``score``,
-    ``n_metrics``, ``excluded``, ``scoring_note`` (where the records' scoring fell back to the
-    defaults, and why), ``flag``,
-    ``metrics`` (those scored, comma-separated), ``set`` (a label of the comparison set) and
-    ``not_ranking`` (efficiency metrics left out of that set's score because their spread is
-    within their noise, :func:`spread_note`, comma-separated; also named in ``excluded``; off
-    with ``beyond_noise=False``). Failed runs get NaN and ``excluded = "run failed"``.
+    ``score_lo``/``score_hi`` (its interval, :func:`score_interval`), ``n_metrics``,
+    ``excluded``, ``scoring_note`` (where the records' scoring fell back to the defaults, and
+    why), ``flag``, ``metrics`` (those scored, comma-separated), ``set`` (a label of the
+    comparison set) and ``not_ranking`` (efficiency metrics left out of that set's score because
+    their spread is within their noise, :func:`spread_note`, comma-separated; also named in
+    ``excluded``; off with ``beyond_noise=False``). The noise of an efficiency metric includes
+    the relative spread of repeats on the set's device over all of ``wide``
+    (:func:`device_repeat_noise`). Failed runs get NaN and ``excluded = "run failed"``.
     """
-    out = pd.DataFrame({"score": np.nan, "n_metrics": 0, "excluded": "run failed",
+    out = pd.DataFrame({"score": np.nan, "score_lo": np.nan, "score_hi": np.nan,
+                        "n_metrics": 0, "excluded": "run failed",
                         "metrics": "", "set": "", "flag": "", "not_ranking": "",
                         "scoring_note": ""}, index=wide.index)
-    out = out.astype({"score": float, "n_metrics": int, "excluded": object, "metrics": object,
-                      "set": object, "flag": object, "not_ranking": object,
-                      "scoring_note": object})
+    out = out.astype({"score": float, "score_lo": float, "score_hi": float, "n_metrics": int,
+                      "excluded": object, "metrics": object, "set": object, "flag": object,
+                      "not_ranking": object, "scoring_note": object})
     ok = ok_rows(wide)
     if ok.empty:
         return out
@@ -545,12 +669,21 @@ def scores_by_set(wide: pd.DataFrame, axis: str, weights: Mapping[str, float] | 
         ms = list(metrics) if metrics is not None else default_metrics(sub, axis)
         ms = [m for m in ms if m in sub]
         quality = quality_metric(sub, axis)
-        notes = {m: spread_note(sub, m) for m in ms if m != quality} if beyond_noise else {}
+        # how far this device moves each efficiency metric between repeats, from every set
+        # of ``wide`` on it (machine noise, not a technique's)
+        same = ok[ok["device"].astype(str) == str(sub["device"].iloc[0])] if "device" in ok \
+            else ok
+        rel = {m: device_repeat_noise(same, m, keys) for m in ms if m != quality}
+        notes = ({m: spread_note(sub, m, rel[m]) for m in ms if m != quality}
+                 if beyond_noise else {})
         notes = {m: n for m, n in notes.items() if n}
         ms = [m for m in ms if m not in notes]
         recorded = study_scoring(sub, axis)
-        sf = score_frame(sub, ms, recorded.weights if weights is None else weights,
-                         quality=quality)
+        w = recorded.weights if weights is None else weights
+        sf = score_frame(sub, ms, w, quality=quality)
+        band = score_interval(sub, ms, w, quality=quality, device_rel=rel)
+        out.loc[idx, "score_lo"] = band["score_lo"]
+        out.loc[idx, "score_hi"] = band["score_hi"]
         out.loc[idx, "scoring_note"] = recorded.note
         label = " / ".join(str(g) for g in (gkey if isinstance(gkey, tuple) else (gkey,)))
         out.loc[idx, "score"] = sf["score"]
@@ -585,7 +718,9 @@ def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
     scaled = pd.concat(scaled_parts).loc[ok.index]
     scaled["technique"] = ok["technique"]
     mean = scaled.groupby("technique").mean(numeric_only=True)
-    score = scores_by_set(ok, axis)["score"].groupby(ok["technique"]).mean()
+    sets = scores_by_set(ok, axis)
+    by_tech = sets[["score", "score_lo", "score_hi"]].groupby(ok["technique"]).mean()
+    score = by_tech["score"]
     block = pd.DataFrame(index=mean.index)
     for col, m in cols.items():
         if m and m in mean and mean[m].notna().any():
@@ -593,6 +728,9 @@ def _rank_block(wide: pd.DataFrame, axis: str) -> pd.DataFrame:
         else:
             block[col] = pd.array([pd.NA] * len(mean), dtype="Int64")
     block["score"] = score.reindex(mean.index)
+    block["score_lo"] = by_tech["score_lo"].reindex(mean.index)
+    block["score_hi"] = by_tech["score_hi"].reindex(mean.index)
+    block["score_rank"] = rank_with_ties(block["score"], block["score_lo"], block["score_hi"])
     block["n_techniques"] = len(mean)
     block["perf_metric"] = q or ""
     flagged = flags.groupby(ok["technique"]).any().reindex(mean.index).fillna(False)
@@ -611,13 +749,15 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
     model and device), so each metric is first scaled per set (units and scales differ between
     sets), averaged over sets per technique, then ranked within the study. Columns Perf, AMU,
     PCU, AL, TT, ST, IT, AEC, MCR hold ``<NA>`` where the axis does not measure the metric. Also
-    ``score`` (mean efficiency score), ``n_techniques``, ``perf_metric``, ``flag`` (quality not
+    ``score`` (mean efficiency score), ``score_lo``/``score_hi`` (the mean of its per-set 95 %
+    interval bounds), ``score_rank`` (by score, tied where the intervals overlap:
+    :func:`rank_with_ties`), ``n_techniques``, ``perf_metric``, ``flag`` (quality not
     ranked, e.g. perplexity worse than uniform) and ``ties`` (columns whose rank the technique
     shares). Differences inside the recorded 95 % intervals are ties (:func:`tie_with_best`).
     AMU ranks each axis's :func:`memory_metric` (inference: the increment above the baseline).
     """
-    cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "n_techniques", "perf_metric",
-            "flag", "ties"]
+    cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "score_lo", "score_hi",
+            "score_rank", "n_techniques", "perf_metric", "flag", "ties"]
     if tidy_df is None or tidy_df.empty:
         return pd.DataFrame(columns=cols)
     axes = list(axes) if axes is not None else [a for a in STUDY_AXES
@@ -653,5 +793,6 @@ __all__: list[Any] = [
     "default_metrics", "technique_labels", "resolve_weights", "units_of", "QUALITY_METRIC",
     "quality_flags", "tie_with_best", "no_difference", "spread_note", "repeat_noise",
     "NOISE_FLOOR_REL", "DEFAULT_NOISE_FLOOR_REL", "MEMORY_METRIC", "memory_metric",
-    "StudyScoring", "study_scoring", "higher_is_better",
+    "StudyScoring", "study_scoring", "higher_is_better", "metric_noise", "score_interval",
+    "rank_with_ties", "device_repeat_noise",
 ]
