@@ -6,12 +6,13 @@
 #            roofline-tuning kernels kernels-bf16 quant-engine finetune-1.5b finetune-1.5b-qlora
 #            multigpu inference attention
 #            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
-#            cross_modal_peft
+#            cross_modal_peft scaling_{inference,finetuning,moe,attention}
+#            paper_{inference,finetuning,pretraining}
 # env: SWEEP_ARGS (extra sweep options, e.g. "--only method=freeze,full --set train.steps=60"),
 #      SWEEP_BUDGET_S (time box per sweep, default 3000), SWEEPS (sweep output root, default
 #      outputs/gpu_sweeps: kept between calls on a warm machine, so a sweep resumes there).
 set -uo pipefail
-if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [ "${1:-}" = --help ] || [ $# -eq 0 ]; then sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 OUT=${OUT:-outputs/reference}
 SWEEPS=${SWEEPS:-outputs/gpu_sweeps}
 slug=$(python3 -c "import torch;from effllm_helpers.measure.device import device_slug;print(device_slug(torch.cuda.get_device_name(0)))") || exit 1
@@ -46,18 +47,22 @@ for part in "$@"; do
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     kernels)  bench kernels_check.py --out "$dest" ;;
     roofline) bench decode_roofline.py --sizes gpu:medium paper:small paper:medium paper:large --out "$dest" ;;
-    inference|attention|attention_free|finetuning_general|finetuning_qlora|cross_modal_*)
+    inference|attention|attention_free|finetuning_general|finetuning_qlora|cross_modal_*|scaling_*|paper_*)
               f=params/$part.yaml; [ -f "$f" ] || f=params/architecture/$part.yaml
               [ -f "$f" ] || f=params/finetuning/${part#finetuning_}.yaml
               [ -f "$f" ] || f=params/cross_modal/${part#cross_modal_}.yaml
+              [ -f "$f" ] || f=params/scaling/${part#scaling_}.yaml
+              [ -f "$f" ] || f=params/paper/${part#paper_}.yaml
+              # issue 26's studies: scaling_* at the gpu preset, paper_* at the paper preset
+              preset=gpu; case $part in paper_*) preset=paper ;; esac
               # a run's limit: a cross-modal DiT trains 3000 steps from scratch (MoE with the
               # expert loop: ~5 min on an H200), the others finish in well under 5 min
-              to=300; case $part in cross_modal_*) to=600 ;; esac
-              log "python3 -m effllm_helpers.cli sweep $f -p gpu -o <sweeps> --timeout $to ${SWEEP_ARGS:-}"
+              to=300; case $part in cross_modal_*|paper_*) to=600 ;; esac
+              log "python3 -m effllm_helpers.cli sweep $f -p $preset -o <sweeps> --timeout $to ${SWEEP_ARGS:-}"
               # a time box per sweep, so the summary and the packing still happen; a killed sweep
               # loses only its run in flight, and the next call resumes from the records
               # shellcheck disable=SC2086
-              timeout "${SWEEP_BUDGET_S:-3000}" python3 -m effllm_helpers.cli sweep "$f" -p gpu \
+              timeout "${SWEEP_BUDGET_S:-3000}" python3 -m effllm_helpers.cli sweep "$f" -p "$preset" \
                 -o "$SWEEPS" --no-progress --timeout "$to" ${SWEEP_ARGS:-} 2>&1 | tail -25
               status "${PIPESTATUS[0]}"
               for r in "$SWEEPS"/runs/"$part"/*/record.json; do
