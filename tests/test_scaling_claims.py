@@ -175,3 +175,33 @@ def test_a_judge_that_breaks_is_a_row_that_says_so() -> None:
     t = C.claims_table(pd.DataFrame(), [C.Claim("x", "a claim", "holds if never", broken)])
     assert t.iloc[0]["verdict"] == C.UNMEASURED
     assert "could not be judged" in t.iloc[0]["measured"]
+
+
+def _lora_seed(al_s: float, seed: int, params: float = 1.5e9) -> dict:
+    return R.new_record(
+        run_id=f"lora-s{seed}", study="ft", axis="finetuning",
+        params={"base_model": f"random:{params}", "method": "lora", "seed": seed},
+        metrics={"al_s": _m(al_s, "s")}, model={"params_total": params},
+        provenance={"device_name": "NVIDIA H200"})
+
+
+def test_a_verdict_inside_the_devices_repeat_noise_is_within_the_noise() -> None:
+    # rsLoRA 10 % faster than LoRA: beyond the 5 % rule, but two seeds of LoRA itself on this
+    # device are 20 % apart, so a busier machine could flip the verdict
+    noisy = _rslora(0.90, 1.5e9) + [_lora_seed(0.6, 1)]
+    row = _claim(_tidy(noisy), "rslora-14b")
+    assert row["verdict"] == C.WITHIN_NOISE and "repeats on this device spread" in row["measured"]
+    assert _claim(_tidy(_rslora(0.90, 1.5e9)), "rslora-14b")["verdict"] == C.FAILS
+    assert C.rel_noise(_tidy(noisy), ["al_s"], "NVIDIA H200") == pytest.approx(0.1 / 0.55)
+
+
+def test_repeats_on_another_device_do_not_widen_this_ones_verdict() -> None:
+    elsewhere = []
+    for seed, al in ((1, 0.5), (2, 0.7)):  # two LoRA seeds 40 % apart, on a CPU
+        r = _lora_seed(al, seed)
+        r["run_id"], r["provenance"]["device_name"] = f"cpu-{seed}", "AMD EPYC"
+        elsewhere.append(r)
+    tidy = _tidy(_rslora(0.90, 1.5e9) + elsewhere)
+    assert C.rel_noise(tidy, ["al_s"], "AMD EPYC") > 0.3
+    assert C.rel_noise(tidy, ["al_s"], "NVIDIA H200") == 0
+    assert _claim(tidy, "rslora-14b")["verdict"] == C.FAILS

@@ -3,8 +3,11 @@
 Each :class:`Claim` carries the paper's words, its verdict rule in words (shown next to it, so
 a reader can disagree with the rule rather than guess it) and a judge that applies the rule to
 the tidy table. A judge answers ``holds``, ``does not hold`` or ``not measured here`` with the
-reason (no such runs, a metric null on this device, random weights without quality). The table
-is rebuilt from whatever records exist and lists the runs each row used.
+reason (no such runs, a metric null on this device, random weights without quality), or
+``within the noise`` where the difference that decides the rule is no larger than twice the
+relative spread of repeats (seeds) of one technique on the same device (:func:`rel_noise`): a
+verdict that a busier machine could flip is not a verdict. The table is rebuilt from whatever
+records exist and lists the runs each row used.
 
 The claims are those of EfficientLLM's public material (arXiv 2505.13840): int4's memory,
 energy and accuracy; bf16 vs fp16 on Hopper; MoE; the attention variants; Mamba; rsLoRA; DiTs.
@@ -24,6 +27,7 @@ from effllm_helpers.report import scaling as S
 from effllm_helpers.report import scoring as E
 
 HOLDS, FAILS, UNMEASURED = "holds", "does not hold", "not measured here"
+WITHIN_NOISE = "within the noise"
 INT4 = ("int4-wo", "int4-nf4", "int4-gemlite", "int4-fp4")
 
 
@@ -51,6 +55,37 @@ class Claim:
 # ------------------------------------------------------------------ helpers the judges share
 def _not(why: str) -> Finding:
     return Finding(UNMEASURED, why)
+
+
+def rel_noise(tidy: pd.DataFrame, metrics: Sequence[str], device: Any) -> float:
+    """How far this device moves ``metrics`` between repeats, relative: for each metric the
+    largest relative spread among repeats of one technique in one comparison set, over every
+    axis's records on ``device`` (:func:`scoring.device_repeat_noise`); summed over
+    ``metrics`` (a product of metrics moves by the sum). 0 where nothing was repeated."""
+    total = 0.0
+    for m in metrics:
+        worst = 0.0
+        for axis in E.STUDY_AXES:
+            w = _wide(tidy, axis)
+            if w.empty or m not in w:
+                continue
+            if "device" in w:
+                w = w[w["device"].astype(str) == str(device)]
+            worst = max(worst, E.device_repeat_noise(w, m, E.COMPARISON_KEYS.get(axis, ())))
+        total += worst
+    return total
+
+
+def _verdict(holds: bool, gap: float, noise: float) -> str:
+    """``holds``/``does not hold``, or ``within the noise`` when the relative ``gap`` that
+    decides it is at most twice ``noise`` (each of the two values compared may move by it)."""
+    if noise > 0 and abs(gap) <= 2 * noise:
+        return WITHIN_NOISE
+    return HOLDS if holds else FAILS
+
+
+def _noise_text(noise: float) -> str:
+    return f"; repeats on this device spread {noise:.0%}" if noise > 0 else ""
 
 
 def _metric_reason(tidy: pd.DataFrame, axis: str, metric: str) -> str:
@@ -87,18 +122,21 @@ def _largest_ratios(tidy: pd.DataFrame, pairs: Sequence[S.Pair], metric: str) ->
 
 
 def _ratio_claim(tidy: pd.DataFrame, pairs: Sequence[S.Pair], metric: str, axis: str,
-                 holds: Callable[[float], bool], what: str, best: str = "min") -> Finding:
-    """The best of ``pairs``' technique/peer ratios at the largest size, judged by ``holds``."""
+                 holds: Callable[[float], bool], what: str, threshold: float,
+                 best: str = "min") -> Finding:
+    """The best of ``pairs``' technique/peer ratios at the largest size, judged by ``holds``
+    (whose boundary is ``threshold``: a ratio within the device's noise of it is undecided)."""
     r = _largest_ratios(tidy, pairs, metric)
     if r.empty:
         return _not(f"no matched technique/peer runs with {metric} "
                     f"({_metric_reason(tidy, axis, metric)})")
     r = r[r["size"] == r["size"].max()]
     row = r.loc[r["ratio"].idxmin() if best == "min" else r["ratio"].idxmax()]
+    noise = rel_noise(tidy, [metric], row["device"])
     text = (f"{row['pair']}: {what} ratio {row['ratio']:.3f} (technique / peer) at "
-            f"{S._billions(row['size'])}")
-    return Finding(HOLDS if holds(row["ratio"]) else FAILS, text, row["device"], row["size"],
-                   row["runs"].split(","))
+            f"{S._billions(row['size'])}{_noise_text(noise)}")
+    verdict = _verdict(holds(row["ratio"]), row["ratio"] / threshold - 1, noise)
+    return Finding(verdict, text, row["device"], row["size"], row["runs"].split(","))
 
 
 def _int4_pairs() -> list[S.Pair]:
@@ -115,16 +153,18 @@ def _int4_memory(tidy: pd.DataFrame) -> Finding:
     top = w["size"].max()
     w, a = w[w["size"] == top], a[a["size"] == top]
     wb, am = 1 / w["ratio"].min(), 1 / a["ratio"].min()
+    dev = w["device"].iloc[0]
+    noise = rel_noise(tidy, ["amu_gb"], dev)  # weight bytes are exact
     text = (f"bf16/int4 weight bytes {wb:.2f}x, AMU {am:.2f}x "
-            f"(best int4 precision) at {S._billions(top)}")
+            f"(best int4 precision) at {S._billions(top)}{_noise_text(noise)}")
     runs = ",".join(list(w["runs"]) + list(a["runs"])).split(",")
-    return Finding(HOLDS if wb >= 3.5 and am >= 2.5 else FAILS, text, w["device"].iloc[0], top,
-                   sorted(set(runs)))
+    verdict = FAILS if wb < 3.5 else _verdict(am >= 2.5, am / 2.5 - 1, noise)
+    return Finding(verdict, text, dev, top, sorted(set(runs)))
 
 
 def _int4_energy(tidy: pd.DataFrame) -> Finding:
     return _ratio_claim(tidy, _int4_pairs(), "j_per_token", A.INFERENCE, lambda r: r <= 1 / 1.5,
-                        "J/token")
+                        "J/token", threshold=1 / 1.5)
 
 
 def _int4_accuracy(tidy: pd.DataFrame) -> Finding:
@@ -158,7 +198,8 @@ def _bf16_fp16(metric: str) -> Callable[[pd.DataFrame], Finding]:
                   (metric,), "p.model")
 
     def judge(tidy: pd.DataFrame) -> Finding:
-        f = _ratio_claim(tidy, [pair], metric, A.INFERENCE, lambda r: r < 1, metric)
+        f = _ratio_claim(tidy, [pair], metric, A.INFERENCE, lambda r: r < 1, metric,
+                         threshold=1.0)
         if f.verdict != UNMEASURED and not any(h in str(f.device) for h in ("H100", "H200",
                                                                             "GH200")):
             return Finding(UNMEASURED, f"{f.measured} on {f.device}: the claim is about Hopper "
@@ -177,7 +218,7 @@ def _moe_pair(peer_mult: str, metrics: tuple[str, ...]) -> S.Pair:
 def _moe_flops(tidy: pd.DataFrame) -> Finding:
     return _ratio_claim(tidy, [_moe_pair("p.model.n_experts", ("flops_per_token_train",))],
                         "flops_per_token_train", A.ARCHITECTURE, lambda r: r < 1,
-                        "FLOPs/token (vs the dense model of equal total params)")
+                        "FLOPs/token (vs the dense model of equal total params)", threshold=1.0)
 
 
 def _moe_memory(tidy: pd.DataFrame) -> Finding:
@@ -186,20 +227,25 @@ def _moe_memory(tidy: pd.DataFrame) -> Finding:
     if r.empty:
         return _not("no MoE and same-active dense runs of one size")
     row = r.loc[r["size"].idxmax()]
-    return Finding(HOLDS if row["ratio"] >= 1.2 else FAILS,
+    noise = rel_noise(tidy, ["peak_gb"], row["device"])
+    return Finding(_verdict(row["ratio"] >= 1.2, row["ratio"] / 1.2 - 1, noise),
                    f"MoE peak memory {row['ratio']:.2f}x the dense model of equal active params "
-                   f"at {S._billions(row['size'])}", row["device"], row["size"],
-                   row["runs"].split(","))
+                   f"at {S._billions(row['size'])}{_noise_text(noise)}", row["device"],
+                   row["size"], row["runs"].split(","))
 
 
 def _moe_quality(tidy: pd.DataFrame) -> Finding:
     pair = _moe_pair("p.model.top_k", ("val_ppl",))
     return _ratio_claim(tidy, [pair], "val_ppl", A.ARCHITECTURE, lambda r: r < 1,
-                        "perplexity (vs the dense model of equal active params)")
+                        "perplexity (vs the dense model of equal active params)", threshold=1.0)
 
 
 def _attention_best(metric_of: Callable[[pd.DataFrame], pd.Series], variant: str, what: str,
-                    lowest: bool = True) -> Callable[[pd.DataFrame], Finding]:
+                    metrics: tuple[str, ...], lowest: bool = True
+                    ) -> Callable[[pd.DataFrame], Finding]:
+    """A judge: ``variant`` is the best of the attention variants on ``metric_of`` (built from
+    ``metrics``, whose noise it carries) at its largest size."""
+
     def judge(tidy: pd.DataFrame) -> Finding:
         w = _wide(tidy, A.ARCHITECTURE)
         if w.empty or "p.model.attention" not in w:
@@ -213,22 +259,27 @@ def _attention_best(metric_of: Callable[[pd.DataFrame], pd.Series], variant: str
         at = w[w["p.model.size"] == w.loc[w["_size"] == top, "p.model.size"].iloc[0]]
         means = at.groupby("p.model.attention")["_v"].mean().sort_values(ascending=lowest)
         rank = list(means.index).index(variant) + 1
+        # the gap that decides: to the runner-up when first, else to the first
+        other = means.iloc[1] if rank == 1 and len(means) > 1 else means.iloc[0]
+        mine = means[variant]
+        gap = (mine - other) / abs(other) if other else float("inf")
+        dev = at["device"].iloc[0]
+        noise = rel_noise(tidy, metrics, dev)
         text = (f"{variant} ranks {rank} of {len(means)} on {what} at size "
                 f"{at['p.model.size'].iloc[0]} ({S._billions(top)}): "
-                + ", ".join(f"{k} {v:.3g}" for k, v in means.items()))
-        return Finding(HOLDS if rank == 1 else FAILS, text, at["device"].iloc[0], top,
-                       list(at["run_id"]))
+                + ", ".join(f"{k} {v:.3g}" for k, v in means.items()) + _noise_text(noise))
+        return Finding(_verdict(rank == 1, gap, noise), text, dev, top, list(at["run_id"]))
 
     return judge
 
 
 def _nsa_slow(tidy: pd.DataFrame) -> Finding:
     return _attention_best(lambda w: _num(w, "al_s"), "nsa", "step time (AL, slowest first)",
-                           lowest=False)(tidy)
+                           ("al_s",), lowest=False)(tidy)
 
 
 def _nsa_energy(tidy: pd.DataFrame) -> Finding:
-    f = _attention_best(lambda w: _num(w, "energy_j"), "nsa", "energy (J)")(tidy)
+    f = _attention_best(lambda w: _num(w, "energy_j"), "nsa", "energy (J)", ("energy_j",))(tidy)
     if f.verdict == UNMEASURED:
         return _not(_metric_reason(tidy, A.ARCHITECTURE, "energy_j"))
     return f
@@ -239,7 +290,8 @@ def _mamba(metric: str) -> Callable[[pd.DataFrame], Finding]:
                   {"p.model.family": "transformer"}, (metric,), "p.model.size")
 
     def judge(tidy: pd.DataFrame) -> Finding:
-        f = _ratio_claim(tidy, [pair], metric, A.ARCHITECTURE, lambda r: r <= 0.85, metric)
+        f = _ratio_claim(tidy, [pair], metric, A.ARCHITECTURE, lambda r: r <= 0.85, metric,
+                         threshold=0.85)
         if f.verdict == UNMEASURED:
             return _not(_metric_reason(tidy, A.ARCHITECTURE, metric))
         return f
@@ -257,10 +309,11 @@ def _rslora(tidy: pd.DataFrame) -> Finding:
     if below.empty:
         return _not("only bases of 14 B or more were measured")
     fastest = below.loc[below["ratio"].idxmin()]
+    noise = rel_noise(tidy, ["al_s"], fastest["device"])
     text = (f"rsLoRA/LoRA s/step {fastest['ratio']:.3f} at best, over {len(below)} base(s) up "
-            f"to {S._billions(below['size'].max())}")
-    return Finding(HOLDS if fastest["ratio"] >= 0.95 else FAILS, text, fastest["device"],
-                   float(below["size"].max()), fastest["runs"].split(","))
+            f"to {S._billions(below['size'].max())}{_noise_text(noise)}")
+    return Finding(_verdict(fastest["ratio"] >= 0.95, fastest["ratio"] / 0.95 - 1, noise), text,
+                   fastest["device"], float(below["size"].max()), fastest["runs"].split(","))
 
 
 def _dit(tidy: pd.DataFrame, tech: dict[str, Any], peer: dict[str, Any], metric: str
@@ -339,10 +392,11 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("mqa-tradeoff", "MQA gives the best memory-latency trade-off",
           "holds if MQA has the lowest AMU x AL product of the attention variants at the "
           "largest size", _attention_best(lambda w: _num(w, "amu_gb") * _num(w, "al_s"), "mqa",
-                                          "AMU x AL")),
+                                          "AMU x AL", ("amu_gb", "al_s"))),
     Claim("mla-perplexity", "MLA reaches the lowest perplexity",
           "holds if MLA has the lowest validation perplexity of the attention variants at the "
-          "largest size", _attention_best(lambda w: _num(w, "val_ppl"), "mla", "perplexity")),
+          "largest size", _attention_best(lambda w: _num(w, "val_ppl"), "mla", "perplexity",
+                                          ("val_ppl",))),
     Claim("nsa-energy", "NSA has the lowest energy",
           "holds if NSA has the lowest training energy of the attention variants at the largest "
           "size", _nsa_energy),
@@ -400,7 +454,8 @@ def to_html(table: pd.DataFrame) -> str:
                     + f'<td class="s" title="{html.escape(str(r["run_ids"]))}">{r["runs"]}</td>'
                     + "</tr>")
     return ('<h2>The paper\'s claims on this hardware</h2><p class="note">Each claim of '
-            "EfficientLLM beside what these records measured, judged by the rule next to it; "
-            "hover the run count for the run ids used.</p>"
+            "EfficientLLM beside what these records measured, judged by the rule next to it "
+            "(within the noise: the deciding difference is at most twice the spread of "
+            "repeats on this device); hover the run count for the run ids used.</p>"
             f'<div class="wrap"><table id="claims"><thead><tr>{head}</tr></thead><tbody>'
             f"{''.join(body)}</tbody></table></div>")
