@@ -90,6 +90,8 @@ def test_the_leaderboard_ranks_by_the_intervals() -> None:
             above = int((g["score_lo"] > row["score_hi"]).sum())
             assert row["rank"] == 1 + above
         assert g.loc[g["score"].idxmax(), "rank"] == 1
+        order = list(zip(g["rank"], -g["score"], strict=True))
+        assert order == sorted(order)  # by rank, then the higher point score inside a tie
 
 
 def test_repeats_on_the_same_device_widen_a_set_without_repeats() -> None:

@@ -153,8 +153,10 @@ def leaderboard_frame(tidy_df: pd.DataFrame,
         return pd.DataFrame(columns=ID_COLUMNS + [_col(units, m) for m in KEY_METRICS])
     out = pd.concat(frames, ignore_index=True)
     out["_failed"] = out["status"] != "ok"  # failed runs after the ranked ones of their axis
-    return (out.sort_values(["axis", "_failed", "comparison_set", "rank", "run_id"],
-                            na_position="last").drop(columns="_failed").reset_index(drop=True))
+    out["_score"] = -out["score"]  # inside a shared rank, the higher point score first
+    return (out.sort_values(["axis", "_failed", "comparison_set", "rank", "_score", "run_id"],
+                            na_position="last").drop(columns=["_failed", "_score"])
+            .reset_index(drop=True))
 
 
 def write_csvs(board: pd.DataFrame, out_dir: str | os.PathLike[str]) -> list[Path]:
