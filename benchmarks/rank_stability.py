@@ -33,8 +33,11 @@ STUDIES = ("finetuning_general", "finetuning_domain", "finetuning_qlora")
 
 def board(root: Path) -> pd.DataFrame:
     """The ok fine-tuning rows of the leaderboard of ``root``'s records."""
-    tidy = pd.concat([R.collect(root / "runs" / s) for s in STUDIES
-                      if (root / "runs" / s).is_dir()])
+    found = [root / "runs" / s for s in STUDIES if (root / "runs" / s).is_dir()]
+    if not found:
+        raise SystemExit(f"{root}: no runs/{{{','.join(STUDIES)}}} folder (an output root of "
+                         "the fine-tuning sweeps, e.g. outputs)")
+    tidy = pd.concat([R.collect(f) for f in found])
     b = L.leaderboard_frame(tidy)
     return b[(b["axis"] == "finetuning") & (b["status"] == "ok")]
 

@@ -164,6 +164,7 @@ def _apply_threads(env: dict[str, str] | None = None) -> int | None:
     try:
         n = int(raw) if raw else 0
     except ValueError:
+        print(f"{THREADS_ENV}={raw!r} is not a whole number of threads; using torch's own count")
         n = 0
     free = free_cores()
     if n < 1 and free is None:

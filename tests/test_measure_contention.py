@@ -138,3 +138,10 @@ def test_sweep_summary_warns_when_a_record_says_the_machine_was_busy() -> None:
     assert "9.00 > 2 cores" in text.splitlines()[-1]
     quiet = sweep.summary_table(sweep.SweepResult("s", [sweep.Outcome(run("a"), "ok")]))
     assert "busy" not in quiet
+
+
+def test_a_thread_count_that_is_not_a_number_is_named_and_ignored(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cont, "free_cores", lambda: None)
+    assert _apply_threads({THREADS_ENV: "two"}) is None
+    assert f"{THREADS_ENV}='two' is not a whole number" in capsys.readouterr().out

@@ -52,13 +52,6 @@ def test_a_difference_well_beyond_the_noise_orders_the_runs() -> None:
     assert E.rank_with_ties(sc["score"], sc["score_lo"], sc["score_hi"]).tolist() == [1, 2]
 
 
-def test_the_interval_is_reproducible() -> None:
-    wide = _set([0.100, 0.104, 0.120])
-    a = E.score_interval(wide, ["eval_loss", "al_s"], quality="eval_loss")
-    b = E.score_interval(wide, ["eval_loss", "al_s"], quality="eval_loss")
-    pd.testing.assert_frame_equal(a, b)
-
-
 def test_metric_noise_is_the_largest_of_interval_repeats_and_floor() -> None:
     wide = _set([0.100, 0.110, 0.300], al_ci=0.001).assign(technique=["a", "a", "b"])
     assert E.metric_noise(wide, "al_s").tolist() == pytest.approx([0.01] * 3)  # repeats

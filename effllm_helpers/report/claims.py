@@ -99,10 +99,21 @@ def _metric_reason(tidy: pd.DataFrame, axis: str, metric: str) -> str:
     return f"no {metric} in the {axis} records"
 
 
+# the ok runs of each axis of the last tidy table judged: every judge and every noise estimate
+# reads them, and building one costs ~0.1 s (the technique labels); the tidy table itself is the
+# key (by identity), so a new table is read afresh; claims_table empties it before and after.
+# Callers never change the frames in place.
+_WIDE: dict[str, Any] = {"tidy": None, "axes": {}}
+
+
 def _wide(tidy: pd.DataFrame, axis: str, study: str | None = None) -> pd.DataFrame:
     if tidy is None or tidy.empty:
         return pd.DataFrame()
-    w = E.ok_rows(E.wide_table(tidy, axis))
+    if _WIDE["tidy"] is not tidy:
+        _WIDE["tidy"], _WIDE["axes"] = tidy, {}
+    if axis not in _WIDE["axes"]:
+        _WIDE["axes"][axis] = E.ok_rows(E.wide_table(tidy, axis))
+    w = _WIDE["axes"][axis]
     return w[w["study"] == study] if study is not None and not w.empty else w
 
 
@@ -425,6 +436,7 @@ def claims_table(tidy: pd.DataFrame, claims: Sequence[Claim] = CLAIMS) -> pd.Dat
     """One row per claim: the claim, its rule, the measured counterpart, device, model size, the
     verdict and the runs used. A judge that breaks says so in its row (never a crash)."""
     rows = []
+    _WIDE["tidy"], _WIDE["axes"] = None, {}
     for c in claims:
         try:
             f = c.judge(tidy)
@@ -433,6 +445,7 @@ def claims_table(tidy: pd.DataFrame, claims: Sequence[Claim] = CLAIMS) -> pd.Dat
         rows.append({"claim": c.claim, "rule": c.rule, "measured": f.measured,
                      "device": f.device, "params": f.size, "verdict": f.verdict,
                      "runs": len(f.runs), "run_ids": " ".join(map(str, f.runs)), "id": c.id})
+    _WIDE["tidy"], _WIDE["axes"] = None, {}  # hold no table past the call
     return pd.DataFrame(rows)
 
 

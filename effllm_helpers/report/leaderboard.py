@@ -117,8 +117,9 @@ def leaderboard_frame(tidy_df: pd.DataFrame,
                       weights: Mapping[str, float] | None = None) -> pd.DataFrame:
     """One row per run of every axis, ranked by efficiency score within its comparison set.
 
-    A rank is shared where the scores' 95 % intervals overlap (``score_lo``/``score_hi``,
-    :func:`scoring.rank_with_ties`): a run is behind only the runs it is clearly behind.
+    A rank is shared where the scores' intervals overlap (``score_lo``/``score_hi``: each
+    metric moved by its noise, :func:`scoring.score_interval`): a run is behind only the runs
+    it is clearly behind (:func:`scoring.rank_with_ties`).
 
     Columns :data:`ID_COLUMNS` then one per key metric named ``<metric> [<unit>]``. Failed runs
     stay in with no score (``excluded = "run failed"``) so the board shows what is missing.

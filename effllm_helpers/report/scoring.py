@@ -410,15 +410,33 @@ def resolve_weights(metrics: Sequence[str], weights: Mapping[str, float] | None,
     return out
 
 
+def _largest_repeat_spread(runs: pd.DataFrame, metric: str, keys: Sequence[str],
+                           relative: bool) -> float:
+    """The largest spread (max - min; over |median| when ``relative``) of ``metric`` among runs
+    sharing ``keys`` and a ``technique`` label; 0 when no group has two values."""
+    if "technique" not in runs or metric not in runs:
+        return 0.0
+    x = pd.to_numeric(runs[metric], errors="coerce")
+    by = [runs[k].astype(str) for k in keys if k in runs] + [runs["technique"].astype(str)]
+
+    def spread(v: pd.Series) -> float:
+        v = v.dropna()
+        if len(v) < 2:
+            return 0.0
+        span = float(v.max() - v.min())
+        if not relative:
+            return span
+        med = abs(float(v.median()))
+        return span / med if med > 0 else 0.0
+
+    spreads = x.groupby(by, dropna=False).agg(spread)
+    return float(spreads.max()) if len(spreads) and spreads.notna().any() else 0.0
+
+
 def repeat_noise(df: pd.DataFrame, metric: str) -> float:
     """The largest spread (max - min) of ``metric`` among repeats of one technique in ``df``
     (rows sharing a ``technique`` label); 0 when no technique is repeated."""
-    if "technique" not in df or metric not in df:
-        return 0.0
-    x = pd.to_numeric(df[metric], errors="coerce")
-    spans = x.groupby(df["technique"]).agg(lambda v: v.max() - v.min() if v.notna().sum() > 1
-                                           else 0.0)
-    return float(spans.max()) if len(spans) and spans.notna().any() else 0.0
+    return _largest_repeat_spread(df, metric, (), relative=False)
 
 
 def device_repeat_noise(runs: pd.DataFrame, metric: str,
@@ -428,20 +446,9 @@ def device_repeat_noise(runs: pd.DataFrame, metric: str,
     is repeated.
 
     Why: a set without repeats cannot say how far its machine moves a metric from run to run,
-    but repeats elsewhere on the same device can (on the 2-core reference CPU, seeds of one
-    method spread 4-16 % in step time, against a 2 % floor)."""
-    if "technique" not in runs or metric not in runs:
-        return 0.0
-    x = pd.to_numeric(runs[metric], errors="coerce")
-    by = [runs[k].astype(str) for k in keys if k in runs] + [runs["technique"].astype(str)]
-
-    def rel(v: pd.Series) -> float:
-        v = v.dropna()
-        med = abs(float(v.median())) if len(v) else 0.0
-        return float(v.max() - v.min()) / med if len(v) > 1 and med > 0 else 0.0
-
-    spreads = x.groupby(by, dropna=False).agg(rel)
-    return float(spreads.max()) if len(spreads) and spreads.notna().any() else 0.0
+    but repeats elsewhere on the same device can; on a shared 2-core CPU they spread far more
+    in step time than the 2 % floor (the cpu-tiny reference page)."""
+    return _largest_repeat_spread(runs, metric, keys, relative=True)
 
 
 def spread_note(df: pd.DataFrame, metric: str, device_rel: float = 0.0) -> str | None:
@@ -474,10 +481,11 @@ def spread_note(df: pd.DataFrame, metric: str, device_rel: float = 0.0) -> str |
 
 def metric_noise(df: pd.DataFrame, metric: str, *, floor: bool = True,
                  device_rel: float = 0.0) -> pd.Series:
-    """95 % half-width of ``metric`` per row of one comparison set: the largest of the run's
-    recorded interval (``<metric>.ci95``), the spread among repeats of one technique in the set
-    (:func:`repeat_noise`) and, with ``floor``, the stated noise floor and the device's relative
-    repeat spread (``device_rel``, :func:`device_repeat_noise`) of the set's median.
+    """The noise (a half-width) of ``metric`` per row of one comparison set: the largest of the
+    run's recorded 95 % interval (``<metric>.ci95``), the spread among repeats of one technique
+    in the set (:func:`repeat_noise`) and, with ``floor``, the stated noise floor and the
+    device's relative repeat spread (``device_rel``, :func:`device_repeat_noise`) of the set's
+    median.
 
     Why the largest: a run's own interval says how steady it was inside its window, not how much
     the machine moved between runs; the repeats and the floor say that."""
@@ -749,12 +757,13 @@ def rank_table(tidy_df: pd.DataFrame, axes: Sequence[str] | None = None) -> pd.D
     model and device), so each metric is first scaled per set (units and scales differ between
     sets), averaged over sets per technique, then ranked within the study. Columns Perf, AMU,
     PCU, AL, TT, ST, IT, AEC, MCR hold ``<NA>`` where the axis does not measure the metric. Also
-    ``score`` (mean efficiency score), ``score_lo``/``score_hi`` (the mean of its per-set 95 %
-    interval bounds), ``score_rank`` (by score, tied where the intervals overlap:
-    :func:`rank_with_ties`), ``n_techniques``, ``perf_metric``, ``flag`` (quality not
-    ranked, e.g. perplexity worse than uniform) and ``ties`` (columns whose rank the technique
-    shares). Differences inside the recorded 95 % intervals are ties (:func:`tie_with_best`).
-    AMU ranks each axis's :func:`memory_metric` (inference: the increment above the baseline).
+    ``score`` (mean efficiency score), ``score_lo``/``score_hi`` (the mean of its per-set
+    interval bounds, :func:`score_interval`), ``score_rank`` (by score, tied where the
+    intervals overlap: :func:`rank_with_ties`), ``n_techniques``, ``perf_metric``, ``flag``
+    (quality not ranked, e.g. perplexity worse than uniform) and ``ties`` (columns whose rank
+    the technique shares). Differences inside the recorded 95 % intervals are ties
+    (:func:`tie_with_best`). AMU ranks each axis's :func:`memory_metric` (inference: the
+    increment above the baseline).
     """
     cols = ["axis", "study", "technique", *RANK_COLUMNS, "score", "score_lo", "score_hi",
             "score_rank", "n_techniques", "perf_metric", "flag", "ties"]
