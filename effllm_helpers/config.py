@@ -255,8 +255,8 @@ class ArchitectureParams(Launchable):
     model: ModelSpec = ModelSpec()
     sizes: dict[str, SizeSpec] = {  # the tiny preset's; presets replace them
         "small": SizeSpec(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
-        "medium": SizeSpec(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=576),
-        "large": SizeSpec(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=768),
+        "medium": SizeSpec(d_model=160, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=480),
+        "large": SizeSpec(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=576),
     }
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
@@ -495,6 +495,10 @@ class InferenceParams(Strict):
     # a plain graph replays one by one) and capture this many steps per CUDA graph
     decode_compile: bool = True
     decode_steps_per_graph: int = Field(16, ge=1, le=256)
+    # one matmul for q/k/v and one for gate/up per layer (models/fused.py): 4 weight products a
+    # token per layer instead of 7. auto = on CUDA (where launches bound batch-1 decode), off on
+    # a CPU; bitsandbytes layers are never fused
+    fuse_projections: Literal["auto", "on", "off"] = "auto"
     ppl_batches: PosInt = 4
     task_items: PosInt = 32
     lm_eval_tasks: list[str] = []

@@ -230,3 +230,27 @@ def test_a_long_run_reads_its_loss_at_least_every_hundred_steps(monkeypatch):
                         lambda self: reads.append(1) or real(self))
     run(steps=1200, warmup=1)
     assert len(reads) == 12  # ceil(1200 / 10) = 120 would leave a divergence unseen longer
+
+
+def test_the_cpu_optimizer_is_fused_and_updates_as_the_per_tensor_loop_does():
+    torch.manual_seed(0)
+    fused_model, loop_model = TinyLM(), TinyLM()
+    loop_model.load_state_dict(fused_model.state_dict())
+    init = {k: v.clone() for k, v in fused_model.state_dict().items()}
+    fused = train.adamw(fused_model, 1e-2, 0.1, torch.device("cpu"))
+    assert fused.defaults["fused"] is True
+    decay = [p for p in loop_model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in loop_model.parameters() if p.ndim < 2]
+    loop = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}][:1 + bool(no_decay)],
+                             lr=1e-2, betas=train.PRETRAIN_BETAS, foreach=False)
+    x = blocks(4)
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (loop_model, loop)):
+            opt.zero_grad()
+            model(x).logits.float().pow(2).mean().backward()
+            opt.step()
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters(),
+                            strict=True):
+        assert not torch.equal(a, init[name]), name  # the steps moved it
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

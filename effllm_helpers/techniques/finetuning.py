@@ -34,7 +34,7 @@ from effllm_helpers.techniques.precision import (
     probe_bnb,
     quantize_in_memory,
 )
-from effllm_helpers.train import FINETUNE_BETAS, adamw
+from effllm_helpers.train import FINETUNE_BETAS, adamw, fused_kw
 
 # largest weight dimension up to which PiSSA uses an exact SVD; above it peft's fast randomized
 # SVD ("pissa_niter_<n>"), which peft's docs call about as good as SVD at niter=16
@@ -245,7 +245,7 @@ def _optimizer_factory(model: nn.Module, spec: MethodSpec,
         if spec.optimizer == "loraplus":
             from peft.optimizers import create_loraplus_optimizer
 
-            kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+            kw: dict[str, Any] = fused_kw(device)
             # peft sets every group's weight_decay from loraplus_weight_decay (default 0.0), so a
             # plain weight_decay kwarg would be silently overridden
             return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr,
