@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,11 @@ def main() -> None:
                          "counted in full; the paper preset itself accumulates 16)")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=40, help="measured steps (after warm-up)")
+    ap.add_argument("--min-window-s", type=float, default=None,
+                    help="shortest measured window (default: the energy counter's, "
+                         "measure/energy.py COUNTER_MIN_WINDOW_S = 4 s); a shorter one is "
+                         "re-run with proportionally more steps, so MFU and energy share one "
+                         "window the counter can measure")
     ap.add_argument("--warmup", type=int, default=8, help="steps excluded (compile happens here)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--impls", default="hf",
@@ -130,6 +136,15 @@ def run_one(impl: str, args: argparse.Namespace, p: Any, size: Any,
     res = train.train(model, train.block_batches(blocks, args.batch_size), spec, meas,
                       n_params=counts["total"], flops_per_token=fpt, progress=False,
                       log_every=10)
+    steps, window = args.steps, res.metrics["duration_s"]["value"]
+    first_window = window
+    if window is not None and window < min_window_s(args):
+        # the same loop again (compiled graphs are reused), long enough for the counter
+        steps = math.ceil(args.steps * 1.2 * min_window_s(args) / window)
+        res = train.train(model, train.block_batches(blocks, args.batch_size),
+                          spec.model_copy(update={"steps": args.warmup + steps}), meas,
+                          n_params=counts["total"], flops_per_token=fpt, progress=False,
+                          log_every=10)
     wall = time.time() - t0
     m = res.metrics
     tok_s = m["tokens_per_s"]["value"]
@@ -140,6 +155,9 @@ def run_one(impl: str, args: argparse.Namespace, p: Any, size: Any,
                   "n_kv_heads": size.n_kv_heads, "d_ff": size.d_ff, "vocab": args.vocab,
                   "seq_len": args.seq_len, "params": counts["total"]},
         "batch_size": args.batch_size, "grad_accum": args.grad_accum, "compile": args.compile,
+        "measured_steps": steps, "window_s": m["duration_s"]["value"],
+        **({"window_extended_from": {"steps": args.steps, "window_s": first_window}}
+           if steps != args.steps else {}),
         "flops_per_token_train": fpt, "flops_per_token_train_no_causal_discount": fpt_full,
         "tokens_per_s": tok_s,
         "step_s": m["al_s"]["value"],
@@ -152,6 +170,13 @@ def run_one(impl: str, args: argparse.Namespace, p: Any, size: Any,
         "aec_w": m["aec_w"], "energy_j": m["energy_j"], "amu_gb": m["amu_gb"],
         "peak_gb": m["peak_gb"], "final_loss": res.final_loss, "wall_s_incl_compile": wall,
     }
+
+
+def min_window_s(args: argparse.Namespace) -> float:
+    """The shortest measured window: ``--min-window-s`` or the energy counter's."""
+    from effllm_helpers.measure.energy import COUNTER_MIN_WINDOW_S
+
+    return COUNTER_MIN_WINDOW_S if args.min_window_s is None else args.min_window_s
 
 
 def liger_loss_outside_compile() -> str:
@@ -179,7 +204,11 @@ def summary(out: dict[str, Any], name: str, args: argparse.Namespace) -> list[st
         f"({mm['params'] / 1e6:.1f}M params), batch {args.batch_size}x{args.seq_len}"
         f"{f' x{args.grad_accum} accumulated' if args.grad_accum > 1 else ''}, bf16, "
         f"fused AdamW, compile={args.compile}; {out['kernels']}",
-        f"tokens/s {out['tokens_per_s']:,.0f}   optimizer step {out['step_s'] * 1e3:.1f} ms",
+        f"tokens/s {out['tokens_per_s']:,.0f}   optimizer step {out['step_s'] * 1e3:.1f} ms"
+        f"   window {out['window_s']:.1f} s over {out['measured_steps']} steps"
+        + (f" (re-run: {out['window_extended_from']['window_s']:.1f} s over "
+           f"{out['window_extended_from']['steps']} was under the energy counter's minimum)"
+           if "window_extended_from" in out else ""),
         f"MFU (analytic FLOPs, causal attention counted as done) = {m['value']:.3f} "
         f"[{m['method']}]",
         f"MFU counting full attention (PaLM-style)              = "

@@ -94,17 +94,45 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     dev.reset_nvml_cache()
 
 
-def test_counter_delta_gives_exact_joules_and_watts(fake_gpu: FakeNvml) -> None:
-    g = fake_gpu.gpus[0]
+def one_window(g: FakeGpu) -> dict:
+    """A ~0.05 s measured window of 1000 tokens in which the counter advances 12,345 mJ."""
     with Meter("cuda:0", sample_interval_s=0.01) as m:
         time.sleep(0.05)
         m.step(tokens=1000)
         g.energy_mj += 12_345
-    out = m.metrics()
+    return m.metrics()
+
+
+def test_counter_delta_gives_exact_joules_and_watts(fake_gpu: FakeNvml) -> None:
+    out = one_window(fake_gpu.gpus[0])
     assert out["energy_j"]["value"] == pytest.approx(12.345, abs=1e-12)
     assert out["energy_j"]["method"] == "nvml_energy_counter"
     assert out["aec_w"]["value"] == pytest.approx(12.345 / out["duration_s"]["value"], rel=1e-12)
     assert out["j_per_token"]["value"] == pytest.approx(12.345 / 1000, rel=1e-12)
+
+
+def test_energy_over_a_window_shorter_than_the_counter_needs_is_kept_but_flagged(
+        fake_gpu: FakeNvml) -> None:
+    out = one_window(fake_gpu.gpus[0])  # ~0.05 s, under 4 s
+    assert out["energy_j"]["value"] == pytest.approx(12.345, abs=1e-12)
+    for key in ("energy_j", "aec_w", "j_per_token"):
+        assert out[key]["short_window"] is True, key
+        assert "lengthen the window" in out[key]["window_note"]
+    assert out["energy_j"]["min_window_s"] == en.COUNTER_MIN_WINDOW_S
+
+
+def test_energy_over_a_long_enough_window_carries_no_flag(fake_gpu: FakeNvml,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(en, "COUNTER_MIN_WINDOW_S", 0.02)
+    out = one_window(fake_gpu.gpus[0])
+    assert not any("short_window" in out[k] for k in ("energy_j", "aec_w", "j_per_token"))
+
+
+def test_the_short_window_rule_names_the_window_and_the_bound() -> None:
+    assert en.short_window_note(4.0, 4.0) == {}
+    note = en.short_window_note(0.79, 4.0)
+    assert note["short_window"] is True and note["min_window_s"] == 4.0
+    assert "0.79 s" in note["window_note"]
 
 
 def test_counter_wrap_is_handled(fake_gpu: FakeNvml) -> None:

@@ -656,6 +656,7 @@ class Meter:
                     if joules and methods == ["nvml_energy_counter"] and pj > 0:
                         extra["counter_over_power"] = joules / pj
                 extra["n_devices"] = n
+                extra.update(en.short_window_note(dur))
         else:
             if self._rapl is None or not self._rapl.available:
                 reason = self.notes.get("rapl", "RAPL unavailable")
@@ -673,11 +674,13 @@ class Meter:
         if self._pauses:
             extra["paused_s"] = self._paused_delta("t")
         out["energy_j"] = metric(joules, "J", method, **extra)
-        out["aec_w"] = metric(joules / dur, "W", method)
+        short = {k: v for k, v in extra.items() if k in ("short_window", "window_note")}
+        out["aec_w"] = metric(joules / dur, "W", method, **short)
         count = self._tokens or self._generated
         if count:
             out["j_per_token"] = metric(joules / count, "J/token", method,
-                                        tokens="tokens" if self._tokens else "generated_tokens")
+                                        tokens="tokens" if self._tokens else "generated_tokens",
+                                        **short)
         else:
             out["j_per_token"] = missing("J/token", "no tokens counted", method)
         return out
