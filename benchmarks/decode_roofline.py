@@ -18,6 +18,10 @@ Variants (greedy, exactly N new tokens, first token excluded from the rate):
   reduction (the library's default, ``tune_gemv``);
 * ``static_graph_compiled_k_cublas`` - the same without that option: the projections stay cuBLAS
   GEMMs (what the engine did before; the peer that shows what the tuning buys).
+* ``static_graph_compiled_k_fused`` - ``static_graph_compiled_k`` after q/k/v and gate/up are
+  fused into one matmul each (``effllm_helpers.models.fused``; the inference axis's
+  ``fuse_projections``): four weight products per layer and token instead of seven. The fusion
+  rewrites the model in place, so this variant always runs last.
 
 Reference runs before the engine moved into the library called the last two
 ``own_loop_cuda_graphs`` (compiled, reduce-overhead) and ``own_loop_graph_k``; ``--replot``
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("dynamic_eager", "hf_static_compiled", "static_graph", "static_graph_compiled_k",
-            "static_graph_compiled_k_cublas")
+            "static_graph_compiled_k_cublas", "static_graph_compiled_k_fused")
 LEGACY_VARIANTS = ("own_loop_cuda_graphs", "own_loop_graph_k")  # names in older json files
 
 
@@ -153,6 +157,21 @@ def own_loop(model, prompt, new_tokens: int, repeats: int, mode: str | None = "g
     return engine_loop(model, prompt, new_tokens, repeats, use_graph=mode is not None)
 
 
+def fused_engine_loop(model, prompt, args: argparse.Namespace, label: str,
+                      fusions: dict[str, Any]) -> tuple[float, list[int]]:
+    """``static_graph_compiled_k`` on the model after its projections are fused (in place)."""
+    from effllm_helpers.models.fused import fuse_projections
+
+    fusion = fuse_projections(model, check_ids=prompt[:, :16])
+    fusions["fused_projections"] = fusion.record()
+    if not fusion.applied:
+        raise RuntimeError(f"projections not fused: {fusion.reason}")
+    return engine_loop(model, prompt, args.new_tokens, args.repeats, compile_step=True,
+                       steps_per_graph=args.k,
+                       profile_to=(args.out or Path(".")) / f"decode_profile-fused-"
+                       f"{label.replace(':', '_')}.txt" if args.profile else None)
+
+
 def agreement(a: list[int], b: list[int]) -> float:
     """Fraction of leading tokens two greedy decodes share (bf16 kernels may flip near-ties)."""
     n = min(len(a), len(b))
@@ -207,7 +226,12 @@ def measure_size(label: str, variants: list[str], args: argparse.Namespace, bw: 
         "static_graph_compiled_k_cublas": lambda: engine_loop(
             model, prompt, args.new_tokens, args.repeats, compile_step=True,
             steps_per_graph=args.k, tune_gemv=False),
+        "static_graph_compiled_k_fused": lambda: fused_engine_loop(model, prompt, args, label,
+                                                                   fusions),
     }
+    fusions: dict[str, Any] = {}
+    # the fusion rewrites the model in place: whatever else runs, runs before it
+    variants = sorted(variants, key=lambda v: v == "static_graph_compiled_k_fused")
     rates: dict[str, float | None] = {}
     errors: dict[str, str] = {}
     tokens: dict[str, list[int]] = {}
@@ -234,7 +258,7 @@ def measure_size(label: str, variants: list[str], args: argparse.Namespace, bw: 
         "bound_tokens_per_s": bound, "step_time_us_at_bound": 1e6 / bound,
         "tokens_per_s": rates, "fraction_of_bound": {
             k: (v / bound if v else None) for k, v in rates.items()},
-        "errors": errors, "wall_s": seconds,
+        "errors": errors, "wall_s": seconds, **fusions,
         "greedy_agreement_with_dynamic_eager": (
             {k: agreement(ref, v) for k, v in tokens.items() if k != "dynamic_eager"}
             if ref else None),

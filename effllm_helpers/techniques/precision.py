@@ -88,6 +88,8 @@ class Loaded:
     weight_bytes: int
     notes: list[str] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)
+    # models/fused.py's record (q/k/v and gate/up as one matmul each), None when not asked for
+    fusion: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- devices and support
@@ -460,6 +462,14 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
         raise UnsupportedTechnique(f"precision {precision} on {device}: {reason}")
     dev = as_device(device)
     notes: list[str] = [spec.description]
+    fusion: dict[str, Any] | None = None
+
+    def fused(model: nn.Module) -> nn.Module:
+        """Fuse the projections before any quantisation, when the params ask for it."""
+        nonlocal fusion
+        fusion = _fuse(model, params.fuse_projections, dev)
+        return model
+
     if spec.kind == "float":
         if isinstance(model_or_path, nn.Module):
             if is_quantized(model_or_path):
@@ -470,6 +480,7 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
 
             model = AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=spec.dtype)
             model = model.to(dev)
+        model = fused(model)
         if dev.type == "cpu" and spec.dtype != torch.float32:
             note = cpu_half_note(spec.dtype)
             if note:
@@ -479,7 +490,7 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
         if compute_name != "bf16":
             raise UnsupportedTechnique(f"precision {precision} runs bf16 activations here, not "
                                        f"compute_dtype {compute_name}")
-        model = _float_model(model_or_path, dev, torch.bfloat16)
+        model = fused(_float_model(model_or_path, dev, torch.bfloat16))
         model, gl_notes = gemlite_int4.gemlite_quantize(model)
         notes.append("activations and non-quantised modules in bf16")
         notes.extend(gl_notes)
@@ -489,7 +500,7 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
             raise UnsupportedTechnique(f"precision {precision} needs bf16 weights and activations "
                                        f"(its kernels take bf16), not compute_dtype "
                                        f"{compute_name}")
-        model = _float_model(model_or_path, dev, DTYPES[compute_name])
+        model = fused(_float_model(model_or_path, dev, DTYPES[compute_name]))
         model, ao_notes = torchao_quantize(model, precision)
         notes.append(f"activations and non-quantised modules in {compute_name}")
         notes.extend(ao_notes)
@@ -510,6 +521,9 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
             model = AutoModelForCausalLM.from_pretrained(str(model_or_path),
                                                          quantization_config=qc,
                                                          device_map={"": str(dev)}, dtype=compute)
+        if params.fuse_projections == "on":
+            fusion = {"applied": False, "reason": "bitsandbytes layers are quantised at load: "
+                                                  "not fused"}
         notes.append("non-quantised modules (embeddings, norms, LM head) in "
                      f"{compute_name}")
         if spec.kind == "bnb8":
@@ -524,7 +538,17 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
                              "at the first eval forward (bf16 absmax, double quant undone)")
     model.eval()
     return Loaded(model=model, precision=precision, weight_bytes=weight_bytes(model), notes=notes,
-                  kernels=linear_kernels(model))
+                  kernels=linear_kernels(model), fusion=fusion)
+
+
+def _fuse(model: nn.Module, mode: str, dev: torch.device) -> dict[str, Any] | None:
+    """:func:`~effllm_helpers.models.fused.fuse_projections` where ``mode`` asks for it (auto:
+    on CUDA); the record's ``fused_projections``, or None when not asked."""
+    if mode == "off" or (mode == "auto" and dev.type != "cuda"):
+        return None
+    from ..models.fused import fuse_projections
+
+    return fuse_projections(model).record()
 
 
 def _float_model(model_or_path: nn.Module | str | Path, dev: torch.device,
