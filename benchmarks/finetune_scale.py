@@ -55,6 +55,8 @@ def one(args: argparse.Namespace, method: str, quant: str) -> dict[str, Any]:
             "train": {"steps": args.steps, "batch_size": int(per_row * args.rows),
                       "compile": args.compile, "eval_every": 10_000},
             "measure": {"warmup_steps": args.warmup}}
+    if args.lora_dropout is not None:
+        over["dropout"] = args.lora_dropout
     p = config.notebook_params("finetuning", "gpu", over)
     t0 = time.perf_counter()
     res = finetuning.run(p, progress=False)
@@ -66,6 +68,9 @@ def one(args: argparse.Namespace, method: str, quant: str) -> dict[str, Any]:
                            "wall_phases_s": res.model.get("wall_phases_s"),
                            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                            else "cpu", "hidden_size": hidden}
+    row["dropout"] = p.dropout
+    # energy over a window shorter than the counter needs (measure/energy.py): more --steps
+    row["energy_short_window"] = bool((res.metrics.get("j_per_token") or {}).get("short_window"))
     for k in KEYS:
         m = res.metrics.get(k) or {}
         row[k] = m.get("value")
@@ -119,6 +124,10 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--packing", default="auto")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--lora-dropout", type=float, default=None,
+                    help="adapter dropout (default: the gpu preset's 0.1, the paper's). peft "
+                         "applies it to each adapted layer's input separately and keeps each "
+                         "mask for the backward: 0 measures LoRA without that traffic")
     ap.add_argument("--warmup", type=int, default=5, help="Meter warm-up steps")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("outputs/finetune_scale"))

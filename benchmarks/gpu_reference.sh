@@ -3,7 +3,8 @@
 # roofline benchmarks and study sweeps at the gpu preset; results land in $OUT/<device-slug>/.
 # usage: benchmarks/gpu_reference.sh PART...
 #   PART in: validate overhead mfu mfu-small mfu-large mfu-paper mfu-paper152k roofline
-#            roofline-tuning kernels kernels-bf16 quant-engine finetune-1.5b finetune-1.5b-qlora
+#            roofline-tuning roofline-fused kernels kernels-bf16 quant-engine finetune-1.5b
+#            finetune-1.5b-qlora finetune-1.5b-dropout0
 #            multigpu inference attention
 #            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
 #            cross_modal_peft scaling_{inference,finetuning,moe,attention}
@@ -36,6 +37,9 @@ for part in "$@"; do
     mfu-paper152k) bench pretrain_mfu.py --preset paper --size small --batch-size 16 --vocab 151936 --impls hf,liger --out "$dest/paper-small-vocab152k" ;;
     # the engine's GEMV tuning against its cuBLAS peer in one run, at 2.84 B
     roofline-tuning) bench decode_roofline.py --sizes paper:large --variants static_graph_compiled_k static_graph_compiled_k_cublas --profile --out "$dest/roofline-gemv-tuning" ;;
+    # issue 28: fused q/k/v and gate/up projections against the unfused engine, in one run,
+    # at 1.36 B and 2.84 B (per-token kernel profiles of both)
+    roofline-fused) bench decode_roofline.py --sizes paper:medium paper:large --variants static_graph_compiled_k static_graph_compiled_k_fused --profile --out "$dest/roofline-fused" ;;
     # int4 weight-only through the engine at 2.9 B: bf16, GemLite, torchao tinygemm
     quant-engine) bench quant_kernels_check.py --size 3b --engine --skip-step --precisions bf16,int4-gemlite,int4-wo --out "$dest/quant_kernels_3b_engine.json" ;;
     # fla against the references under bf16 autocast, and the timed steps beside GQA
@@ -43,6 +47,9 @@ for part in "$@"; do
     # issue 25: the fine-tuning methods at Qwen2.5-1.5B's shape (random weights) on ~8 packed
     # 1024-token rows a step, compiled; QLoRA (bitsandbytes nf4 base) apart
     finetune-1.5b) bench finetune_scale.py --shape qwen2.5-1.5b --methods full,lora,dora,rslora,freeze --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b" ;;
+    # LoRA without adapter dropout beside the paper's 0.1 (peft keeps a dropped copy of each
+    # adapted layer's input for the backward): how much of LoRA's 0.94x of full is that traffic
+    finetune-1.5b-dropout0) bench finetune_scale.py --shape qwen2.5-1.5b --methods lora --lora-dropout 0 --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b-dropout0" ;;
     finetune-1.5b-qlora) bench finetune_scale.py --shape qwen2.5-1.5b --methods lora --quant nf4 --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2
     kernels)  bench kernels_check.py --out "$dest" ;;
