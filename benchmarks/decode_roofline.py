@@ -279,7 +279,7 @@ def draw(entries: list[dict[str, Any]], bw: float, device: str, dest: Path) -> N
     grid = np.geomspace(xs.min() / 2, xs.max() * 2, 50)
     ax.plot(grid / 1e6, bw / grid, "k-", lw=1.5, label=f"bound: {bw / 1e12:.2f} TB/s copy")
     ax.plot(grid / 1e6, 0.6 * bw / grid, "k:", lw=1, label="60 % of the bound (goal)")
-    markers = dict(zip(VARIANTS + LEGACY_VARIANTS, "osD^<vx", strict=True))
+    markers = dict(zip(VARIANTS + LEGACY_VARIANTS, "osD^<Pvx", strict=True))
     for v in VARIANTS + LEGACY_VARIANTS:
         pts = [(e["bytes_per_token"] / 1e6, e["tokens_per_s"][v]) for e in entries
                if e["tokens_per_s"].get(v)]
