@@ -102,3 +102,14 @@ def test_fusion_is_off_on_a_cpu_by_default_and_on_when_asked():
 def test_an_unknown_fuse_projections_value_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="auto.*on.*off"):
         InferenceParams(fuse_projections="yes")
+
+
+def test_bitsandbytes_layers_stay_unfused_and_the_record_says_why():
+    pytest.importorskip("bitsandbytes")
+    if prec.check_supported("int4-nf4", "cpu"):
+        pytest.skip("bitsandbytes 4-bit does not run on this CPU")
+    loaded = prec.load_for_inference(tiny_llama(), InferenceParams(precision="int4-nf4",
+                                                                   fuse_projections="on"), "cpu")
+    assert loaded.fusion == {"applied": False,
+                             "reason": "bitsandbytes layers are quantised at load: not fused"}
+    assert not any(isinstance(m, FusedLead) for m in loaded.model.modules())

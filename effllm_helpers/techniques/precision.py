@@ -521,7 +521,7 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
             model = AutoModelForCausalLM.from_pretrained(str(model_or_path),
                                                          quantization_config=qc,
                                                          device_map={"": str(dev)}, dtype=compute)
-        if params.fuse_projections == "on":
+        if _fusion_wanted(params.fuse_projections, dev):
             fusion = {"applied": False, "reason": "bitsandbytes layers are quantised at load: "
                                                   "not fused"}
         notes.append("non-quantised modules (embeddings, norms, LM head) in "
@@ -541,10 +541,15 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
                   kernels=linear_kernels(model), fusion=fusion)
 
 
+def _fusion_wanted(mode: str, dev: torch.device) -> bool:
+    """``fuse_projections``: on, or auto on CUDA."""
+    return mode == "on" or (mode == "auto" and dev.type == "cuda")
+
+
 def _fuse(model: nn.Module, mode: str, dev: torch.device) -> dict[str, Any] | None:
     """:func:`~effllm_helpers.models.fused.fuse_projections` where ``mode`` asks for it (auto:
     on CUDA); the record's ``fused_projections``, or None when not asked."""
-    if mode == "off" or (mode == "auto" and dev.type != "cuda"):
+    if not _fusion_wanted(mode, dev):
         return None
     from ..models.fused import fuse_projections
 
