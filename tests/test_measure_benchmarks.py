@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -167,3 +168,19 @@ def test_decode_roofline_profile_writes_the_kernel_table_and_per_token_totals(tm
     assert "aten::mm" in (tmp_path / "p.txt").read_text()
     # no CUDA here: no kernels are counted, and the totals say so rather than guess
     assert stats["kernels"] == 0 and stats["kernels_per_token"] == 0 and stats["table"] == "p.txt"
+
+
+def test_nsa_precision_reports_each_nsa_layer_and_the_gqa_control(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    mod = _load("nsa_precision")
+    monkeypatch.setattr(sys, "argv", ["nsa_precision.py", "--preset", "ci", "--device", "cpu",
+                                      "--out", str(tmp_path)])
+    mod.main()
+    out = json.loads((tmp_path / "nsa_precision.json").read_text())
+    assert [row["layer"] for row in out["layers"]] == [0, 1]  # the ci preset's two layers
+    for row in out["layers"]:
+        assert 0.0 <= row["rows_chosen_differently_bf16"] <= 1.0
+        assert 0.0 <= row["near_tie_rows_fp32"] <= 1.0
+    assert out["reference_bf16_vs_fp32_logits_rel_err"] > 0  # bf16 moved something
+    assert 0 < out["gqa_control_bf16_vs_fp32_logits_rel_err"] < 0.1
+    assert "fla" not in out  # no CUDA: fla is not attempted

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effllm_helpers.models.nsa import NativeSparseAttention, attended_tokens, nsa_attention
+from effllm_helpers.models.nsa import (
+    NativeSparseAttention,
+    attended_tokens,
+    nsa_attention,
+    select_blocks,
+)
 
 B, H, HKV, S, D = 2, 4, 2, 40, 8
 BLOCK, STRIDE = 8, 4
@@ -158,3 +163,14 @@ def test_executed_flops_match_flop_counter_on_a_tiny_forward() -> None:
     executed = executed_flops_per_token(cfg, seq) * seq
     assert abs(fc.get_total_flops() - executed) <= 0.01 * executed
     assert executed > 1.03 * flops_per_token(cfg, seq, training=False) * seq
+
+
+def test_block_choice_takes_the_most_important_visible_blocks_and_the_forced_ones() -> None:
+    # one row per query position 0..7, four blocks of 2; block 3 the most important but
+    # visible only from position 6; the current block is forced whatever its score
+    importance = torch.tensor([0.5, 0.1, 0.3, 0.9]).expand(1, 1, 8, 4)
+    chosen = select_blocks(importance, torch.arange(8), block=2, n_selected=2)
+    assert chosen.sum(-1).max() <= 2
+    assert chosen[0, 0, 5].tolist() == [True, False, True, False]  # own block 2 + block 0
+    assert chosen[0, 0, 7].tolist() == [True, False, False, True]  # own block 3 + block 0
+    assert not chosen[0, 0, 1, 1:].any()  # nothing beyond the query's own block

@@ -66,7 +66,8 @@ from torch import nn
 from . import kernels
 
 __all__ = ["IMPLEMENTATION", "FORCED_RULES", "NativeSparseAttention", "attended_tokens",
-           "fla_unsupported", "n_compressed_blocks", "nsa_attention", "nsa_attention_fla"]
+           "fla_unsupported", "n_compressed_blocks", "nsa_attention", "nsa_attention_fla",
+           "select_blocks"]
 
 # What kind of NSA this is, for records: the selected and window branches run SDPA over *all*
 # keys under boolean masks, so the work executed (and its speed) is that of a dense masked
@@ -140,21 +141,13 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
     # 2. selected branch: top-n blocks per (query, KV group), chosen without gradient
     n_sel = math.ceil(s_len / block)
     with torch.no_grad():
-        sel_idx = torch.arange(n_sel, device=dev)
         if n_cmp > 0:
             overlap = _overlap_matrix(n_cmp, n_sel, block, stride, dev)
             importance = probs.float().sum(2) @ overlap  # [B, Hkv, T, n_sel]
         else:
             importance = torch.zeros(bsz, n_kv, q_len, n_sel, device=dev)
-        visible = (sel_idx[None, :] * block) <= q_pos[:, None]  # [T, n_sel]
-        own = q_pos[:, None] // block
-        current = sel_idx[None, :] == own
-        if forced == "first_previous_current":
-            current = current | (sel_idx[None, :] == 0) | (sel_idx[None, :] == own - 1)
-        rank = importance.masked_fill(~visible, -1.0).masked_fill(current, math.inf)
-        top = rank.topk(min(n_selected, n_sel), dim=-1)
-        chosen = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top.indices,
-                                                                   top.values >= 0)
+        chosen = select_blocks(importance, q_pos, block=block, n_selected=n_selected,
+                               forced=forced)
         sel_mask = chosen.repeat_interleave(block, dim=-1)[..., :s_len] & causal
     kg = k[:, :, None].expand(bsz, n_kv, group, s_len, head_dim)
     vg = v[:, :, None].expand(bsz, n_kv, group, s_len, head_dim)
@@ -167,6 +160,25 @@ def nsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torc
     g = gates.to(q.dtype).view(bsz, n_kv, group, q_len, 3, 1)
     out = g[..., 0, :] * o_cmp + g[..., 1, :] * o_sel + g[..., 2, :] * o_win
     return out.reshape(bsz, n_heads, q_len, head_dim)
+
+
+def select_blocks(importance: torch.Tensor, q_pos: torch.Tensor, *, block: int,
+                  n_selected: int, forced: str = "current") -> torch.Tensor:
+    """The selected branch's blocks: [B, Hkv, T, n_sel] booleans, the ``n_selected`` most
+    important visible blocks per query and KV group, the ``forced`` ones always among them.
+
+    A module-level function so that a check can watch the choice (``benchmarks/
+    nsa_precision.py`` counts how often bf16 rounding flips it on a near-tie)."""
+    n_sel = importance.shape[-1]
+    sel_idx = torch.arange(n_sel, device=importance.device)
+    visible = (sel_idx[None, :] * block) <= q_pos[:, None]  # [T, n_sel]
+    own = q_pos[:, None] // block
+    current = sel_idx[None, :] == own
+    if forced == "first_previous_current":
+        current = current | (sel_idx[None, :] == 0) | (sel_idx[None, :] == own - 1)
+    rank = importance.masked_fill(~visible, -1.0).masked_fill(current, math.inf)
+    top = rank.topk(min(n_selected, n_sel), dim=-1)
+    return torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top.indices, top.values >= 0)
 
 
 def fla_unsupported(*, n_heads: int, n_kv_heads: int, head_dim: int, block: int, stride: int,
