@@ -4,7 +4,7 @@
 # usage: benchmarks/gpu_reference.sh PART...
 #   PART in: validate overhead mfu mfu-small mfu-large mfu-paper mfu-paper152k roofline
 #            roofline-tuning roofline-fused kernels kernels-bf16 quant-engine finetune-1.5b
-#            finetune-1.5b-qlora finetune-1.5b-dropout0 nsa-precision
+#            finetune-1.5b-qlora finetune-1.5b-dropout0 bf16-agreement
 #            multigpu inference attention
 #            attention_free finetuning_general finetuning_qlora cross_modal_dit_attention
 #            cross_modal_peft scaling_{inference,finetuning,moe,attention}
@@ -42,8 +42,9 @@ for part in "$@"; do
     roofline-fused) bench decode_roofline.py --sizes paper:medium paper:large --variants static_graph_compiled_k static_graph_compiled_k_fused --profile --out "$dest/roofline-fused" ;;
     # int4 weight-only through the engine at 2.9 B: bf16, GemLite, torchao tinygemm
     quant-engine) bench quant_kernels_check.py --size 3b --engine --skip-step --precisions bf16,int4-gemlite,int4-wo --out "$dest/quant_kernels_3b_engine.json" ;;
-    # issue 28.4: fla's NSA and the reference under bf16, each against the fp32 reference
-    nsa-precision) bench nsa_precision.py --out "$dest/nsa-precision" ;;
+    # issue 28.4-5: fla's NSA and Mamba and the references under bf16, each against the fp32
+    # reference (the yardstick kernels_check's fixed bf16 bounds lacked), GQA the control
+    bf16-agreement) bench bf16_agreement.py --out "$dest/bf16-agreement" ;;
     # fla against the references under bf16 autocast, and the timed steps beside GQA
     kernels-bf16) mkdir -p "$dest/kernels-bf16"; bench kernels_check.py --only nsa,gqa,rwkv,mamba --phases agreement_bf16,step_fla,step_reference --budget-s 240 --out "$dest/kernels-bf16" ;;
     # issue 25: the fine-tuning methods at Qwen2.5-1.5B's shape (random weights) on ~8 packed

@@ -50,6 +50,9 @@ NOT_ON_FLA = {"nsa": ("pool_logits",)}
 # (logits, grads) relative-error bounds per dtype; NSA's selection may flip on near-ties
 TOL = {"fp32": (1e-3, 1e-2), "bf16": (3e-2, 1e-1)}
 NSA_TOL = {"fp32": (1e-2, 5e-2), "bf16": (5e-2, 2e-1)}
+# bf16 also against the fp32 reference: fla passes within this factor of the bf16 reference's
+# own distance from it (the references move 0.098 (NSA) and 0.65 (Mamba) on a CPU under bf16)
+SLACK = 1.5
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -100,12 +103,22 @@ def compare(model: Any, ids: Any, dtype: str, forced: str | None, tol: dict,
     missing = sorted(set(ref_grads) - set(fla_grads))
     worst = max(grad_errs, key=grad_errs.get)
     lt, gt = tol[dtype]
-    return {"fla": sorted(impl), "reference": sorted(ref_impl),
-            "logits_rel_max_err": logit_err, "grad_rel_err_worst": grad_errs[worst],
-            "grad_worst_param": worst, "grads_missing_on_fla": missing,
-            "grads_not_compared": skipped,
-            "tolerance": {"logits": lt, "grads": gt},
-            "ok": logit_err <= lt and grad_errs[worst] <= gt}
+    out = {"fla": sorted(impl), "reference": sorted(ref_impl),
+           "logits_rel_max_err": logit_err, "grad_rel_err_worst": grad_errs[worst],
+           "grad_worst_param": worst, "grads_missing_on_fla": missing,
+           "grads_not_compared": skipped,
+           "tolerance": {"logits": lt, "grads": gt},
+           "ok": logit_err <= lt and grad_errs[worst] <= gt}
+    if dtype == "bf16":
+        # the yardstick a fixed bound lacks: how far bf16 moves the reference itself
+        # (benchmarks/bf16_agreement.py); fla passes within SLACK x that distance from fp32
+        ref32, _ = run_once(model, ids, "fp32")
+        fla_d, ref_d = (float((x - ref32).abs().max() / ref32.abs().max())
+                        for x in (fla_logits, ref_logits))
+        out["vs_fp32_reference"] = {"fla_bf16_logits_rel_err": fla_d,
+                                    "reference_bf16_logits_rel_err": ref_d,
+                                    "ok": fla_d <= SLACK * ref_d}
+    return out
 
 
 def time_step(model: Any, ids: Any, warmup: int, steps: int) -> dict[str, Any]:
@@ -301,6 +314,11 @@ def summarise(items: dict[str, Any]) -> list[str]:
                 parts.append(f"{dtype}: " + (a["error"] if "error" in a else
                              f"{'ok' if a['ok'] else 'FAIL'} logits {a['logits_rel_max_err']:.1e} "
                              f"grads {a['grad_rel_err_worst']:.1e}"))
+                v = a.get("vs_fp32_reference")
+                if v:
+                    parts.append(f"vs fp32 reference: fla {v['fla_bf16_logits_rel_err']:.1e}, "
+                                 f"bf16 reference {v['reference_bf16_logits_rel_err']:.1e} "
+                                 f"({'ok' if v['ok'] else 'FAIL'} within {SLACK}x)")
         for key in ("step_fla", "step_reference"):
             step = item.get(key)
             if step:

@@ -170,17 +170,27 @@ def test_decode_roofline_profile_writes_the_kernel_table_and_per_token_totals(tm
     assert stats["kernels"] == 0 and stats["kernels_per_token"] == 0 and stats["table"] == "p.txt"
 
 
-def test_nsa_precision_reports_each_nsa_layer_and_the_gqa_control(tmp_path: Path,
-                                                                   monkeypatch) -> None:
-    mod = _load("nsa_precision")
-    monkeypatch.setattr(sys, "argv", ["nsa_precision.py", "--preset", "ci", "--device", "cpu",
-                                      "--out", str(tmp_path)])
+def test_bf16_agreement_reports_nsa_block_choices_and_the_gqa_control(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    mod = _load("bf16_agreement")
+    monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--preset", "ci", "--device", "cpu",
+                                      "--variants", "gqa,nsa", "--out", str(tmp_path)])
     mod.main()
-    out = json.loads((tmp_path / "nsa_precision.json").read_text())
-    assert [row["layer"] for row in out["layers"]] == [0, 1]  # the ci preset's two layers
-    for row in out["layers"]:
+    out = json.loads((tmp_path / "bf16_agreement.json").read_text())
+    nsa, gqa = out["variants"]["nsa"], out["variants"]["gqa"]
+    assert [row["layer"] for row in nsa["nsa_layers"]] == [0, 1]  # the ci preset's two layers
+    for row in nsa["nsa_layers"]:
         assert 0.0 <= row["rows_chosen_differently_bf16"] <= 1.0
         assert 0.0 <= row["near_tie_rows_fp32"] <= 1.0
-    assert out["reference_bf16_vs_fp32_logits_rel_err"] > 0  # bf16 moved something
-    assert 0 < out["gqa_control_bf16_vs_fp32_logits_rel_err"] < 0.1
-    assert "fla" not in out  # no CUDA: fla is not attempted
+    assert nsa["reference_bf16_vs_fp32_logits_rel_err"] > 0  # bf16 moved something
+    assert 0 < gqa["reference_bf16_vs_fp32_logits_rel_err"] < 0.1
+    assert len(gqa["hidden_bf16_vs_fp32_rel_err"]) == 3  # embeddings + two layers
+    assert "fla" not in nsa  # no CUDA: fla is not attempted
+
+
+def test_bf16_agreement_refuses_an_unknown_variant_naming_the_allowed(monkeypatch, capsys):
+    mod = _load("bf16_agreement")
+    monkeypatch.setattr(sys, "argv", ["bf16_agreement.py", "--variants", "nsa,retnet"])
+    with pytest.raises(SystemExit):
+        mod.main()
+    assert "gqa, nsa, mamba" in capsys.readouterr().err
