@@ -112,6 +112,17 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def fraction(text: str) -> float:
+    """``--lora-dropout``: a probability in [0, 1)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a dropout probability in [0, 1)")
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,7 +135,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--packing", default="auto")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--lora-dropout", type=float, default=None,
+    ap.add_argument("--lora-dropout", type=fraction, default=None,
                     help="adapter dropout (default: the gpu preset's 0.1, the paper's). peft "
                          "applies it to each adapted layer's input separately and keeps each "
                          "mask for the backward: 0 measures LoRA without that traffic")

@@ -51,7 +51,7 @@ for part in "$@"; do
     # 1024-token rows a step, compiled; QLoRA (bitsandbytes nf4 base) apart
     finetune-1.5b) bench finetune_scale.py --shape qwen2.5-1.5b --methods full,lora,dora,rslora,freeze --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b" ;;
     # LoRA without adapter dropout beside the paper's 0.1 (peft keeps a dropped copy of each
-    # adapted layer's input for the backward): how much of LoRA's 0.94x of full is that traffic
+    # adapted layer's input for the backward): how much of LoRA's step is that traffic
     finetune-1.5b-dropout0) bench finetune_scale.py --shape qwen2.5-1.5b --methods lora --lora-dropout 0 --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b-dropout0" ;;
     finetune-1.5b-qlora) bench finetune_scale.py --shape qwen2.5-1.5b --methods lora --quant nf4 --rows 8 --steps 25 --compile --out "$dest/finetune-1.5b" ;;
     multigpu) bench multigpu_check.py --out "$dest" ;;  # needs nvidia-h200-x2

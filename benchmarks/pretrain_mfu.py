@@ -8,20 +8,10 @@ It also reports MFU against the *measured* bf16 matmul peak, which is what the l
 
 The measured window is the sweeps' own (the Meter inside ``train.train``: after the warm-up
 steps, evaluations paused). Two things used to differ from a sweep and are now the same: the
-window lasts at least ``--min-window-s`` (4 s, the energy counter's; a 40-step window of a
-105 M model is ~1.5 s on an H100, where a sweep's 200 steps last ~8 s), and the matmul peak is
-calibrated after the loops, so the timed loop does not start on a card heated by seconds of
-8192^3 matmuls (issue 28: the sweep read 1.20x this benchmark's MFU on the same model).
-
-``--impls`` runs several implementations of the same model side by side in one process, in
-order: ``hf`` (transformers' Llama modules, what the sweeps train) and ``liger`` (the same model
-after liger-kernel's Triton RMSNorm, RoPE, SwiGLU and fused linear cross-entropy patches, which
-never materialise the logits). liger patches transformers' classes for the rest of the process,
-so it runs last.
-
-    python benchmarks/pretrain_mfu.py --size medium --batch-size 16 --compile
-    python benchmarks/pretrain_mfu.py --preset paper --size small --batch-size 4 --seq-len 8192 \
-        --vocab 151936 --impls hf,liger --out outputs/reference/nvidia-h200/mfu-paper-small
+window lasts at least ``--min-window-s`` (4 s, the energy counter's; 40 steps of a gpu-preset
+model are a fraction of a sweep's 200), and the matmul peak is calibrated after the loops, so
+the timed loop does not start on a card heated by seconds of 8192^3 matmuls (issue 28: the
+sweep read a higher MFU than this benchmark on the same model).
 """
 
 from __future__ import annotations
@@ -38,6 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def seconds(text: str) -> float:
+    """``--min-window-s``: a non-negative number of seconds (0: never re-run)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds, 0 or more")
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="gpu", help="preset whose sizes are used (default gpu)")
@@ -49,7 +50,7 @@ def main() -> None:
                          "counted in full; the paper preset itself accumulates 16)")
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=40, help="measured steps (after warm-up)")
-    ap.add_argument("--min-window-s", type=float, default=None,
+    ap.add_argument("--min-window-s", type=seconds, default=None,
                     help="shortest measured window (default: the energy counter's, "
                          "measure/energy.py COUNTER_MIN_WINDOW_S = 4 s); a shorter one is "
                          "re-run with proportionally more steps, so MFU and energy share one "
@@ -217,7 +218,8 @@ def summary(out: dict[str, Any], name: str, args: argparse.Namespace) -> list[st
         f"{f' x{args.grad_accum} accumulated' if args.grad_accum > 1 else ''}, bf16, "
         f"fused AdamW, compile={args.compile}; {out['kernels']}",
         f"tokens/s {out['tokens_per_s']:,.0f}   optimizer step {out['step_s'] * 1e3:.1f} ms"
-        f"   window {out['window_s']:.1f} s over {out['measured_steps']} steps"
+        + ("   window unmeasured" if out["window_s"] is None else
+           f"   window {out['window_s']:.1f} s over {out['measured_steps']} steps")
         + (f" (re-run: {out['window_extended_from']['window_s']:.1f} s over "
            f"{out['window_extended_from']['steps']} was under the energy counter's minimum)"
            if "window_extended_from" in out else ""),

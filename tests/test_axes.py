@@ -131,6 +131,20 @@ def test_inference_on_cpu_is_served_by_hf_generate_and_records_why():
     assert res.model["linear_kernels"] == {"torch.nn.Linear(fp32)": res.model["linear_kernels"][
         "torch.nn.Linear(fp32)"]} and res.model["linear_kernels"]["torch.nn.Linear(fp32)"] > 0
     assert "model_flops" in res.metrics["mfu"]["flops_method"]
+    assert res.model["fused_projections"] == {"applied": False,
+                                              "reason": "fuse_projections=auto on cpu"}
+
+
+def test_inference_asked_to_fuse_on_cpu_records_the_fused_model_it_served():
+    p = config.notebook_params("inference", "ci", None).model_copy(
+        update={"precision": "fp32", "batch_sizes": [1], "fuse_projections": "on"})
+    res = inference.run(p, progress=False)
+    fused = res.model["fused_projections"]
+    assert fused["applied"] and fused["groups"] > 0
+    before, after = fused["linears_per_model"]
+    assert before - after == fused["groups"] // 2 * 3  # per layer: q/k/v -> 1, gate/up -> 1
+    assert res.model["linear_kernels"]["torch.nn.Linear(fp32)"] == after
+    assert res.quality["ppl"]["value"] > 0
 
 
 def test_inference_static_graph_engine_runs_on_cpu_with_its_own_clock():

@@ -46,7 +46,7 @@ def test_a_fused_model_gives_the_same_logits_with_four_weight_matmuls_per_layer(
 def test_the_static_graph_engine_decodes_the_same_tokens_fused():
     model = tiny_llama()
     ref = copy.deepcopy(model)
-    fuse_projections(model)
+    assert fuse_projections(model).applied
     prompt = ids(8)[:1]
     got, _ = StaticGraphDecoder(model, 1, 8, 10).decode(prompt)
     want, _ = StaticGraphDecoder(ref, 1, 8, 10).decode(prompt)
@@ -56,7 +56,7 @@ def test_the_static_graph_engine_decodes_the_same_tokens_fused():
 def test_a_traced_forward_hands_the_slices_on_as_eager_does():
     """torch.compile traces the lead's hand-over (a Python attribute write) in one graph."""
     model = tiny_llama()
-    fuse_projections(model)
+    assert fuse_projections(model).applied
     with torch.no_grad():
         want = model(ids()).logits
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
@@ -91,8 +91,8 @@ def test_a_model_calling_a_sibling_before_its_lead_is_left_unfused_with_the_reas
 
 def test_fusion_is_off_on_a_cpu_by_default_and_on_when_asked():
     auto = prec.load_for_inference(tiny_llama(), InferenceParams(precision="fp32"), "cpu")
-    assert auto.fusion is None and not any(isinstance(m, FusedLead)
-                                           for m in auto.model.modules())
+    assert auto.fusion == {"applied": False, "reason": "fuse_projections=auto on cpu"}
+    assert not any(isinstance(m, FusedLead) for m in auto.model.modules())
     on = prec.load_for_inference(tiny_llama(), InferenceParams(precision="fp32",
                                                                fuse_projections="on"), "cpu")
     assert on.fusion["applied"] and on.fusion["linears_per_model"] == [15, 9]

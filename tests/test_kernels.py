@@ -107,6 +107,17 @@ def test_explicit_fla_model_on_cpu_fails_at_its_first_forward() -> None:
         _implementation(model.config, 64, "cpu")
 
 
+def test_switch_points_every_dispatching_module_at_one_kernel_and_rule() -> None:
+    model = build(ModelSpec(attention="nsa"), SIZE, vocab_size=50, max_seq_len=64)
+    kernels.prepare(model, "cpu")  # decisions made and kept
+    kernels.switch(model, "fla", "first_previous_current")
+    mods = [m for m in model.modules() if isinstance(m, kernels.KernelDispatch)]
+    assert mods and all(m.kernel == "fla" and m._choices == {} for m in mods)
+    assert all(m.forced == "first_previous_current" for m in mods)
+    with pytest.raises(kernels.KernelUnavailable):  # re-decided at the next forward: no fla here
+        model(torch.randint(0, 50, (1, 8)))
+
+
 def test_kernel_field_is_validated() -> None:
     with pytest.raises(ValueError):
         ModelSpec(kernel="cuda")

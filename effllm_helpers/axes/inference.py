@@ -218,7 +218,7 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
 
     engine = choose_engine(p.engine, model, device)
     kernels = getattr(loaded, "kernels", None) or linear_kernels(model)
-    loaded_fusion = getattr(loaded, "fusion", None)
+    fusion = loaded.fusion  # kept: ``loaded`` is freed before the baseline loads
     per_batch = []
     served_by: dict[int, dict[str, Any]] = {}
     warnings.filterwarnings("once", message=".*inputs will be cast from.*")  # bnb, per call
@@ -283,9 +283,7 @@ def run(p: InferenceParams, seed: int = 0, progress: bool = True) -> AxisResult:
                                                                  if k != "name"}
                                                          for b, s in served_by.items()}},
              "linear_kernels": kernels,
-             "fused_projections": loaded_fusion or {
-                 "applied": False, "reason": f"fuse_projections={p.fuse_projections} on "
-                                             f"{device.type}"}}
+             "fused_projections": fusion}
     if quality["ppl"]["value"] is None:
         notes.append(f"perplexity: {quality['ppl'].get('reason')}")
     return AxisResult(metrics=metrics, quality=quality, model=facts, per_batch=per_batch,

@@ -18,9 +18,9 @@ from typing import Any
 from effllm_helpers.measure.sampler import integrate
 
 NVML_COUNTER_MODULUS = 2**64  # nvmlDeviceGetTotalEnergyConsumption is an unsigned 64-bit mJ count
-# The shortest GPU window whose energy we call measured. In the committed pretrain_mfu records
-# the counter and integrated power agreed within 1.5 % over windows of 4.0-5.6 s (H100, H200;
-# 0.1 % over gpu_validate's 10 s) and disagreed by 19-66 % over 0.8-1.6 s: the power reading
+# The shortest GPU window whose energy we call measured: in the committed pretrain_mfu records
+# the counter and integrated power agree over windows of 4 s and more and disagree far beyond
+# any other error over 1-2 s (the H100 and H200 pages' energy-window rows): the power reading
 # is a ~1 s average that lags the load, and the counter advances in steps. Shorter windows keep
 # their value but say so (``short_window``); benchmarks lengthen theirs to this
 COUNTER_MIN_WINDOW_S = 4.0
@@ -129,9 +129,8 @@ def short_window_note(window_s: float, min_s: float | None = None) -> dict[str, 
         return {}
     return {"short_window": True, "min_window_s": min_s,
             "window_note": (f"measured over {window_s:.2f} s, under the {min_s:g} s the energy "
-                            "counter needs to agree with integrated power (they differed by "
-                            "19-66 % over 0.8-1.6 s windows): compare with care; lengthen the "
-                            "window (more steps, measure.min_duration_s)")}
+                            "counter needs to agree with integrated power: compare with care; "
+                            "lengthen the window (more steps, measure.min_duration_s)")}
 
 
 # ---------------------------------------------------------------- CPU: RAPL

@@ -29,7 +29,7 @@ import torch
 
 __all__ = ["AUTO_UNVALIDATED", "COMPILE_UNSAFE", "FLA_OPS", "KERNELS", "Choice", "KernelDispatch",
            "KernelUnavailable", "choose", "compile_blocker", "compile_opaque", "fla_missing",
-           "kernel_dtype", "prepare", "record"]
+           "kernel_dtype", "prepare", "record", "switch"]
 
 KERNELS = ("auto", "reference", "fla")
 
@@ -165,6 +165,17 @@ class KernelDispatch:
 
     def _decide(self, device: str) -> Choice:
         raise NotImplementedError
+
+
+def switch(model: torch.nn.Module, kernel: str, forced: str | None = None) -> None:
+    """Point every dispatching module of ``model`` at ``kernel`` (``auto``, ``fla`` or
+    ``reference``), and NSA's at the ``forced`` block rule; each re-decides at its next forward.
+    How the kernel checks run one model on both implementations."""
+    for m in model.modules():
+        if isinstance(m, KernelDispatch):
+            m.kernel, m._choices = kernel, {}
+            if hasattr(m, "forced"):
+                m.forced = forced
 
 
 def compile_blocker(choices: list[Choice]) -> str | None:

@@ -88,7 +88,7 @@ class Loaded:
     weight_bytes: int
     notes: list[str] = field(default_factory=list)
     kernels: dict[str, int] = field(default_factory=dict)
-    # models/fused.py's record (q/k/v and gate/up as one matmul each), None when not asked for
+    # models/fused.py's record (q/k/v and gate/up as one matmul each; why not, where not)
     fusion: dict[str, Any] | None = None
 
 
@@ -462,7 +462,7 @@ def load_for_inference(model_or_path: nn.Module | str | Path, params: InferenceP
         raise UnsupportedTechnique(f"precision {precision} on {device}: {reason}")
     dev = as_device(device)
     notes: list[str] = [spec.description]
-    fusion: dict[str, Any] | None = None
+    fusion = _fuse_skipped(params.fuse_projections, dev)
 
     def fused(model: nn.Module) -> nn.Module:
         """Fuse the projections before any quantisation, when the params ask for it."""
@@ -546,11 +546,15 @@ def _fusion_wanted(mode: str, dev: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and dev.type == "cuda")
 
 
-def _fuse(model: nn.Module, mode: str, dev: torch.device) -> dict[str, Any] | None:
+def _fuse_skipped(mode: str, dev: torch.device) -> dict[str, Any]:
+    return {"applied": False, "reason": f"fuse_projections={mode} on {dev.type}"}
+
+
+def _fuse(model: nn.Module, mode: str, dev: torch.device) -> dict[str, Any]:
     """:func:`~effllm_helpers.models.fused.fuse_projections` where ``mode`` asks for it (auto:
-    on CUDA); the record's ``fused_projections``, or None when not asked."""
+    on CUDA); the record's ``fused_projections`` either way."""
     if not _fusion_wanted(mode, dev):
-        return None
+        return _fuse_skipped(mode, dev)
     from ..models.fused import fuse_projections
 
     return fuse_projections(model).record()
